@@ -1,0 +1,13 @@
+"""qoptim: memory-efficient optimizers for PyTorch, a drop-in for bitsandbytes' 8-bit optimizers.
+
+    import qoptim as bnb
+    opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+"""
+
+from . import functional, optim
+from .optim import *  # noqa: F403
+from .optim import __all__ as _optim_all
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "optim", "__version__", *_optim_all]

@@ -1,0 +1,75 @@
+"""One registry that picks the implementation of an optimizer update by device type.
+
+A backend is a module (or any object) with two functions:
+
+    update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult
+    grad_norm_sq(g) -> float
+
+and optionally ``supports(rule, p, slots) -> bool`` when it covers only some cases; the
+reference backend covers every case on every device and is used for the rest.
+
+``QOPTIM_BACKEND=reference`` (environment) forces the reference backend, for debugging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import reference
+from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
+
+__all__ = ["BLOCK", "WHOLE_TENSOR", "Hyper", "StateSlot", "UpdateResult", "backend_for", "register", "update"]
+
+# device type -> module path of its fused backend, imported on first use
+_FUSED: dict[str, str] = {}
+_loaded: dict[str, Any] = {}
+
+
+def register(device_type: str, module_path: str) -> None:
+    """Make ``module_path`` the fused backend for tensors on ``device_type``."""
+    _FUSED[device_type] = module_path
+    _loaded.pop(device_type, None)
+
+
+def backend_for(device: torch.device) -> Any:
+    """The backend that updates parameters on ``device``."""
+    choice = os.environ.get("QOPTIM_BACKEND", "auto").strip().lower()
+    if choice == "reference" or device.type not in _FUSED:
+        return reference
+    if choice not in ("auto", "", "fused"):
+        raise ValueError(f"QOPTIM_BACKEND must be 'auto', 'fused' or 'reference', got {choice!r}")
+    if device.type not in _loaded:
+        _loaded[device.type] = _import(device.type)
+    return _loaded[device.type]
+
+
+def _import(device_type: str) -> ModuleType:
+    try:
+        return importlib.import_module(_FUSED[device_type])
+    except ImportError as e:  # an optional dependency is missing: the reference still works
+        warnings.warn(
+            f"qoptim: fused kernels for {device_type} are unavailable ({e}); using the slower reference backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return reference
+
+
+def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True) -> UpdateResult:
+    """Apply one update through the backend for ``p``'s device (the reference where that
+    backend does not cover the case)."""
+    backend = backend_for(p.device)
+    supports = getattr(backend, "supports", None)
+    if supports is not None and not supports(rule, p, slots):
+        backend = reference
+    return backend.update(rule, p, g, slots, hp, skip_nonfinite)
+
+
+def grad_norm_sq(g: torch.Tensor) -> float:
+    return backend_for(g.device).grad_norm_sq(g)

@@ -1,0 +1,55 @@
+"""The plain data that crosses the kernel seam: one parameter's states and a step's hyperparameters.
+
+Optimizer classes build these; kernels read and update them. Neither side knows more of the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+# Granularity of non-finite gradient skipping, and the block size of 8-bit optimizer states.
+BLOCK = 256
+
+# Scales per tensor rather than per block: the non-blockwise 8-bit layout (block_wise=False).
+WHOLE_TENSOR = 0
+
+
+@dataclass
+class StateSlot:
+    """One optimizer state of one parameter, as a flat view.
+
+    ``values`` holds float32 values, or uint8 codes into ``code`` scaled by ``absmax``: one
+    float32 scale per ``blocksize`` elements, or a single scale when ``blocksize`` is
+    ``WHOLE_TENSOR``. Kernels update ``values`` and ``absmax`` in place.
+    """
+
+    values: torch.Tensor
+    code: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+    blocksize: int = BLOCK
+
+    @property
+    def quantized(self) -> bool:
+        return self.values.dtype == torch.uint8
+
+
+class Hyper(NamedTuple):
+    """A step's hyperparameters for one parameter, as Python numbers."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int
+    decoupled: bool  # weight decay applied to the parameter (AdamW) rather than added to the gradient (Adam)
+    gnorm_scale: float = 1.0  # gradient multiplier from percentile clipping
+    beta3: float = 0.0
+    alpha: float = 0.0
+
+
+class UpdateResult(NamedTuple):
+    skipped_blocks: int  # 256-blocks left untouched because their gradient held a NaN or Inf

@@ -1,0 +1,75 @@
+"""Per-parameter configuration overrides, bitsandbytes' ``GlobalOptimManager``.
+
+Overrides are keyed by the parameter's ``id`` and, after ``register_parameters``, by its
+position (group index, index in group), so that a config survives moving plain tensors
+with ``t = t.to(device)``. Unlike bitsandbytes, every parameter gets its own copy of an
+override dict: overriding one parameter later never changes another.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+__all__ = ["GlobalOptimManager"]
+
+
+class GlobalOptimManager:
+    _instance: GlobalOptimManager | None = None
+
+    def __init__(self) -> None:
+        raise RuntimeError("Call get_instance() instead")
+
+    def initialize(self) -> None:
+        self.pid2config: dict[int, dict[str, Any]] = {}
+        self.index2config: dict[tuple[int, int], dict[str, Any]] = {}
+        self.optimizer = None
+        self.uses_config_override = False
+        self.module_weight_config_triple: list[tuple[torch.nn.Module, str, dict[str, Any]]] = []
+
+    @classmethod
+    def get_instance(cls) -> GlobalOptimManager:
+        if cls._instance is None:
+            cls._instance = cls.__new__(cls)
+            cls._instance.initialize()
+        return cls._instance
+
+    def register_parameters(self, params: Iterable) -> None:
+        """Record the position of every parameter that has an override."""
+        groups = list(params)
+        if not groups:
+            return
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for gindex, group in enumerate(groups):
+            for pindex, p in enumerate(group["params"]):
+                if id(p) in self.pid2config:
+                    self.index2config[(gindex, pindex)] = self.pid2config[id(p)]
+
+    def override_config(
+        self,
+        parameters: torch.Tensor | Iterable[torch.Tensor],
+        key: str | None = None,
+        value: Any = None,
+        key_value_dict: dict[str, Any] | None = None,
+    ) -> None:
+        """Override optimizer settings (``optim_bits``, ``lr``, ...) for some parameters.
+
+        Give either ``key`` and ``value`` or ``key_value_dict``.
+        """
+        self.uses_config_override = True
+        if isinstance(parameters, (torch.nn.Parameter, torch.Tensor)):
+            parameters = [parameters]
+        if key is not None and value is not None:
+            if key_value_dict is not None:
+                raise ValueError("give either key and value or key_value_dict, not both")
+            key_value_dict = {key: value}
+        if not key_value_dict:
+            raise ValueError("override_config needs key and value, or a non-empty key_value_dict")
+        for p in parameters:
+            self.pid2config.setdefault(id(p), {}).update(key_value_dict)
+
+    def register_module_override(self, module: torch.nn.Module, param_name: str, config: dict[str, Any]) -> None:
+        """Override the config of ``module.<param_name>``, resolved at an optimizer's first step."""
+        self.module_weight_config_triple.append((module, param_name, dict(config)))

@@ -1,0 +1,475 @@
+"""Base classes of the bitsandbytes-compatible optimizers.
+
+``Optimizer8bit`` holds what every optimizer shares: the step loop, validation, per-parameter
+config, state buffers and the bitsandbytes checkpoint layout. ``Optimizer2State`` and
+``Optimizer1State`` say which states a family keeps. None of them computes an update: that is
+``qoptim.kernels.update``, which picks the implementation for the parameter's device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from copy import deepcopy
+from itertools import chain
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .. import kernels, paging
+from ..kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from ..quant.maps import signed_map, unsigned_map
+from .manager import GlobalOptimManager
+
+__all__ = ["Optimizer8bit", "Optimizer2State", "Optimizer1State"]
+
+QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
+
+# optimizer name -> (update rule, states kept, weight decay decoupled from the gradient)
+OPTIMIZERS: dict[str, tuple[str, int, bool]] = {
+    "adam": ("adam", 2, False),
+    "adamw": ("adam", 2, True),
+}
+
+NONFINITE_MODES = ("skip", "raise", "propagate")
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Optimizer8bit(torch.optim.Optimizer):
+    """The step loop and checkpoint layout shared by every qoptim optimizer."""
+
+    def __init__(self, params, defaults: dict[str, Any], optim_bits: int = 32, is_paged: bool = False):
+        super().__init__(params, defaults)
+        self.initialized = False
+        self.name2qmap: dict[str, torch.Tensor] = {}
+        self.is_paged = is_paged
+        self.mng = GlobalOptimManager.get_instance()
+        self.non_castable_tensor_keys = {
+            "qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2",
+            "gnorm_vec", "absmax1", "absmax2", "unorm_vec",
+        }  # fmt: skip
+        self.nonfinite = "skip"
+        self.nonfinite_skipped_blocks = 0  # 256-blocks left untouched because of NaN/Inf gradients
+        if optim_bits == 8:
+            self.fill_qmap()
+
+    def fill_qmap(self) -> None:
+        self.name2qmap["dynamic"] = signed_map()
+        self.name2qmap["udynamic"] = unsigned_map()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+
+    # ---- configuration -------------------------------------------------------------
+
+    def check_overrides(self) -> None:
+        """Resolve ``GlobalOptimManager.register_module_override`` entries against our params."""
+        for module, attr, config in self.mng.module_weight_config_triple:
+            target = getattr(module, attr)
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p is target:
+                        self.mng.pid2config[id(p)] = dict(config)
+                        self.mng.index2config[(gindex, pindex)] = self.mng.pid2config[id(p)]
+
+    def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
+        """Settings for one parameter: its group, then ``args``, then overrides (which win)."""
+        config = {
+            "betas": group["betas"],
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "lr": group["lr"],
+            "alpha": group.get("alpha", 0.0),
+            "t_alpha": group.get("t_alpha"),
+            "t_beta3": group.get("t_beta3"),
+        }
+        for key in ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise"):
+            config[key] = getattr(self.args, key)
+        config.update(self.mng.index2config.get((gindex, pindex), {}))
+        config.update(self.mng.pid2config.get(id(group["params"][pindex]), {}))
+        return config
+
+    # ---- the step ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Every parameter and gradient is checked before anything changes, so a rejected step
+        leaves parameters and states as they were.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [
+            (gindex, pindex, group, p)
+            for gindex, group in enumerate(self.param_groups)
+            for pindex, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        for gindex, pindex, group, p in work:
+            self._check_param(gindex, pindex, group, p)
+        devices = set()
+        for gindex, pindex, group, p in work:
+            if not self.state[p]:
+                self.init_state(group, p, gindex, pindex)
+            self.prefetch_state(p)
+            self.update_step(group, p, gindex, pindex)
+            devices.add(p.device)
+        if self.is_paged:
+            for device in devices:
+                paging.synchronize(device)
+        return loss
+
+    def _check_param(self, gindex: int, pindex: int, group: dict[str, Any], p: torch.Tensor) -> None:
+        name = f"parameter {pindex} of param group {gindex}"
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{name} has dtype {p.dtype}; supported parameter dtypes are float32, float16 and bfloat16")
+        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            raise ValueError(
+                f"the gradient of {name} must match it: parameter {p.dtype} {tuple(p.shape)} on {p.device}, "
+                f"gradient {g.dtype} {tuple(g.shape)} on {g.device}"
+            )
+        state = self.state[p]
+        if state:
+            for key in ("state1", "state2"):
+                if key in state and (state[key].shape != p.shape or state[key].device != p.device):
+                    raise ValueError(
+                        f"{key} of {name} is {tuple(state[key].shape)} on {state[key].device}, "
+                        f"but the parameter is {tuple(p.shape)} on {p.device}"
+                    )
+        else:
+            bits = self.get_config(gindex, pindex, group)["optim_bits"]
+            if bits not in (8, 32):
+                raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
+        if self.nonfinite == "raise" and not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"the gradient of {name} holds NaN or Inf values; nothing was updated")
+
+    def to_gpu(self) -> None:
+        """Move existing state (e.g. loaded with ``move_to_device=False``) to its parameter's device."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.device != p.device:
+                        state[key] = value.to(p.device)
+
+    def get_state_buffer(self, p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return paging.state_buffer(p, dtype, self.is_paged, owner=self)
+
+    def prefetch_state(self, p: torch.Tensor) -> None:
+        if self.is_paged:
+            state = self.state[p]
+            paging.prefetch([state[k] for k in ("state1", "state2") if k in state], p.device)
+
+    def init_state(self, group, p, gindex, pindex):
+        raise NotImplementedError("init_state method needs to be overridden")
+
+    def update_step(self, group, p, gindex, pindex):
+        raise NotImplementedError("The update_step method needs to be overridden")
+
+    # ---- checkpoints ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict, with each parameter's state tensors nested under
+        ``"__bnb_optimizer_quant_state__"`` as bitsandbytes >= 0.49.2 writes them."""
+        state_dict = super().state_dict()
+        wrapped = {}
+        for k, v in state_dict["state"].items():
+            inner = {key: value for key, value in v.items() if key in self.non_castable_tensor_keys}
+            outer = {key: value for key, value in v.items() if key not in self.non_castable_tensor_keys}
+            if inner:
+                outer[QUANT_STATE_KEY] = inner
+            wrapped[k] = outer
+        return {"state": wrapped, "param_groups": state_dict["param_groups"]}
+
+    def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
+        """Load a state dict written by qoptim or bitsandbytes (nested or flat layout).
+
+        Everything is checked before anything is assigned: a state dict that does not fit
+        these parameters raises and leaves the optimizer as it was.
+        """
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("an optimizer state dict needs the keys 'state' and 'param_groups'")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), chain.from_iterable(g["params"] for g in groups)))
+
+        new_state: dict[Any, dict[str, Any]] = {}
+        for k, saved in state_dict["state"].items():
+            if k not in id_map:
+                raise ValueError(f"loaded state dict has state for parameter id {k!r}, which no param group lists")
+            p = id_map[k]
+            flat = dict(saved)
+            flat.update(flat.pop(QUANT_STATE_KEY, {}))
+            self._check_loaded_state(k, p, flat)
+            new_state[p] = {key: self._place(p, key, value, move_to_device) for key, value in flat.items()}
+
+        for group, saved in zip(groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+        self.__setstate__({"state": new_state, "param_groups": saved_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _place(self, p: torch.Tensor, key: str, value: Any, move_to_device: bool) -> Any:
+        """A loaded value as the live state keeps it: state tensors on the parameter's device
+        (re-paged for paged optimizers), other float tensors cast to the parameter's dtype."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        if key in ("state1", "state2") and self.is_paged and move_to_device:
+            buffer = self.get_state_buffer(p, value.dtype)
+            return buffer.copy_(value)
+        if key in self.non_castable_tensor_keys:
+            return value.to(p.device) if move_to_device else value.clone()
+        if value.is_floating_point():
+            return value.to(device=p.device, dtype=p.dtype)
+        return value.to(p.device)
+
+    def _check_loaded_state(self, k: Any, p: torch.Tensor, state: dict[str, Any]) -> None:
+        name = f"the loaded state of parameter {k!r}"
+        if "step" in state and not isinstance(state["step"], (int, float, torch.Tensor)):
+            raise ValueError(f"{name} has a 'step' of type {type(state['step']).__name__}; expected an int")
+        for key in ("state1", "state2"):
+            if key not in state:
+                continue
+            t = state[key]
+            expected = self._state_shape(p, key)
+            if not isinstance(t, torch.Tensor) or t.shape != expected or t.dtype not in (torch.uint8, torch.float32):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: {key} must be a uint8 or float32 tensor of shape {tuple(expected)}, got {got}")
+            if t.dtype != torch.uint8:
+                continue
+            suffix = key[-1]
+            qmap = state.get(f"qmap{suffix}")
+            if not isinstance(qmap, torch.Tensor) or qmap.shape != (256,) or qmap.dtype != torch.float32:
+                raise ValueError(f"{name}: an 8-bit {key} needs qmap{suffix}, a float32 tensor of 256 codes")
+            if f"absmax{suffix}" in state:
+                blocks = self._absmax_shape(p, key)
+                absmax = state[f"absmax{suffix}"]
+                if not isinstance(absmax, torch.Tensor) or absmax.shape != blocks or absmax.dtype != torch.float32:
+                    raise ValueError(f"{name}: absmax{suffix} must be a float32 tensor of shape {tuple(blocks)}")
+            elif not isinstance(state.get(f"max{suffix}"), torch.Tensor):
+                raise ValueError(f"{name}: an 8-bit {key} needs absmax{suffix} (block-wise) or max{suffix}")
+
+    def _state_shape(self, p: torch.Tensor, key: str) -> torch.Size:
+        return p.shape
+
+    def _absmax_shape(self, p: torch.Tensor, key: str) -> torch.Size:
+        return torch.Size([math.ceil(p.numel() / BLOCK)])
+
+
+class _StateOptimizer(Optimizer8bit):
+    """What Optimizer2State and Optimizer1State share: arguments, state layout and update."""
+
+    n_states = 2
+    signed = (True, False)  # which states take the signed map
+
+    def __init__(
+        self,
+        optimizer_name: str,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        optim_bits=32,
+        args=None,
+        min_8bit_size=4096,
+        percentile_clipping=100,
+        block_wise=True,
+        max_unorm=0.0,
+        skip_zeros=False,
+        is_paged=False,
+        alpha=0.0,
+        t_alpha=None,
+        t_beta3=None,
+        nonfinite="skip",
+    ):
+        if optimizer_name not in OPTIMIZERS or OPTIMIZERS[optimizer_name][1] != self.n_states:
+            known = sorted(k for k, v in OPTIMIZERS.items() if v[1] == self.n_states)
+            raise ValueError(f"Unsupported optimizer name: {optimizer_name!r}; {type(self).__name__} knows {known}")
+        if isinstance(betas, str):
+            betas = [float(b) for b in betas.strip("()[] ").split(",")]
+        _check_hyper(lr, betas, eps, weight_decay)
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) or not 1 <= percentile_clipping <= 100:
+            raise ValueError(f"percentile_clipping must be an int in [1, 100] (100 disables it), got {percentile_clipping!r}")
+        if max_unorm != 0.0:
+            raise ValueError(f"max_unorm (update-norm clipping) is only offered by LAMB and LARS, got max_unorm={max_unorm!r}")
+        if skip_zeros:
+            raise ValueError("skip_zeros=True is not supported: elements with zero gradient get the ordinary update")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
+        super().__init__(params, defaults, optim_bits, is_paged)
+        self.optimizer_name = optimizer_name
+        self.rule, _, self.decoupled = OPTIMIZERS[optimizer_name]
+        self.nonfinite = nonfinite
+        if args is None:
+            args = SimpleNamespace(
+                optim_bits=optim_bits,
+                min_8bit_size=min_8bit_size,
+                percentile_clipping=percentile_clipping,
+                block_wise=block_wise,
+                max_unorm=max_unorm,
+                skip_zeros=skip_zeros,
+            )
+        else:
+            defaults_args = dict(percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros)
+            for key, value in defaults_args.items():
+                if not hasattr(args, key):
+                    setattr(args, key, value)
+        self.args = args
+
+    @torch.no_grad()
+    def init_state(self, group, p, gindex, pindex):
+        config = self.get_config(gindex, pindex, group)
+        bits = config["optim_bits"]
+        if bits not in (8, 32):
+            raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
+        quantized = bits == 8 and p.numel() >= config["min_8bit_size"]
+        state = self.state[p]
+        state["step"] = 0
+        for i in range(1, self.n_states + 1):
+            if not quantized:
+                state[f"state{i}"] = self.get_state_buffer(p, torch.float32)
+                continue
+            if not self.name2qmap:
+                self.fill_qmap()
+            qmap = self.name2qmap["dynamic" if self.signed[i - 1] else "udynamic"]
+            if qmap.device != p.device:
+                qmap = qmap.to(p.device)
+            state[f"state{i}"] = self.get_state_buffer(p, torch.uint8)
+            state[f"qmap{i}"] = qmap
+        if quantized:
+            for i in range(1, self.n_states + 1):
+                if config["block_wise"]:
+                    state[f"absmax{i}"] = torch.zeros(self._absmax_shape(p, f"state{i}"), dtype=torch.float32, device=p.device)
+                else:
+                    for key in (f"max{i}", f"new_max{i}"):
+                        state[key] = torch.zeros(1, dtype=torch.float32, device=p.device)
+        if config["percentile_clipping"] < 100:
+            state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
+
+    @torch.no_grad()
+    def update_step(self, group, p, gindex, pindex):
+        config = self.get_config(gindex, pindex, group)
+        state = self.state[p]
+        state["step"] += 1
+        step = state["step"]
+        params = p.detach()
+        flat_p = params.view(-1) if params.is_contiguous() else params.contiguous().view(-1)
+        flat_g = p.grad.detach().contiguous().view(-1)
+
+        gnorm_scale = 1.0
+        if config["percentile_clipping"] < 100:
+            gnorm_scale = _percentile_clip(state["gnorm_vec"], kernels.grad_norm_sq(flat_g), step, config["percentile_clipping"])
+        betas = config["betas"]
+        hp = Hyper(
+            lr=float(config["lr"]),
+            beta1=float(betas[0]),
+            beta2=float(betas[1]) if len(betas) > 1 else 0.0,
+            eps=float(config["eps"]),
+            weight_decay=float(config["weight_decay"]),
+            step=step,
+            decoupled=self.decoupled,
+            gnorm_scale=gnorm_scale,
+            beta3=float(betas[2]) if len(betas) > 2 else 0.0,
+            alpha=float(config["alpha"]),
+        )
+        slots = [self._slot(state, i) for i in range(1, self.n_states + 1)]
+        result = kernels.update(self.rule, flat_p, flat_g, slots, hp, skip_nonfinite=self.nonfinite == "skip")
+        if flat_p.data_ptr() != params.data_ptr():
+            params.copy_(flat_p.view(params.shape))
+        if result.skipped_blocks:
+            self._note_skipped(result.skipped_blocks)
+
+    def _slot(self, state: dict[str, Any], i: int) -> StateSlot:
+        values = state[f"state{i}"].view(-1)
+        if values.dtype != torch.uint8:
+            return StateSlot(values)
+        if f"absmax{i}" in state:
+            return StateSlot(values, state[f"qmap{i}"], state[f"absmax{i}"], BLOCK)
+        state[f"new_max{i}"].copy_(state[f"max{i}"])  # the previous scale, as bitsandbytes keeps it
+        return StateSlot(values, state[f"qmap{i}"], state[f"max{i}"], WHOLE_TENSOR)
+
+    def _note_skipped(self, blocks: int) -> None:
+        if not self.nonfinite_skipped_blocks:
+            warnings.warn(
+                f"{type(self).__name__}: {blocks} block(s) of 256 elements had NaN or Inf gradients and were left "
+                "unchanged (parameters and state); see .nonfinite_skipped_blocks for the running count",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self.nonfinite_skipped_blocks += blocks
+
+
+class Optimizer2State(_StateOptimizer):
+    """Optimizers with two states per parameter: a first moment (signed map) and a second
+    moment (unsigned map)."""
+
+    n_states = 2
+    signed = (True, False)
+
+
+class Optimizer1State(_StateOptimizer):
+    """Optimizers with one state per parameter (momentum-like, signed map)."""
+
+    n_states = 1
+    signed = (True,)
+
+    def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, **kwargs):
+        super().__init__(optimizer_name, params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    lr_value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if not isinstance(lr_value, numbers.Real) or not 0.0 <= lr_value:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not isinstance(eps, numbers.Real) or not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not isinstance(betas, (tuple, list)) or not 1 <= len(betas) <= 3:
+        raise ValueError(f"Invalid betas: {betas!r}; expected a tuple of 2 (or 3) floats in [0, 1)")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not isinstance(weight_decay, numbers.Real) or not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _percentile_clip(gnorm_vec: torch.Tensor, norm_sq: float, step: int, percentile: int) -> float:
+    """Record this step's squared gradient norm in the 100-step history and return the factor
+    that scales the gradient down to the history's ``percentile``-th smallest norm."""
+    if step == 1:
+        gnorm_vec.fill_(norm_sq)
+    else:
+        gnorm_vec[step % 100] = norm_sq
+    current = math.sqrt(float(gnorm_vec[step % 100]))
+    clip = math.sqrt(float(torch.sort(gnorm_vec).values[percentile]))
+    return clip / current if current > clip else 1.0

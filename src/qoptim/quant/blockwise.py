@@ -1,0 +1,157 @@
+"""Block-wise 8-bit quantization in plain torch ops: the reference every kernel agrees with.
+
+A tensor is read in flat (row-major) order and cut into blocks of ``blocksize`` elements;
+the last block may be shorter. Each block keeps one float32 scale, its largest magnitude
+(``absmax``), and each element the uint8 index of the code nearest to ``x / absmax``.
+
+Rounding is exact and the same everywhere: ``u = x * (1 / absmax)`` in float32 (0 for an
+all-zero block), and the code index is the number of float32 midpoints between neighbouring
+codes that lie strictly below ``u``. Zero therefore stays exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .maps import midpoints, signed_map
+
+__all__ = [
+    "QuantState",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "check_blocksize",
+    "check_code",
+    "num_blocks",
+    "block_absmax",
+    "quantize_with_absmax",
+    "dequantize_flat",
+    "VALID_BLOCKSIZES",
+]
+
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
+class QuantState:
+    """What dequantizing needs besides the codes (the fields bitsandbytes' QuantState has)."""
+
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    dtype: torch.dtype
+
+
+def check_blocksize(blocksize: object) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
+    return blocksize
+
+
+def check_code(code: object) -> torch.Tensor:
+    if not isinstance(code, torch.Tensor):
+        raise TypeError(f"code must be a torch.Tensor of 256 float32 values, got {type(code).__name__}")
+    if code.dtype != torch.float32 or code.shape != (256,):
+        raise ValueError(f"code must be a float32 tensor of shape (256,), got {code.dtype} of shape {tuple(code.shape)}")
+    return code
+
+
+def num_blocks(n: int, blocksize: int) -> int:
+    return max(1, math.ceil(n / blocksize)) if n else 0
+
+
+def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """float32 max |x| of each block of a flat float32 tensor (the last block may be partial)."""
+    n = x.numel()
+    full = n // blocksize * blocksize
+    parts = []
+    if full:
+        parts.append(x[:full].view(-1, blocksize).abs().amax(dim=1))
+    if full < n:
+        parts.append(x[full:].abs().amax().reshape(1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """uint8 codes of a flat float32 tensor, given each block's scale."""
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    u = x * inv.repeat_interleave(blocksize)[: x.numel()]
+    return torch.bucketize(u, midpoints(code)).to(torch.uint8)
+
+
+def dequantize_flat(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """float32 values of flat codes: code[q] * absmax of the element's block."""
+    return code[q.long()] * absmax.repeat_interleave(blocksize)[: q.numel()]
+
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: torch.Tensor | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = 256,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` block-wise to uint8 codes of the dynamic map (or ``code``).
+
+    Returns ``(codes, QuantState)``: the codes have ``A``'s shape; ``QuantState.absmax`` holds
+    one float32 scale per block. ``absmax`` and ``out`` are optional output buffers.
+    """
+    if not isinstance(A, torch.Tensor) or not A.is_floating_point():
+        raise TypeError(f"A must be a floating point tensor, got {getattr(A, 'dtype', type(A).__name__)}")
+    blocksize = check_blocksize(blocksize)
+    code = signed_map(A.device) if code is None else check_code(code).to(A.device)
+    x = A.detach().reshape(-1).float()
+    blocks = num_blocks(x.numel(), blocksize)
+    scales = block_absmax(x, blocksize) if x.numel() else torch.zeros(0, device=A.device)
+    codes = quantize_with_absmax(x, scales, code, blocksize) if x.numel() else torch.zeros(0, dtype=torch.uint8)
+    if absmax is not None:
+        _check_buffer("absmax", absmax, (blocks,), torch.float32, A.device)
+        absmax.copy_(scales)
+        scales = absmax
+    if out is not None:
+        _check_buffer("out", out, tuple(A.shape), torch.uint8, A.device)
+        out.copy_(codes.view(A.shape))
+        codes = out
+    return codes.view(A.shape), QuantState(absmax=scales, code=code, blocksize=blocksize, dtype=A.dtype)
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    code: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = 256,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``code[A] * absmax`` per block, as float32
+    (or as ``quant_state.dtype`` when a QuantState is given)."""
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.uint8:
+        raise TypeError(f"A must be a uint8 tensor of codes, got {getattr(A, 'dtype', type(A).__name__)}")
+    dtype = torch.float32
+    if quant_state is not None:
+        absmax, code, blocksize, dtype = quant_state.absmax, quant_state.code, quant_state.blocksize, quant_state.dtype
+    if absmax is None:
+        raise ValueError("dequantize_blockwise needs either quant_state or absmax")
+    blocksize = check_blocksize(blocksize)
+    code = signed_map(A.device) if code is None else check_code(code).to(A.device)
+    blocks = num_blocks(A.numel(), blocksize)
+    if not isinstance(absmax, torch.Tensor) or absmax.numel() != blocks or not absmax.is_floating_point():
+        raise ValueError(
+            f"absmax must be a float tensor with one scale per block of {blocksize}: "
+            f"{blocks} for {A.numel()} elements, got {getattr(absmax, 'shape', absmax)}"
+        )
+    values = dequantize_flat(A.reshape(-1), absmax.reshape(-1).float().to(A.device), code, blocksize)
+    values = values.view(A.shape).to(dtype)
+    if out is not None:
+        _check_buffer("out", out, tuple(A.shape), out.dtype, A.device)
+        out.copy_(values)
+        return out
+    return values
+
+
+def _check_buffer(name: str, t: object, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {device}, got {got}")
