@@ -8,6 +8,7 @@ override dict: overriding one parameter later never changes another.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -68,6 +69,9 @@ class GlobalOptimManager:
         if not key_value_dict:
             raise ValueError("override_config needs key and value, or a non-empty key_value_dict")
         for p in parameters:
+            if id(p) not in self.pid2config:
+                # forget the entry with the tensor, so that a new tensor reusing its id is not hit
+                weakref.finalize(p, self.pid2config.pop, id(p), None)
             self.pid2config.setdefault(id(p), {}).update(key_value_dict)
 
     def register_module_override(self, module: torch.nn.Module, param_name: str, config: dict[str, Any]) -> None:

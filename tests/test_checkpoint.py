@@ -1,0 +1,184 @@
+"""state_dict / load_state_dict: bitsandbytes' layout, exact resume, rejected loads."""
+
+import pytest
+import torch
+from helpers import DTYPES, clone_params, gradients, make_params, round_trip
+
+import qoptim as bnb
+
+pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported")
+
+SHAPES = [(64, 81), (17, 33)]  # 8-bit state with a partial last block, and fp32 state
+VARIANTS = {
+    "AdamW8bit": lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3),
+    "Adam8bit-L2": lambda ps: bnb.optim.Adam8bit(ps, lr=1e-3, weight_decay=0.1),
+    "Adam8bit-per-tensor": lambda ps: bnb.optim.Adam8bit(ps, lr=1e-3, block_wise=False),
+    "Adam8bit-clipped": lambda ps: bnb.optim.Adam8bit(ps, lr=1e-3, percentile_clipping=50),
+    "PagedAdamW8bit": lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-3),
+    "AdamW32bit": lambda ps: bnb.optim.AdamW32bit(ps, lr=1e-3),
+}
+
+
+def _params(dtype):
+    return [p for i, shape in enumerate(SHAPES) for p in make_params(shape, dtype, seed=i)]
+
+
+def _train(opt, params, steps, start=0):
+    for step in range(start, start + steps):
+        for i, p in enumerate(params):
+            p.grad = gradients(p.shape, 1, seed=1000 * step + i)[0].to(p.dtype)
+        opt.step()
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        va, vb = a[key], b[key]
+        if isinstance(va, torch.Tensor):
+            assert va.dtype == vb.dtype and torch.equal(va, vb), key
+        else:
+            assert va == vb, key
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_resume_from_a_checkpoint_is_bit_identical(variant, dtype):
+    """N steps straight == k steps, save, load (weights_only) into fresh params and
+    optimizer, N - k more steps: parameters and states bit-identical."""
+    make = VARIANTS[variant]
+    straight = _params(dtype)
+    opt = make(straight)
+    _train(opt, straight, 12)
+
+    first = _params(dtype)
+    opt_first = make(first)
+    _train(opt_first, first, 5)
+    checkpoint = round_trip({"model": [p.detach() for p in first], "optim": opt_first.state_dict()})
+
+    resumed = [torch.nn.Parameter(t.clone()) for t in checkpoint["model"]]
+    opt_resumed = make(resumed)
+    opt_resumed.load_state_dict(checkpoint["optim"])
+    _train(opt_resumed, resumed, 7, start=5)
+
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+        _assert_same_state(opt.state[p], opt_resumed.state[q])
+
+
+def test_state_dict_has_the_bitsandbytes_layout():
+    params = _params(torch.float32)
+    opt = bnb.optim.AdamW8bit(params)
+    _train(opt, params, 2)
+    sd = opt.state_dict()
+    big, small = sd["state"][0], sd["state"][1]
+    assert big["step"] == 2 and isinstance(big["step"], int)
+    assert set(big) == {"step", "__bnb_optimizer_quant_state__"}
+    inner = big["__bnb_optimizer_quant_state__"]
+    assert list(inner) == ["state1", "qmap1", "state2", "qmap2", "absmax1", "absmax2"]
+    assert inner["state1"].dtype == torch.uint8 and inner["absmax1"].shape == (21,)
+    assert list(small["__bnb_optimizer_quant_state__"]) == ["state1", "state2"]
+    assert small["__bnb_optimizer_quant_state__"]["state1"].dtype == torch.float32
+    group = sd["param_groups"][0]
+    assert set(group) == {"lr", "betas", "eps", "weight_decay", "alpha", "t_alpha", "t_beta3", "params"}
+    # the live state is not rearranged by state_dict()
+    assert "state1" in opt.state[params[0]] and "__bnb_optimizer_quant_state__" not in opt.state[params[0]]
+
+
+def test_flat_legacy_state_dicts_load_too():
+    params = _params(torch.float32)
+    opt = bnb.optim.AdamW8bit(params)
+    _train(opt, params, 2)
+    sd = opt.state_dict()
+    for k, v in sd["state"].items():
+        v.update(v.pop("__bnb_optimizer_quant_state__"))
+    fresh = bnb.optim.AdamW8bit(clone_params(params))
+    fresh.load_state_dict(sd)
+    for p, q in zip(params, fresh.param_groups[0]["params"]):
+        _assert_same_state(opt.state[p], fresh.state[q])
+
+
+def test_fp16_params_keep_fp32_and_uint8_states_on_load():
+    params = _params(torch.float16)
+    opt = bnb.optim.AdamW8bit(params)
+    _train(opt, params, 2)
+    fresh = bnb.optim.AdamW8bit(clone_params(params))
+    fresh.load_state_dict(round_trip(opt.state_dict()))
+    states = list(fresh.state.values())
+    assert states[0]["state1"].dtype == torch.uint8 and states[0]["absmax1"].dtype == torch.float32
+    assert states[1]["state1"].dtype == torch.float32
+
+
+def test_move_to_device_false_keeps_loaded_tensors_where_they_are():
+    params = _params(torch.float32)
+    opt = bnb.optim.AdamW8bit(params)
+    _train(opt, params, 1)
+    sd = opt.state_dict()
+    fresh = bnb.optim.AdamW8bit(clone_params(params))
+    fresh.load_state_dict(sd, move_to_device=False)
+    loaded = sd["state"][0]["__bnb_optimizer_quant_state__"]["state1"]
+    live = next(iter(fresh.state.values()))["state1"]
+    assert torch.equal(live, loaded) and live.data_ptr() != loaded.data_ptr()  # a copy, not an alias
+
+
+def _bad_state_dicts(sd):
+    """(description, state dict that must be rejected)"""
+    import copy
+
+    def edited(fn):
+        bad = copy.deepcopy(sd)
+        fn(bad)
+        return bad
+
+    quant = "__bnb_optimizer_quant_state__"
+    yield "group count", edited(lambda d: d["param_groups"].append(dict(d["param_groups"][0], params=[99])))
+    yield "group size", edited(lambda d: d["param_groups"][0]["params"].pop())
+    yield "state1 shape", edited(lambda d: d["state"][0][quant].update(state1=torch.zeros(3, dtype=torch.uint8)))
+    yield "state dtype", edited(lambda d: d["state"][0][quant].update(state2=torch.zeros(64, 81, dtype=torch.int32)))
+    yield "absmax shape", edited(lambda d: d["state"][0][quant].update(absmax1=torch.zeros(20)))
+    yield "qmap length", edited(lambda d: d["state"][0][quant].update(qmap1=torch.zeros(255)))
+    yield "missing absmax", edited(lambda d: d["state"][0][quant].pop("absmax2"))
+    yield "unknown param id", edited(lambda d: d["state"].update({42: d["state"][0]}))
+    yield "step type", edited(lambda d: d["state"][0].update(step="3"))
+    yield "not a state dict", {"params": []}
+
+
+def test_mismatched_state_dicts_are_rejected_and_change_nothing():
+    params = _params(torch.float32)
+    opt = bnb.optim.AdamW8bit(params)
+    _train(opt, params, 2)
+    sd = opt.state_dict()
+    target_params = clone_params(params)
+    target = bnb.optim.AdamW8bit(target_params, lr=5e-4)
+    _train(target, target_params, 1)
+    before = round_trip(target.state_dict())
+    for what, bad in _bad_state_dicts(sd):
+        with pytest.raises(ValueError):
+            target.load_state_dict(bad)
+        after = target.state_dict()
+        assert after["param_groups"] == before["param_groups"], what
+        for k in before["state"]:
+            _assert_same_state(before["state"][k]["__bnb_optimizer_quant_state__"], after["state"][k]["__bnb_optimizer_quant_state__"])
+
+
+def test_torch_state_dict_hooks_run():
+    params = _params(torch.float32)
+    opt = bnb.optim.AdamW8bit(params)
+    _train(opt, params, 1)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("save-post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["save-pre", "save-post", "load-pre", "load-post"]
+
+
+def test_checkpoint_after_lr_scheduler_restores_lr():
+    params = _params(torch.float32)
+    opt = bnb.optim.AdamW8bit(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _train(opt, params, 1)
+    sched.step()
+    fresh = bnb.optim.AdamW8bit(clone_params(params), lr=1e-2)
+    fresh.load_state_dict(round_trip(opt.state_dict()))
+    assert fresh.param_groups[0]["lr"] == pytest.approx(5e-3)

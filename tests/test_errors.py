@@ -1,0 +1,229 @@
+"""Bad input gets a clear error, and a rejected step changes nothing; NaN/Inf gradients."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import make_params
+
+import qoptim as bnb
+
+ALL_CLASSES = [
+    bnb.optim.Adam, bnb.optim.Adam8bit, bnb.optim.Adam32bit, bnb.optim.PagedAdam, bnb.optim.PagedAdam8bit,
+    bnb.optim.PagedAdam32bit, bnb.optim.AdamW, bnb.optim.AdamW8bit, bnb.optim.AdamW32bit, bnb.optim.PagedAdamW,
+    bnb.optim.PagedAdamW8bit, bnb.optim.PagedAdamW32bit,
+]  # fmt: skip
+EIGHT_BIT = [bnb.optim.Adam8bit, bnb.optim.AdamW8bit, bnb.optim.PagedAdam8bit, bnb.optim.PagedAdamW8bit]
+
+pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported")
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_amsgrad_is_refused(cls):
+    with pytest.raises(ValueError, match=f"{cls.__name__} does not support amsgrad=True"):
+        cls(make_params((4, 4), torch.float32), amsgrad=True)
+
+
+@pytest.mark.parametrize("cls", EIGHT_BIT, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_8bit_classes_refuse_other_optim_bits(cls, bits):
+    with pytest.raises(ValueError, match=rf"{cls.__name__} only supports optim_bits=32 \(default value for compatibility\)"):
+        cls(make_params((4, 4), torch.float32), optim_bits=bits)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+        ({"lr": float("nan")}, "Invalid learning rate: nan"),
+        ({"eps": -1e-8}, "Invalid epsilon value: -1e-08"),
+        ({"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0: 1.0"),
+        ({"betas": (0.9, -0.1)}, r"Invalid beta parameter at index 1: -0.1"),
+        ({"betas": 0.9}, "Invalid betas"),
+        ({"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
+        ({"min_8bit_size": -1}, "min_8bit_size must be"),
+        ({"percentile_clipping": 0}, r"percentile_clipping must be an int in \[1, 100\]"),
+        ({"percentile_clipping": 101}, r"percentile_clipping must be an int in \[1, 100\]"),
+        ({"nonfinite": "ignore"}, "nonfinite must be one of"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_value(kwargs, message):
+    for cls in (bnb.optim.Adam8bit, bnb.optim.AdamW):
+        with pytest.raises(ValueError, match=message):
+            cls(make_params((4, 4), torch.float32), **kwargs)
+
+
+def test_plain_classes_refuse_unsupported_bits():
+    with pytest.raises(ValueError, match="optim_bits must be 8 or 32"):
+        bnb.optim.Adam(make_params((4, 4), torch.float32), optim_bits=16)
+
+
+def test_paged_adamw_has_no_is_paged_argument():
+    with pytest.raises(TypeError):
+        bnb.optim.PagedAdamW8bit(make_params((4, 4), torch.float32), is_paged=False)
+
+
+def test_base_classes_refuse_unknown_optimizer_names():
+    with pytest.raises(ValueError, match="Unsupported optimizer name"):
+        bnb.optim.Optimizer2State("adagrad", make_params((4, 4), torch.float32))
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], {
+        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()} for p in params
+    }
+
+
+def _assert_unchanged(opt, params, snapshot):
+    values, states = snapshot
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+        for key, old in states[id(p)].items():
+            new = opt.state[p][key]
+            assert torch.equal(new, old) if isinstance(old, torch.Tensor) else new == old
+
+
+def _trained(dtype=torch.float32):
+    params = make_params((64, 81), dtype, n=2)
+    opt = bnb.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize(
+    "bad_grad,error,message",
+    [
+        (lambda p: torch.randn(p.shape, dtype=torch.float64), ValueError, "the gradient of parameter 1 of param group 0 must match"),
+        (lambda p: torch.randn(81, 64), ValueError, "must match it"),
+        (lambda p: torch.randn(p.shape).to_sparse(), RuntimeError, "does not support sparse gradients"),
+    ],
+    ids=["dtype", "shape", "sparse"],
+)
+def test_a_bad_gradient_is_rejected_before_anything_changes(bad_grad, error, message):
+    opt, params = _trained()
+    params[0].grad = torch.randn_like(params[0])  # a good gradient, listed first
+    grad = bad_grad(params[1])
+    if grad.is_sparse:
+        params[1].grad = grad
+    else:  # torch refuses such gradients on assignment; a buggy hook could still leave one
+        params[1].grad_dtype = None
+        params[1].grad = torch.zeros_like(params[1])
+        params[1].grad.data = grad
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(error, match=message):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+def test_unsupported_param_dtype_is_rejected():
+    p = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
+    opt = bnb.optim.AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    with pytest.raises(TypeError, match="supported parameter dtypes are float32, float16 and bfloat16"):
+        opt.step()
+    assert not opt.state[p]
+
+
+def test_optim_bits_override_to_unsupported_value_fails_before_anything_changes():
+    a, b = make_params((64, 81), torch.float32, n=2)
+    bnb.optim.GlobalOptimManager.get_instance().override_config(b, "optim_bits", 4)
+    opt = bnb.optim.Adam8bit([a, b])
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    a_before = a.detach().clone()
+    with pytest.raises(NotImplementedError, match="Amount of optimizer bits not supported: 4"):
+        opt.step()
+    assert torch.equal(a.detach(), a_before) and not opt.state[a]
+
+
+# ---- non-finite gradients ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_skip_keeps_blocks_with_nan_or_inf_exactly(dtype):
+    opt, params = _trained(dtype)
+    p = params[0]
+    snapshot = _snapshot(opt, [p])
+    g = torch.randn_like(p)
+    flat = g.view(-1)
+    flat[300] = float("nan")  # block 1
+    flat[5000] = float("inf")  # block 19, the partial last block is 20
+    p.grad, params[1].grad = g, None
+    with pytest.warns(RuntimeWarning, match="2 block"):
+        opt.step()
+    assert opt.nonfinite_skipped_blocks == 2
+    old_p, old_state = snapshot[0][0].view(-1), snapshot[1][id(p)]
+    state = opt.state[p]
+    for block in (1, 19):
+        span = slice(256 * block, 256 * (block + 1))
+        assert torch.equal(p.detach().view(-1)[span], old_p[span])
+        for key in ("state1", "state2"):
+            assert torch.equal(state[key].view(-1)[span], old_state[key].view(-1)[span])
+        for key in ("absmax1", "absmax2"):
+            assert state[key][block] == old_state[key][block]
+    assert not torch.equal(p.detach().view(-1)[:256], old_p[:256])  # the other blocks moved
+    assert torch.isfinite(p).all() and state["step"] == 2
+    # the count goes on, the warning is not repeated
+    p.grad = g
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt.nonfinite_skipped_blocks == 4
+
+
+def test_skip_works_for_fp32_state_and_per_tensor_scale():
+    for opt_kwargs, shape in [({}, (17, 33)), ({"block_wise": False}, (64, 81))]:
+        (p,) = make_params(shape, torch.float32)
+        opt = bnb.optim.AdamW8bit([p], **opt_kwargs)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        before = p.detach().clone()
+        g = torch.randn_like(p)
+        g.view(-1)[3] = float("-inf")
+        p.grad = g
+        with pytest.warns(RuntimeWarning):
+            opt.step()
+        assert torch.equal(p.detach().view(-1)[:256], before.view(-1)[:256])
+        assert torch.isfinite(p).all()
+
+
+def test_raise_mode_names_the_parameter_and_changes_nothing():
+    params = make_params((64, 81), torch.float32, n=2)
+    opt = bnb.optim.AdamW8bit(params, nonfinite="raise")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snapshot = _snapshot(opt, params)
+    params[1].grad = torch.randn_like(params[1])
+    params[1].grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="parameter 1 of param group 0"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+def test_propagate_mode_lets_nan_through():
+    (p,) = make_params((64, 81), torch.float32)
+    opt = bnb.optim.AdamW8bit([p], nonfinite="propagate")
+    g = torch.randn_like(p)
+    g[0, 0] = float("nan")
+    p.grad = g
+    opt.step()
+    assert torch.isnan(p[0, 0]) and opt.nonfinite_skipped_blocks == 0
+
+
+def test_grad_scaler_skips_whole_steps_itself():
+    model = torch.nn.Linear(64, 80)
+    opt = bnb.optim.AdamW8bit(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x = torch.randn(8, 64)
+    loss = model(x).sum() * float("inf")
+    scaler.scale(loss).backward()
+    before = model.weight.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(model.weight.detach(), before) and not opt.state[model.weight]
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).mean()).backward()
+    scaler.step(opt)
+    assert opt.state[model.weight]["step"] == 1 and not torch.equal(model.weight.detach(), before)
