@@ -202,7 +202,7 @@ def test_non_contiguous_params_and_grads():
 def test_paged_classes_warn_once_on_cpu_and_match_unpaged():
     params = make_params((64, 81), torch.float32, n=2)
     twin = clone_params(params)
-    with pytest.warns(UserWarning, match="Paged optimizers are not supported on cpu") as record:
+    with pytest.warns(UserWarning, match="Paged optimizers are not supported on CPU") as record:
         paged = bnb.optim.PagedAdamW8bit(params)
         for g in gradients((64, 81), 3):
             for p in params:

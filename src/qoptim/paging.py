@@ -65,7 +65,7 @@ def _warn_unpaged(owner: Any, device: torch.device) -> None:
     if owner is not None and getattr(owner, "_warned_unpaged", False):
         return
     warnings.warn(
-        f"Paged optimizers are not supported on {device.type}. Falling back to non-paged optimizer behavior.",
+        f"Paged optimizers are not supported on {device.type.upper()}. Falling back to non-paged optimizer behavior.",
         UserWarning,
         stacklevel=4,
     )

@@ -242,11 +242,12 @@ class Optimizer8bit(torch.optim.Optimizer):
         if key in ("state1", "state2") and self.is_paged and move_to_device:
             buffer = self.get_state_buffer(p, value.dtype)
             return buffer.copy_(value)
+        # always a copy: the live state must not alias the caller's state dict
         if key in self.non_castable_tensor_keys:
-            return value.to(p.device) if move_to_device else value.clone()
+            return value.to(p.device, copy=True) if move_to_device else value.clone()
         if value.is_floating_point():
-            return value.to(device=p.device, dtype=p.dtype)
-        return value.to(p.device)
+            return value.to(device=p.device, dtype=p.dtype, copy=True)
+        return value.to(p.device, copy=True)
 
     def _check_loaded_state(self, k: Any, p: torch.Tensor, state: dict[str, Any]) -> None:
         name = f"the loaded state of parameter {k!r}"
@@ -326,7 +327,9 @@ class _StateOptimizer(Optimizer8bit):
             raise ValueError("skip_zeros=True is not supported: elements with zero gradient get the ordinary update")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if self.n_states == 2:  # bitsandbytes' two-state groups also carry AdEMAMix's settings
+            defaults.update(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         super().__init__(params, defaults, optim_bits, is_paged)
         self.optimizer_name = optimizer_name
         self.rule, _, self.decoupled = OPTIMIZERS[optimizer_name]
@@ -444,8 +447,11 @@ class Optimizer1State(_StateOptimizer):
     n_states = 1
     signed = (True,)
 
-    def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, **kwargs):
-        super().__init__(optimizer_name, params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+    def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32, args=None,
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.0, skip_zeros=False, is_paged=False,
+                 nonfinite="skip"):  # fmt: skip
+        super().__init__(optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size, percentile_clipping,
+                         block_wise, max_unorm, skip_zeros, is_paged, nonfinite=nonfinite)  # fmt: skip
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:

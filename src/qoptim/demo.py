@@ -1,0 +1,307 @@
+"""`qoptim demo`: train one small character-level GPT with several optimizers on the same data
+and seed, and show what 8-bit states save and what they cost.
+
+The corpus is embedded: source files of Python's own standard library, read from the running
+interpreter, so nothing is downloaded. Each optimizer trains in a fresh child process so that
+its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CORPUS_FILES = ["textwrap.py", "string.py", "difflib.py", "argparse.py", "functools.py", "dataclasses.py", "inspect.py"]
+VOCAB = 128  # ASCII; other bytes become "?"
+
+
+@dataclass
+class RunConfig:
+    optimizer: str
+    steps: int = 300
+    device: str = "cpu"
+    dtype: str = "float32"
+    lr: float = 3e-3
+    batch: int = 16
+    context: int = 64
+    width: int = 128
+    layers: int = 2
+    seed: int = 0
+    evals: int = 10
+
+
+@dataclass
+class RunResult:
+    optimizer: str
+    params: int
+    state_bytes: int
+    peak_bytes: int
+    peak_kind: str
+    ms_per_step: float
+    optimizer_ms_per_step: float
+    train_losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.state_bytes / self.params
+
+
+# ---- data and model ------------------------------------------------------------------------
+
+
+def load_corpus() -> torch.Tensor:
+    """The embedded training text as a tensor of ASCII codes."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = b"".join((stdlib / name).read_bytes() for name in CORPUS_FILES if (stdlib / name).exists())
+    if len(text) < 10_000:
+        raise RuntimeError(f"the embedded corpus (Python's standard library sources in {stdlib}) could not be read")
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    return torch.where(data < VOCAB, data, ord("?"))
+
+
+class TinyGPT(nn.Module):
+    """A small decoder-only transformer over characters."""
+
+    def __init__(self, width: int, layers: int, context: int, heads: int = 4):
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, width)
+        self.positions = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, VOCAB, bias=False)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        n = idx.shape[1]
+        x = self.tokens(idx) + self.positions(torch.arange(n, device=idx.device))
+        mask = self.causal[:n, :n].to(x.dtype)
+        return self.head(self.norm(self.blocks(x, mask=mask, is_causal=True)))
+
+
+def batches(data: torch.Tensor, batch: int, context: int, generator: torch.Generator):
+    while True:
+        starts = torch.randint(0, len(data) - context - 1, (batch,), generator=generator)
+        x = torch.stack([data[s : s + context] for s in starts])
+        y = torch.stack([data[s + 1 : s + context + 1] for s in starts])
+        yield x, y
+
+
+# ---- optimizers ----------------------------------------------------------------------------
+
+
+def optimizer_names() -> list[str]:
+    from . import optim
+
+    return ["torch_adamw"] + sorted(name.lower() for name in optim.__all__ if name[0].isupper() and "Optimizer" not in name and name != "GlobalOptimManager")
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    from . import optim
+
+    if name == "torch_adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    classes = {cls.lower(): getattr(optim, cls) for cls in optim.__all__}
+    if name not in classes or name not in optimizer_names():
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(optimizer_names())}")
+    return classes[name](params, lr=lr)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer state; shared tensors (qmaps) counted once."""
+    seen, total = set(), 0
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                total += value.numel() * value.element_size()
+    return total
+
+
+# ---- one run -------------------------------------------------------------------------------
+
+
+def train(config: RunConfig, progress: bool = True) -> RunResult:
+    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+    data = load_corpus()
+    split = int(0.9 * len(data))
+    torch.manual_seed(config.seed)
+    model = TinyGPT(config.width, config.layers, config.context).to(device=device, dtype=dtype)
+    opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    train_batches = batches(data[:split], config.batch, config.context, torch.Generator().manual_seed(config.seed))
+    val_batches = list(zip(range(8), batches(data[split:], config.batch, config.context, torch.Generator().manual_seed(1))))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            losses = [loss_fn(model(x.to(device)).float().view(-1, VOCAB), y.to(device).view(-1)).item() for _, (x, y) in val_batches]
+        return sum(losses) / len(losses)
+
+    result = RunResult(config.optimizer, sum(p.numel() for p in model.parameters()), 0, 0, "", 0.0, 0.0)
+    eval_every = max(1, config.steps // config.evals)
+    step_ms, opt_ms = [], []
+    bar = _progress_bar(config.steps, config.optimizer) if progress else None
+    for step in range(1, config.steps + 1):
+        x, y = next(train_batches)
+        t0 = time.perf_counter()
+        loss = loss_fn(model(x.to(device)).float().view(-1, VOCAB), y.to(device).view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        step_ms.append((t2 - t0) * 1e3)
+        opt_ms.append((t2 - t1) * 1e3)
+        result.train_losses.append(loss.item())
+        if step % eval_every == 0 or step == config.steps:
+            result.val_steps.append(step)
+            result.val_losses.append(val_loss())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    warm = slice(min(10, config.steps - 1), None)  # the first steps pay for compilation and allocation
+    result.ms_per_step = statistics.median(step_ms[warm])
+    result.optimizer_ms_per_step = statistics.median(opt_ms[warm])
+    result.state_bytes = state_bytes(opt)
+    result.peak_bytes, result.peak_kind = _peak_memory(device)
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU peak allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def _progress_bar(total: int, name: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"{name:>16}", unit="step", leave=True, dynamic_ncols=True)
+
+
+def _child(config: dict, queue) -> None:
+    try:
+        queue.put(("ok", asdict(train(RunConfig(**config)))))
+    except BaseException as e:  # report, don't hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def train_in_child(config: RunConfig) -> RunResult:
+    """Run ``train`` in a fresh process (its peak memory is then its own)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(asdict(config), queue))
+    child.start()
+    status, payload = queue.get()
+    child.join()
+    if status != "ok":
+        raise RuntimeError(f"training with {config.optimizer} failed: {payload}")
+    return RunResult(**payload)
+
+
+# ---- report --------------------------------------------------------------------------------
+
+
+def table(results: list[RunResult]) -> str:
+    baseline = results[0]
+    header = ["optimizer", "state", "B/param", "vs first", results[0].peak_kind, "ms/step", "opt ms/step", "train loss", "val loss"]
+    rows = [header]
+    for r in results:
+        final_train = sum(r.train_losses[-20:]) / len(r.train_losses[-20:])
+        rows.append([
+            r.optimizer, _mib(r.state_bytes), f"{r.bytes_per_param:.2f}",
+            f"{r.state_bytes / baseline.state_bytes:.2f}x" if baseline.state_bytes else "-",
+            _mib(r.peak_bytes), f"{r.ms_per_step:.1f}", f"{r.optimizer_ms_per_step:.2f}",
+            f"{final_train:.3f}", f"{r.val_losses[-1]:.3f}",
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def plot(results: list[RunResult], path: Path) -> Path | None:
+    """Loss curves as a PNG; None (with the reason printed) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'qoptim[demo]')")
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for r in results:
+        smooth = _ema(r.train_losses, 0.9)
+        (line,) = ax.plot(range(1, len(smooth) + 1), smooth, label=f"{r.optimizer} train", linewidth=1.4)
+        ax.plot(r.val_steps, r.val_losses, "o--", color=line.get_color(), label=f"{r.optimizer} val", markersize=4, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/char)")
+    ax.set_title("TinyGPT on Python's standard library: same data, same seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _ema(values: list[float], decay: float) -> list[float]:
+    out, avg = [], values[0]
+    for v in values:
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
+
+
+def run_demo(optimizers: list[str], steps: int, device: str, dtype: str, out: Path, isolate: bool = True) -> list[RunResult]:
+    results = []
+    for name in optimizers:
+        config = RunConfig(optimizer=name, steps=steps, device=device, dtype=dtype)
+        results.append(train_in_child(config) if isolate else train(config))
+    first = results[0]
+    print(f"\nTinyGPT, {first.params:,} parameters, {steps} steps on {device} ({dtype}), threads={torch.get_num_threads()}\n")
+    print(table(results))
+    print("\nstate: optimizer state tensors; B/param: state bytes per model parameter; "
+          "ms/step: forward+backward+step (median); opt ms/step: optimizer.step() alone")  # fmt: skip
+    path = plot(results, out / "loss_curves.png")
+    if path is not None:
+        print(f"loss curves: {path}")
+    return results
+
+
+def default_threads() -> None:
+    """Use every core the process may run on (torch's default can be lower in containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores))
+
+
+__all__ = ["RunConfig", "RunResult", "train", "run_demo", "optimizer_names", "table", "plot", "load_corpus", "TinyGPT"]
