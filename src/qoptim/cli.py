@@ -24,9 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (with where to look), not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qoptim", description="Memory-efficient 8-bit optimizers for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="qoptim", description="Memory-efficient 8-bit optimizers for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="train a small GPT with several optimizers and compare them (default)")
     demo.add_argument("--steps", type=_positive_int, default=300, help="training steps per optimizer (default 300)")

@@ -257,16 +257,27 @@ def plot(results: list[RunResult], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'qoptim[demo]')")
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for r in results:
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, gridspec_kw={"width_ratios": [2.2, 1]})
+    styles = ["-", "--", ":", "-."]
+    for i, r in enumerate(results):
         smooth = _ema(r.train_losses, 0.9)
-        (line,) = ax.plot(range(1, len(smooth) + 1), smooth, label=f"{r.optimizer} train", linewidth=1.4)
-        ax.plot(r.val_steps, r.val_losses, "o--", color=line.get_color(), label=f"{r.optimizer} val", markersize=4, linewidth=0.8)
+        style = styles[i % len(styles)]
+        (line,) = ax.plot(range(1, len(smooth) + 1), smooth, style, label=f"{r.optimizer} train", linewidth=1.6)
+        ax.plot(r.val_steps, r.val_losses, "o" + style, color=line.get_color(), label=f"{r.optimizer} val", markersize=4, linewidth=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/char)")
-    ax.set_title("TinyGPT on Python's standard library: same data, same seed")
+    ax.set_title("Loss: same data, same seed (curves overlap when 8-bit matches fp32)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    names = [r.optimizer for r in results]
+    colors = [f"C{i}" for i in range(len(results))]
+    bars.bar(names, [r.bytes_per_param for r in results], color=colors)
+    for x, r in enumerate(results):
+        bars.text(x, r.bytes_per_param, f"{r.bytes_per_param:.2f}", ha="center", va="bottom", fontsize=9)
+    bars.set_ylabel("optimizer state, bytes per parameter")
+    bars.set_title("Optimizer state memory", fontsize=9)
+    bars.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(f"TinyGPT ({results[0].params:,} parameters) on Python's standard library sources")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

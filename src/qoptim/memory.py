@@ -68,7 +68,7 @@ def _from_config(c: dict) -> list[int]:
     else:  # llama-style: q, k, v, o, gated MLP, two norms
         mlp = [h * inner, h * inner, inner * h] * experts + ([h * experts] if experts > 1 else [])
         sizes += ([h * h, h * kv, h * kv, h * h] + mlp + [h, h]) * layers + [h]
-        if not c.get("tie_word_embeddings", False):
+        if not c.get("tie_word_embeddings", True):  # transformers' default is tied
             sizes += [vocab * h]
     return sizes
 
