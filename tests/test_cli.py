@@ -68,7 +68,7 @@ def test_user_errors_give_one_clear_line(args, message):
 def test_memory_of_a_parameter_count():
     result = qoptim("memory", "7B", timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "7B parameters" in result.stdout
+    assert "7B: 7,000,000,000 parameters" in result.stdout
     assert "52.15 GiB" in result.stdout  # fp32 Adam: 8 bytes x 7e9
     fp32, eight, paged = estimate([7_000_000_000])
     assert eight.state_bytes == 2 * 7_000_000_000 + 8 * -(-7_000_000_000 // 256)

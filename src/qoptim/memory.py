@@ -41,7 +41,7 @@ def tensor_sizes(spec: str) -> tuple[str, list[int]]:
     count = int(float(match.group(1)) * SUFFIXES.get(match.group(2), 1))
     if count <= 0:
         raise ValueError(f"a model needs at least one parameter, got {spec!r}")
-    return f"{_human(count)} parameters", [count]
+    return spec.strip(), [count]
 
 
 def _from_config(c: dict) -> list[int]:
@@ -107,9 +107,3 @@ def report(spec: str, dtype_bytes: int = 2, min_8bit_size: int = 4096) -> str:
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
-
-def _human(n: int) -> str:
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
