@@ -35,18 +35,20 @@ def pager_for(device: torch.device) -> Any | None:
     return _pagers.get(device.type)
 
 
-def state_buffer(p: torch.Tensor, dtype: torch.dtype, paged: bool, owner: Any = None) -> torch.Tensor:
-    """A zero-filled contiguous state buffer of ``p``'s shape, paged when asked for and possible.
+def state_buffer(p: torch.Tensor, dtype: torch.dtype, paged: bool, owner: Any = None, shape: tuple | None = None) -> torch.Tensor:
+    """A zero-filled contiguous state buffer for ``p`` (of ``p``'s shape unless ``shape`` is
+    given), paged when asked for and possible.
 
     ``owner`` (the optimizer) is warned once when paging was asked for but is not available.
     """
+    shape = p.shape if shape is None else torch.Size(shape)
     if paged:
         pager = pager_for(p.device)
         if pager is None:
             _warn_unpaged(owner, p.device)
         elif p.numel() >= PAGED_MIN_NUMEL:
-            return pager.zeros(p.shape, dtype, p.device)
-    return torch.zeros(p.shape, dtype=dtype, device=p.device)
+            return pager.zeros(shape, dtype, p.device)
+    return torch.zeros(shape, dtype=dtype, device=p.device)
 
 
 def prefetch(tensors: Iterable[torch.Tensor], device: torch.device) -> None:

@@ -44,9 +44,125 @@ def adam(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper
     p.sub_((m / denom).mul_(step_size))
 
 
+def ademamix(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
+    """AdEMAMix (Pagliardini et al., 2024): Adam plus a slow momentum ``m2`` weighted by alpha."""
+    m1, m2, nu = states
+    m1.mul_(hp.beta1).add_(g * (1.0 - hp.beta1))
+    m2.mul_(hp.beta3).add_(g * (1.0 - hp.beta3))
+    nu.mul_(hp.beta2).add_((g * g).mul_(1.0 - hp.beta2))
+    if hp.weight_decay:
+        p.mul_(1.0 - hp.lr * hp.weight_decay)
+    bias_correction1 = 1.0 - hp.beta1**hp.step
+    bias_correction2_sqrt = math.sqrt(1.0 - hp.beta2**hp.step)
+    denom = nu.sqrt().div_(bias_correction2_sqrt).add_(hp.eps)
+    p.sub_((m1 / bias_correction1).add_(m2 * hp.alpha).div_(denom).mul_(hp.lr))
+
+
+def lion(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
+    """Lion (Chen et al., 2023): the sign of an interpolation of momentum and gradient."""
+    (m,) = states
+    if hp.weight_decay:
+        p.mul_(1.0 - hp.lr * hp.weight_decay)
+    p.sub_((m * hp.beta1).add_(g * (1.0 - hp.beta1)).sign_().mul_(hp.lr))
+    m.mul_(hp.beta2).add_(g * (1.0 - hp.beta2))
+
+
+def momentum(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
+    """SGD with momentum (torch.optim.SGD's formula); LARS scales the gradient term by its
+    trust ratio (1 for SGD) before it enters the momentum."""
+    (buf,) = states
+    if hp.weight_decay:
+        g = g + p * hp.weight_decay
+    if hp.trust_ratio != 1.0:
+        g = g * hp.trust_ratio
+    if hp.step == 1:
+        buf.copy_(g)
+    else:
+        buf.mul_(hp.beta1).add_(g * (1.0 - hp.dampening))
+    step = g + buf * hp.beta1 if hp.nesterov else buf
+    p.sub_(step * hp.lr)
+
+
+def rmsprop(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
+    """RMSprop (torch.optim.RMSprop's formula, not centered); ``beta1`` is its alpha."""
+    (square_avg,) = states
+    if hp.weight_decay:
+        g = g + p * hp.weight_decay
+    square_avg.mul_(hp.beta1).add_((g * g).mul_(1.0 - hp.beta1))
+    p.sub_((g / square_avg.sqrt().add_(hp.eps)).mul_(hp.lr))
+
+
+def adagrad(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
+    """Adagrad (torch.optim.Adagrad's formula)."""
+    (sum_sq,) = states
+    if hp.weight_decay:
+        g = g + p * hp.weight_decay
+    lr = hp.lr / (1.0 + (hp.step - 1) * hp.lr_decay)
+    sum_sq.add_(g * g)
+    p.sub_((g / sum_sq.sqrt().add_(hp.eps)).mul_(lr))
+
+
+def lamb_direction(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> torch.Tensor:
+    """LAMB's per-element update direction (You et al., 2020): Adam's, plus decoupled decay.
+    Updates the moments in place."""
+    m, v = states
+    if hp.weight_decay and not hp.decoupled:
+        g = g + p * hp.weight_decay
+    m.mul_(hp.beta1).add_(g * (1.0 - hp.beta1))
+    v.mul_(hp.beta2).add_((g * g).mul_(1.0 - hp.beta2))
+    bias_correction1 = 1.0 - hp.beta1**hp.step if hp.bias_correction else 1.0
+    bias_correction2 = 1.0 - hp.beta2**hp.step if hp.bias_correction else 1.0
+    direction = (m / bias_correction1).div_((v / bias_correction2).sqrt_().add_(hp.eps))
+    if hp.weight_decay and hp.decoupled:
+        direction.add_(p * hp.weight_decay)
+    return direction
+
+
+def lamb(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
+    p.sub_(lamb_direction(p, g, states, hp).mul_(hp.lr * hp.trust_ratio))
+
+
+def lamb_trust_terms(p, g, states, hp):
+    """The vectors whose norms make LAMB's trust ratio: the parameter and the update direction."""
+    return p, lamb_direction(p, g, states, hp)
+
+
+def lamb_trust_ratio(p_norm: float, direction_norm: float, hp: Hyper) -> float:
+    """|p| / |u| (1 when either is 0); ``max_unorm`` then caps the scaled update at max_unorm * |p|."""
+    ratio = p_norm / direction_norm if p_norm > 0 and direction_norm > 0 else 1.0
+    if hp.max_unorm > 0 and ratio * direction_norm > hp.max_unorm * p_norm > 0:
+        ratio = hp.max_unorm * p_norm / direction_norm
+    return ratio
+
+
+def lars_trust_terms(p, g, states, hp):
+    """The vectors whose norms make LARS's local learning rate: the parameter and the gradient."""
+    return p, g
+
+
+def lars_trust_ratio(p_norm: float, g_norm: float, hp: Hyper) -> float:
+    """LARS (You et al., 2017): eta * |p| / (|g| + weight_decay * |p|), eta = ``max_unorm``."""
+    denominator = g_norm + hp.weight_decay * p_norm
+    return hp.max_unorm * p_norm / denominator if p_norm > 0 and denominator > 0 else 1.0
+
+
 RULES: dict[str, tuple[Rule, int]] = {
-    # name: (update math, number of states)
+    # name: (update math, number of state slots)
     "adam": (adam, 2),
+    "ademamix": (ademamix, 3),  # slots: fast momentum, slow momentum, second moment
+    "lion": (lion, 1),
+    "momentum": (momentum, 1),
+    "lars": (momentum, 1),
+    "rmsprop": (rmsprop, 1),
+    "adagrad": (adagrad, 1),
+    "lamb": (lamb, 2),
+}
+
+# Layer-wise rules: (vectors whose norms are needed, ratio from those norms). Their step needs
+# one more pass first, over the whole tensor, to know the ratio.
+TRUST_RATIOS = {
+    "lamb": (lamb_trust_terms, lamb_trust_ratio),
+    "lars": (lars_trust_terms, lars_trust_ratio),
 }
 
 
@@ -67,6 +183,8 @@ def update(
     if len(slots) != n_states:
         raise ValueError(f"rule {rule!r} keeps {n_states} states, got {len(slots)}")
     n = p.numel()
+    if rule in TRUST_RATIOS:
+        hp = hp._replace(trust_ratio=_trust_ratio(rule, p, g, slots, hp, skip_nonfinite))
     whole = [i for i, s in enumerate(slots) if s.quantized and s.blocksize == WHOLE_TENSOR]
     new_scales: dict[int, torch.Tensor] = {}
     if whole:
@@ -90,6 +208,26 @@ def update(
     for i, scale in new_scales.items():
         slots[i].absmax.copy_(scale)
     return UpdateResult(skipped_blocks=skipped)
+
+
+def _trust_ratio(rule: str, p, g, slots, hp: Hyper, skip_nonfinite: bool) -> float:
+    """The layer-wise ratio of LAMB / LARS from norms over the whole tensor (skipped blocks
+    left out); nothing is written."""
+    terms_fn, ratio_fn = TRUST_RATIOS[rule]
+    sums = torch.zeros(2, dtype=torch.float64, device=p.device)
+    for start in range(0, p.numel(), CHUNK):
+        end = min(p.numel(), start + CHUNK)
+        p32, g32 = p[start:end].float(), g[start:end].float()
+        if hp.gnorm_scale != 1.0:
+            g32 = g32 * hp.gnorm_scale
+        states = [_load(slot, start, end).clone() for slot in slots]  # the rule may update them in place
+        a, b = terms_fn(p32, g32, states, hp)
+        if skip_nonfinite:
+            good = _per_element(_nonfinite_blocks(g[start:end].float()).logical_not_(), end - start)
+            a, b = a * good, torch.where(good, b, 0.0)
+        sums += torch.stack([a.double().square().sum(), b.double().square().sum()])
+    a_norm, b_norm = sums.sqrt().tolist()
+    return ratio_fn(a_norm, b_norm, hp)
 
 
 def _step_chunk(math_fn, p, g, slots, hp, start, end, skip_nonfinite):

@@ -47,8 +47,14 @@ class Hyper(NamedTuple):
     step: int
     decoupled: bool  # weight decay applied to the parameter (AdamW) rather than added to the gradient (Adam)
     gnorm_scale: float = 1.0  # gradient multiplier from percentile clipping
-    beta3: float = 0.0
-    alpha: float = 0.0
+    beta3: float = 0.0  # AdEMAMix: decay of the slow momentum (already scheduled for this step)
+    alpha: float = 0.0  # AdEMAMix: weight of the slow momentum (already scheduled for this step)
+    dampening: float = 0.0  # SGD, LARS
+    nesterov: bool = False  # SGD, LARS
+    lr_decay: float = 0.0  # Adagrad
+    bias_correction: bool = True  # LAMB
+    max_unorm: float = 0.0  # LAMB: cap of the update norm relative to |p|; LARS: trust coefficient
+    trust_ratio: float = 1.0  # LAMB, LARS: the layer-wise scale, filled in by the backend
 
 
 class UpdateResult(NamedTuple):

@@ -12,6 +12,7 @@ import math
 import numbers
 import warnings
 from copy import deepcopy
+from dataclasses import dataclass
 from itertools import chain
 from types import SimpleNamespace
 from typing import Any
@@ -27,10 +28,26 @@ __all__ = ["Optimizer8bit", "Optimizer2State", "Optimizer1State"]
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 
-# optimizer name -> (update rule, states kept, weight decay decoupled from the gradient)
-OPTIMIZERS: dict[str, tuple[str, int, bool]] = {
-    "adam": ("adam", 2, False),
-    "adamw": ("adam", 2, True),
+@dataclass(frozen=True)
+class Family:
+    """What an optimizer name means to the kernels."""
+
+    rule: str  # the update rule in qoptim.kernels
+    signed: tuple[bool, ...]  # per state key (state1, state2): signed map, or unsigned for values >= 0
+    decoupled: bool = False  # weight decay applied to the parameter rather than added to the gradient
+    layer_wise: bool = False  # uses max_unorm: LAMB's update cap, LARS's trust coefficient
+
+
+FAMILIES: dict[str, Family] = {
+    "adam": Family("adam", (True, False)),
+    "adamw": Family("adam", (True, False), decoupled=True),
+    "ademamix": Family("ademamix", (True, False), decoupled=True),
+    "lamb": Family("lamb", (True, False), decoupled=True, layer_wise=True),
+    "lion": Family("lion", (True,), decoupled=True),
+    "momentum": Family("momentum", (True,)),
+    "lars": Family("lars", (True,), layer_wise=True),
+    "rmsprop": Family("rmsprop", (False,)),
+    "adagrad": Family("adagrad", (False,)),
 }
 
 NONFINITE_MODES = ("skip", "raise", "propagate")
@@ -76,15 +93,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
         """Settings for one parameter: its group, then ``args``, then overrides (which win)."""
-        config = {
-            "betas": group["betas"],
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "lr": group["lr"],
-            "alpha": group.get("alpha", 0.0),
-            "t_alpha": group.get("t_alpha"),
-            "t_beta3": group.get("t_beta3"),
-        }
+        config = {key: value for key, value in group.items() if key != "params"}
+        config.setdefault("alpha", 0.0)
+        config.setdefault("t_alpha", None)
+        config.setdefault("t_beta3", None)
         for key in ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise"):
             config[key] = getattr(self.args, key)
         config.update(self.mng.index2config.get((gindex, pindex), {}))
@@ -143,7 +155,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             for key in ("state1", "state2"):
-                if key in state and (state[key].shape != p.shape or state[key].device != p.device):
+                if key in state and (state[key].shape != self._state_shape(p, key) or state[key].device != p.device):
                     raise ValueError(
                         f"{key} of {name} is {tuple(state[key].shape)} on {state[key].device}, "
                         f"but the parameter is {tuple(p.shape)} on {p.device}"
@@ -240,7 +252,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if not isinstance(value, torch.Tensor):
             return value
         if key in ("state1", "state2") and self.is_paged and move_to_device:
-            buffer = self.get_state_buffer(p, value.dtype)
+            buffer = paging.state_buffer(p, value.dtype, True, owner=self, shape=value.shape)
             return buffer.copy_(value)
         # always a copy: the live state must not alias the caller's state dict
         if key in self.non_castable_tensor_keys:
@@ -286,7 +298,6 @@ class _StateOptimizer(Optimizer8bit):
     """What Optimizer2State and Optimizer1State share: arguments, state layout and update."""
 
     n_states = 2
-    signed = (True, False)  # which states take the signed map
 
     def __init__(
         self,
@@ -309,8 +320,9 @@ class _StateOptimizer(Optimizer8bit):
         t_beta3=None,
         nonfinite="skip",
     ):
-        if optimizer_name not in OPTIMIZERS or OPTIMIZERS[optimizer_name][1] != self.n_states:
-            known = sorted(k for k, v in OPTIMIZERS.items() if v[1] == self.n_states)
+        family = FAMILIES.get(optimizer_name)
+        if family is None or len(family.signed) != self.n_states:
+            known = sorted(k for k, f in FAMILIES.items() if len(f.signed) == self.n_states)
             raise ValueError(f"Unsupported optimizer name: {optimizer_name!r}; {type(self).__name__} knows {known}")
         if isinstance(betas, str):
             betas = [float(b) for b in betas.strip("()[] ").split(",")]
@@ -321,8 +333,8 @@ class _StateOptimizer(Optimizer8bit):
             raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
         if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) or not 1 <= percentile_clipping <= 100:
             raise ValueError(f"percentile_clipping must be an int in [1, 100] (100 disables it), got {percentile_clipping!r}")
-        if max_unorm != 0.0:
-            raise ValueError(f"max_unorm (update-norm clipping) is only offered by LAMB and LARS, got max_unorm={max_unorm!r}")
+        if not isinstance(max_unorm, numbers.Real) or max_unorm < 0 or (max_unorm and not family.layer_wise):
+            raise ValueError(f"max_unorm must be 0, or >= 0 for LAMB and LARS (layer-wise), got max_unorm={max_unorm!r}")
         if skip_zeros:
             raise ValueError("skip_zeros=True is not supported: elements with zero gradient get the ordinary update")
         if nonfinite not in NONFINITE_MODES:
@@ -332,7 +344,7 @@ class _StateOptimizer(Optimizer8bit):
             defaults.update(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         super().__init__(params, defaults, optim_bits, is_paged)
         self.optimizer_name = optimizer_name
-        self.rule, _, self.decoupled = OPTIMIZERS[optimizer_name]
+        self.family = family
         self.nonfinite = nonfinite
         if args is None:
             args = SimpleNamespace(
@@ -350,6 +362,13 @@ class _StateOptimizer(Optimizer8bit):
                     setattr(args, key, value)
         self.args = args
 
+    def add_group_defaults(self, **defaults) -> None:
+        """Settings of a family's own (nesterov, lr_decay, ...), kept in every param group."""
+        self.defaults.update(defaults)
+        for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def init_state(self, group, p, gindex, pindex):
         config = self.get_config(gindex, pindex, group)
@@ -360,15 +379,16 @@ class _StateOptimizer(Optimizer8bit):
         state = self.state[p]
         state["step"] = 0
         for i in range(1, self.n_states + 1):
+            shape = self._state_shape(p, f"state{i}")
             if not quantized:
-                state[f"state{i}"] = self.get_state_buffer(p, torch.float32)
+                state[f"state{i}"] = paging.state_buffer(p, torch.float32, self.is_paged, owner=self, shape=shape)
                 continue
             if not self.name2qmap:
                 self.fill_qmap()
-            qmap = self.name2qmap["dynamic" if self.signed[i - 1] else "udynamic"]
+            qmap = self.name2qmap["dynamic" if self.family.signed[i - 1] else "udynamic"]
             if qmap.device != p.device:
                 qmap = qmap.to(p.device)
-            state[f"state{i}"] = self.get_state_buffer(p, torch.uint8)
+            state[f"state{i}"] = paging.state_buffer(p, torch.uint8, self.is_paged, owner=self, shape=shape)
             state[f"qmap{i}"] = qmap
         if quantized:
             for i in range(1, self.n_states + 1):
@@ -393,32 +413,42 @@ class _StateOptimizer(Optimizer8bit):
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
             gnorm_scale = _percentile_clip(state["gnorm_vec"], kernels.grad_norm_sq(flat_g), step, config["percentile_clipping"])
+        hp = self.hyper(config, step)._replace(gnorm_scale=gnorm_scale)
+        result = kernels.update(self.family.rule, flat_p, flat_g, self._slots(state), hp, skip_nonfinite=self.nonfinite == "skip")
+        if flat_p.data_ptr() != params.data_ptr():
+            params.copy_(flat_p.view(params.shape))
+        if result.skipped_blocks:
+            self._note_skipped(result.skipped_blocks)
+
+    def hyper(self, config: dict[str, Any], step: int) -> Hyper:
+        """A step's hyperparameters for the kernels; families with settings of their own extend it."""
         betas = config["betas"]
-        hp = Hyper(
+        return Hyper(
             lr=float(config["lr"]),
             beta1=float(betas[0]),
             beta2=float(betas[1]) if len(betas) > 1 else 0.0,
             eps=float(config["eps"]),
             weight_decay=float(config["weight_decay"]),
             step=step,
-            decoupled=self.decoupled,
-            gnorm_scale=gnorm_scale,
+            decoupled=self.family.decoupled,
             beta3=float(betas[2]) if len(betas) > 2 else 0.0,
             alpha=float(config["alpha"]),
+            max_unorm=float(config["max_unorm"]),
         )
-        slots = [self._slot(state, i) for i in range(1, self.n_states + 1)]
-        result = kernels.update(self.rule, flat_p, flat_g, slots, hp, skip_nonfinite=self.nonfinite == "skip")
-        if flat_p.data_ptr() != params.data_ptr():
-            params.copy_(flat_p.view(params.shape))
-        if result.skipped_blocks:
-            self._note_skipped(result.skipped_blocks)
 
-    def _slot(self, state: dict[str, Any], i: int) -> StateSlot:
-        values = state[f"state{i}"].view(-1)
+    def _slots(self, state: dict[str, Any]) -> list[StateSlot]:
+        """The kernels' view of a parameter's states, one slot per state key."""
+        return [self._slot(state, i) for i in range(1, self.n_states + 1)]
+
+    def _slot(self, state: dict[str, Any], i: int, row: int | None = None) -> StateSlot:
+        """State ``i`` as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1)."""
+        values = state[f"state{i}"]
+        values = (values if row is None else values[row]).reshape(-1)
         if values.dtype != torch.uint8:
             return StateSlot(values)
         if f"absmax{i}" in state:
-            return StateSlot(values, state[f"qmap{i}"], state[f"absmax{i}"], BLOCK)
+            absmax = state[f"absmax{i}"]
+            return StateSlot(values, state[f"qmap{i}"], absmax if row is None else absmax[row], BLOCK)
         state[f"new_max{i}"].copy_(state[f"max{i}"])  # the previous scale, as bitsandbytes keeps it
         return StateSlot(values, state[f"qmap{i}"], state[f"max{i}"], WHOLE_TENSOR)
 
@@ -438,14 +468,12 @@ class Optimizer2State(_StateOptimizer):
     moment (unsigned map)."""
 
     n_states = 2
-    signed = (True, False)
 
 
 class Optimizer1State(_StateOptimizer):
-    """Optimizers with one state per parameter (momentum-like, signed map)."""
+    """Optimizers with one state per parameter (momentum, or a sum of squares)."""
 
     n_states = 1
-    signed = (True,)
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32, args=None,
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.0, skip_zeros=False, is_paged=False,

@@ -1,0 +1,74 @@
+"""AdEMAMix (Pagliardini, Ablin and Grangier, 2024, "The AdEMAMix Optimizer: Better, Faster,
+Older"): Adam plus a slow momentum (``beta3``) weighted by ``alpha``, both optionally warmed up
+over ``t_alpha`` / ``t_beta3`` steps. ``state1`` stacks the fast and the slow momentum, shape
+``(2, *p.shape)``, as bitsandbytes stores it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .optimizer import Optimizer2State
+from .variants import FixedVariant, variant
+
+__all__ = ["AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "PagedAdEMAMix", "PagedAdEMAMix8bit", "PagedAdEMAMix32bit"]
+
+
+class AdEMAMix(FixedVariant, Optimizer2State):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
+                 weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False, nonfinite="skip"):  # fmt: skip
+        if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+            raise ValueError(f"Invalid betas: {betas!r}; AdEMAMix takes three (beta1, beta2, beta3)")
+        if not alpha >= 0:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        for name, t in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
+            if t is not None and (not isinstance(t, int) or t <= 0):
+                raise ValueError(f"Invalid {name}: {t!r}; expected a positive number of steps or None")
+        if t_beta3 is not None and betas[0] == 0:
+            raise ValueError("the beta3 schedule (t_beta3) needs beta1 > 0")
+        super().__init__("ademamix", params, lr, betas, eps, weight_decay, self._bits(optim_bits), None, min_8bit_size,
+                         is_paged=is_paged or self.fixed_paged, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
+                         nonfinite=nonfinite)  # fmt: skip
+
+    def hyper(self, config, step):
+        hp = super().hyper(config, step)
+        return hp._replace(alpha=scheduled_alpha(hp.alpha, config["t_alpha"], step),
+                           beta3=scheduled_beta3(hp.beta1, hp.beta3, config["t_beta3"], step))  # fmt: skip
+
+    def init_state(self, group, p, gindex, pindex):
+        if not self.get_config(gindex, pindex, group)["block_wise"]:
+            raise ValueError("AdEMAMix keeps block-wise 8-bit states only (block_wise=False is not supported)")
+        super().init_state(group, p, gindex, pindex)
+
+    def _state_shape(self, p: torch.Tensor, key: str) -> torch.Size:
+        return torch.Size([2, *p.shape]) if key == "state1" else p.shape
+
+    def _absmax_shape(self, p: torch.Tensor, key: str) -> torch.Size:
+        blocks = super()._absmax_shape(p, key)
+        return torch.Size([2, *blocks]) if key == "state1" else blocks
+
+    def _slots(self, state):
+        return [self._slot(state, 1, row=0), self._slot(state, 1, row=1), self._slot(state, 2)]
+
+
+def scheduled_alpha(alpha: float, t_alpha: int | None, step: int) -> float:
+    """Linear warm-up of alpha over t_alpha steps."""
+    return alpha if not t_alpha else min(step * alpha / t_alpha, alpha)
+
+
+def scheduled_beta3(beta1: float, beta3: float, t_beta3: int | None, step: int) -> float:
+    """The paper's beta3 warm-up: from beta1 to beta3 over t_beta3 steps, linear in the
+    half-life 1 / ln(beta)."""
+    if not t_beta3:
+        return beta3
+    ln1, ln3 = math.log(beta1), math.log(beta3)
+    frac = step / t_beta3
+    return min(math.exp(ln1 * ln3 / ((1 - frac) * ln3 + frac * ln1)), beta3)
+
+
+AdEMAMix8bit = variant(AdEMAMix, "AdEMAMix8bit", drop=("optim_bits",), fixed_bits=8)
+AdEMAMix32bit = variant(AdEMAMix, "AdEMAMix32bit", drop=("optim_bits",), fixed_bits=32)
+PagedAdEMAMix = variant(AdEMAMix, "PagedAdEMAMix", drop=("is_paged",), fixed_paged=True)
+PagedAdEMAMix8bit = variant(AdEMAMix, "PagedAdEMAMix8bit", drop=("optim_bits", "is_paged"), fixed_bits=8, fixed_paged=True)
+PagedAdEMAMix32bit = variant(AdEMAMix, "PagedAdEMAMix32bit", drop=("optim_bits", "is_paged"), fixed_bits=32, fixed_paged=True)
