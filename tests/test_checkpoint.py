@@ -182,3 +182,73 @@ def test_checkpoint_after_lr_scheduler_restores_lr():
     fresh = bnb.optim.AdamW8bit(clone_params(params), lr=1e-2)
     fresh.load_state_dict(round_trip(opt.state_dict()))
     assert fresh.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def _trained_state_dict(cls, **kwargs):
+    params = _params(torch.float32)
+    opt = cls(params, **kwargs)
+    _train(opt, params, 2)
+    return params, opt
+
+
+@pytest.mark.parametrize(
+    "source,target",
+    [
+        (bnb.optim.Lion8bit, bnb.optim.AdamW8bit),
+        (bnb.optim.AdamW8bit, bnb.optim.Lion8bit),
+        (bnb.optim.AdEMAMix8bit, bnb.optim.AdamW8bit),
+        (bnb.optim.AdamW32bit, bnb.optim.RMSprop32bit),
+    ],
+    ids=lambda c: c.__name__,
+)
+def test_a_state_dict_of_another_optimizer_type_is_rejected(source, target):
+    params, opt = _trained_state_dict(source)
+    other_params = clone_params(params)
+    other = target(other_params)
+    _train(other, other_params, 1)
+    before = round_trip(other.state_dict())
+    with pytest.raises(ValueError, match="another optimizer type|must be a"):
+        other.load_state_dict(opt.state_dict())
+    after = other.state_dict()
+    for k in before["state"]:
+        _assert_same_state(before["state"][k]["__bnb_optimizer_quant_state__"], after["state"][k]["__bnb_optimizer_quant_state__"])
+
+
+@pytest.mark.parametrize(
+    "tamper,message",
+    [
+        (lambda s: s["absmax1"].__setitem__(3, float("nan")), "absmax1 must hold finite non-negative scales"),
+        (lambda s: s["absmax2"].__setitem__(0, -1.0), "absmax2 must hold finite non-negative scales"),
+        (lambda s: s["qmap1"].__setitem__(10, 0.5), "qmap1 must hold 256 finite codes in"),
+        (lambda s: s["qmap2"].__setitem__(255, 2.0), "qmap2 must hold 256 finite codes in"),
+        (lambda s: s.update(state2=s["state2"].float()), "state2 must be"),
+    ],
+)
+def test_a_tampered_checkpoint_is_rejected(tamper, message):
+    params, opt = _trained_state_dict(bnb.optim.AdamW8bit)
+    sd = round_trip(opt.state_dict())
+    inner = sd["state"][0]["__bnb_optimizer_quant_state__"]
+    tamper(inner)
+    if inner["state2"].dtype == torch.float32:
+        inner["state2"] = inner["state2"][:3]  # a float state of the wrong shape
+    fresh = bnb.optim.AdamW8bit(clone_params(params))
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(sd)
+    assert not fresh.state
+
+
+def test_a_negative_step_is_rejected():
+    params, opt = _trained_state_dict(bnb.optim.AdamW8bit)
+    sd = round_trip(opt.state_dict())
+    sd["state"][0]["step"] = -1
+    with pytest.raises(ValueError, match="expected a non-negative int"):
+        bnb.optim.AdamW8bit(clone_params(params)).load_state_dict(sd)
+
+
+def test_a_truncated_checkpoint_file_fails_to_load_before_the_optimizer_sees_it(tmp_path):
+    params, opt = _trained_state_dict(bnb.optim.AdamW8bit)
+    path = tmp_path / "optim.pt"
+    torch.save(opt.state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)

@@ -249,6 +249,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _place(self, p: torch.Tensor, key: str, value: Any, move_to_device: bool) -> Any:
         """A loaded value as the live state keeps it: state tensors on the parameter's device
         (re-paged for paged optimizers), other float tensors cast to the parameter's dtype."""
+        if key == "step":
+            return int(value.item() if isinstance(value, torch.Tensor) else value)
         if not isinstance(value, torch.Tensor):
             return value
         if key in ("state1", "state2") and self.is_paged and move_to_device:
@@ -262,30 +264,46 @@ class Optimizer8bit(torch.optim.Optimizer):
         return value.to(p.device, copy=True)
 
     def _check_loaded_state(self, k: Any, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Reject a parameter's loaded state that this optimizer could not continue from: another
+        optimizer type's states, wrong shapes or dtypes, a tampered map or scale."""
+        if not state:
+            return
         name = f"the loaded state of parameter {k!r}"
-        if "step" in state and not isinstance(state["step"], (int, float, torch.Tensor)):
-            raise ValueError(f"{name} has a 'step' of type {type(state['step']).__name__}; expected an int")
-        for key in ("state1", "state2"):
-            if key not in state:
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 0 or step != int(step):
+            raise ValueError(f"{name} has step={state.get('step')!r}; expected a non-negative int")
+        kept = [f"state{i}" for i in range(1, getattr(self, "n_states", 2) + 1)]
+        present = [key for key in ("state1", "state2") if key in state]
+        if present != kept:
+            raise ValueError(
+                f"{name} holds {present}, but {type(self).__name__} keeps {kept}: a state dict of another optimizer type?"
+            )
+        for key in kept:
+            self._check_loaded_tensor(name, key, state[key], self._state_shape(p, key), (torch.uint8, torch.float32))
+            if state[key].dtype != torch.uint8:
                 continue
-            t = state[key]
-            expected = self._state_shape(p, key)
-            if not isinstance(t, torch.Tensor) or t.shape != expected or t.dtype not in (torch.uint8, torch.float32):
-                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name}: {key} must be a uint8 or float32 tensor of shape {tuple(expected)}, got {got}")
-            if t.dtype != torch.uint8:
-                continue
-            suffix = key[-1]
-            qmap = state.get(f"qmap{suffix}")
-            if not isinstance(qmap, torch.Tensor) or qmap.shape != (256,) or qmap.dtype != torch.float32:
-                raise ValueError(f"{name}: an 8-bit {key} needs qmap{suffix}, a float32 tensor of 256 codes")
-            if f"absmax{suffix}" in state:
-                blocks = self._absmax_shape(p, key)
-                absmax = state[f"absmax{suffix}"]
-                if not isinstance(absmax, torch.Tensor) or absmax.shape != blocks or absmax.dtype != torch.float32:
-                    raise ValueError(f"{name}: absmax{suffix} must be a float32 tensor of shape {tuple(blocks)}")
-            elif not isinstance(state.get(f"max{suffix}"), torch.Tensor):
-                raise ValueError(f"{name}: an 8-bit {key} needs absmax{suffix} (block-wise) or max{suffix}")
+            i = key[-1]
+            qmap = self._check_loaded_tensor(name, f"qmap{i}", state.get(f"qmap{i}"), (256,), (torch.float32,))
+            if not bool(torch.isfinite(qmap).all() and (qmap[1:] > qmap[:-1]).all() and qmap.abs().max() <= 1):
+                raise ValueError(f"{name}: qmap{i} must hold 256 finite codes in [-1, 1], sorted ascending")
+            scales = [f"absmax{i}"] if f"absmax{i}" in state else [f"max{i}", f"new_max{i}"]
+            for scale in scales:
+                shape = self._absmax_shape(p, key) if scale.startswith("absmax") else (1,)
+                values = self._check_loaded_tensor(name, scale, state.get(scale), shape, (torch.float32,))
+                if not bool((torch.isfinite(values) & (values >= 0)).all()):
+                    raise ValueError(f"{name}: {scale} must hold finite non-negative scales")
+        if "gnorm_vec" in state:
+            self._check_loaded_tensor(name, "gnorm_vec", state["gnorm_vec"], (100,), (torch.float32,))
+
+    @staticmethod
+    def _check_loaded_tensor(name: str, key: str, t: Any, shape, dtypes) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(f"{name}: {key} must be a {wanted} tensor of shape {tuple(shape)}, got {got}")
+        return t
 
     def _state_shape(self, p: torch.Tensor, key: str) -> torch.Size:
         return p.shape
