@@ -114,7 +114,16 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     classes = {cls.lower(): getattr(optim, cls) for cls in optim.__all__}
     if name not in classes or name not in optimizer_names():
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(optimizer_names())}")
-    return classes[name](params, lr=lr)
+    return classes[name](params, **demo_settings(name, lr))
+
+
+def demo_settings(name: str, lr: float) -> dict:
+    """Settings that make each family train this model sensibly at the demo's learning rate."""
+    if name.startswith(("sgd", "lars")):
+        return {"lr": 30 * lr, "momentum": 0.9}  # momentum SGD needs a larger step than Adam
+    if "lion" in name:
+        return {"lr": lr / 10}  # Lion's sign update is larger per element than Adam's
+    return {"lr": lr}
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
