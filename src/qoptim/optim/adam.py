@@ -4,35 +4,26 @@ states, optionally paged. The update itself is the ``adam`` rule of ``qoptim.ker
 from __future__ import annotations
 
 from .optimizer import Optimizer2State
-from .variants import FixedVariant
+from .variants import FixedVariant, variant
 
-__all__ = ["Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit"]
+__all__ = ["Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit", "AdamFamily"]
 
 
-class Adam(FixedVariant, Optimizer2State):
+class AdamFamily(FixedVariant, Optimizer2State):
+    """The constructor of every Adam and AdamW class; ``family`` says how weight decay applies."""
+
+    family_name = "adam"
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False, nonfinite="skip"):  # fmt: skip
-        super().__init__("adam", params, lr, betas, eps, weight_decay, self._bits(optim_bits, amsgrad), args, min_8bit_size,
-                         percentile_clipping, block_wise, is_paged=is_paged or self.fixed_paged, nonfinite=nonfinite)  # fmt: skip
+        super().__init__(self.family_name, params, lr, betas, eps, weight_decay, self._bits(optim_bits, amsgrad), args,
+                         min_8bit_size, percentile_clipping, block_wise, is_paged=is_paged or self.fixed_paged,
+                         nonfinite=nonfinite)  # fmt: skip
 
 
-class Adam8bit(Adam):
-    fixed_bits = 8
-
-
-class Adam32bit(Adam):
-    fixed_bits = 32
-
-
-class PagedAdam(Adam):
-    fixed_paged = True
-
-
-class PagedAdam8bit(Adam):
-    fixed_bits = 8
-    fixed_paged = True
-
-
-class PagedAdam32bit(Adam):
-    fixed_bits = 32
-    fixed_paged = True
+Adam = variant(AdamFamily, "Adam")
+Adam8bit = variant(AdamFamily, "Adam8bit", fixed_bits=8)
+Adam32bit = variant(AdamFamily, "Adam32bit", fixed_bits=32)
+PagedAdam = variant(AdamFamily, "PagedAdam", fixed_paged=True)  # keeps the (ignored) is_paged argument, as bitsandbytes
+PagedAdam8bit = variant(AdamFamily, "PagedAdam8bit", fixed_bits=8, fixed_paged=True)
+PagedAdam32bit = variant(AdamFamily, "PagedAdam32bit", fixed_bits=32, fixed_paged=True)

@@ -4,6 +4,7 @@ state precision, ``Paged*`` fix paging, and some drop the constructor argument t
 from __future__ import annotations
 
 import inspect
+import sys
 
 __all__ = ["FixedVariant", "variant"]
 
@@ -43,6 +44,8 @@ def variant(base: type, name: str, drop: tuple[str, ...] = (), defaults: dict | 
         base.__init__(**bound.arguments)
 
     __init__.__signature__ = signature
-    namespace = {"__init__": __init__, "__module__": base.__module__, "__qualname__": name, **attributes}
+    # the defining module, as namedtuple does, so that the class pickles by reference
+    module = sys._getframe(1).f_globals.get("__name__", base.__module__)
+    namespace = {"__init__": __init__, "__module__": module, "__qualname__": name, **attributes}
     namespace["__doc__"] = base.__doc__
     return type(name, (base,), namespace)
