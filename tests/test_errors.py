@@ -227,3 +227,25 @@ def test_grad_scaler_skips_whole_steps_itself():
     scaler.scale(model(x).pow(2).mean()).backward()
     scaler.step(opt)
     assert opt.state[model.weight]["step"] == 1 and not torch.equal(model.weight.detach(), before)
+
+
+def test_hyperparameters_changed_between_steps_are_checked_before_anything_changes():
+    opt, params = _trained()
+    snapshot = _snapshot(opt, params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.param_groups[0]["lr"] = -0.1  # e.g. a buggy scheduler
+    with pytest.raises(ValueError, match="param group 0: Invalid learning rate: -0.1"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+    opt.param_groups[0]["lr"] = 1e-3
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="param group 0: Invalid beta parameter at index 1: 1.5"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("flag", ["block_wise", "is_paged"])
+def test_flags_must_be_booleans(flag):
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        bnb.optim.Adam8bit(make_params((4, 4), torch.float32), **{flag: "yes"})

@@ -126,6 +126,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
+        for gindex, group in enumerate(self.param_groups):
+            self._check_group(gindex, group)
         for gindex, pindex, group, p in work:
             self._check_param(gindex, pindex, group, p)
         devices = set()
@@ -139,6 +141,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             for device in devices:
                 paging.synchronize(device)
         return loss
+
+    def _check_group(self, gindex: int, group: dict[str, Any]) -> None:
+        """Hyperparameters can change between steps (schedulers, user code): check them each step."""
+        if all(key in group for key in ("lr", "betas", "eps", "weight_decay")):
+            try:
+                _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            except ValueError as e:
+                raise ValueError(f"param group {gindex}: {e}") from None
 
     def _check_param(self, gindex: int, pindex: int, group: dict[str, Any], p: torch.Tensor) -> None:
         name = f"parameter {pindex} of param group {gindex}"
@@ -355,6 +365,9 @@ class _StateOptimizer(Optimizer8bit):
             raise ValueError(f"max_unorm must be 0, or >= 0 for LAMB and LARS (layer-wise), got max_unorm={max_unorm!r}")
         if skip_zeros:
             raise ValueError("skip_zeros=True is not supported: elements with zero gradient get the ordinary update")
+        for flag, value in (("block_wise", block_wise), ("is_paged", is_paged)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
