@@ -73,3 +73,7 @@ def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], 
 
 def grad_norm_sq(g: torch.Tensor) -> float:
     return backend_for(g.device).grad_norm_sq(g)
+
+
+register("cpu", "qoptim.kernels.cpu")
+register("cuda", "qoptim.kernels.triton")

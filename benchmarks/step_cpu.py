@@ -1,0 +1,262 @@
+"""One optimizer step on one large CPU parameter: qoptim's fused kernel against its reference
+backend, torch's AdamW (fused and foreach) and, when importable, bitsandbytes and torchao.
+
+    python benchmarks/step_cpu.py                   # 1M, 16.7M, 64M elements; fp32 and bf16
+    python benchmarks/step_cpu.py --quick           # 1M and 16.7M, fewer steps
+    python benchmarks/step_cpu.py --sizes 16.7M --dtypes bf16
+
+Per row: median ms of warm steps, parameters per second, the ratio to torch's fused AdamW,
+bytes of optimizer state per parameter, the peak extra resident memory during a warm step
+(/proc/self/statm sampled by a thread), and the effective bandwidth (the bytes a step has to
+move, below) against a measured copy bandwidth.
+
+Bytes a step moves per parameter: the parameter read and written, the gradient read, and each
+state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SIZES = {"1M": 1 << 20, "16.7M": 4096 * 4096, "64M": 1 << 26}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_size(text: str) -> int:
+    if text in SIZES:
+        return SIZES[text]
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1].upper(), 1)
+    return int(float(text.rstrip("kKmMgG")) * scale)
+
+
+# ---- contestants: name -> (make optimizer, runs at sizes up to, extra note) --------------------
+
+
+def qoptim_opt(backend: str):
+    def make(params):
+        import qoptim
+
+        os.environ["QOPTIM_BACKEND"] = backend
+        return qoptim.optim.Adam8bit(params, lr=1e-3)
+
+    return make
+
+
+def torch_opt(**kwargs):
+    return lambda params: torch.optim.AdamW(params, lr=1e-3, **kwargs)
+
+
+def bnb_opt(params):
+    import bitsandbytes
+
+    return bitsandbytes.optim.Adam8bit(params, lr=1e-3)
+
+
+def torchao_opt(params):
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(params, lr=1e-3)
+
+
+CONTESTANTS = [
+    # name, maker, largest size it runs at (slow ones are skipped above), importable module
+    ("qoptim Adam8bit (cpu kernel)", qoptim_opt("auto"), None, None),
+    ("qoptim Adam8bit (reference)", qoptim_opt("reference"), SIZES["16.7M"], None),
+    ("torch AdamW fused", torch_opt(fused=True), None, None),
+    ("torch AdamW foreach", torch_opt(foreach=True), None, None),
+    ("bitsandbytes Adam8bit", bnb_opt, None, "bitsandbytes"),
+    ("torchao AdamW8bit", torchao_opt, None, "torchao"),
+]
+
+
+def importable(module: str | None) -> bool:
+    if module is None:
+        return True
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+# ---- measuring -----------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRss:
+    """Largest resident set size seen while the block runs, sampled every 0.2 ms."""
+
+    def __enter__(self):
+        self.peak = self.start = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.0002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second (read + write) of the fastest of: torch's copy of a 256 MB array, and
+    (with numba) a parallel copy and a parallel in-place scale of one; median of a few each."""
+    a = torch.empty(1 << 26, dtype=torch.float32).fill_(1.0)
+    b = torch.empty_like(a)
+    ops = [lambda: b.copy_(a)]
+    try:
+        import numba
+
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        copy, scale = _numba_streams()
+        an, bn = a.numpy(), b.numpy()
+        ops += [lambda: copy(an, bn), lambda: scale(an)]
+    except ImportError:
+        pass
+    best = 0.0
+    for op in ops:
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * a.numel() * 4 / statistics.median(times[2:]))
+    return best
+
+
+def _numba_streams():
+    import numba
+
+    @numba.njit(parallel=True)
+    def copy(a, b):
+        for i in numba.prange(a.size):
+            b[i] = a[i]
+
+    @numba.njit(parallel=True)
+    def scale(a):
+        for i in numba.prange(a.size):
+            a[i] = a[i] * numba.float32(1.0)
+
+    return copy, scale
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if hasattr(value, "__tensor_flatten__"):  # torchao's quantized state tensors: count what they hold
+                names, _ = value.__tensor_flatten__()
+                total += sum(getattr(value, n).numel() * getattr(value, n).element_size() for n in names)
+            elif isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def moved_bytes(n: int, dtype: torch.dtype, state_per_param: float) -> float:
+    """Bytes a step must move: parameter in and out, gradient in, each state in and out."""
+    return n * (3 * torch.finfo(dtype).bits / 8 + 2 * state_per_param)
+
+
+def measure(make, n: int, dtype: torch.dtype, steps: int, budget_s: float) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter((torch.randn(n, generator=gen) * 0.1).to(dtype))
+    param.grad = (torch.randn(n, generator=gen) * 0.01).to(dtype)
+    opt = make([param])
+    t0 = time.perf_counter()
+    opt.step()  # creates the state, compiles what needs compiling
+    first = time.perf_counter() - t0
+    opt.step()
+    times, peak = [], 0
+    deadline = time.perf_counter() + budget_s
+    while len(times) < steps and (len(times) < 3 or time.perf_counter() < deadline):
+        with PeakRss() as rss:
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        peak = max(peak, rss.extra)
+    result = dict(ms=statistics.median(times) * 1e3, first_s=first, state=state_bytes(opt) / n, peak=peak, steps=len(times))
+    del opt, param
+    gc.collect()
+    return result
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+
+def fmt_size(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def row(n: int, dtype: torch.dtype, name: str, r: dict | str, fused_ms: float | None, bandwidth: float) -> str:
+    label = f"{fmt_size(n):>6} {str(dtype)[6:]:>5}  {name:<30}"
+    if isinstance(r, str):
+        return f"{label} {r}"
+    ratio = f"{r['ms'] / fused_ms:.2f}x" if fused_ms else "-"
+    gbs = moved_bytes(n, dtype, r["state"]) / (r["ms"] / 1e3) / 1e9
+    return (
+        f"{label} {r['ms']:>9.2f} {n / r['ms'] / 1e3:>9.0f} {ratio:>8} {r['state']:>9.2f} {r['peak'] / 2**20:>8.1f} "
+        f"{gbs:>6.1f} {100 * gbs * 1e9 / bandwidth:>5.0f}% {r['first_s']:>10.2f}"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=None, help="comma-separated, e.g. 1M,16.7M,64M or 1000000")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated from fp32, bf16")
+    parser.add_argument("--quick", action="store_true", help="1M and 16.7M only, fewer steps")
+    parser.add_argument("--steps", type=int, default=None, help="warm steps to time (default 10, quick 5)")
+    parser.add_argument("--skip", default="", help="comma-separated substrings of contestants to leave out")
+    args = parser.parse_args(argv)
+    sizes = [parse_size(s) for s in (args.sizes or ("1M,16.7M" if args.quick else "1M,16.7M,64M")).split(",")]
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    steps = args.steps or (5 if args.quick else 10)
+    skip = [s.strip().lower() for s in args.skip.split(",") if s.strip()]
+    warnings.filterwarnings("ignore")
+
+    bandwidth = copy_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    header = f"{'size':>6} {'dtype':>5}  {'optimizer':<30} {'ms/step':>9} {'Mparam/s':>9} {'vs fused':>8} {'state B/p':>9} {'peak MB':>8} {'GB/s':>6} {'% copy':>6} {'1st step s':>10}"
+    print(header)
+    print("-" * len(header))
+    for n in sizes:
+        for dtype in dtypes:
+            rows = []
+            for name, make, largest, module in CONTESTANTS:
+                if any(s in name.lower() for s in skip) or (largest is not None and n > largest) or not importable(module):
+                    continue
+                try:
+                    rows.append((name, measure(make, n, dtype, steps, budget_s=1.0 if "reference" in name or module else 5.0)))
+                except Exception as e:  # an optional library that cannot run here
+                    rows.append((name, f"skipped: {type(e).__name__}: {str(e)[:60]}"))
+            fused_ms = next((r["ms"] for name, r in rows if "fused" in name and isinstance(r, dict)), None)
+            for name, r in rows:
+                print(row(n, dtype, name, r, fused_ms, bandwidth), flush=True)
+    os.environ.pop("QOPTIM_BACKEND", None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Lookup tables of the CPU kernel's exact quantizer, derived from a code map.
+
+The reference rounds ``u`` to the code index ``#{midpoints < u}`` (``torch.bucketize`` on the
+255 float32 midpoints of neighbouring codes). A binary search for it costs 8 dependent steps;
+instead the kernel reads a first guess from a table indexed by the top 16 bits of ``u``'s
+float32 bit pattern (sign, exponent and 7 mantissa bits) and corrects it with a few
+comparisons against the midpoints themselves, so the result is exact by construction:
+
+    idx = first[bits(u) >> 16]                  # midpoints below every float with these top bits
+    repeat `fixups` times: idx += mids[idx] < u  # midpoints inside the bucket that are below u
+
+Every float with the same top 16 bits lies in one interval [lo, hi] of the reals; ``first``
+counts the midpoints below ``lo`` and ``fixups`` is the largest number of midpoints inside any
+one interval (1 for the standard dynamic maps). NaN is not ordered, so the kernel maps it
+separately to ``NAN_INDEX``, where ``torch.bucketize`` puts it.
+
+The vectorized path saves the second table read where a bucket holds at most one midpoint
+(every standard map): all floats of a bucket share their top 16 bits, so the one midpoint
+that can lie inside is told apart from ``u`` by its low 16 bits alone. ``packed`` holds per
+bucket ``first | key(midpoint) << 16``, where ``key`` orders the low bits as the values are
+ordered (inverted for negative floats), or ``0xFFFF`` when no midpoint lies inside, so that
+
+    idx = (packed & 0xFF) + (key(u) > packed >> 16)
+
+is the same exact index from one read.
+
+Any map works (a checkpoint may carry its own): tables are built from the map's contents and
+cached by them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..quant.maps import midpoints
+
+# torch.bucketize's answer for a NaN input (it orders NaN after every boundary)
+NAN_INDEX = 255
+
+
+class QuantTables(NamedTuple):
+    code: np.ndarray  # float32[256], the map itself (for dequantizing)
+    first: np.ndarray  # uint8[65536 + 4], midpoints below each top-16-bit bucket (+ padding: a vector gather reads 4 bytes)
+    mids: np.ndarray  # float32[256], the 255 midpoints then +inf, so a fix-up never runs past the end
+    fixups: int  # comparisons that make a guess from `first` exact
+    packed: np.ndarray  # int32[65536] (see above), or empty where some bucket holds 2+ midpoints
+
+
+def tables_for(code: torch.Tensor) -> QuantTables | None:
+    """The quantizer tables of a float32 map of 256 codes; None if the map is not sorted
+    (then ``torch.bucketize`` has no defined answer to agree with)."""
+    code = code.detach().to("cpu", torch.float32).contiguous()
+    return _tables(code.numpy().tobytes())
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(code_bytes: bytes) -> QuantTables | None:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    mids = midpoints(code).numpy()  # the very midpoints the reference compares with
+    if np.isnan(mids).any() or (np.diff(mids) < 0).any():
+        return None
+    lo, hi = _bucket_bounds()
+    first = np.searchsorted(mids, lo, side="left")  # midpoints strictly below lo
+    inside = np.searchsorted(mids, hi, side="right") - first  # midpoints in [lo, hi]
+    padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
+    packed = _packed(first, inside, mids)
+    first = np.append(first.astype(np.uint8), np.zeros(4, np.uint8))
+    return QuantTables(code.numpy().copy(), first, padded, int(inside.max()), packed)
+
+
+def _packed(first: np.ndarray, inside: np.ndarray, mids: np.ndarray) -> np.ndarray:
+    if inside.max() > 1:
+        return np.zeros(0, dtype=np.int32)
+    buckets = np.arange(1 << 16, dtype=np.uint32)
+    candidate = np.append(mids, np.float32(np.inf))[first].view(np.uint32)  # the first midpoint not below the bucket
+    key = _low_key(candidate)
+    # a midpoint inside by value but with other top bits can only be a zero of the other sign:
+    # the 16-bit comparison cannot see it, so such a map takes the two-read path
+    if ((inside == 1) & ((candidate >> 16) != buckets)).any():
+        return np.zeros(0, dtype=np.int32)
+    key = np.where(inside == 1, key, 0xFFFF).astype(np.uint32)
+    return (first.astype(np.uint32) | (key << 16)).view(np.int32)
+
+
+def _low_key(bits: np.ndarray) -> np.ndarray:
+    """Low 16 bits of float32 bit patterns, inverted for negative floats (whose values fall as
+    their bits grow): within one bucket, keys order as the values do."""
+    negative = (bits >> 31).astype(bool)
+    return np.where(negative, (bits & 0xFFFF) ^ 0xFFFF, bits & 0xFFFF).astype(np.uint32)
+
+
+@functools.cache
+def _bucket_bounds() -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest float32 of each top-16-bit bucket. NaN patterns stand in for the
+    infinity of their sign: NaN never reaches the table lookup's answer."""
+    top = np.arange(1 << 16, dtype=np.uint32) << 16
+    low_bits = top.view(np.float32)
+    high_bits = (top | 0xFFFF).view(np.float32)
+    negative = np.arange(1 << 16) >= 0x8000
+    lo = np.where(negative, high_bits, low_bits)  # a negative float grows more negative with its bits
+    hi = np.where(negative, low_bits, high_bits)
+    inf = np.where(negative, -np.inf, np.inf).astype(np.float32)
+    lo = np.where(np.isnan(lo), inf, lo).astype(np.float32)
+    hi = np.where(np.isnan(hi), inf, hi).astype(np.float32)
+    return lo, hi

@@ -1,0 +1,332 @@
+"""The fused CPU kernel (qoptim.kernels.cpu) against the reference backend, its oracle.
+
+torch's float32 ``sqrt`` on CPU is not correctly rounded on every build (on ours it is one
+ulp off for about a fifth of inputs), while the kernel's is. So the main tests give the
+reference a correctly rounded sqrt (``exact_sqrt``) and demand bit-identical results: same
+codes, same scales, same fp32 states, same parameter bits. One test runs the reference as it
+is and bounds the difference that torch's sqrt alone makes.
+"""
+
+import contextlib
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from qoptim import kernels
+from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, reference
+from qoptim.kernels.cpu_tables import tables_for
+from qoptim.quant.maps import midpoints, signed_map, unsigned_map
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [1, 255, 256, 257, 4097, 65537]
+LAYOUTS = ["block", "whole", "fp32"]
+STEPS = 20
+
+
+@contextlib.contextmanager
+def _exact_sqrt_patch():
+    plain = torch.Tensor.sqrt
+    torch.Tensor.sqrt = lambda self: plain(self.double()).to(self.dtype)
+    try:
+        yield
+    finally:
+        torch.Tensor.sqrt = plain
+
+
+@pytest.fixture
+def exact_sqrt():
+    """Make the reference's ``Tensor.sqrt`` correctly rounded (via float64, exact for float32)."""
+    with _exact_sqrt_patch():
+        yield
+
+
+@pytest.fixture(params=["vector", "portable"])
+def path(request, monkeypatch):
+    """Run a test on both paths: the vectorized one (gather intrinsics; forced on here, which
+    is still correct where the CPU lacks gathers, only slower) and the portable scalar one."""
+    monkeypatch.setattr(cpu, "VECTORIZE", request.param == "vector")
+    return cpu._VECTOR if request.param == "vector" else cpu._PORTABLE
+
+
+def make_state(n, dtype, layout, seed=0, code=None):
+    gen = torch.Generator().manual_seed(seed)
+    p = (torch.randn(n, generator=gen) * 0.1).to(dtype)
+    if layout == "fp32":
+        return p, [StateSlot(torch.zeros(n)), StateSlot(torch.zeros(n))]
+    blocksize, scales = (BLOCK, -(-n // BLOCK)) if layout == "block" else (WHOLE_TENSOR, 1)
+    codes = (signed_map(), unsigned_map()) if code is None else (code, code)
+    return p, [StateSlot(torch.zeros(n, dtype=torch.uint8), c, torch.zeros(scales), blocksize) for c in codes]
+
+
+def copy_state(p, slots):
+    return p.clone(), [StateSlot(s.values.clone(), s.code, None if s.absmax is None else s.absmax.clone(), s.blocksize) for s in slots]
+
+
+def gradient(n, dtype, step, gen, nonfinite):
+    g = torch.randn(n, generator=gen) * 0.01
+    if nonfinite and step in (4, 11, 17):  # a NaN, an Inf and a -Inf in one or two blocks
+        g[(step * 7919) % n] = (float("nan"), float("inf"), -float("inf"))[step % 3]
+    return g.to(dtype)
+
+
+def hyper(step, decoupled):
+    # percentile clipping's gradient scale kicks in on some steps
+    return Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step, decoupled=decoupled,
+                 gnorm_scale=0.37 if step % 3 == 0 else 1.0)  # fmt: skip
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _parallel_from_4096(monkeypatch):
+    """Sizes 4097 and 65537 take the parallel drivers, the smaller ones the serial drivers."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 4096)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The oracle's and the checks' many small torch ops only lose time to thread hand-offs
+    (a lot of it on a busy machine); the kernel gets its threads back in ``run_both``."""
+    with torch_threads(1):
+        yield
+
+
+def run_both(n, dtype, layout, decoupled, skip, nonfinite=True, code=None):
+    """STEPS steps of the reference and the kernel from the same start; yields after each step."""
+    p_ref, slots_ref = make_state(n, dtype, layout, code=code)
+    p, slots = copy_state(p_ref, slots_ref)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, STEPS + 1):
+        g = gradient(n, dtype, step, gen, nonfinite)
+        hp = hyper(step, decoupled)
+        expected = reference.update("adam", p_ref, g, slots_ref, hp, skip)
+        with torch_threads(2):  # two tasks where the size allows, whatever the machine
+            got = cpu.update("adam", p, g, slots, hp, skip)
+        yield step, (p_ref, slots_ref, expected), (p, slots, got)
+
+
+# Every dtype and layout on the vectorized path; the portable path differs only in how 8-bit
+# states are looked up and quantized (from fp32 buffers, whatever the parameter dtype), so
+# one dtype covers it and keeps the compilations of a cold cache within the CI budget.
+KERNEL_CASES = [(dtype, layout, "vector") for dtype in DTYPES for layout in LAYOUTS]
+KERNEL_CASES += [(torch.float32, layout, "portable") for layout in ("block", "whole")]
+
+
+@pytest.mark.usefixtures("exact_sqrt")
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "propagate"])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam-l2"])
+@pytest.mark.parametrize("dtype,layout,path", KERNEL_CASES, ids=[f"{str(d)[6:]}-{lay}-{p}" for d, lay, p in KERNEL_CASES], indirect=["path"])
+@pytest.mark.parametrize("n", SIZES)
+def test_kernel_is_bit_identical_to_the_reference(n, dtype, layout, decoupled, skip, path):
+    """Every step: same skipped-block count, parameter bits, codes, scales and fp32 states
+    (NaN where the reference has NaN, in propagate mode)."""
+    assert cpu.supports("adam", torch.zeros(n, dtype=dtype), make_state(n, dtype, layout)[1])
+    for step, (p_ref, slots_ref, expected), (p, slots, got) in run_both(n, dtype, layout, decoupled, skip):
+        assert got == expected, f"step {step}"
+        assert_same(p, p_ref)
+        for ours, theirs in zip(slots, slots_ref):
+            assert_same(ours.values, theirs.values)  # codes, or fp32 states
+            if ours.quantized:
+                assert_same(ours.absmax, theirs.absmax)
+
+
+@pytest.mark.usefixtures("exact_sqrt")
+@pytest.mark.parametrize("code", ["linear", "crowded"])
+def test_a_checkpoints_own_map_is_used(code, path):
+    """A map other than the standard ones, including one with several midpoints per table
+    bucket (so the quantizer needs more than one fix-up comparison)."""
+    if code == "linear":  # a midpoint at exactly 0: the single-read vector quantizer cannot take it
+        qmap = torch.linspace(-1, 1, 256)
+        assert tables_for(qmap).packed.size == 0 and tables_for(signed_map()).packed.size > 0
+    else:  # 56 codes crowded into [0.5, 0.5005]: a single top-16-bit bucket holds many midpoints
+        qmap = torch.cat([torch.linspace(-1, 1, 200), 0.5 + torch.linspace(1e-5, 5e-4, 56)]).sort().values
+        assert tables_for(qmap).fixups > 2
+    for step, (p_ref, slots_ref, _), (p, slots, _) in run_both(4097, torch.float32, "block", True, True, code=qmap):
+        assert_same(p, p_ref)
+        for ours, theirs in zip(slots, slots_ref):
+            assert torch.equal(ours.values, theirs.values), f"step {step}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam-l2"])
+def test_with_torchs_own_sqrt_only_last_bits_differ(layout, decoupled):
+    """Against the reference as it is: torch's sqrt is off by at most one ulp, which moves the
+    update m / (sqrt(v)/c + eps) * step_size by a few ulp of itself. States do not depend on the
+    parameter except through L2 decay (g + p * wd), so their codes are identical under AdamW;
+    under L2 a parameter's last-bit difference can move a moment across a midpoint: such codes
+    differ by 1, in at most 0.1% of elements. The parameter stays within 2 ulp of its
+    magnitude plus 1e-6 lr per step (0.05 lr on the few elements whose code moved)."""
+    n = 65537
+    moved = torch.zeros(n, dtype=torch.bool)
+    for step, (p_ref, slots_ref, _), (p, slots, _) in run_both(n, torch.float32, layout, decoupled, True, nonfinite=False):
+        for ours, theirs in zip(slots, slots_ref):
+            if ours.quantized:
+                diff = (ours.values.int() - theirs.values.int()).abs()
+                assert diff.max() <= (0 if decoupled else 1)
+                moved |= diff > 0
+        assert moved.float().mean() <= 1e-3
+        ulp = (torch.nextafter(p_ref.abs(), torch.tensor(float("inf"))) - p_ref.abs()).float()
+        off = (p - p_ref).abs()
+        assert (off[~moved] <= step * (2 * ulp[~moved] + 1e-6 * 1e-3)).all(), f"step {step}"
+        assert (off <= 0.05 * 1e-3 * step).all()
+
+
+def test_quantizer_matches_bucketize_on_every_kind_of_float(path):
+    """The table quantizer itself, on random bit patterns (NaN, inf, subnormals, -0 included),
+    on every midpoint and its float neighbours."""
+    rng = np.random.default_rng(0)
+    for code in (signed_map(), unsigned_map()):
+        t = tables_for(code)
+        mids = midpoints(code).numpy()
+        edges = np.concatenate([mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)]).astype(np.float32)
+        specials = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45], dtype=np.float32)
+        noise = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+        values = np.concatenate([edges, specials, noise, rng.standard_normal(50_000).astype(np.float32)])
+        for inv in (np.float32(1.0), np.float32(3.7)):
+            out = np.empty(values.size, dtype=np.uint8)
+            cpu._quantize(values, inv, t.first, t.mids, t.fixups, t.packed, out, path)
+            with np.errstate(over="ignore", invalid="ignore"):
+                scaled = values * inv
+            expected = torch.bucketize(torch.from_numpy(scaled), midpoints(code)).numpy()
+            assert np.array_equal(out, expected)
+
+
+@numba.njit
+def _round_trip(x, bf16, f16, back_bf16, back_f16):
+    for i in range(x.size):
+        bf16[i] = cpu._f32_to_bf16(x[i])
+        f16[i] = cpu._f32_to_f16(x[i])
+    for i in range(1 << 16):
+        back_bf16[i] = cpu._bf16_to_f32(np.uint16(i))
+        back_f16[i] = cpu._f16_to_f32(np.uint16(i))
+
+
+def test_16_bit_conversions_match_torch():
+    """float32 -> bf16/fp16 rounds to nearest-even as torch does (NaN stays NaN), and every
+    16-bit pattern widens exactly."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([
+        rng.integers(0, 2**32, 500_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        (rng.standard_normal(100_000) * 1e-5).astype(np.float32),  # fp16 subnormals
+        np.array([65504, 65519.99, 65520, 65536, 6e-8, 3e-8, 2.98e-8, -0.0], dtype=np.float32),
+    ])  # fmt: skip
+    bf16, f16 = np.empty(x.size, np.int64), np.empty(x.size, np.int64)
+    back_bf16, back_f16 = np.empty(1 << 16, np.float32), np.empty(1 << 16, np.float32)
+    _round_trip(x, bf16, f16, back_bf16, back_f16)
+    for got, dtype in [(bf16, torch.bfloat16), (f16, torch.float16)]:
+        expected = torch.from_numpy(x).to(dtype)
+        assert_same(torch.from_numpy(got.astype(np.int16)).view(dtype), expected)
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    assert_same(torch.from_numpy(back_bf16), every.view(torch.bfloat16).float())
+    assert_same(torch.from_numpy(back_f16), every.view(torch.float16).float())
+
+
+@pytest.mark.usefixtures("exact_sqrt")
+@pytest.mark.parametrize("name", ["AdamW8bit", "Adam8bit", "AdamW"])
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_optimizer_on_the_kernel_matches_the_forced_reference(name, block_wise, monkeypatch):
+    """The optimizer end to end: with QOPTIM_BACKEND unset CPU parameters go through the
+    kernel, with QOPTIM_BACKEND=reference through the reference; 20 steps agree bit for bit
+    (a 8-bit parameter, one below min_8bit_size with fp32 states, and a bf16 one)."""
+    import qoptim
+
+    monkeypatch.delenv("QOPTIM_BACKEND", raising=False)
+    assert kernels.backend_for(torch.device("cpu")) is cpu
+    gen = torch.Generator().manual_seed(0)
+    shapes = [((64, 81), torch.float32), ((17, 33), torch.float32), ((40, 300), torch.bfloat16)]
+    start = [(torch.randn(s, generator=gen) * 0.1).to(d) for s, d in shapes]
+    grads = [[(torch.randn(s, generator=gen) * 0.01).to(d) for s, d in shapes] for _ in range(STEPS)]
+    results = {}
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("QOPTIM_BACKEND", backend)
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = getattr(qoptim.optim, name)(params, lr=1e-3, weight_decay=0.1, block_wise=block_wise, percentile_clipping=90)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
+        results[backend] = (params, opt.state_dict())
+    (params, sd), (params_ref, sd_ref) = results["auto"], results["reference"]
+    for p, q in zip(params, params_ref):
+        assert_same(p.detach(), q.detach())
+    for k, state in sd["state"].items():
+        inner, inner_ref = state.get("__bnb_optimizer_quant_state__", {}), sd_ref["state"][k].get("__bnb_optimizer_quant_state__", {})
+        for key, value in inner.items():
+            assert_same(value, inner_ref[key])
+
+
+def test_unsupported_cases_fall_back_to_the_reference():
+    p, slots = make_state(300, torch.float32, "block")
+    assert cpu.supports("adam", p, slots)
+    assert not cpu.supports("lion", p, slots)
+    assert not cpu.supports("adam", p, slots[:1])
+    assert not cpu.supports("adam", p.view(10, 30), slots)
+    assert not cpu.supports("adam", p[:0], [StateSlot(torch.zeros(0))] * 2)
+    mixed = [slots[0], StateSlot(torch.zeros(300))]
+    assert not cpu.supports("adam", p, mixed)
+    wrong_block = [StateSlot(s.values, s.code, torch.zeros(3), 128) for s in slots]
+    assert not cpu.supports("adam", p, wrong_block)
+    unsorted = [StateSlot(s.values, s.code.flip(0), s.absmax, s.blocksize) for s in slots]
+    assert not cpu.supports("adam", p, unsorted)
+    # still correct through update(): it hands such cases to the reference
+    g = torch.randn(300)
+    p2, mixed2 = p.clone(), [StateSlot(slots[0].values.clone(), slots[0].code, slots[0].absmax.clone()), StateSlot(torch.zeros(300))]
+    result = cpu.update("adam", p2, g, mixed2, hyper(1, True), True)
+    assert result.skipped_blocks == 0 and not torch.equal(p2, p)
+
+
+def test_a_vector_kernel_that_does_not_compile_leaves_the_portable_one(monkeypatch):
+    """Another numba/llvmlite may not lower the gather intrinsics: the step still runs, on
+    the portable kernel, with a warning, and later steps go there directly."""
+    real = cpu._adam_8bit_serial  # a small tensor: the serial driver
+
+    def vector_fails_to_compile(*args):
+        if isinstance(args[-3], cpu.VectorPath):
+            raise numba.core.errors.LoweringError("no masked gathers here")
+        return real(*args)
+
+    monkeypatch.setattr(cpu, "_adam_8bit_serial", vector_fails_to_compile)
+    monkeypatch.setattr(cpu, "VECTORIZE", True)
+    p, slots = make_state(1000, torch.float32, "whole")
+    p_ref, slots_ref = copy_state(p, slots)
+    g = torch.randn(1000)
+    with pytest.warns(RuntimeWarning, match="using the portable one"):
+        cpu.update("adam", p, g, slots, hyper(1, True), True)
+    assert cpu.VECTORIZE is False
+    with torch_threads(1), _exact_sqrt_patch():
+        reference.update("adam", p_ref, g, slots_ref, hyper(1, True), True)
+    assert_same(p, p_ref)
+    for ours, theirs in zip(slots, slots_ref):
+        assert_same(ours.values, theirs.values)
+        assert_same(ours.absmax, theirs.absmax)
+
+
+def test_numba_uses_torchs_thread_count(monkeypatch):
+    """Numba's pool runs with torch's thread count during a step and the caller's Numba
+    setting is restored afterwards; with one thread, or a small tensor, the pool is not used."""
+    seen = []
+    plain = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda k: seen.append(k) or plain(k))
+    before = numba.get_num_threads()
+    two = min(2, numba.config.NUMBA_NUM_THREADS)
+    for n, threads, expected in [(1 << 16, 1, []), (1 << 16, 2, [two, before] if two > 1 else []), (1000, 2, [])]:
+        p, slots = make_state(n, torch.float32, "block")
+        seen.clear()
+        with torch_threads(threads):
+            cpu.update("adam", p, torch.randn(n), slots, hyper(1, True), True)
+        assert seen == expected
+        assert numba.get_num_threads() == before
