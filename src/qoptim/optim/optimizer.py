@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass
 from itertools import chain
@@ -22,6 +23,7 @@ import torch
 from .. import kernels, paging
 from ..kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
 from ..quant.maps import signed_map, unsigned_map
+from . import dtensor as _dt
 from .manager import GlobalOptimManager
 
 __all__ = ["Optimizer8bit", "Optimizer2State", "Optimizer1State"]
@@ -105,6 +107,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     # ---- the step ------------------------------------------------------------------
 
+    @torch.compiler.disable  # eager only: inside a compiled region the step is a clean graph break
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step.
@@ -162,7 +165,11 @@ class Optimizer8bit(torch.optim.Optimizer):
                 f"the gradient of {name} must match it: parameter {p.dtype} {tuple(p.shape)} on {p.device}, "
                 f"gradient {g.dtype} {tuple(g.shape)} on {g.device}"
             )
+        if _dt.is_dtensor(p):
+            _dt.check_param(p, self.get_config(gindex, pindex, group), getattr(getattr(self, "family", None), "layer_wise", False))
         state = self.state[p]
+        if QUANT_STATE_KEY in state:  # nested state put straight into .state (ZeroRedundancyOptimizer.load_state_dict)
+            state.update(state.pop(QUANT_STATE_KEY))
         if state:
             for key in ("state1", "state2"):
                 if key in state and (state[key].shape != self._state_shape(p, key) or state[key].device != p.device):
@@ -191,6 +198,16 @@ class Optimizer8bit(torch.optim.Optimizer):
     def get_state_buffer(self, p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return paging.state_buffer(p, dtype, self.is_paged, owner=self)
 
+    def _state_buffer(self, p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+        if _dt.is_dtensor(p):  # sharded like p (FSDP2); never paged
+            return _dt.state_buffer(p, dtype, shape)
+        return paging.state_buffer(p, dtype, self.is_paged, owner=self, shape=shape)
+
+    def _absmax_buffer(self, p: torch.Tensor, shape) -> torch.Tensor:
+        if _dt.is_dtensor(p):
+            return _dt.absmax_buffer(p, shape)
+        return torch.zeros(shape, dtype=torch.float32, device=p.device)
+
     def prefetch_state(self, p: torch.Tensor) -> None:
         if self.is_paged:
             state = self.state[p]
@@ -209,10 +226,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         ``"__bnb_optimizer_quant_state__"`` as bitsandbytes >= 0.49.2 writes them."""
         state_dict = super().state_dict()
         wrapped = {}
+        fsdp1 = _dt.fsdp1_caller()  # FSDP1 gathers only top-level tensors: flat layout, 8-bit states as float32
         for k, v in state_dict["state"].items():
-            inner = {key: value for key, value in v.items() if key in self.non_castable_tensor_keys}
+            v = _dt.export_state(v, getattr(self, "n_states", 2), fsdp1)  # sharded (DTensor) layout record; FSDP1: float32
+            inner = {key: _unpaged(value) for key, value in v.items() if key in self.non_castable_tensor_keys}
             outer = {key: value for key, value in v.items() if key not in self.non_castable_tensor_keys}
-            if inner:
+            if inner and fsdp1:
+                outer.update(inner)
+            elif inner:
                 outer[QUANT_STATE_KEY] = inner
             wrapped[k] = outer
         return {"state": wrapped, "param_groups": state_dict["param_groups"]}
@@ -238,13 +259,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), chain.from_iterable(g["params"] for g in groups)))
 
-        new_state: dict[Any, dict[str, Any]] = {}
+        new_state: dict[Any, dict[str, Any]] = defaultdict(dict)  # as torch keeps it: params without state may step later
         for k, saved in state_dict["state"].items():
             if k not in id_map:
                 raise ValueError(f"loaded state dict has state for parameter id {k!r}, which no param group lists")
             p = id_map[k]
             flat = dict(saved)
             flat.update(flat.pop(QUANT_STATE_KEY, {}))
+            flat = _dt.adapt_loaded_state(self, p, flat, getattr(self, "n_states", 2))  # resharded / dequantized layouts
             self._check_loaded_state(k, p, flat)
             new_state[p] = {key: self._place(p, key, value, move_to_device) for key, value in flat.items()}
 
@@ -301,7 +323,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             scales = [f"absmax{i}"] if f"absmax{i}" in state else [f"max{i}", f"new_max{i}"]
             for scale in scales:
                 shape = self._absmax_shape(p, key) if scale.startswith("absmax") else (1,)
-                values = self._check_loaded_tensor(name, scale, state.get(scale), shape, (torch.float32,))
+                values = _dt.local(self._check_loaded_tensor(name, scale, state.get(scale), shape, (torch.float32,)))
                 if not bool((torch.isfinite(values) & (values >= 0)).all()):
                     raise ValueError(f"{name}: {scale} must hold finite non-negative scales")
         if "gnorm_vec" in state:
@@ -319,6 +341,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         return p.shape
 
     def _absmax_shape(self, p: torch.Tensor, key: str) -> torch.Size:
+        if _dt.is_dtensor(p):
+            return _dt.absmax_shape(p)
         return torch.Size([math.ceil(p.numel() / BLOCK)])
 
 
@@ -412,19 +436,19 @@ class _StateOptimizer(Optimizer8bit):
         for i in range(1, self.n_states + 1):
             shape = self._state_shape(p, f"state{i}")
             if not quantized:
-                state[f"state{i}"] = paging.state_buffer(p, torch.float32, self.is_paged, owner=self, shape=shape)
+                state[f"state{i}"] = self._state_buffer(p, torch.float32, shape)
                 continue
             if not self.name2qmap:
                 self.fill_qmap()
             qmap = self.name2qmap["dynamic" if self.family.signed[i - 1] else "udynamic"]
             if qmap.device != p.device:
                 qmap = qmap.to(p.device)
-            state[f"state{i}"] = paging.state_buffer(p, torch.uint8, self.is_paged, owner=self, shape=shape)
+            state[f"state{i}"] = self._state_buffer(p, torch.uint8, shape)
             state[f"qmap{i}"] = qmap
         if quantized:
             for i in range(1, self.n_states + 1):
                 if config["block_wise"]:
-                    state[f"absmax{i}"] = torch.zeros(self._absmax_shape(p, f"state{i}"), dtype=torch.float32, device=p.device)
+                    state[f"absmax{i}"] = self._absmax_buffer(p, self._absmax_shape(p, f"state{i}"))
                 else:
                     for key in (f"max{i}", f"new_max{i}"):
                         state[key] = torch.zeros(1, dtype=torch.float32, device=p.device)
@@ -437,9 +461,9 @@ class _StateOptimizer(Optimizer8bit):
         state = self.state[p]
         state["step"] += 1
         step = state["step"]
-        params = p.detach()
+        params = _dt.local(p.detach())  # a DTensor's local shard (FSDP2), updated in place
         flat_p = params.view(-1) if params.is_contiguous() else params.contiguous().view(-1)
-        flat_g = p.grad.detach().contiguous().view(-1)
+        flat_g = _dt.local(p.grad.detach()).contiguous().view(-1)
 
         gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
@@ -473,13 +497,13 @@ class _StateOptimizer(Optimizer8bit):
 
     def _slot(self, state: dict[str, Any], i: int, row: int | None = None) -> StateSlot:
         """State ``i`` as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1)."""
-        values = state[f"state{i}"]
+        values = _dt.local(state[f"state{i}"])
         values = (values if row is None else values[row]).reshape(-1)
         if values.dtype != torch.uint8:
             return StateSlot(values)
         if f"absmax{i}" in state:
-            absmax = state[f"absmax{i}"]
-            return StateSlot(values, state[f"qmap{i}"], absmax if row is None else absmax[row], BLOCK)
+            absmax = _dt.local(state[f"absmax{i}"])
+            return StateSlot(values, state[f"qmap{i}"], _dt.blocks_of(absmax if row is None else absmax[row], values.numel()), BLOCK)
         state[f"new_max{i}"].copy_(state[f"max{i}"])  # the previous scale, as bitsandbytes keeps it
         return StateSlot(values, state[f"qmap{i}"], state[f"max{i}"], WHOLE_TENSOR)
 
@@ -511,6 +535,12 @@ class Optimizer1State(_StateOptimizer):
                  nonfinite="skip"):  # fmt: skip
         super().__init__(optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size, percentile_clipping,
                          block_wise, max_unorm, skip_zeros, is_paged, nonfinite=nonfinite)  # fmt: skip
+
+
+def _unpaged(value: Any) -> Any:
+    """A paged state buffer as a plain tensor over the same memory (no copy): without the
+    ``is_paged`` tag, which torch.save would otherwise write into checkpoints."""
+    return value.detach() if getattr(value, "is_paged", False) else value
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:

@@ -1,0 +1,159 @@
+"""One optimizer step on one large CUDA parameter: qoptim's Triton kernels (paged and not) against
+bitsandbytes' CUDA kernels (when importable) and torch's fused AdamW.
+
+    python benchmarks/step_cuda.py                      # 16.7M and 268M elements, fp32 and bf16
+    python benchmarks/step_cuda.py --sizes 16.7M --dtypes bf16 --steps 50
+
+Per row: median ms of warm steps (CUDA events around each step), the ratio to torch's fused
+AdamW, and the effective HBM bandwidth: the bytes a step has to move (below) per second. The
+paged rows add the overhead of paging against the same optimizer unpaged (states resident: this
+is the cost of the prefetch calls and the per-step synchronize, not of eviction).
+
+Bytes a step moves per parameter: the parameter read and written, the gradient read, and each
+state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 256).
+
+Without CUDA it prints why and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZES = {"16.7M": 4096 * 4096, "268M": 16384 * 16384}
+
+
+def parse_size(text: str) -> int:
+    if text in SIZES:
+        return SIZES[text]
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1].upper(), 1)
+    return int(float(text.rstrip("kKmMgG")) * scale)
+
+
+# ---- contestants: name -> (make optimizer, state bytes per parameter) ------------------------
+
+
+def qoptim_opt(name: str):
+    def make(params):
+        import qoptim
+
+        os.environ["QOPTIM_BACKEND"] = "auto"
+        return getattr(qoptim.optim, name)(params, lr=1e-3)
+
+    return make
+
+
+def bnb_opt(name: str):
+    def make(params):
+        import bitsandbytes
+
+        return getattr(bitsandbytes.optim, name)(params, lr=1e-3)
+
+    return make
+
+
+def torch_fused(params):
+    return torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+
+CONTESTANTS = {
+    "torch AdamW fused (fp32 states)": (torch_fused, 8.0),
+    "qoptim AdamW8bit (Triton)": (qoptim_opt("AdamW8bit"), 2 + 8 / 256),
+    "qoptim PagedAdamW8bit (Triton)": (qoptim_opt("PagedAdamW8bit"), 2 + 8 / 256),
+    "qoptim AdamW32bit (Triton)": (qoptim_opt("AdamW32bit"), 8.0),
+    "qoptim PagedAdamW32bit (Triton)": (qoptim_opt("PagedAdamW32bit"), 8.0),
+    "bitsandbytes AdamW8bit": (bnb_opt("AdamW8bit"), 2 + 8 / 256),
+    "bitsandbytes PagedAdamW8bit": (bnb_opt("PagedAdamW8bit"), 2 + 8 / 256),
+}
+UNPAGED_TWIN = {"qoptim PagedAdamW8bit (Triton)": "qoptim AdamW8bit (Triton)",
+                "qoptim PagedAdamW32bit (Triton)": "qoptim AdamW32bit (Triton)",
+                "bitsandbytes PagedAdamW8bit": "bitsandbytes AdamW8bit"}  # fmt: skip
+
+
+def bytes_per_step(n: int, dtype: torch.dtype, state_bytes: float) -> float:
+    """Param read + write, grad read, states read + write (state_bytes per parameter, each way)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return n * (3 * size + 2 * state_bytes)
+
+
+def time_steps(make, n: int, dtype: torch.dtype, steps: int, warmup: int) -> float | str:
+    """Median ms of a warm step, or why the contestant could not run (not installed, out of memory)."""
+    p = opt = None
+    try:
+        p = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype) * 0.1)
+        p.grad = torch.randn_like(p) * 0.01
+        opt = make([p])
+        for _ in range(warmup):  # compile kernels, allocate states
+            opt.step()
+        times = []
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            opt.step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    except ImportError as e:
+        return f"not installed ({e.name})"
+    except torch.OutOfMemoryError:
+        return "out of memory"
+    except RuntimeError as e:  # e.g. a CPU-only bitsandbytes build
+        return f"failed: {str(e).splitlines()[0][:60]}"
+    finally:
+        opt = p = None  # noqa: F841  release before the next contestant
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def run(sizes: list[int], dtypes: list[str], steps: int, warmup: int) -> None:
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    header = f"{'optimizer':34} {'size':>6} {'dtype':>5} {'ms/step':>9} {'vs fused':>9} {'GB/s':>8} {'paging':>9}"
+    print(header)
+    print("-" * len(header))
+    for n in sizes:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            results: dict[str, float] = {}
+            for name, (make, state_bytes) in CONTESTANTS.items():
+                ms = time_steps(make, n, dtype, steps, warmup)
+                if isinstance(ms, float):
+                    results[name] = ms
+                print(row(name, n, dtype_name, ms, results, state_bytes, dtype), flush=True)
+            print()
+
+
+def row(name, n, dtype_name, ms, results, state_bytes, dtype) -> str:
+    label = f"{name:34} {n / 1e6:5.1f}M {dtype_name:>5}"
+    if isinstance(ms, str):
+        return f"{label} {'n/a':>9}  {ms}"
+    fused = results.get("torch AdamW fused (fp32 states)")
+    ratio = f"{ms / fused:8.2f}x" if fused else f"{'':>9}"
+    bandwidth = bytes_per_step(n, dtype, state_bytes) / (ms * 1e-3) / 1e9
+    twin = results.get(UNPAGED_TWIN.get(name, ""))
+    overhead = f"{(ms / twin - 1) * 100:+8.1f}%" if twin else f"{'':>9}"
+    return f"{label} {ms:9.3f} {ratio} {bandwidth:8.0f} {overhead}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="elements: 16.7M, 268M, or e.g. 50M")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("step_cuda.py: no CUDA device here; nothing to measure.")
+        return 0
+    run([parse_size(s) for s in args.sizes], args.dtypes, args.steps, args.warmup)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
