@@ -237,7 +237,7 @@ def update(
         slots[1].absmax.copy_(new_scale[1])
     else:
         launch(skipped, skipped, peaks_only=False)  # placeholders: the layout reads neither
-    return UpdateResult(skipped_blocks=int(skipped.item()) if skip_nonfinite else 0)
+    return UpdateResult(skipped_blocks=skipped[0] if skip_nonfinite else 0)  # read by the optimizer once per step
 
 
 def _layout(slot: StateSlot) -> int | None:

@@ -58,4 +58,6 @@ class Hyper(NamedTuple):
 
 
 class UpdateResult(NamedTuple):
-    skipped_blocks: int  # 256-blocks left untouched because their gradient held a NaN or Inf
+    # 256-blocks left untouched because their gradient held a NaN or Inf: an int, or a 0-d device
+    # tensor (GPU backends), which the optimizer reads once per step rather than once per parameter
+    skipped_blocks: int | torch.Tensor

@@ -134,6 +134,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         for gindex, pindex, group, p in work:
             self._check_param(gindex, pindex, group, p)
         devices = set()
+        self._skipped_this_step: list[int | torch.Tensor] = []
         for gindex, pindex, group, p in work:
             if not self.state[p]:
                 self.init_state(group, p, gindex, pindex)
@@ -143,6 +144,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         if self.is_paged:
             for device in devices:
                 paging.synchronize(device)
+        skipped = _total(self._skipped_this_step)  # the step's one read of device counters
+        self._skipped_this_step = None
+        if skipped:
+            self._note_skipped(skipped)
         return loss
 
     def _check_group(self, gindex: int, group: dict[str, Any]) -> None:
@@ -472,8 +477,12 @@ class _StateOptimizer(Optimizer8bit):
         result = kernels.update(self.family.rule, flat_p, flat_g, self._slots(state), hp, skip_nonfinite=self.nonfinite == "skip")
         if flat_p.data_ptr() != params.data_ptr():
             params.copy_(flat_p.view(params.shape))
-        if result.skipped_blocks:
-            self._note_skipped(result.skipped_blocks)
+        if isinstance(result.skipped_blocks, torch.Tensor) or result.skipped_blocks:
+            pending = getattr(self, "_skipped_this_step", None)
+            if pending is None:  # called outside step()
+                self._note_skipped(_total([result.skipped_blocks]))
+            else:
+                pending.append(result.skipped_blocks)
 
     def hyper(self, config: dict[str, Any], step: int) -> Hyper:
         """A step's hyperparameters for the kernels; families with settings of their own extend it."""
@@ -535,6 +544,13 @@ class Optimizer1State(_StateOptimizer):
                  nonfinite="skip"):  # fmt: skip
         super().__init__(optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size, percentile_clipping,
                          block_wise, max_unorm, skip_zeros, is_paged, nonfinite=nonfinite)  # fmt: skip
+
+
+def _total(counts: list[int | torch.Tensor]) -> int:
+    """Sum of skipped-block counts, reading device tensors with one synchronization."""
+    numbers_only = sum(c for c in counts if not isinstance(c, torch.Tensor))
+    tensors = [c for c in counts if isinstance(c, torch.Tensor)]
+    return numbers_only + (int(torch.stack([t.to(torch.int64) for t in tensors]).sum()) if tensors else 0)
 
 
 def _unpaged(value: Any) -> Any:
