@@ -4,6 +4,8 @@ backend, torch's AdamW (fused and foreach) and, when importable, bitsandbytes an
     python benchmarks/step_cpu.py                   # 1M, 16.7M, 64M elements; fp32 and bf16
     python benchmarks/step_cpu.py --quick           # 1M and 16.7M, fewer steps
     python benchmarks/step_cpu.py --sizes 16.7M --dtypes bf16
+    python benchmarks/step_cpu.py --families        # every other 8-bit family vs its fp32 torch.optim
+                                                    # counterpart (default 16.7M fp32)
 
 Per row: median ms of warm steps, parameters per second, the ratio to torch's fused AdamW,
 bytes of optimizer state per parameter, the peak extra resident memory during a warm step
@@ -76,6 +78,34 @@ CONTESTANTS = [
     ("torch AdamW foreach", torch_opt(foreach=True), None, None),
     ("bitsandbytes Adam8bit", bnb_opt, None, "bitsandbytes"),
     ("torchao AdamW8bit", torchao_opt, None, "torchao"),
+]
+
+
+def family_opt(name: str, **kwargs):
+    def make(params):
+        import qoptim
+
+        os.environ["QOPTIM_BACKEND"] = "auto"
+        return getattr(qoptim.optim, name)(params, **kwargs)
+
+    return make
+
+
+def torch_baseline(cls: str, **kwargs):
+    return lambda params: getattr(torch.optim, cls)(params, **kwargs)
+
+
+# --families: each 8-bit family on the CPU kernel, then its nearest fp32 torch.optim counterpart
+# (torch has no Lion, AdEMAMix, LAMB or LARS: AdamW stands in for the first three, SGD with
+# momentum for LARS). The ratio column is against the counterpart.
+FAMILIES = [
+    ("qoptim Lion8bit", family_opt("Lion8bit", lr=1e-4, weight_decay=0.1), "torch AdamW (for Lion)", torch_baseline("AdamW", lr=1e-3)),
+    ("qoptim AdEMAMix8bit", family_opt("AdEMAMix8bit", lr=1e-3), "torch AdamW (for AdEMAMix)", torch_baseline("AdamW", lr=1e-3)),
+    ("qoptim LAMB8bit", family_opt("LAMB8bit", lr=1e-3), "torch AdamW (for LAMB)", torch_baseline("AdamW", lr=1e-3)),
+    ("qoptim SGD8bit", family_opt("SGD8bit", lr=1e-2, momentum=0.9), "torch SGD", torch_baseline("SGD", lr=1e-2, momentum=0.9)),
+    ("qoptim LARS8bit", family_opt("LARS8bit", lr=1e-2, momentum=0.9), "torch SGD (for LARS)", torch_baseline("SGD", lr=1e-2, momentum=0.9)),
+    ("qoptim RMSprop8bit", family_opt("RMSprop8bit", lr=1e-3), "torch RMSprop", torch_baseline("RMSprop", lr=1e-3)),
+    ("qoptim Adagrad8bit", family_opt("Adagrad8bit", lr=1e-2), "torch Adagrad", torch_baseline("Adagrad", lr=1e-2)),
 ]
 
 
@@ -230,7 +260,11 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="1M and 16.7M only, fewer steps")
     parser.add_argument("--steps", type=int, default=None, help="warm steps to time (default 10, quick 5)")
     parser.add_argument("--skip", default="", help="comma-separated substrings of contestants to leave out")
+    parser.add_argument("--families", action="store_true", help="the other 8-bit families against their fp32 torch.optim counterparts")
     args = parser.parse_args(argv)
+    if args.families:
+        args.sizes = args.sizes or "16.7M"
+        args.dtypes = args.dtypes if "--dtypes" in (argv or sys.argv) else "fp32"
     sizes = [parse_size(s) for s in (args.sizes or ("1M,16.7M" if args.quick else "1M,16.7M,64M")).split(",")]
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     steps = args.steps or (5 if args.quick else 10)
@@ -239,9 +273,21 @@ def main(argv=None) -> None:
 
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
-    header = f"{'size':>6} {'dtype':>5}  {'optimizer':<30} {'ms/step':>9} {'Mparam/s':>9} {'vs fused':>8} {'state B/p':>9} {'peak MB':>8} {'GB/s':>6} {'% copy':>6} {'1st step s':>10}"
+    header = f"{'size':>6} {'dtype':>5}  {'optimizer':<30} {'ms/step':>9} {'Mparam/s':>9} {'vs fused' if not args.families else 'vs fp32':>8} {'state B/p':>9} {'peak MB':>8} {'GB/s':>6} {'% copy':>6} {'1st step s':>10}"
     print(header)
     print("-" * len(header))
+    if args.families:
+        for n in sizes:
+            for dtype in dtypes:
+                for ours, make, theirs, baseline in FAMILIES:
+                    if any(s in ours.lower() for s in skip):
+                        continue
+                    base = measure(baseline, n, dtype, steps, budget_s=5.0)
+                    r = measure(make, n, dtype, steps, budget_s=5.0)
+                    print(row(n, dtype, ours, r, base["ms"], bandwidth), flush=True)
+                    print(row(n, dtype, theirs, base, base["ms"], bandwidth), flush=True)
+        os.environ.pop("QOPTIM_BACKEND", None)
+        return
     for n in sizes:
         for dtype in dtypes:
             rows = []

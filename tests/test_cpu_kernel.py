@@ -93,7 +93,7 @@ def torch_threads(n):
 
 @pytest.fixture(autouse=True)
 def _parallel_from_4096(monkeypatch):
-    """Sizes 4097 and 65537 take the parallel drivers, the smaller ones the serial drivers."""
+    """Sizes 4097 and 65537 take the parallel drivers, the smaller ones run as one task on the calling thread."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 4096)
 
 
@@ -292,14 +292,14 @@ def test_unsupported_cases_fall_back_to_the_reference():
 def test_a_vector_kernel_that_does_not_compile_leaves_the_portable_one(monkeypatch):
     """Another numba/llvmlite may not lower the gather intrinsics: the step still runs, on
     the portable kernel, with a warning, and later steps go there directly."""
-    real = cpu._adam_8bit_serial  # a small tensor: the serial driver
+    real = cpu._8bit_task  # a small tensor: the task is called directly
 
     def vector_fails_to_compile(*args):
-        if isinstance(args[-3], cpu.VectorPath):
+        if any(isinstance(a, cpu.VectorPath) for a in args):
             raise numba.core.errors.LoweringError("no masked gathers here")
         return real(*args)
 
-    monkeypatch.setattr(cpu, "_adam_8bit_serial", vector_fails_to_compile)
+    monkeypatch.setattr(cpu, "_8bit_task", vector_fails_to_compile)
     monkeypatch.setattr(cpu, "VECTORIZE", True)
     p, slots = make_state(1000, torch.float32, "whole")
     p_ref, slots_ref = copy_state(p, slots)

@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import warnings
+import weakref
 from typing import NamedTuple
 
 import numba
@@ -45,6 +47,15 @@ from .cpu_tables import NAN_INDEX, tables_for
 from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
 
 __all__ = ["update", "grad_norm_sq", "supports"]
+
+# Numba's OpenMP threads spin-wait between parallel regions. On a machine with as many busy
+# threads as cores (torch's own pool runs forward and backward between steps) they starve
+# torch: training ran up to ~100x slower in our framework tests. The workqueue layer's threads
+# sleep instead. It is not safe for concurrent launches from several Python threads, so the
+# parallel launches below hold a lock. A layer chosen with NUMBA_THREADING_LAYER is kept.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_pool_lock = threading.Lock()
 
 # The vectorized path gathers table entries 8 at a time (llvm.masked.gather): taken where the
 # CPU has hardware gathers (AVX2); elsewhere LLVM would emulate them, so the portable scalar
@@ -93,43 +104,116 @@ _ONE = np.float32(1.0)
 _MAGNITUDE = np.uint32(0x7FFFFFFF)  # all bits of a float32 but its sign
 
 
+# ---- the update rules ---------------------------------------------------------------------
+#
+# A rule is a per-element function of float32 scalars, ``(p, g, s0, s1, s2, c) -> (p, s0, s1, s2)``
+# (``g`` already scaled by gnorm_scale; states past the rule's count are ignored and returned
+# as they came), the host-side function that turns a Hyper into its constants ``c``, and a
+# marker type. The drivers take the marker as an argument, so each rule is its own compiled
+# (and cached) specialization of the same drivers; ``_math`` picks the function by its type.
+
+
+class AdamRule(NamedTuple):
+    """Marker argument of each rule's specialization (one NamedTuple class per rule)."""
+
+    states: int
+
+
+class AdEMAMixRule(NamedTuple):
+    states: int
+
+
+class LionRule(NamedTuple):
+    states: int
+
+
+class MomentumRule(NamedTuple):
+    states: int
+
+
+class RMSpropRule(NamedTuple):
+    states: int
+
+
+class AdagradRule(NamedTuple):
+    states: int
+
+
+class LAMBRule(NamedTuple):
+    states: int
+
+
+class _Family(NamedTuple):
+    marker: NamedTuple  # an instance of the rule's marker class
+    constants: object  # Hyper -> tuple of float32 constants and int flags
+
+
 # ---- the seam -----------------------------------------------------------------------
 
 
 def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
-    """Adam with both states fp32, both 8-bit in 256-blocks, or both 8-bit with one scale,
-    on a flat contiguous CPU parameter; anything else goes to the reference."""
-    if rule != "adam" or len(slots) != 2 or p.device.type != "cpu" or p.dtype not in _VIEWS:
-        return False
+    """A rule of ``_FAMILIES`` with all its states fp32, all 8-bit in 256-blocks, or all 8-bit
+    with one scale, on a flat contiguous CPU parameter; anything else goes to the reference."""
+    layout = _supported_layout(rule, p, slots)
+    # the registry asks, then calls update() with these very objects: it reuses the answer
+    _last_check.answer = (rule, p, slots, layout)
+    return layout is not None
+
+
+def _supported_layout(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> str | None:
+    family = _FAMILIES.get(rule)
+    if family is None or len(slots) != family.marker.states or p.device.type != "cpu" or p.dtype not in _VIEWS:
+        return None
     if p.dim() != 1 or not p.is_contiguous() or p.numel() == 0:
-        return False
-    return _layout(p.numel(), slots) is not None
+        return None
+    return _layout(p.numel(), slots)
+
+
+# The last answer of supports() on each thread, (rule, p, slots, layout), taken by update().
+_last_check = threading.local()
 
 
 def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True) -> UpdateResult:
-    """One Adam step of ``p`` in place (same result as ``reference.update``)."""
-    if not supports(rule, p, slots) or not _flat_cpu(g, p.dtype, p.numel()):
+    """One step of ``rule`` on ``p`` in place (same result as ``reference.update``)."""
+    last = getattr(_last_check, "answer", None)
+    _last_check.answer = None
+    if last is not None and last[0] == rule and last[1] is p and last[2] is slots:
+        layout = last[3]
+    else:
+        layout = _supported_layout(rule, p, slots)
+    if layout is None or not _flat_cpu(g, p.dtype, p.numel()):
         return reference.update(rule, p, g, slots, hp, skip_nonfinite)
+    if rule in reference.TRUST_RATIOS:
+        # the layer-wise ratio: the reference's own pre-pass (torch ops, chunked, float64
+        # sums), so that the ratio, and with it every bit of the step, is the reference's
+        hp = hp._replace(trust_ratio=reference._trust_ratio(rule, p, g, slots, hp, skip_nonfinite))
+    if p.numel() < PARALLEL_MIN:  # one task on the calling thread (as _threads_for would say, without its cost)
+        return UpdateResult(skipped_blocks=_step(_FAMILIES[rule], layout, p, g, slots, hp, skip_nonfinite, 1))
     with _threads_for(p.numel()) as ntasks:
-        skipped = _step(_layout(p.numel(), slots), p, g, slots, hp, skip_nonfinite, ntasks)
+        skipped = _step(_FAMILIES[rule], layout, p, g, slots, hp, skip_nonfinite, ntasks)
     return UpdateResult(skipped_blocks=skipped)
 
 
-def _driver(parallel, serial, ntasks: int):
-    return parallel if ntasks > 1 else serial
+def _launch(task, parallel, ntasks: int, skipped: np.ndarray, args: tuple) -> None:
+    """Run a step's tasks: through the parallel driver (Numba's pool), or for one task the
+    task function itself on the calling thread (no pool; and no serial driver to compile)."""
+    if ntasks > 1:
+        parallel(*args, ntasks, skipped)
+    else:
+        skipped[0] = task(0, 1, *args)
 
 
-def _step(layout: str, p, g, slots, hp, skip_nonfinite, ntasks) -> int:
+def _step(family: _Family, layout: str, p, g, slots, hp, skip_nonfinite, ntasks) -> int:
     skipped = np.zeros(ntasks, dtype=np.int64)
-    args = (_as_numpy(p), _as_numpy(g))
-    constants, decay = _constants(hp), _decay_mode(hp)
+    head = (family.marker, _as_numpy(p), _as_numpy(g))
+    constants = (np.float32(hp.gnorm_scale), family.constants(hp))
     if layout == "fp32":
-        m, v = (s.values.detach().numpy() for s in slots)
-        _driver(_adam_fp32_states, _adam_fp32_states_serial, ntasks)(*args, m, v, constants, decay, skip_nonfinite, ntasks, skipped)
+        states = _padded(tuple(s.values.detach().numpy() for s in slots))
+        _launch(_fp32_task, _fp32_parallel, ntasks, skipped, (*head, *states, *constants, skip_nonfinite))
         return int(skipped.sum())
-    states = tuple(_quantized(s) for s in slots)
+    states = _padded(tuple(_quantized(s) for s in slots))
     whole = layout == "whole"
-    run = (args, states, constants, decay, skip_nonfinite, whole, ntasks, skipped)
+    run = (head, states, constants, skip_nonfinite, whole, ntasks, skipped)
     if not VECTORIZE:
         peaks = _run_8bit(*run, _PORTABLE)
     else:
@@ -139,19 +223,30 @@ def _step(layout: str, p, g, slots, hp, skip_nonfinite, ntasks) -> int:
             _give_up_vectorizing(e)
             peaks = _run_8bit(*run, _PORTABLE)
     if whole:
-        for slot, peak in zip(slots, peaks):
+        for slot, peak in zip(slots, peaks):  # the rule's states only
             slot.absmax.fill_(float(peak))
     return int(skipped.sum())
 
 
-def _run_8bit(args, states, constants, decay, skip_nonfinite, whole, ntasks, skipped, path):
-    """The 8-bit kernels; returns the new one-per-tensor scales (``whole``) or None."""
-    peaks, inverse = None, (_ZERO, _ZERO)
+def _padded(states: tuple) -> tuple:
+    """A rule's states, padded to _MAX_STATES with stand-ins (the first state again) that the
+    kernels never touch: the drivers take three states whatever the rule (Numba's parallel
+    drivers cannot take a tuple of them), and the rule tells how many are real."""
+    return states + states[:1] * (_MAX_STATES - len(states))
+
+
+def _run_8bit(head, states, constants, skip_nonfinite, whole, ntasks, skipped, path):
+    """The 8-bit kernels; returns the new one-per-tensor scales (``whole``) or None. One
+    driver does both passes of a one-scale step, told apart by ``measure``."""
+    peaks = np.zeros((ntasks, _MAX_STATES), dtype=np.float32)
+    inverse = (_ZERO,) * _MAX_STATES
+    new_scales = None
     if whole:  # one scale per tensor: a first pass finds the new scales, as in the reference
-        peaks = _whole_tensor_peaks(args, states, constants, decay, skip_nonfinite, path, ntasks)
-        inverse = tuple(_inverse(x) for x in peaks)
-    _driver(_adam_8bit, _adam_8bit_serial, ntasks)(*args, *states, constants, decay, skip_nonfinite, whole, inverse, path, ntasks, skipped)
-    return peaks
+        _launch(_8bit_task, _8bit_parallel, ntasks, skipped, (*head, *states, *constants, skip_nonfinite, True, True, inverse, path, peaks))
+        new_scales = [np.float32(np.nan) if np.isnan(col).any() else col.max() for col in peaks.T[: head[0].states]]
+        inverse = tuple(_inverse(x) for x in new_scales) + (_ZERO,) * (_MAX_STATES - len(new_scales))
+    _launch(_8bit_task, _8bit_parallel, ntasks, skipped, (*head, *states, *constants, skip_nonfinite, whole, False, inverse, path, peaks))
+    return new_scales
 
 
 def _give_up_vectorizing(error: Exception) -> None:
@@ -175,14 +270,14 @@ def grad_norm_sq(g: torch.Tensor) -> float:
 
 
 def _layout(n: int, slots: list[StateSlot]) -> str | None:
-    """'fp32', 'block' or 'whole' when both states share a layout the kernels cover."""
+    """'fp32', 'block' or 'whole' when all states share a layout the kernels cover."""
     if all(not s.quantized and _flat_cpu(s.values, torch.float32, n) for s in slots):
         return "fp32"
     if not all(s.quantized and _flat_cpu(s.values, torch.uint8, n) for s in slots):
         return None
     if any(s.code is None or s.code.shape != (256,) or s.code.dtype != torch.float32 or s.code.device.type != "cpu" for s in slots):
         return None
-    if any(tables_for(s.code) is None for s in slots):
+    if any(_tables_of(s.code) is None for s in slots):
         return None
     if all(s.blocksize == BLOCK and _flat_cpu(s.absmax, torch.float32, -(-n // BLOCK)) for s in slots):
         return "block"
@@ -191,42 +286,134 @@ def _layout(n: int, slots: list[StateSlot]) -> str | None:
     return None
 
 
+# id(code map) -> (weak reference to it, its version and address then, its tables): the
+# optimizers pass the same map tensor every step, so its tables are found without reading it.
+_TABLES: dict[int, tuple] = {}
+
+
+def _tables_of(code: torch.Tensor):
+    """``tables_for(code)``, cached by the map tensor itself (while unchanged in place)."""
+    seen = _TABLES.get(id(code))
+    stamp = (code._version, code.data_ptr())
+    if seen is not None and seen[0]() is code and seen[1] == stamp:
+        return seen[2]
+    tables = tables_for(code)
+    if len(_TABLES) >= 64:
+        _TABLES.clear()
+    _TABLES[id(code)] = (weakref.ref(code), stamp, tables)
+    return tables
+
+
 def _flat_cpu(t: torch.Tensor | None, dtype: torch.dtype, n: int) -> bool:
     return t is not None and t.dtype == dtype and t.numel() == n and t.is_contiguous() and t.device.type == "cpu"
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.float32:
+        return t.detach().numpy()
     view_dtype, np_dtype = _VIEWS[t.dtype]
     return t.detach().view(view_dtype).numpy().view(np_dtype)
 
 
 def _quantized(slot: StateSlot) -> tuple:
     """What the kernels need of an 8-bit state: codes, scales, and the quantizer tables."""
-    t = tables_for(slot.code)
+    t = _tables_of(slot.code)
     return (slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), t.code, t.first, t.mids, t.fixups, t.packed)
 
 
-def _constants(hp: Hyper) -> tuple:
-    """The step's scalars as float32, each rounded from the Python double torch would use."""
-    f = np.float32
-    return (
-        f(hp.gnorm_scale),
-        f(hp.weight_decay),
-        f(hp.beta1),
-        f(1.0 - hp.beta1),
-        f(hp.beta2),
-        f(1.0 - hp.beta2),
-        f(1.0 - hp.lr * hp.weight_decay),
-        f(math.sqrt(1.0 - hp.beta2**hp.step)),
-        f(hp.eps),
-        f(hp.lr / (1.0 - hp.beta1**hp.step)),
-    )
+# Each rule's constants: float32 scalars, each rounded from the Python double torch would use
+# (torch casts a Python scalar operand to the float32 tensor's type), and int flags.
+
+_f32 = np.float32
 
 
 def _decay_mode(hp: Hyper) -> int:
     if not hp.weight_decay:
         return _NO_DECAY
     return _DECOUPLED if hp.decoupled else _L2
+
+
+def _adam_constants(hp: Hyper) -> tuple:
+    return (
+        _f32(hp.weight_decay),
+        _f32(hp.beta1),
+        _f32(1.0 - hp.beta1),
+        _f32(hp.beta2),
+        _f32(1.0 - hp.beta2),
+        _f32(1.0 - hp.lr * hp.weight_decay),
+        _f32(math.sqrt(1.0 - hp.beta2**hp.step)),
+        _f32(hp.eps),
+        _f32(hp.lr / (1.0 - hp.beta1**hp.step)),
+        _decay_mode(hp),
+    )
+
+
+def _ademamix_constants(hp: Hyper) -> tuple:
+    return (
+        _f32(hp.beta1),
+        _f32(1.0 - hp.beta1),
+        _f32(hp.beta3),
+        _f32(1.0 - hp.beta3),
+        _f32(hp.beta2),
+        _f32(1.0 - hp.beta2),
+        int(bool(hp.weight_decay)),
+        _f32(1.0 - hp.lr * hp.weight_decay),
+        _f32(1.0 - hp.beta1**hp.step),
+        _f32(math.sqrt(1.0 - hp.beta2**hp.step)),
+        _f32(hp.eps),
+        _f32(hp.alpha),
+        _f32(hp.lr),
+    )
+
+
+def _lion_constants(hp: Hyper) -> tuple:
+    return (
+        int(bool(hp.weight_decay)),
+        _f32(1.0 - hp.lr * hp.weight_decay),
+        _f32(hp.beta1),
+        _f32(1.0 - hp.beta1),
+        _f32(hp.beta2),
+        _f32(1.0 - hp.beta2),
+        _f32(hp.lr),
+    )
+
+
+def _momentum_constants(hp: Hyper) -> tuple:
+    return (
+        int(bool(hp.weight_decay)),
+        _f32(hp.weight_decay),
+        int(hp.trust_ratio != 1.0),
+        _f32(hp.trust_ratio),
+        int(hp.step == 1),
+        _f32(hp.beta1),
+        _f32(1.0 - hp.dampening),
+        int(bool(hp.nesterov)),
+        _f32(hp.lr),
+    )
+
+
+def _rmsprop_constants(hp: Hyper) -> tuple:
+    return (int(bool(hp.weight_decay)), _f32(hp.weight_decay), _f32(hp.beta1), _f32(1.0 - hp.beta1), _f32(hp.eps), _f32(hp.lr))
+
+
+def _adagrad_constants(hp: Hyper) -> tuple:
+    lr = hp.lr / (1.0 + (hp.step - 1) * hp.lr_decay)
+    return (int(bool(hp.weight_decay)), _f32(hp.weight_decay), _f32(hp.eps), _f32(lr))
+
+
+def _lamb_constants(hp: Hyper) -> tuple:
+    return (
+        _decay_mode(hp),
+        _f32(hp.weight_decay),
+        _f32(hp.beta1),
+        _f32(1.0 - hp.beta1),
+        _f32(hp.beta2),
+        _f32(1.0 - hp.beta2),
+        _f32(1.0 - hp.beta1**hp.step if hp.bias_correction else 1.0),
+        _f32(1.0 - hp.beta2**hp.step if hp.bias_correction else 1.0),
+        _f32(hp.eps),
+        _f32(hp.lr * hp.trust_ratio),
+    )
 
 
 @contextlib.contextmanager
@@ -236,22 +423,16 @@ def _threads_for(n: int):
     threads for the step; Numba's setting is per calling thread and is restored afterwards."""
     threads = 1 if n < PARALLEL_MIN else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     ntasks = min(threads, -(-n // BLOCK))
-    if ntasks == 1:  # the serial drivers: the pool is not involved
+    if ntasks == 1:  # one task on the calling thread: the pool is not involved
         yield 1
         return
-    previous = numba.get_num_threads()
-    numba.set_num_threads(ntasks)
-    try:
-        yield ntasks
-    finally:
-        numba.set_num_threads(previous)
-
-
-def _whole_tensor_peaks(args, states, constants, decay, skip, path, ntasks) -> tuple[np.float32, np.float32]:
-    """Largest |new state| over the whole tensor for each state (NaN if any is NaN, as torch.amax)."""
-    peaks = np.zeros((ntasks, 2), dtype=np.float32)
-    _driver(_adam_8bit_peaks, _adam_8bit_peaks_serial, ntasks)(*args, *states, constants, decay, skip, path, ntasks, peaks)
-    return tuple(np.float32(np.nan) if np.isnan(col).any() else col.max() for col in peaks.T)
+    with _pool_lock:
+        previous = numba.get_num_threads()
+        numba.set_num_threads(ntasks)
+        try:
+            yield ntasks
+        finally:
+            numba.set_num_threads(previous)
 
 
 def _inverse(scale: np.float32) -> np.float32:
@@ -466,14 +647,13 @@ def _store_impl(a, i, x):
     return None
 
 
-# ---- the math ---------------------------------------------------------------------------
+# ---- the math: one function per rule, op for op as in reference.py ------------------------
 
 
 @njit(**_JIT)
-def _adam(p, g, m, v, c, decay):
-    """One element of reference.adam, op for op (float32 in, float32 out)."""
-    gscale, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, shrink, bias_correction2_sqrt, eps, step_size = c
-    g = g * gscale
+def _adam(p, g, m, v, unused, c):
+    """reference.adam."""
+    wd, beta1, one_minus_beta1, beta2, one_minus_beta2, shrink, bias_correction2_sqrt, eps, step_size, decay = c
     if decay == _L2:
         g = g + p * wd
     m = m * beta1 + g * one_minus_beta1
@@ -482,7 +662,139 @@ def _adam(p, g, m, v, c, decay):
         p = p * shrink
     denom = np.sqrt(v) / bias_correction2_sqrt + eps
     p = p - (m / denom) * step_size
-    return p, m, v
+    return p, m, v, unused
+
+
+@njit(**_JIT)
+def _ademamix(p, g, m1, m2, nu, c):
+    """reference.ademamix."""
+    beta1, one_minus_beta1, beta3, one_minus_beta3, beta2, one_minus_beta2, decays, shrink, bias_correction1, bias_correction2_sqrt, eps, alpha, lr = c
+    m1 = m1 * beta1 + g * one_minus_beta1
+    m2 = m2 * beta3 + g * one_minus_beta3
+    nu = nu * beta2 + (g * g) * one_minus_beta2
+    if decays:
+        p = p * shrink
+    denom = np.sqrt(nu) / bias_correction2_sqrt + eps
+    p = p - ((m1 / bias_correction1 + m2 * alpha) / denom) * lr
+    return p, m1, m2, nu
+
+
+@njit(**_JIT)
+def _lion(p, g, m, unused1, unused2, c):
+    """reference.lion: the sign comes from the old momentum. torch's sign is
+    (0 < x) - (x < 0): +0 for -0 and for NaN."""
+    decays, shrink, beta1, one_minus_beta1, beta2, one_minus_beta2, lr = c
+    if decays:
+        p = p * shrink
+    u = m * beta1 + g * one_minus_beta1
+    sign = (_ONE if _ZERO < u else _ZERO) - (_ONE if u < _ZERO else _ZERO)
+    p = p - sign * lr
+    m = m * beta2 + g * one_minus_beta2
+    return p, m, unused1, unused2
+
+
+@njit(**_JIT)
+def _momentum(p, g, buf, unused1, unused2, c):
+    """reference.momentum (SGD; LARS with its trust ratio)."""
+    decays, wd, scales, ratio, first_step, beta1, one_minus_dampening, nesterov, lr = c
+    if decays:
+        g = g + p * wd
+    if scales:
+        g = g * ratio
+    if first_step:
+        buf = g
+    else:
+        buf = buf * beta1 + g * one_minus_dampening
+    step = g + buf * beta1 if nesterov else buf
+    p = p - step * lr
+    return p, buf, unused1, unused2
+
+
+@njit(**_JIT)
+def _rmsprop(p, g, square_avg, unused1, unused2, c):
+    """reference.rmsprop."""
+    decays, wd, alpha, one_minus_alpha, eps, lr = c
+    if decays:
+        g = g + p * wd
+    square_avg = square_avg * alpha + (g * g) * one_minus_alpha
+    p = p - (g / (np.sqrt(square_avg) + eps)) * lr
+    return p, square_avg, unused1, unused2
+
+
+@njit(**_JIT)
+def _adagrad(p, g, sum_sq, unused1, unused2, c):
+    """reference.adagrad."""
+    decays, wd, eps, lr = c
+    if decays:
+        g = g + p * wd
+    sum_sq = sum_sq + g * g
+    p = p - (g / (np.sqrt(sum_sq) + eps)) * lr
+    return p, sum_sq, unused1, unused2
+
+
+@njit(**_JIT)
+def _lamb(p, g, m, v, unused, c):
+    """reference.lamb; the last constant is lr * trust_ratio."""
+    decay, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bias_correction1, bias_correction2, eps, scale = c
+    if decay == _L2:
+        g = g + p * wd
+    m = m * beta1 + g * one_minus_beta1
+    v = v * beta2 + (g * g) * one_minus_beta2
+    direction = (m / bias_correction1) / (np.sqrt(v / bias_correction2) + eps)
+    if decay == _DECOUPLED:
+        direction = direction + p * wd
+    p = p - direction * scale
+    return p, m, v, unused
+
+
+# rule name -> its marker (with its number of states) and constants; a new rule is a function
+# above, a marker class, a constants function, and one line in each table here.
+_FAMILIES: dict[str, _Family] = {
+    "adam": _Family(AdamRule(2), _adam_constants),
+    "ademamix": _Family(AdEMAMixRule(3), _ademamix_constants),
+    "lion": _Family(LionRule(1), _lion_constants),
+    "momentum": _Family(MomentumRule(1), _momentum_constants),
+    "lars": _Family(MomentumRule(1), _momentum_constants),  # + the trust ratio of reference._trust_ratio
+    "rmsprop": _Family(RMSpropRule(1), _rmsprop_constants),
+    "adagrad": _Family(AdagradRule(1), _adagrad_constants),
+    "lamb": _Family(LAMBRule(2), _lamb_constants),  # + the trust ratio of reference._trust_ratio
+}
+_MATH = {
+    AdamRule: _adam,
+    AdEMAMixRule: _ademamix,
+    LionRule: _lion,
+    MomentumRule: _momentum,
+    RMSpropRule: _rmsprop,
+    AdagradRule: _adagrad,
+    LAMBRule: _lamb,
+}
+_COUNTS = {type(f.marker): f.marker.states for f in _FAMILIES.values()}
+_MAX_STATES = 3
+assert all(f.marker.states == reference.RULES[name][1] <= _MAX_STATES for name, f in _FAMILIES.items())
+
+
+def _math(rule, p, g, s0, s1, s2, c):
+    """The per-element function of ``rule`` (a marker), chosen at compile time."""
+
+
+def _state_count(rule):
+    """How many states ``rule`` (a marker) keeps, as a compile-time constant."""
+
+
+@overload(_state_count)
+def _state_count_impl(rule):
+    if getattr(rule, "instance_class", None) not in _MATH:
+        return None
+    count = _COUNTS[rule.instance_class]
+    return lambda rule: count
+
+
+@overload(_math)
+def _math_impl(rule, p, g, s0, s1, s2, c):
+    fn = _MATH.get(getattr(rule, "instance_class", None))
+    if fn is None:
+        return None
+    return lambda rule, p, g, s0, s1, s2, c: fn(p, g, s0, s1, s2, c)
 
 
 @njit(**_JIT)
@@ -505,38 +817,6 @@ def _has_nonfinite(g):
 def _task_blocks(t, ntasks, nblocks):
     per = (nblocks + ntasks - 1) // ntasks
     return t * per, min(nblocks, (t + 1) * per)
-
-
-@njit(**_JIT)
-def _block_update(p, g, q1, q2, scale1, scale2, code1, code2, c, decay, keep, path, pbuf, mbuf, vbuf):
-    """New param and states of one block (views of it) into the buffers (the old ones if
-    ``keep``); returns the new peaks of both states.
-
-    Written for LLVM's vectorizer: loops index from 0 over views (indices provably
-    non-negative), the ``keep`` branch sits outside the loop, and the peaks are integer
-    maxima of the magnitudes' bit patterns, which order non-negative floats exactly as their
-    values and put NaN above inf (so NaN sticks, as in torch.amax)."""
-    _lookup(q1, code1, mbuf, path)
-    _lookup(q2, code2, vbuf, path)
-    if keep:
-        for j in range(p.size):
-            pbuf[j] = _load(p, j)
-            mbuf[j] = mbuf[j] * scale1
-            vbuf[j] = vbuf[j] * scale2
-        return _block_peak(mbuf), _block_peak(vbuf)
-    peak1 = np.uint32(0)
-    peak2 = np.uint32(0)
-    for j in range(p.size):
-        m = mbuf[j] * scale1
-        v = vbuf[j] * scale2
-        pf, m, v = _adam(_load(p, j), _load(g, j), m, v, c, decay)
-        pbuf[j] = pf
-        mbuf[j] = m
-        vbuf[j] = v
-        peak1 = max(peak1, _bits(m) & _MAGNITUDE)
-        peak2 = max(peak2, _bits(v) & _MAGNITUDE)
-    return _float(peak1), _float(peak2)
-
 
 @njit(**_JIT)
 def _block_peak(values):
@@ -621,32 +901,100 @@ def _store_block(p, pbuf):
     for j in range(p.size):
         _store(p, j, pbuf[j])
 
-
-@njit(**_JIT)
-def _fp32_block(p, g, m, v, c, decay):
-    for j in range(p.size):
-        pf, mf, vf = _adam(_load(p, j), _load(g, j), m[j], v[j], c, decay)
-        _store(p, j, pf)
-        m[j] = mf
-        v[j] = vf
-
-
 @njit(**_JIT)
 def _reciprocal(scale):
     return _ONE / scale if scale > _ZERO else _ZERO
 
 
-# ---- the kernels --------------------------------------------------------------------------
-#
-# Each step is split into tasks, contiguous runs of 256-blocks. A task is one plain function;
-# the drivers run the tasks in parallel (prange, Numba's thread pool) or, for small tensors and
-# one thread, in a loop that never touches the pool: a launch through the pool costs ~0.1 ms at
-# best, and on a machine whose cores are busy it can stall for a scheduler tick (~8 ms).
+
+@njit(**_JIT)
+def _dequantize(state, lo, hi, s, buf, path):
+    """buf = the codes of elements [lo, hi) looked up in the map; returns their scale."""
+    _lookup(state[0][lo:hi], state[2], buf, path)
+    return state[1][s]
 
 
 @njit(**_JIT)
-def _fp32_task(t, ntasks, p, g, m, v, c, decay, skip):
+def _block_update(rule, p, g, states, lo, hi, s, gscale, c, keep, path, pbuf, b0, b1, b2):
+    """New param and states of block [lo, hi) into the buffers (the old ones if ``keep``);
+    returns the new peaks of the (up to 3) states.
+
+    Written for LLVM's vectorizer: loops index from 0 over views (indices provably
+    non-negative), the ``keep`` branch sits outside the loop, and the peaks are integer
+    maxima of the magnitudes' bit patterns, which order non-negative floats exactly as their
+    values and put NaN above inf (so NaN sticks, as in torch.amax). States past the rule's
+    count (stand-ins) are neither read nor written."""
+    ns = _state_count(rule)
+    p = p[lo:hi]
+    g = g[lo:hi]
+    scale0 = _dequantize(states[0], lo, hi, s, b0, path)
+    scale1 = _dequantize(states[1], lo, hi, s, b1, path) if ns > 1 else _ZERO
+    scale2 = _dequantize(states[2], lo, hi, s, b2, path) if ns > 2 else _ZERO
+    if keep:
+        for j in range(p.size):
+            pbuf[j] = _load(p, j)
+            b0[j] = b0[j] * scale0
+            if ns > 1:
+                b1[j] = b1[j] * scale1
+            if ns > 2:
+                b2[j] = b2[j] * scale2
+        return _block_peak(b0), _block_peak(b1), _block_peak(b2)
+    peak0 = np.uint32(0)
+    peak1 = np.uint32(0)
+    peak2 = np.uint32(0)
+    for j in range(p.size):
+        s1 = b1[j] * scale1 if ns > 1 else _ZERO
+        s2 = b2[j] * scale2 if ns > 2 else _ZERO
+        pf, x0, x1, x2 = _math(rule, _load(p, j), _load(g, j) * gscale, b0[j] * scale0, s1, s2, c)
+        pbuf[j] = pf
+        b0[j] = x0
+        peak0 = max(peak0, _bits(x0) & _MAGNITUDE)
+        if ns > 1:
+            b1[j] = x1
+            peak1 = max(peak1, _bits(x1) & _MAGNITUDE)
+        if ns > 2:
+            b2[j] = x2
+            peak2 = max(peak2, _bits(x2) & _MAGNITUDE)
+    return _float(peak0), _float(peak1), _float(peak2)
+
+
+@njit(**_JIT)
+def _requantize(state, values, inv, lo, hi, path):
+    _quantize(values, inv, state[3], state[4], state[5], state[6], state[0][lo:hi], path)
+
+
+@njit(**_JIT)
+def _fp32_block(rule, p, g, states, lo, hi, gscale, c):
+    ns = _state_count(rule)
+    p = p[lo:hi]
+    g = g[lo:hi]
+    a0 = states[0][lo:hi]
+    a1 = states[1][lo:hi]
+    a2 = states[2][lo:hi]
+    for j in range(p.size):
+        pf, x0, x1, x2 = _math(rule, _load(p, j), _load(g, j) * gscale, a0[j], a1[j], a2[j], c)
+        _store(p, j, pf)
+        a0[j] = x0
+        if ns > 1:
+            a1[j] = x1
+        if ns > 2:
+            a2[j] = x2
+
+
+# ---- the kernels --------------------------------------------------------------------------
+#
+# Each step is split into tasks, contiguous runs of 256-blocks. A task is one plain function;
+# the drivers run the tasks in parallel (prange, Numba's thread pool); for small tensors and
+# one thread, the one task is called directly and never touches the pool: a launch through
+# the pool costs ~0.1 ms at best, and on a machine whose cores are busy it can stall for a
+# scheduler tick (~8 ms). The same tasks and drivers serve every rule: the rule is a marker
+# argument, compiled in.
+
+
+@njit(**_JIT)
+def _fp32_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip):
     """Blocks of task ``t`` with fp32 states; returns how many were skipped."""
+    states = (s0, s1, s2)
     first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
     count = 0
     for b in range(first, last):
@@ -654,23 +1002,29 @@ def _fp32_task(t, ntasks, p, g, m, v, c, decay, skip):
         if skip and _has_nonfinite(g[lo:hi]):
             count += 1
             continue
-        _fp32_block(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], c, decay)
+        _fp32_block(rule, p, g, states, lo, hi, gscale, c)
     return count
 
 
 @njit(**_JIT)
-def _8bit_task(t, ntasks, p, g, state1, state2, c, decay, skip, whole, inverse, path):
+def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks):
     """Blocks of task ``t`` with 8-bit states; returns how many were skipped. Block-wise:
     each block takes its own new scale, and a skipped block keeps everything. ``whole``: the
     new scales' reciprocals are given (``inverse``), and a skipped block keeps its parameter
-    and old state values but is requantized with the new scale, as in the reference."""
-    q1, scales1, code1, first1, mids1, fix1, packed1 = state1
-    q2, scales2, code2, first2, mids2, fix2, packed2 = state2
+    and old state values but is requantized with the new scale, as in the reference.
+    ``measure`` (first pass of a ``whole`` step): only the peaks of the task's new states,
+    into ``peaks[t]``; nothing else is written."""
+    states = (s0, s1, s2)
+    ns = _state_count(rule)
     pbuf = np.empty(BLOCK, np.float32)
-    mbuf = np.empty(BLOCK, np.float32)
-    vbuf = np.empty(BLOCK, np.float32)
+    b0 = np.empty(BLOCK, np.float32)
+    b1 = np.empty(BLOCK, np.float32)
+    b2 = np.empty(BLOCK, np.float32)
     first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
     count = 0
+    acc0 = _ZERO
+    acc1 = _ZERO
+    acc2 = _ZERO
     for b in range(first, last):
         lo, hi = b * BLOCK, min(p.size, (b + 1) * BLOCK)
         bad = skip and _has_nonfinite(g[lo:hi])
@@ -678,80 +1032,46 @@ def _8bit_task(t, ntasks, p, g, state1, state2, c, decay, skip, whole, inverse, 
         if bad and not whole:
             continue
         s = 0 if whole else b
-        block = slice(lo, hi)
         size = hi - lo
-        peak1, peak2 = _block_update(
-            p[block], g[block], q1[block], q2[block], scales1[s], scales2[s], code1, code2, c, decay, bad, path, pbuf[:size], mbuf[:size], vbuf[:size]
-        )
+        peak0, peak1, peak2 = _block_update(rule, p, g, states, lo, hi, s, gscale, c, bad, path, pbuf[:size], b0[:size], b1[:size], b2[:size])
+        if measure:
+            acc0 = _peak(acc0, peak0)
+            acc1 = _peak(acc1, peak1)
+            acc2 = _peak(acc2, peak2)
+            continue
         if not bad:
-            _store_block(p[block], pbuf)
+            _store_block(p[lo:hi], pbuf)
         if whole:
-            inv1, inv2 = inverse
+            inv0, inv1, inv2 = inverse
         else:
-            scales1[b], scales2[b] = peak1, peak2
-            inv1, inv2 = _reciprocal(peak1), _reciprocal(peak2)
-        _quantize(mbuf[:size], inv1, first1, mids1, fix1, packed1, q1[block], path)
-        _quantize(vbuf[:size], inv2, first2, mids2, fix2, packed2, q2[block], path)
+            states[0][1][b] = peak0
+            inv0 = _reciprocal(peak0)
+            inv1 = inv2 = _ZERO
+            if ns > 1:
+                states[1][1][b] = peak1
+                inv1 = _reciprocal(peak1)
+            if ns > 2:
+                states[2][1][b] = peak2
+                inv2 = _reciprocal(peak2)
+        _requantize(states[0], b0[:size], inv0, lo, hi, path)
+        if ns > 1:
+            _requantize(states[1], b1[:size], inv1, lo, hi, path)
+        if ns > 2:
+            _requantize(states[2], b2[:size], inv2, lo, hi, path)
+    if measure:
+        peaks[t, 0] = acc0
+        peaks[t, 1] = acc1
+        peaks[t, 2] = acc2
     return count
 
 
-@njit(**_JIT)
-def _peaks_task(t, ntasks, p, g, state1, state2, c, decay, skip, path, peaks):
-    """First pass of a one-scale (WHOLE_TENSOR) step: the peaks of task ``t``'s new states
-    into ``peaks[t]``. Writes nothing else."""
-    q1, scales1, code1 = state1[0], state1[1], state1[2]
-    q2, scales2, code2 = state2[0], state2[1], state2[2]
-    pbuf = np.empty(BLOCK, np.float32)
-    mbuf = np.empty(BLOCK, np.float32)
-    vbuf = np.empty(BLOCK, np.float32)
-    first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
-    peak1 = _ZERO
-    peak2 = _ZERO
-    for b in range(first, last):
-        lo, hi = b * BLOCK, min(p.size, (b + 1) * BLOCK)
-        bad = skip and _has_nonfinite(g[lo:hi])
-        block = slice(lo, hi)
-        size = hi - lo
-        b1, b2 = _block_update(
-            p[block], g[block], q1[block], q2[block], scales1[0], scales2[0], code1, code2, c, decay, bad, path, pbuf[:size], mbuf[:size], vbuf[:size]
-        )
-        peak1 = _peak(peak1, b1)
-        peak2 = _peak(peak2, b2)
-    peaks[t, 0] = peak1
-    peaks[t, 1] = peak2
+@njit(**_PARALLEL)
+def _fp32_parallel(rule, p, g, s0, s1, s2, gscale, c, skip, ntasks, skipped):
+    for t in prange(ntasks):
+        skipped[t] = _fp32_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip)
 
 
 @njit(**_PARALLEL)
-def _adam_fp32_states(p, g, m, v, c, decay, skip, ntasks, skipped):
+def _8bit_parallel(rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks, ntasks, skipped):
     for t in prange(ntasks):
-        skipped[t] = _fp32_task(t, ntasks, p, g, m, v, c, decay, skip)
-
-
-@njit(**_JIT)
-def _adam_fp32_states_serial(p, g, m, v, c, decay, skip, ntasks, skipped):
-    for t in range(ntasks):
-        skipped[t] = _fp32_task(t, ntasks, p, g, m, v, c, decay, skip)
-
-
-@njit(**_PARALLEL)
-def _adam_8bit(p, g, state1, state2, c, decay, skip, whole, inverse, path, ntasks, skipped):
-    for t in prange(ntasks):
-        skipped[t] = _8bit_task(t, ntasks, p, g, state1, state2, c, decay, skip, whole, inverse, path)
-
-
-@njit(**_JIT)
-def _adam_8bit_serial(p, g, state1, state2, c, decay, skip, whole, inverse, path, ntasks, skipped):
-    for t in range(ntasks):
-        skipped[t] = _8bit_task(t, ntasks, p, g, state1, state2, c, decay, skip, whole, inverse, path)
-
-
-@njit(**_PARALLEL)
-def _adam_8bit_peaks(p, g, state1, state2, c, decay, skip, path, ntasks, peaks):
-    for t in prange(ntasks):
-        _peaks_task(t, ntasks, p, g, state1, state2, c, decay, skip, path, peaks)
-
-
-@njit(**_JIT)
-def _adam_8bit_peaks_serial(p, g, state1, state2, c, decay, skip, path, ntasks, peaks):
-    for t in range(ntasks):
-        _peaks_task(t, ntasks, p, g, state1, state2, c, decay, skip, path, peaks)
+        skipped[t] = _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks)
