@@ -1,6 +1,7 @@
 """The `qoptim` command: demo, memory and the errors a user can make."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -107,3 +108,39 @@ def test_gpt2_config_counts_like_gpt2_small(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     assert sum(tensor_sizes(str(path))[1]) == 124_439_808  # GPT-2 small, tied embeddings
+
+
+def test_a_training_process_that_dies_is_reported_not_waited_on():
+    import multiprocessing as mp
+    import os
+
+    from qoptim.demo import _wait_for_result
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=os._exit, args=(3,))  # dies without putting a result
+    child.start()
+    status, message = _wait_for_result(child, queue)
+    child.join()
+    assert status == "error" and "exited with code 3" in message
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[1, 2, 3]", "must hold a JSON object"),
+        ('{"hidden_size": "4096", "num_hidden_layers": 2, "vocab_size": 10}', "hidden_size must be a positive integer"),
+        ('{"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10, "num_attention_heads": 0}', "num_attention_heads must be"),
+        ('{"hidden_size": 64, "num_hidden_layers": 2}', "none of ('vocab_size',)"),
+    ],
+)
+def test_a_malformed_model_config_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tensor_sizes(str(path))
+
+
+def test_an_overflowing_parameter_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="too large"):
+        tensor_sizes("1e400")

@@ -249,3 +249,24 @@ def test_hyperparameters_changed_between_steps_are_checked_before_anything_chang
 def test_flags_must_be_booleans(flag):
     with pytest.raises(ValueError, match=f"{flag} must be True or False"):
         bnb.optim.Adam8bit(make_params((4, 4), torch.float32), **{flag: "yes"})
+
+
+def test_a_step_that_fails_in_a_backend_leaves_no_half_open_step(monkeypatch):
+    from qoptim import kernels
+
+    (p,) = make_params((64, 81), torch.float32)
+    opt = bnb.optim.Adam8bit([p])
+    p.grad = torch.randn_like(p)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backend failure")
+
+    monkeypatch.setattr(kernels, "update", broken)
+    with pytest.raises(RuntimeError, match="backend failure"):
+        opt.step()
+    assert opt._skipped_this_step is None  # later direct update_step calls count their own skips
+    monkeypatch.undo()
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        opt.update_step(opt.param_groups[0], p, 0, 0)
+    assert opt.nonfinite_skipped_blocks == 21

@@ -232,13 +232,21 @@ def test_lamb_trust_ratio_holds_in_8bit():
         assert (p.detach() - before).norm().item() == pytest.approx(1e-3 * before.norm().item(), rel=1e-4)
 
 
-def test_lamb_max_unorm_caps_the_update():
+@pytest.mark.parametrize("p_scale,max_unorm", [(0.01, 0.5), (100.0, 0.5), (100.0, 0.0), (1.0, 1.0)])
+def test_lamb_max_unorm_caps_the_trust_ratio(p_scale, max_unorm):
+    """The first step's direction is ~sign(g), |u| = sqrt(n): the trust ratio |p| / |u| applies
+    up to max_unorm (0: no cap)."""
     (p,) = make_params(SHAPE, torch.float32)
-    opt = bnb.optim.LAMB32bit([p], lr=1e-3, max_unorm=0.5)
+    with torch.no_grad():
+        p.mul_(p_scale)
+    opt = bnb.optim.LAMB32bit([p], lr=1e-3, max_unorm=max_unorm)
     before = p.detach().clone()
     p.grad = gradients(SHAPE, 1)[0]
     opt.step()
-    assert (p.detach() - before).norm().item() == pytest.approx(0.5e-3 * before.norm().item(), rel=1e-4)
+    u_norm = math.sqrt(p.numel())
+    ratio = before.norm().item() / u_norm
+    expected = min(ratio, max_unorm) if max_unorm else ratio
+    assert (p.detach() - before).norm().item() == pytest.approx(1e-3 * expected * u_norm, rel=1e-3)  # fp32 rounding of p ~ 100
 
 
 @pytest.mark.parametrize(
@@ -270,3 +278,40 @@ def test_ademamix_paged_and_variants_construct():
         opt = bnb.optim.PagedAdEMAMix8bit([p])
         _run(opt, [p], gradients(SHAPE, 1))
     assert opt.is_paged and opt.state[p]["state1"].dtype == torch.uint8
+
+
+def test_ademamix_block_wise_false_is_refused_before_anything_changes():
+    (p,) = make_params(SHAPE, torch.float32)
+    opt = bnb.optim.AdEMAMix8bit([p])
+    bnb.optim.GlobalOptimManager.get_instance().override_config(p, "block_wise", False)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="block-wise 8-bit states only"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state[p]
+    small = bnb.optim.AdEMAMix32bit(make_params(SHAPE, torch.float32))  # 32-bit states have no blocks: allowed
+    small.param_groups[0]["params"][0].grad = torch.randn(SHAPE)
+    small.step()
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.999, 0.9999), (0.9, 0.999, 0.0), (0.0, 0.999, 0.0)])
+def test_ademamix_beta3_schedule_at_zero_betas(betas):
+    from qoptim.optim.ademamix import scheduled_beta3
+
+    schedule = [scheduled_beta3(betas[0], betas[2], 10, t) for t in range(0, 21)]
+    assert all(math.isfinite(b) and 0.0 <= b <= betas[2] for b in schedule)
+    assert schedule[-1] == betas[2] and schedule[0] == min(betas[0], betas[2])
+    assert schedule == sorted(schedule)  # warms up monotonically
+    (p,) = make_params(SHAPE, torch.float32)
+    opt = bnb.optim.AdEMAMix8bit([p], betas=betas, t_beta3=10)
+    _run(opt, [p], gradients(SHAPE, 3))
+    assert opt.state[p]["step"] == 3 and torch.isfinite(p).all()
+
+
+def test_ademamix_schedule_matches_the_paper_formula_away_from_zero():
+    from qoptim.optim.ademamix import scheduled_beta3
+
+    for t in range(0, 30):
+        a, b = math.log(0.9), math.log(0.9999)
+        expected = min(math.exp(a * b / ((1 - t / 20) * b + (t / 20) * a)), 0.9999)
+        assert scheduled_beta3(0.9, 0.9999, 20, t) == expected

@@ -245,6 +245,22 @@ def test_percentile_clipping_scales_gradients_to_the_percentile_of_history():
     torch.testing.assert_close(opt.state[p]["gnorm_vec"], history)
 
 
+def test_a_nonfinite_gradient_does_not_enter_the_clipping_history():
+    (p,) = make_params((64, 64), torch.float32)
+    opt = bnb.optim.Adam8bit([p], lr=LR, percentile_clipping=5, min_8bit_size=0)
+    for g in gradients((64, 64), 3):
+        p.grad = g
+        opt.step()
+    history = opt.state[p]["gnorm_vec"].clone()
+    p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(opt.state[p]["gnorm_vec"], history)
+    p.grad = gradients((64, 64), 1)[0]
+    opt.step()
+    assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["gnorm_vec"]).all()
+
+
 def test_block_wise_false_keeps_one_scale_per_tensor():
     (p,) = make_params((64, 81), torch.float32)
     opt = bnb.optim.Adam8bit([p], block_wise=False)

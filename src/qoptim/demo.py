@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
 import statistics
 import sysconfig
 import time
@@ -112,7 +113,7 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "torch_adamw":
         return torch.optim.AdamW(params, lr=lr)
     classes = {cls.lower(): getattr(optim, cls) for cls in optim.__all__}
-    if name not in classes or name not in optimizer_names():
+    if name not in optimizer_names():
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(optimizer_names())}")
     return classes[name](params, **demo_settings(name, lr))
 
@@ -224,11 +225,25 @@ def train_in_child(config: RunConfig) -> RunResult:
     queue = ctx.Queue()
     child = ctx.Process(target=_child, args=(asdict(config), queue))
     child.start()
-    status, payload = queue.get()
+    status, payload = _wait_for_result(child, queue)
     child.join()
     if status != "ok":
         raise RuntimeError(f"training with {config.optimizer} failed: {payload}")
     return RunResult(**payload)
+
+
+def _wait_for_result(child, queue) -> tuple[str, object]:
+    """The child's message; a child that dies without one (killed, out of memory, a crash in
+    native code) is reported instead of waited on forever."""
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not child.is_alive():
+                try:  # it may have put its message just before exiting
+                    return queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    return "error", f"the training process exited with code {child.exitcode} without a result"
 
 
 # ---- report --------------------------------------------------------------------------------

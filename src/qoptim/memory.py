@@ -34,11 +34,16 @@ def tensor_sizes(spec: str) -> tuple[str, list[int]]:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the model config {spec!r}: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"the model config {spec!r} must hold a JSON object, got {type(config).__name__}")
         return f"{config.get('model_type', 'model')} from {path.name}", _from_config(config)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", spec.lower())
     if not match:
         raise ValueError(f"MODEL_SPEC must be a parameter count like 7B or 350M, or a config.json path; got {spec!r}")
-    count = int(float(match.group(1)) * SUFFIXES.get(match.group(2), 1))
+    value = float(match.group(1)) * SUFFIXES.get(match.group(2), 1)
+    if not math.isfinite(value):
+        raise ValueError(f"parameter count {spec!r} is too large")
+    count = int(value)
     if count <= 0:
         raise ValueError(f"a model needs at least one parameter, got {spec!r}")
     return spec.strip(), [count]
@@ -47,8 +52,12 @@ def tensor_sizes(spec: str) -> tuple[str, list[int]]:
 def _from_config(c: dict) -> list[int]:
     def get(*keys, default=None):
         for k in keys:
-            if c.get(k) is not None:
-                return c[k]
+            value = c.get(k)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"the config's {k} must be a positive integer, got {value!r}")
+            return value
         if default is None:
             raise ValueError(f"the config has none of {keys}")
         return default

@@ -128,11 +128,11 @@ def lamb_trust_terms(p, g, states, hp):
 
 
 def lamb_trust_ratio(p_norm: float, direction_norm: float, hp: Hyper) -> float:
-    """|p| / |u| (1 when either is 0); ``max_unorm`` then caps the scaled update at max_unorm * |p|."""
+    """|p| / |u| (1 when either is 0), at most ``max_unorm`` when that is > 0. At the default cap
+    of 1 (the update never grows beyond Adam's) this is bitsandbytes' 32-bit LAMB step, whose
+    ``max_unorm`` caps |u| at max_unorm * |p|: the same thing when it is 1."""
     ratio = p_norm / direction_norm if p_norm > 0 and direction_norm > 0 else 1.0
-    if hp.max_unorm > 0 and ratio * direction_norm > hp.max_unorm * p_norm > 0:
-        ratio = hp.max_unorm * p_norm / direction_norm
-    return ratio
+    return min(ratio, hp.max_unorm) if hp.max_unorm > 0 else ratio
 
 
 def lars_trust_terms(p, g, states, hp):

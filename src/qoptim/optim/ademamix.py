@@ -25,8 +25,6 @@ class AdEMAMix(FixedVariant, Optimizer2State):
         for name, t in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
             if t is not None and (not isinstance(t, int) or t <= 0):
                 raise ValueError(f"Invalid {name}: {t!r}; expected a positive number of steps or None")
-        if t_beta3 is not None and betas[0] == 0:
-            raise ValueError("the beta3 schedule (t_beta3) needs beta1 > 0")
         super().__init__("ademamix", params, lr, betas, eps, weight_decay, self._bits(optim_bits), None, min_8bit_size,
                          is_paged=is_paged or self.fixed_paged, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
                          nonfinite=nonfinite)  # fmt: skip
@@ -36,10 +34,14 @@ class AdEMAMix(FixedVariant, Optimizer2State):
         return hp._replace(alpha=scheduled_alpha(hp.alpha, config["t_alpha"], step),
                            beta3=scheduled_beta3(hp.beta1, hp.beta3, config["t_beta3"], step))  # fmt: skip
 
-    def init_state(self, group, p, gindex, pindex):
-        if not self.get_config(gindex, pindex, group)["block_wise"]:
-            raise ValueError("AdEMAMix keeps block-wise 8-bit states only (block_wise=False is not supported)")
-        super().init_state(group, p, gindex, pindex)
+    def _check_param(self, gindex, pindex, group, p):
+        super()._check_param(gindex, pindex, group, p)
+        config = self.get_config(gindex, pindex, group)
+        if not self.state[p] and config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"] and not config["block_wise"]:
+            raise ValueError(
+                f"parameter {pindex} of param group {gindex}: AdEMAMix keeps block-wise 8-bit states only "
+                "(block_wise=False is not supported)"
+            )
 
     def _state_shape(self, p: torch.Tensor, key: str) -> torch.Size:
         return torch.Size([2, *p.shape]) if key == "state1" else p.shape
@@ -62,8 +64,13 @@ def scheduled_beta3(beta1: float, beta3: float, t_beta3: int | None, step: int) 
     half-life 1 / ln(beta)."""
     if not t_beta3:
         return beta3
-    ln1, ln3 = math.log(beta1), math.log(beta3)
     frac = step / t_beta3
+    if beta3 == 0.0:  # nothing to warm up to
+        return 0.0
+    ln3 = math.log(beta3)
+    if beta1 == 0.0:  # half-life 0 at the start: the formula's limit as ln(beta1) -> -inf
+        return min(math.exp(ln3 / frac), beta3) if frac > 0 else 0.0
+    ln1 = math.log(beta1)
     return min(math.exp(ln1 * ln3 / ((1 - frac) * ln3 + frac * ln1)), beta3)
 
 

@@ -1,6 +1,8 @@
 """LAMB (You et al., 2020, "Large Batch Optimization for Deep Learning"): Adam's direction
 ``u`` (plus decoupled weight decay) scaled per tensor by the trust ratio ``|p| / |u|``.
-``max_unorm`` additionally caps the scaled update at ``max_unorm * |p|`` (0 disables the cap).
+``max_unorm`` caps the trust ratio (0: no cap). At the default 1 the update is never larger than
+Adam's, as in bitsandbytes' 32-bit LAMB (there, ``max_unorm`` caps ``|u|`` at ``max_unorm * |p|``:
+the same step when ``max_unorm`` is 1).
 bitsandbytes' 8-bit LAMB has no trust ratio; qoptim's has it at every precision."""
 
 from __future__ import annotations

@@ -6,22 +6,19 @@ trust coefficient). bitsandbytes' 8-bit LARS has no trust ratio; qoptim's has it
 from __future__ import annotations
 
 from .optimizer import Optimizer1State
-from .sgd import check_momentum
+from .sgd import MomentumSettings, check_momentum
 from .variants import FixedVariant, variant
 
 __all__ = ["LARS", "LARS8bit", "LARS32bit"]
 
 
-class LARS(FixedVariant, Optimizer1State):
+class LARS(FixedVariant, MomentumSettings, Optimizer1State):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.02, nonfinite="skip"):  # fmt: skip
         check_momentum("LARS", momentum, dampening, nesterov)
         super().__init__("lars", params, lr, (momentum, dampening), 0.0, weight_decay, self._bits(optim_bits), args,
                          min_8bit_size, percentile_clipping, block_wise, max_unorm=max_unorm, nonfinite=nonfinite)  # fmt: skip
         self.add_group_defaults(nesterov=nesterov)
-
-    def hyper(self, config, step):
-        return super().hyper(config, step)._replace(dampening=float(config["betas"][1]), nesterov=bool(config.get("nesterov")))
 
 
 LARS8bit = variant(LARS, "LARS8bit", drop=("optim_bits",), fixed_bits=8)

@@ -59,6 +59,8 @@ PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class Optimizer8bit(torch.optim.Optimizer):
     """The step loop and checkpoint layout shared by every qoptim optimizer."""
 
+    nonfinite = "skip"  # what a NaN/Inf gradient does (NONFINITE_MODES); the state classes take it as an argument
+
     def __init__(self, params, defaults: dict[str, Any], optim_bits: int = 32, is_paged: bool = False):
         super().__init__(params, defaults)
         self.initialized = False
@@ -69,7 +71,6 @@ class Optimizer8bit(torch.optim.Optimizer):
             "qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2", "state1", "state2",
             "gnorm_vec", "absmax1", "absmax2", "unorm_vec",
         }  # fmt: skip
-        self.nonfinite = "skip"
         self.nonfinite_skipped_blocks = 0  # 256-blocks left untouched because of NaN/Inf gradients
         if optim_bits == 8:
             self.fill_qmap()
@@ -77,9 +78,6 @@ class Optimizer8bit(torch.optim.Optimizer):
     def fill_qmap(self) -> None:
         self.name2qmap["dynamic"] = signed_map()
         self.name2qmap["udynamic"] = unsigned_map()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
 
     # ---- configuration -------------------------------------------------------------
 
@@ -135,17 +133,19 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._check_param(gindex, pindex, group, p)
         devices = set()
         self._skipped_this_step: list[int | torch.Tensor] = []
-        for gindex, pindex, group, p in work:
-            if not self.state[p]:
-                self.init_state(group, p, gindex, pindex)
-            self.prefetch_state(p)
-            self.update_step(group, p, gindex, pindex)
-            devices.add(p.device)
-        if self.is_paged:
-            for device in devices:
-                paging.synchronize(device)
-        skipped = _total(self._skipped_this_step)  # the step's one read of device counters
-        self._skipped_this_step = None
+        try:
+            for gindex, pindex, group, p in work:
+                if not self.state[p]:
+                    self.init_state(group, p, gindex, pindex)
+                self.prefetch_state(p)
+                self.update_step(group, p, gindex, pindex)
+                devices.add(p.device)
+            if self.is_paged:
+                for device in devices:
+                    paging.synchronize(device)
+            skipped = _total(self._skipped_this_step)  # the step's one read of device counters
+        finally:  # also after a failure deep in a backend: later direct update_step calls count themselves
+            self._skipped_this_step = None
         if skipped:
             self._note_skipped(skipped)
         return loss
@@ -291,8 +291,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if not isinstance(value, torch.Tensor):
             return value
         if key in ("state1", "state2") and self.is_paged and move_to_device:
-            buffer = paging.state_buffer(p, value.dtype, True, owner=self, shape=value.shape)
-            return buffer.copy_(value)
+            return self._state_buffer(p, value.dtype, value.shape).copy_(value)
         # always a copy: the live state must not alias the caller's state dict
         if key in self.non_castable_tensor_keys:
             return value.to(p.device, copy=True) if move_to_device else value.clone()
@@ -431,11 +430,8 @@ class _StateOptimizer(Optimizer8bit):
 
     @torch.no_grad()
     def init_state(self, group, p, gindex, pindex):
-        config = self.get_config(gindex, pindex, group)
-        bits = config["optim_bits"]
-        if bits not in (8, 32):
-            raise NotImplementedError(f"Amount of optimizer bits not supported: {bits}")
-        quantized = bits == 8 and p.numel() >= config["min_8bit_size"]
+        config = self.get_config(gindex, pindex, group)  # optim_bits was checked by _check_param
+        quantized = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
         state = self.state[p]
         state["step"] = 0
         for i in range(1, self.n_states + 1):
@@ -464,16 +460,15 @@ class _StateOptimizer(Optimizer8bit):
     def update_step(self, group, p, gindex, pindex):
         config = self.get_config(gindex, pindex, group)
         state = self.state[p]
-        state["step"] += 1
-        step = state["step"]
+        step = state["step"] + 1
+        hp = self.hyper(config, step)  # before any change: a schedule that cannot be evaluated changes nothing
+        state["step"] = step
         params = _dt.local(p.detach())  # a DTensor's local shard (FSDP2), updated in place
         flat_p = params.view(-1) if params.is_contiguous() else params.contiguous().view(-1)
         flat_g = _dt.local(p.grad.detach()).contiguous().view(-1)
-
-        gnorm_scale = 1.0
         if config["percentile_clipping"] < 100:
-            gnorm_scale = _percentile_clip(state["gnorm_vec"], kernels.grad_norm_sq(flat_g), step, config["percentile_clipping"])
-        hp = self.hyper(config, step)._replace(gnorm_scale=gnorm_scale)
+            scale = _percentile_clip(state["gnorm_vec"], kernels.grad_norm_sq(flat_g), step, config["percentile_clipping"])
+            hp = hp._replace(gnorm_scale=scale)
         result = kernels.update(self.family.rule, flat_p, flat_g, self._slots(state), hp, skip_nonfinite=self.nonfinite == "skip")
         if flat_p.data_ptr() != params.data_ptr():
             params.copy_(flat_p.view(params.shape))
@@ -576,11 +571,16 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
 
 def _percentile_clip(gnorm_vec: torch.Tensor, norm_sq: float, step: int, percentile: int) -> float:
     """Record this step's squared gradient norm in the 100-step history and return the factor
-    that scales the gradient down to the history's ``percentile``-th smallest norm."""
+    that scales the gradient down to the history's ``percentile``-th smallest norm.
+
+    A NaN/Inf norm is not recorded (it would poison the history for 100 steps) and scales
+    nothing: the kernels' non-finite handling decides what such a gradient does."""
+    if not math.isfinite(norm_sq):
+        return 1.0
     if step == 1:
         gnorm_vec.fill_(norm_sq)
     else:
         gnorm_vec[step % 100] = norm_sq
-    current = math.sqrt(float(gnorm_vec[step % 100]))
-    clip = math.sqrt(float(torch.sort(gnorm_vec).values[percentile]))
+    current = math.sqrt(float(torch.tensor(norm_sq, dtype=torch.float32)))  # as stored, without reading it back
+    clip = math.sqrt(float(torch.kthvalue(gnorm_vec, percentile + 1).values))  # sorted(gnorm_vec)[percentile]
     return clip / current if current > clip else 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .optimizer import Optimizer1State
 from .variants import FixedVariant, variant
 
-__all__ = ["SGD", "SGD8bit", "SGD32bit", "check_momentum"]
+__all__ = ["SGD", "SGD8bit", "SGD32bit", "MomentumSettings", "check_momentum"]
 
 
 def check_momentum(name: str, momentum, dampening, nesterov) -> None:
@@ -18,7 +18,15 @@ def check_momentum(name: str, momentum, dampening, nesterov) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-class SGD(FixedVariant, Optimizer1State):
+class MomentumSettings:
+    """The step settings of the momentum families (SGD, LARS): bitsandbytes keeps
+    ``(momentum, dampening)`` in ``betas``; ``nesterov`` is a group setting of their own."""
+
+    def hyper(self, config, step):
+        return super().hyper(config, step)._replace(dampening=float(config["betas"][1]), nesterov=bool(config.get("nesterov")))
+
+
+class SGD(FixedVariant, MomentumSettings, Optimizer1State):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip"):  # fmt: skip
         check_momentum(type(self).__name__.removesuffix("8bit").removesuffix("32bit"), momentum, dampening, nesterov)
@@ -26,9 +34,6 @@ class SGD(FixedVariant, Optimizer1State):
         super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, self._bits(optim_bits), args,
                          min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite)  # fmt: skip
         self.add_group_defaults(nesterov=nesterov)
-
-    def hyper(self, config, step):
-        return super().hyper(config, step)._replace(dampening=float(config["betas"][1]), nesterov=bool(config.get("nesterov")))
 
 
 SGD8bit = variant(SGD, "SGD8bit", drop=("optim_bits",), fixed_bits=8)
