@@ -261,7 +261,7 @@ def test_a_step_that_fails_in_a_backend_leaves_no_half_open_step(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("backend failure")
 
-    monkeypatch.setattr(kernels, "update", broken)
+    monkeypatch.setattr(kernels, "update_many", broken)
     with pytest.raises(RuntimeError, match="backend failure"):
         opt.step()
     assert opt._skipped_this_step is None  # later direct update_step calls count their own skips

@@ -5,8 +5,10 @@ A backend is a module (or any object) with two functions:
     update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult
     grad_norm_sq(g) -> float
 
-and optionally ``supports(rule, p, slots) -> bool`` when it covers only some cases; the
-reference backend covers every case on every device and is used for the rest.
+and optionally ``supports(rule, p, slots) -> bool`` when it covers only some cases (the
+reference backend covers every case on every device and is used for the rest), and
+``update_many(jobs) -> list[UpdateResult]`` when it can do many parameters' updates at once
+better than one by one (e.g. small tensors in one launch).
 
 ``QOPTIM_BACKEND=reference`` (environment) forces the reference backend, for debugging.
 """
@@ -22,9 +24,9 @@ from typing import Any
 import torch
 
 from . import reference
-from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
+from .types import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot, UpdateResult
 
-__all__ = ["BLOCK", "WHOLE_TENSOR", "Hyper", "StateSlot", "UpdateResult", "backend_for", "register", "update"]
+__all__ = ["BLOCK", "WHOLE_TENSOR", "Hyper", "Job", "StateSlot", "UpdateResult", "backend_for", "register", "update", "update_many"]
 
 # device type -> module path of its fused backend, imported on first use
 _FUSED: dict[str, str] = {}
@@ -69,6 +71,25 @@ def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], 
     if supports is not None and not supports(rule, p, slots):
         backend = reference
     return backend.update(rule, p, g, slots, hp, skip_nonfinite)
+
+
+def update_many(jobs: list[Job]) -> list[UpdateResult]:
+    """``update(*job)`` for every job, in any order (jobs are independent parameters): each
+    backend gets its jobs together where it batches them (``update_many``)."""
+    results: list[UpdateResult | None] = [None] * len(jobs)
+    by_backend: dict[int, tuple[Any, list[int]]] = {}
+    for i, job in enumerate(jobs):
+        backend = backend_for(job.p.device)
+        by_backend.setdefault(id(backend), (backend, []))[1].append(i)
+    for backend, indices in by_backend.values():
+        many = getattr(backend, "update_many", None)
+        if many is None:
+            for i in indices:
+                results[i] = update(*jobs[i])
+            continue
+        for i, result in zip(indices, many([jobs[i] for i in indices])):
+            results[i] = result
+    return results
 
 
 def grad_norm_sq(g: torch.Tensor) -> float:

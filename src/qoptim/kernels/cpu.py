@@ -46,7 +46,7 @@ from . import reference
 from .cpu_tables import NAN_INDEX, tables_for
 from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
 
-__all__ = ["update", "grad_norm_sq", "supports"]
+__all__ = ["update", "update_many", "grad_norm_sq", "supports"]
 
 # Numba's OpenMP threads spin-wait between parallel regions. On a machine with as many busy
 # threads as cores (torch's own pool runs forward and backward between steps) they starve
@@ -1075,3 +1075,7 @@ def _fp32_parallel(rule, p, g, s0, s1, s2, gscale, c, skip, ntasks, skipped):
 def _8bit_parallel(rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks, ntasks, skipped):
     for t in prange(ntasks):
         skipped[t] = _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks)
+
+
+# many parameters at once (small tensors batched into one call): see cpu_batch
+from .cpu_batch import update_many  # noqa: E402  (it builds on this module's kernels)

@@ -57,6 +57,17 @@ class Hyper(NamedTuple):
     trust_ratio: float = 1.0  # LAMB, LARS: the layer-wise scale, filled in by the backend
 
 
+class Job(NamedTuple):
+    """One parameter's update, the arguments of ``kernels.update`` as one value (``update_many``)."""
+
+    rule: str
+    p: torch.Tensor  # flat, contiguous
+    g: torch.Tensor  # flat, contiguous, p's dtype
+    slots: list[StateSlot]
+    hp: Hyper
+    skip_nonfinite: bool = True
+
+
 class UpdateResult(NamedTuple):
     # 256-blocks left untouched because their gradient held a NaN or Inf: an int, or a 0-d device
     # tensor (GPU backends), which the optimizer reads once per step rather than once per parameter

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import kernels, paging
-from ..kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from ..kernels import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot
 from ..quant.maps import signed_map, unsigned_map
 from . import dtensor as _dt
 from .manager import GlobalOptimManager
@@ -53,6 +53,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 NONFINITE_MODES = ("skip", "raise", "propagate")
+# settings every parameter takes from ``self.args`` (bitsandbytes' MockArgs), unless overridden
+ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise")
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -93,14 +95,18 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
         """Settings for one parameter: its group, then ``args``, then overrides (which win)."""
-        config = {key: value for key, value in group.items() if key != "params"}
-        config.setdefault("alpha", 0.0)
-        config.setdefault("t_alpha", None)
-        config.setdefault("t_beta3", None)
-        for key in ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise"):
-            config[key] = getattr(self.args, key)
-        config.update(self.mng.index2config.get((gindex, pindex), {}))
-        config.update(self.mng.pid2config.get(id(group["params"][pindex]), {}))
+        config = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}
+        config.update(group)
+        del config["params"]
+        args = self.args
+        for key in ARGS_KEYS:
+            config[key] = getattr(args, key)
+        overrides = self.mng.index2config.get((gindex, pindex))
+        if overrides:
+            config.update(overrides)
+        overrides = self.mng.pid2config.get(id(group["params"][pindex]))
+        if overrides:
+            config.update(overrides)
         return config
 
     # ---- the step ------------------------------------------------------------------
@@ -131,17 +137,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             self._check_group(gindex, group)
         for gindex, pindex, group, p in work:
             self._check_param(gindex, pindex, group, p)
-        devices = set()
         self._skipped_this_step: list[int | torch.Tensor] = []
         try:
-            for gindex, pindex, group, p in work:
-                if not self.state[p]:
-                    self.init_state(group, p, gindex, pindex)
-                self.prefetch_state(p)
-                self.update_step(group, p, gindex, pindex)
-                devices.add(p.device)
+            self._update_all(work)
             if self.is_paged:
-                for device in devices:
+                for device in {p.device for *_, p in work}:
                     paging.synchronize(device)
             skipped = _total(self._skipped_this_step)  # the step's one read of device counters
         finally:  # also after a failure deep in a backend: later direct update_step calls count themselves
@@ -149,6 +149,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         if skipped:
             self._note_skipped(skipped)
         return loss
+
+    def _update_all(self, work: list[tuple[int, int, dict[str, Any], torch.Tensor]]) -> None:
+        """Update every (gindex, pindex, group, param) of a checked step, one parameter at a time."""
+        for gindex, pindex, group, p in work:
+            if not self.state[p]:
+                self.init_state(group, p, gindex, pindex)
+            self.prefetch_state(p)
+            self.update_step(group, p, gindex, pindex)
 
     def _check_group(self, gindex: int, group: dict[str, Any]) -> None:
         """Hyperparameters can change between steps (schedulers, user code): check them each step."""
@@ -292,9 +300,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             return value
         if key in ("state1", "state2") and self.is_paged and move_to_device:
             return self._state_buffer(p, value.dtype, value.shape).copy_(value)
-        # always a copy: the live state must not alias the caller's state dict
+        # always a contiguous copy: the live state must not alias the caller's state dict, and
+        # the kernels update flat views of it
         if key in self.non_castable_tensor_keys:
-            return value.to(p.device, copy=True) if move_to_device else value.clone()
+            device = p.device if move_to_device else value.device
+            return value.to(device, memory_format=torch.contiguous_format, copy=True)
         if value.is_floating_point():
             return value.to(device=p.device, dtype=p.dtype, copy=True)
         return value.to(p.device, copy=True)
@@ -456,8 +466,28 @@ class _StateOptimizer(Optimizer8bit):
         if config["percentile_clipping"] < 100:
             state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
 
+    def _update_all(self, work) -> None:
+        """All parameters' updates handed to the kernels together (``kernels.update_many``), so
+        that a backend can batch small tensors into one launch. Paged optimizers (each state
+        prefetched just before its own update) and subclasses with their own ``update_step``
+        take the one-at-a-time path."""
+        if self.is_paged or type(self).update_step is not _StateOptimizer.update_step:
+            return super()._update_all(work)
+        jobs = []
+        for gindex, pindex, group, p in work:
+            if not self.state[p]:
+                self.init_state(group, p, gindex, pindex)
+            jobs.append(self._job(group, p, gindex, pindex))
+        for job, result in zip(jobs, kernels.update_many([job.update for job in jobs])):
+            job.finish(self, result)
+
     @torch.no_grad()
     def update_step(self, group, p, gindex, pindex):
+        job = self._job(group, p, gindex, pindex)
+        job.finish(self, kernels.update(*job.update))
+
+    def _job(self, group, p, gindex, pindex) -> _Job:
+        """One parameter's update, ready for the kernels; counts the step."""
         config = self.get_config(gindex, pindex, group)
         state = self.state[p]
         step = state["step"] + 1
@@ -469,15 +499,7 @@ class _StateOptimizer(Optimizer8bit):
         if config["percentile_clipping"] < 100:
             scale = _percentile_clip(state["gnorm_vec"], kernels.grad_norm_sq(flat_g), step, config["percentile_clipping"])
             hp = hp._replace(gnorm_scale=scale)
-        result = kernels.update(self.family.rule, flat_p, flat_g, self._slots(state), hp, skip_nonfinite=self.nonfinite == "skip")
-        if flat_p.data_ptr() != params.data_ptr():
-            params.copy_(flat_p.view(params.shape))
-        if isinstance(result.skipped_blocks, torch.Tensor) or result.skipped_blocks:
-            pending = getattr(self, "_skipped_this_step", None)
-            if pending is None:  # called outside step()
-                self._note_skipped(_total([result.skipped_blocks]))
-            else:
-                pending.append(result.skipped_blocks)
+        return _Job(Job(self.family.rule, flat_p, flat_g, self._slots(state), hp, self.nonfinite == "skip"), params)
 
     def hyper(self, config: dict[str, Any], step: int) -> Hyper:
         """A step's hyperparameters for the kernels; families with settings of their own extend it."""
@@ -500,14 +522,18 @@ class _StateOptimizer(Optimizer8bit):
         return [self._slot(state, i) for i in range(1, self.n_states + 1)]
 
     def _slot(self, state: dict[str, Any], i: int, row: int | None = None) -> StateSlot:
-        """State ``i`` as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1)."""
+        """State ``i`` as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1).
+        State tensors are contiguous (as created, and as loaded): the flat views alias them."""
         values = _dt.local(state[f"state{i}"])
-        values = (values if row is None else values[row]).reshape(-1)
+        values = (values if row is None else values[row]).view(-1)
         if values.dtype != torch.uint8:
             return StateSlot(values)
-        if f"absmax{i}" in state:
-            absmax = _dt.local(state[f"absmax{i}"])
-            return StateSlot(values, state[f"qmap{i}"], _dt.blocks_of(absmax if row is None else absmax[row], values.numel()), BLOCK)
+        absmax = state.get(f"absmax{i}")
+        if absmax is not None:
+            absmax = absmax if row is None else absmax[row]
+            if _dt.is_dtensor(absmax) or absmax.dim() != 1:  # a shard's blocks within the padded global layout
+                absmax = _dt.blocks_of(absmax, values.numel())
+            return StateSlot(values, state[f"qmap{i}"], absmax, BLOCK)
         state[f"new_max{i}"].copy_(state[f"max{i}"])  # the previous scale, as bitsandbytes keeps it
         return StateSlot(values, state[f"qmap{i}"], state[f"max{i}"], WHOLE_TENSOR)
 
@@ -520,6 +546,24 @@ class _StateOptimizer(Optimizer8bit):
                 stacklevel=4,
             )
         self.nonfinite_skipped_blocks += blocks
+
+
+@dataclass
+class _Job:
+    """A parameter's update for the kernels, and the parameter it writes back to."""
+
+    update: Job
+    params: torch.Tensor  # the parameter (or its local shard); update.p is a flat view, or a copy
+
+    def finish(self, opt: _StateOptimizer, result) -> None:
+        if self.update.p.data_ptr() != self.params.data_ptr():  # updated a contiguous copy
+            self.params.copy_(self.update.p.view(self.params.shape))
+        if isinstance(result.skipped_blocks, torch.Tensor) or result.skipped_blocks:
+            pending = getattr(opt, "_skipped_this_step", None)
+            if pending is None:  # update_step called outside step()
+                opt._note_skipped(_total([result.skipped_blocks]))
+            else:
+                pending.append(result.skipped_blocks)
 
 
 class Optimizer2State(_StateOptimizer):

@@ -1,0 +1,216 @@
+"""Many small parameters in one CPU kernel call: the CPU backend's ``update_many``.
+
+A model's small tensors (biases, norms, small projections) each cost a Numba call of their own
+on the one-at-a-time path: argument unboxing and the host-side preparation come to tens of
+microseconds per tensor, far more than the update of a few thousand elements. Here the
+parameters of one step that share a rule, a dtype, a state layout, hyperparameters and code
+maps go to the kernels together: their addresses travel as one int64 array, the kernel views
+each tensor's memory again (``numba.carray``) and runs the very task function of the
+one-at-a-time path on it, so results are identical bit for bit.
+
+Batched: fp32 states and block-wise 8-bit states of tensors below ``BATCH_LIMIT`` elements.
+Everything else (large tensors, which get all threads each; one-scale 8-bit states, which
+take two passes; LAMB and LARS, whose trust ratio needs a pass of its own) takes the
+one-at-a-time path.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+from . import cpu, reference
+from .types import BLOCK, Job, UpdateResult
+
+__all__ = ["update_many"]
+
+# Tensors below this many elements are batched; larger ones are worth a launch of their own.
+BATCH_LIMIT = cpu.PARALLEL_MIN
+
+# Column of each address in a batch's address table: param, grad, then (values, absmax) per state.
+_P, _G, _STATES = 0, 1, 2
+
+
+def update_many(jobs: list[Job]) -> list[UpdateResult]:
+    """``cpu.update(*job)`` for every job, small tensors of like jobs in one call."""
+    results: list[UpdateResult | None] = [None] * len(jobs)
+    batches: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        key = _batch_key(job)
+        if key is None:
+            results[i] = cpu.update(*job)
+        else:
+            batches.setdefault(key, []).append(i)
+    for key, indices in batches.items():
+        if len(indices) == 1:
+            results[indices[0]] = cpu.update(*jobs[indices[0]])
+            continue
+        for i, count in zip(indices, _run(key, [jobs[i] for i in indices])):
+            results[i] = UpdateResult(skipped_blocks=int(count))
+    return results
+
+
+def _batch_key(job: Job) -> tuple | None:
+    """What jobs must share to run in one call, or None for the one-at-a-time path."""
+    rule, p, g, slots, hp, skip_nonfinite = job
+    n = p.numel()
+    family = cpu._FAMILIES.get(rule)
+    if n >= BATCH_LIMIT or family is None or rule in reference.TRUST_RATIOS or len(slots) != family.marker.states:
+        return None
+    if p.dtype not in cpu._VIEWS or p.dim() != 1 or not cpu._flat_cpu(p, p.dtype, n) or not cpu._flat_cpu(g, p.dtype, n):
+        return None
+    layout = _layout(slots, n)
+    if layout is None:
+        return None
+    # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
+    return rule, p.dtype, layout, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
+
+
+def _layout(slots, n: int) -> tuple | None:
+    """("fp32",) or ("block", tables of each state's map) when the states are all fp32 or all
+    8-bit in 256-blocks (as ``cpu._layout`` would say, for the two layouts batched)."""
+    if all(not s.quantized and cpu._flat_cpu(s.values, torch.float32, n) for s in slots):
+        return ("fp32",)
+    blocks = -(-n // BLOCK)
+    tables = []
+    for s in slots:
+        if not (s.blocksize == BLOCK and cpu._flat_cpu(s.values, torch.uint8, n) and cpu._flat_cpu(s.absmax, torch.float32, blocks)):
+            return None
+        code = s.code
+        if code is None or code.device.type != "cpu" or code.dtype != torch.float32 or code.shape != (256,):
+            return None
+        t = cpu._tables_of(code)
+        if t is None:
+            return None
+        tables.append(t)
+    return ("block", *(id(t) for t in tables))
+
+
+def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
+    """One call for the jobs of one batch key; returns each job's skipped-block count."""
+    rule, _, (layout, *_), hp, skip = key
+    family = cpu._FAMILIES[rule]
+    addresses = np.array([_addresses(job) for job in jobs], dtype=np.int64)
+    sizes = np.array([job.p.numel() for job in jobs], dtype=np.int64)
+    gscales = np.array([job.hp.gnorm_scale for job in jobs], dtype=np.float32)
+    skipped = np.zeros(len(jobs), dtype=np.int64)
+    like = cpu._as_numpy(jobs[0].p[:0])  # an empty array of the kernels' view of the parameter dtype
+    args = (family.marker, like, addresses, sizes, gscales, family.constants(hp), skip)
+    with cpu._threads_for(int(sizes.sum())) as ntasks:
+        bounds = _task_bounds(sizes, ntasks)
+        if layout == "fp32":
+            _launch(_fp32_batch_task, _fp32_batch_parallel, bounds, ntasks, (*args, skipped))
+            return skipped
+        tables = cpu._padded(tuple(_tables_tuple(s.code) for s in jobs[0].slots))
+        vector = cpu.VECTORIZE
+        try:
+            _launch(_8bit_batch_task, _8bit_batch_parallel, bounds, ntasks, (*args, *tables, cpu._VECTOR if vector else cpu._PORTABLE, skipped))
+        except (numba.core.errors.NumbaError, RuntimeError) as e:  # compiling failed: nothing was written
+            if not vector:
+                raise
+            cpu._give_up_vectorizing(e)
+            _launch(_8bit_batch_task, _8bit_batch_parallel, bounds, ntasks, (*args, *tables, cpu._PORTABLE, skipped))
+    return skipped
+
+
+def _addresses(job: Job) -> list[int]:
+    """The job's memory: param, grad, then each state's codes (or values) and scales; states
+    past the rule's count repeat the first (the kernels never touch them)."""
+    row = [job.p.data_ptr(), job.g.data_ptr()]
+    for slot in job.slots:
+        row += [slot.values.data_ptr(), slot.absmax.data_ptr() if slot.absmax is not None else 0]
+    while len(row) < _STATES + 2 * cpu._MAX_STATES:
+        row += row[_STATES : _STATES + 2]
+    return row
+
+
+def _tables_tuple(code: torch.Tensor) -> tuple:
+    t = cpu._tables_of(code)
+    return t.code, t.first, t.mids, t.fixups, t.packed
+
+
+def _task_bounds(sizes: np.ndarray, ntasks: int) -> np.ndarray:
+    """Split the batch into ``ntasks`` runs of whole tensors with about equal element counts."""
+    if ntasks == 1:
+        return np.array([0, len(sizes)], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, ntasks) / ntasks, side="left") + 1
+    return np.concatenate(([0], np.minimum(cuts, len(sizes)), [len(sizes)])).astype(np.int64)
+
+
+def _launch(task, parallel, bounds: np.ndarray, ntasks: int, args: tuple) -> None:
+    if ntasks > 1:
+        parallel(bounds, *args, ntasks)
+    else:
+        task(0, bounds, *args)
+
+
+# ---- kernels -----------------------------------------------------------------------------
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """``address`` (an int64) as a pointer to elements of ``like``'s dtype (an array, or a
+    numpy scalar type)."""
+    dtype = like.dtype if isinstance(like, types.Array) else like.instance_type
+    pointer = types.CPointer(dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@njit(**cpu._JIT)
+def _view(address, n, like):
+    return numba.carray(_pointer(address, like), n)
+
+
+@njit(**cpu._JIT)
+def _8bit_state(row, k, n, tables):
+    """State ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it."""
+    values = _view(row[_STATES + 2 * k], n, np.uint8)
+    absmax = _view(row[_STATES + 2 * k + 1], (n + BLOCK - 1) // BLOCK, np.float32)
+    return values, absmax, tables[0], tables[1], tables[2], tables[3], tables[4]
+
+
+@njit(**cpu._JIT)
+def _8bit_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped):
+    inverse = (cpu._ZERO, cpu._ZERO, cpu._ZERO)  # unused: block-wise scales are computed per block
+    peaks = np.zeros((1, 3), np.float32)  # unused: written by a one-scale first pass only
+    for i in range(bounds[t], bounds[t + 1]):
+        row, n = addresses[i], sizes[i]
+        p = _view(row[_P], n, like)
+        g = _view(row[_G], n, like)
+        s0 = _8bit_state(row, 0, n, t0)
+        s1 = _8bit_state(row, 1, n, t1)
+        s2 = _8bit_state(row, 2, n, t2)
+        skipped[i] = cpu._8bit_task(0, 1, rule, p, g, s0, s1, s2, gscales[i], c, skip, False, False, inverse, path, peaks)
+
+
+@njit(**cpu._JIT)
+def _fp32_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, skipped):
+    for i in range(bounds[t], bounds[t + 1]):
+        row, n = addresses[i], sizes[i]
+        p = _view(row[_P], n, like)
+        g = _view(row[_G], n, like)
+        s0 = _view(row[_STATES], n, np.float32)
+        s1 = _view(row[_STATES + 2], n, np.float32)
+        s2 = _view(row[_STATES + 4], n, np.float32)
+        skipped[i] = cpu._fp32_task(0, 1, rule, p, g, s0, s1, s2, gscales[i], c, skip)
+
+
+@njit(**cpu._PARALLEL)
+def _8bit_batch_parallel(bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped, ntasks):
+    for t in prange(ntasks):
+        _8bit_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped)
+
+
+@njit(**cpu._PARALLEL)
+def _fp32_batch_parallel(bounds, rule, like, addresses, sizes, gscales, c, skip, skipped, ntasks):
+    for t in prange(ntasks):
+        _fp32_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, skipped)
