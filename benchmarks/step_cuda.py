@@ -1,16 +1,19 @@
 """One optimizer step on one large CUDA parameter: qoptim's Triton kernels (paged and not) against
-bitsandbytes' CUDA kernels (when importable) and torch's fused AdamW.
+bitsandbytes' CUDA kernels (when importable) and torch's fused AdamW, for every optimizer family.
 
-    python benchmarks/step_cuda.py                      # 16.7M and 268M elements, fp32 and bf16
-    python benchmarks/step_cuda.py --sizes 16.7M --dtypes bf16 --steps 50
+    python benchmarks/step_cuda.py                      # 16.7M and 268M elements, fp32 and bf16, all families
+    python benchmarks/step_cuda.py --sizes 16.7M --dtypes bf16 --steps 50 --families adamw lion
 
 Per row: median ms of warm steps (CUDA events around each step), the ratio to torch's fused
-AdamW, and the effective HBM bandwidth: the bytes a step has to move (below) per second. The
-paged rows add the overhead of paging against the same optimizer unpaged (states resident: this
-is the cost of the prefetch calls and the per-step synchronize, not of eviction).
+AdamW (the yardstick, run first for each size and dtype), and the effective HBM bandwidth: the
+bytes a step has to move (below) per second. The paged rows add the overhead of paging against
+the same optimizer unpaged (states resident: this is the cost of the prefetch calls and the
+per-step synchronize, not of eviction).
 
 Bytes a step moves per parameter: the parameter read and written, the gradient read, and each
-state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 256).
+state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 256). LAMB and
+LARS read the parameter and gradient (LAMB also the states) once more, for their trust ratio's
+norms: not counted, so their GB/s is what one pass would need.
 
 Without CUDA it prints why and exits with status 0.
 """
@@ -39,21 +42,21 @@ def parse_size(text: str) -> int:
 # ---- contestants: name -> (make optimizer, state bytes per parameter) ------------------------
 
 
-def qoptim_opt(name: str):
+def qoptim_opt(name: str, **settings):
     def make(params):
         import qoptim
 
         os.environ["QOPTIM_BACKEND"] = "auto"
-        return getattr(qoptim.optim, name)(params, lr=1e-3)
+        return getattr(qoptim.optim, name)(params, **{"lr": 1e-3, **settings})
 
     return make
 
 
-def bnb_opt(name: str):
+def bnb_opt(name: str, **settings):
     def make(params):
         import bitsandbytes
 
-        return getattr(bitsandbytes.optim, name)(params, lr=1e-3)
+        return getattr(bitsandbytes.optim, name)(params, **{"lr": 1e-3, **settings})
 
     return make
 
@@ -62,14 +65,62 @@ def torch_fused(params):
     return torch.optim.AdamW(params, lr=1e-3, fused=True)
 
 
-CONTESTANTS = {
-    "torch AdamW fused (fp32 states)": (torch_fused, 8.0),
-    "qoptim AdamW8bit (Triton)": (qoptim_opt("AdamW8bit"), 2 + 8 / 256),
-    "qoptim PagedAdamW8bit (Triton)": (qoptim_opt("PagedAdamW8bit"), 2 + 8 / 256),
-    "qoptim AdamW32bit (Triton)": (qoptim_opt("AdamW32bit"), 8.0),
-    "qoptim PagedAdamW32bit (Triton)": (qoptim_opt("PagedAdamW32bit"), 8.0),
-    "bitsandbytes AdamW8bit": (bnb_opt("AdamW8bit"), 2 + 8 / 256),
-    "bitsandbytes PagedAdamW8bit": (bnb_opt("PagedAdamW8bit"), 2 + 8 / 256),
+def states_8bit(count: int) -> float:
+    return count * (1 + 4 / 256)
+
+
+def states_32bit(count: int) -> float:
+    return count * 4.0
+
+
+YARDSTICK = "torch AdamW fused (fp32 states)"
+MOMENTUM = dict(momentum=0.9)
+
+# family -> its contestants; each family's rows: qoptim 8-bit and 32-bit (Triton), bitsandbytes 8-bit
+FAMILIES = {
+    "adamw": {
+        "qoptim AdamW8bit (Triton)": (qoptim_opt("AdamW8bit"), states_8bit(2)),
+        "qoptim PagedAdamW8bit (Triton)": (qoptim_opt("PagedAdamW8bit"), states_8bit(2)),
+        "qoptim AdamW32bit (Triton)": (qoptim_opt("AdamW32bit"), states_32bit(2)),
+        "qoptim PagedAdamW32bit (Triton)": (qoptim_opt("PagedAdamW32bit"), states_32bit(2)),
+        "bitsandbytes AdamW8bit": (bnb_opt("AdamW8bit"), states_8bit(2)),
+        "bitsandbytes PagedAdamW8bit": (bnb_opt("PagedAdamW8bit"), states_8bit(2)),
+    },
+    "ademamix": {
+        "qoptim AdEMAMix8bit (Triton)": (qoptim_opt("AdEMAMix8bit"), states_8bit(3)),
+        "qoptim AdEMAMix32bit (Triton)": (qoptim_opt("AdEMAMix32bit"), states_32bit(3)),
+        "bitsandbytes AdEMAMix8bit": (bnb_opt("AdEMAMix8bit"), states_8bit(3)),
+    },
+    "lion": {
+        "qoptim Lion8bit (Triton)": (qoptim_opt("Lion8bit", lr=1e-4), states_8bit(1)),
+        "qoptim Lion32bit (Triton)": (qoptim_opt("Lion32bit", lr=1e-4), states_32bit(1)),
+        "bitsandbytes Lion8bit": (bnb_opt("Lion8bit", lr=1e-4), states_8bit(1)),
+    },
+    "sgd": {
+        "qoptim SGD8bit (Triton)": (qoptim_opt("SGD8bit", **MOMENTUM), states_8bit(1)),
+        "qoptim SGD32bit (Triton)": (qoptim_opt("SGD32bit", **MOMENTUM), states_32bit(1)),
+        "bitsandbytes SGD8bit": (bnb_opt("SGD8bit", **MOMENTUM), states_8bit(1)),
+    },
+    "lars": {
+        "qoptim LARS8bit (Triton)": (qoptim_opt("LARS8bit", **MOMENTUM), states_8bit(1)),
+        "qoptim LARS32bit (Triton)": (qoptim_opt("LARS32bit", **MOMENTUM), states_32bit(1)),
+        "bitsandbytes LARS8bit": (bnb_opt("LARS8bit", **MOMENTUM), states_8bit(1)),
+    },
+    "rmsprop": {
+        "qoptim RMSprop8bit (Triton)": (qoptim_opt("RMSprop8bit"), states_8bit(1)),
+        "qoptim RMSprop32bit (Triton)": (qoptim_opt("RMSprop32bit"), states_32bit(1)),
+        "bitsandbytes RMSprop8bit": (bnb_opt("RMSprop8bit"), states_8bit(1)),
+    },
+    "adagrad": {
+        "qoptim Adagrad8bit (Triton)": (qoptim_opt("Adagrad8bit"), states_8bit(1)),
+        "qoptim Adagrad32bit (Triton)": (qoptim_opt("Adagrad32bit"), states_32bit(1)),
+        "bitsandbytes Adagrad8bit": (bnb_opt("Adagrad8bit"), states_8bit(1)),
+    },
+    "lamb": {
+        "qoptim LAMB8bit (Triton)": (qoptim_opt("LAMB8bit"), states_8bit(2)),
+        "qoptim LAMB32bit (Triton)": (qoptim_opt("LAMB32bit"), states_32bit(2)),
+        "bitsandbytes LAMB8bit": (bnb_opt("LAMB8bit"), states_8bit(2)),
+    },
 }
 UNPAGED_TWIN = {"qoptim PagedAdamW8bit (Triton)": "qoptim AdamW8bit (Triton)",
                 "qoptim PagedAdamW32bit (Triton)": "qoptim AdamW32bit (Triton)",
@@ -112,16 +163,19 @@ def time_steps(make, n: int, dtype: torch.dtype, steps: int, warmup: int) -> flo
         torch.cuda.empty_cache()
 
 
-def run(sizes: list[int], dtypes: list[str], steps: int, warmup: int) -> None:
+def run(sizes: list[int], dtypes: list[str], families: list[str], steps: int, warmup: int) -> None:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     header = f"{'optimizer':34} {'size':>6} {'dtype':>5} {'ms/step':>9} {'vs fused':>9} {'GB/s':>8} {'paging':>9}"
     print(header)
     print("-" * len(header))
+    contestants = {YARDSTICK: (torch_fused, states_32bit(2))}
+    for family in families:
+        contestants.update(FAMILIES[family])
     for n in sizes:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             results: dict[str, float] = {}
-            for name, (make, state_bytes) in CONTESTANTS.items():
+            for name, (make, state_bytes) in contestants.items():
                 ms = time_steps(make, n, dtype, steps, warmup)
                 if isinstance(ms, float):
                     results[name] = ms
@@ -133,7 +187,7 @@ def row(name, n, dtype_name, ms, results, state_bytes, dtype) -> str:
     label = f"{name:34} {n / 1e6:5.1f}M {dtype_name:>5}"
     if isinstance(ms, str):
         return f"{label} {'n/a':>9}  {ms}"
-    fused = results.get("torch AdamW fused (fp32 states)")
+    fused = results.get(YARDSTICK)
     ratio = f"{ms / fused:8.2f}x" if fused else f"{'':>9}"
     bandwidth = bytes_per_step(n, dtype, state_bytes) / (ms * 1e-3) / 1e9
     twin = results.get(UNPAGED_TWIN.get(name, ""))
@@ -145,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="elements: 16.7M, 268M, or e.g. 50M")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("step_cuda.py: no CUDA device here; nothing to measure.")
         return 0
-    run([parse_size(s) for s in args.sizes], args.dtypes, args.steps, args.warmup)
+    run([parse_size(s) for s in args.sizes], args.dtypes, args.families, args.steps, args.warmup)
     return 0
 
 

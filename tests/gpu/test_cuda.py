@@ -36,19 +36,44 @@ def test_cuda_tensors_use_the_triton_backend(triton_backend):
 
 # ---- kernels against the reference, on the GPU --------------------------------------------
 
+RULES = ("adam", "ademamix", "lion", "momentum", "lars", "rmsprop", "adagrad", "lamb")
 
-def _fresh(n, layout, dtype):
+# Each rule's hyperparameters, its options on (the Hyper fields beyond eps, decay and step).
+RULE_HYPER = {
+    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999),
+    "ademamix": dict(lr=1e-3, beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0),
+    "lion": dict(lr=1e-4, beta1=0.9, beta2=0.99),
+    "momentum": dict(lr=1e-2, beta1=0.9, beta2=0.0, nesterov=True),
+    "lars": dict(lr=1e-1, beta1=0.9, beta2=0.0, dampening=0.1, max_unorm=0.02),
+    "rmsprop": dict(lr=1e-3, beta1=0.99, beta2=0.0),
+    "adagrad": dict(lr=1e-2, beta1=0.0, beta2=0.0, lr_decay=0.01),
+    "lamb": dict(lr=1e-3, beta1=0.9, beta2=0.999, max_unorm=1.0),
+}
+
+# Non-negative states take the unsigned map, as the optimizer classes do.
+UNSIGNED = {"adam": (1,), "rmsprop": (0,), "adagrad": (0,), "ademamix": (2,), "lamb": (1,)}
+
+
+def _hyper(rule, step):
+    """Decoupled decay on odd steps, L2 on even ones (for the rules that have both); percentile
+    clipping's gradient scale on odd steps."""
+    return Hyper(eps=1e-8, weight_decay=0.01, step=step, decoupled=step % 2 == 1, gnorm_scale=0.5 if step % 2 else 1.0,
+                 **RULE_HYPER[rule])  # fmt: skip
+
+
+def _fresh(rule, n, layout, dtype):
     p = (torch.randn(n, device=CUDA) * 0.1).to(dtype)
+    count = reference.RULES[rule][1]
     if layout == "fp32":
-        return p, [StateSlot(torch.zeros(n, device=CUDA)), StateSlot(torch.zeros(n, device=CUDA))]
-    blocksize = BLOCK if layout == "blockwise" else WHOLE_TENSOR
-    scales = math.ceil(n / BLOCK) if layout == "blockwise" else 1
-    zero = int(torch.searchsorted(signed_map(), torch.tensor(0.0)))
-    signed, unsigned = signed_map(CUDA), unsigned_map(CUDA)
-    return p, [
-        StateSlot(torch.full((n,), zero, dtype=torch.uint8, device=CUDA), signed, torch.zeros(scales, device=CUDA), blocksize),
-        StateSlot(torch.zeros(n, dtype=torch.uint8, device=CUDA), unsigned, torch.zeros(scales, device=CUDA), blocksize),
-    ]
+        return p, [StateSlot(torch.zeros(n, device=CUDA)) for _ in range(count)]
+    blocksize, scales = (BLOCK, math.ceil(n / BLOCK)) if layout == "blockwise" else (WHOLE_TENSOR, 1)
+    slots = []
+    for i in range(count):
+        code = unsigned_map(CUDA) if i in UNSIGNED.get(rule, ()) else signed_map(CUDA)
+        zero = int(torch.searchsorted(code, torch.tensor(0.0, device=CUDA)))
+        values = torch.full((n,), zero, dtype=torch.uint8, device=CUDA)
+        slots.append(StateSlot(values, code, torch.zeros(scales, device=CUDA), blocksize))
+    return p, slots
 
 
 def _copy(p, slots):
@@ -56,41 +81,62 @@ def _copy(p, slots):
     return p.clone(), cloned
 
 
-@pytest.mark.parametrize("decoupled", [True, False])
+def _assert_close_to_reference(p, p_ref, before, slots, slots_ref, n):
+    """torch on CUDA divides by a Python scalar as a multiply by its reciprocal (~1 ulp in an
+    intermediate; AdEMAMix and LAMB divide twice), and LAMB / LARS's trust ratio sums in another
+    order (~1e-15): parameters within four ulps of the update (bounded by |old| + |new|), states
+    within an ulp or so, 8-bit codes off by one here and there."""
+    bound = 4 * torch.finfo(p.dtype).eps * (before.float().abs() + torch.maximum(p.float().abs(), p_ref.float().abs()))
+    assert bool(((p.float() - p_ref.float()).abs() <= bound).all())
+    for s, e in zip(slots, slots_ref):
+        if s.quantized:
+            diff = (s.values.int() - e.values.int()).abs()
+            assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(2, n // 10_000)
+            torch.testing.assert_close(s.absmax, e.absmax, rtol=1e-6, atol=0)
+        else:
+            torch.testing.assert_close(s.values, e.values, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["blockwise", "whole_tensor", "fp32"])
-def test_kernel_matches_reference_on_device(triton_backend, layout, dtype, decoupled):
+@pytest.mark.parametrize("rule", RULES)
+def test_kernel_matches_reference_on_device(triton_backend, rule, layout, dtype):
     for n in (1, 257, 4097, 1_000_003):
-        p_ref, slots_ref = _fresh(n, layout, dtype)
+        p_ref, slots_ref = _fresh(rule, n, layout, dtype)
         for step in range(1, 6):
             g = (torch.randn(n, device=CUDA) * 0.01).to(dtype)
             g[(step * 997) % n] = math.nan
-            hp = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=step, decoupled=decoupled,
-                       gnorm_scale=0.5 if step % 2 else 1.0)  # fmt: skip
+            hp = _hyper(rule, step)
             p, slots = _copy(p_ref, slots_ref)
             before = p.clone()
-            got = triton_backend.update("adam", p, g, slots, hp, True).skipped_blocks
-            assert got == reference.update("adam", p_ref, g, slots_ref, hp, True).skipped_blocks == 1
-            # torch on CUDA divides by a Python scalar as a multiply by its reciprocal: ~1 ulp in denom
-            bound = 2 * torch.finfo(dtype).eps * (before.float().abs() + torch.maximum(p.float().abs(), p_ref.float().abs()))
-            assert bool(((p.float() - p_ref.float()).abs() <= bound).all())
-            for s, e in zip(slots, slots_ref):
-                if s.quantized:
-                    diff = (s.values.int() - e.values.int()).abs()
-                    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(2, n // 10_000)
-                    torch.testing.assert_close(s.absmax, e.absmax, rtol=1e-6, atol=0)
-                else:
-                    torch.testing.assert_close(s.values, e.values, rtol=1e-6, atol=1e-12)
+            got = triton_backend.update(rule, p, g, slots, hp, True).skipped_blocks
+            assert got == reference.update(rule, p_ref, g, slots_ref, hp, True).skipped_blocks == 1
+            _assert_close_to_reference(p, p_ref, before, slots, slots_ref, n)
+
+
+@pytest.mark.parametrize("rule, rel", [("lars", 1e-12), ("lamb", 1e-6)])
+def test_trust_ratio_on_device_matches_reference(triton_backend, rule, rel):
+    """LARS's norms (of p and g) differ only in the order of their float64 sums; LAMB's direction
+    also differs by an ulp here and there (torch's reciprocal-multiply division on CUDA)."""
+    for layout in ("blockwise", "fp32"):
+        p, slots = _fresh(rule, 1_000_003, layout, torch.bfloat16)
+        for step in range(1, 4):
+            g = (torch.randn(p.numel(), device=CUDA) * 0.01).bfloat16()
+            hp = _hyper(rule, step)
+            expected = reference._trust_ratio(rule, p, g, slots, hp, True)
+            got = triton_backend.trust_ratio(rule, p, g, slots, hp, True)
+            assert float(got.ratio) == pytest.approx(expected, rel=rel, abs=0)
+            triton_backend.update(rule, p, g, slots, hp, True)
 
 
 # ---- training, Triton against the reference --------------------------------------------
 
 
-def _train(optimizer_name, backend, monkeypatch, steps=30):
+def _train(optimizer_name, backend, monkeypatch, steps=30, **settings):
     monkeypatch.setenv("QOPTIM_BACKEND", backend)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(CUDA)
-    opt = getattr(qoptim.optim, optimizer_name)(model.parameters(), lr=1e-3)
+    opt = getattr(qoptim.optim, optimizer_name)(model.parameters(), **{"lr": 1e-3, **settings})
     x, y = torch.randn(64, 512, device=CUDA), torch.randint(0, 10, (64,), device=CUDA)
     losses = []
     for _ in range(steps):
@@ -114,6 +160,33 @@ def test_training_matches_reference_backend(triton_backend, monkeypatch, name):
         assert getattr(big["state1"], "is_paged", False) and getattr(big["state2"], "is_paged", False)
         small = opt.state[fused[0].bias]
         assert not getattr(small["state1"], "is_paged", False)
+
+
+# The other families: 8-bit states for the weights, 32-bit for the biases (below min_8bit_size),
+# and the whole-tensor 8-bit layout on a few.
+FAMILY_RUNS = {
+    "Lion8bit": dict(lr=1e-4, weight_decay=0.01),
+    "Lion32bit": dict(lr=1e-4),
+    "AdEMAMix8bit": dict(weight_decay=0.01),
+    "SGD8bit": dict(lr=1e-2, momentum=0.9, nesterov=True),
+    "LARS8bit": dict(lr=1e-1, momentum=0.9, weight_decay=1e-4),
+    "RMSprop8bit": dict(lr=1e-3, block_wise=False),
+    "Adagrad8bit": dict(lr=1e-2),
+    "LAMB8bit": dict(weight_decay=0.01),
+    "LAMB32bit": dict(),
+    "SGD8bit-whole": dict(lr=1e-2, momentum=0.9, block_wise=False),
+}
+
+
+@pytest.mark.parametrize("run", FAMILY_RUNS)
+def test_family_training_matches_reference_backend(triton_backend, monkeypatch, run):
+    name, settings = run.split("-")[0], FAMILY_RUNS[run]
+    fused, opt, fused_losses = _train(name, "auto", monkeypatch, **settings)
+    ref, _, ref_losses = _train(name, "reference", monkeypatch, **settings)
+    assert fused_losses[-1] < fused_losses[0]
+    assert opt.state[fused[0].weight]["state1"].dtype == (torch.float32 if "32bit" in name else torch.uint8)
+    for a, b in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-4)
 
 
 def test_paged_checkpoint_round_trip(triton_backend, monkeypatch):

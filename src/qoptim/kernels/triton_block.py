@@ -1,0 +1,226 @@
+"""The one block kernel of the Triton backend, for every rule, state layout and pass.
+
+Each program owns ``ROWS`` 256-blocks as a [ROWS, 256] tile and does, per block, what the
+reference does per chunk and in the same float-op order: dequantize each state with its old
+scale, apply the rule in fp32 (``triton_rules.apply_rule``), take the block's new scale,
+requantize by the count of midpoints below ``x * (1 / scale)``, round the parameter back to its
+dtype (round to nearest even). Blocks whose gradient holds a NaN or Inf keep their parameter and
+states (``SKIP``).
+
+Three passes over the same tile code, a compile-time switch:
+  * ``STEP_PASS`` writes the parameter and the states;
+  * ``PEAKS_PASS`` (whole-tensor 8-bit layout) writes only each program's peak of each updated
+    state: the new global scales must be known before any element is requantized;
+  * ``NORMS_PASS`` (LAMB, LARS) writes only each program's two float64 sums of squares whose
+    square roots make the trust ratio (see ``triton_trust``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_rules import LAMB, MOMENTUM, apply_rule, lamb_direction
+
+# State layouts, a compile-time switch.
+FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT = (tl.constexpr(i) for i in range(3))
+
+# Passes, a compile-time switch (see the module docstring).
+STEP_PASS, PEAKS_PASS, NORMS_PASS = (tl.constexpr(i) for i in range(3))
+
+
+@triton.jit
+def _quantize(x, inv_scale, mids_ptr):
+    """uint8 code of each x: the number of the 255 midpoints strictly below u = x * inv_scale.
+
+    A branchless binary search over ``mids_ptr`` (256 floats, the last one an unread sentinel).
+    The test is ``not (mid >= u)`` rather than ``mid < u`` so that a NaN lands on 255, where
+    torch.bucketize puts it.
+    """
+    u = x * inv_scale
+    index = tl.zeros(x.shape, dtype=tl.int32)
+    for k in tl.static_range(8):  # steps of 128, 64, ..., 1
+        mid = tl.load(mids_ptr + index + ((128 >> k) - 1))
+        index += tl.where(mid >= u, 0, 128 >> k)
+    return index.to(tl.uint8)
+
+
+@triton.jit
+def _inverse(scale):
+    """1 / scale, or 0 for a zero (or NaN) scale: the reference's ``where(absmax > 0, 1 / absmax, 0)``."""
+    positive = scale > 0
+    safe = tl.where(positive, scale, 1.0)  # no division by zero, even in lanes thrown away
+    return tl.where(positive, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+
+
+@triton.jit
+def _nan_max(x, axis: tl.constexpr):
+    """max along ``axis``, NaN where a NaN is among the values (as torch.amax; tl.max may drop NaNs)."""
+    has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, axis=axis))
+
+
+@triton.jit
+def _row_absmax(x, mask):
+    """max |x| of each row over its valid elements."""
+    return _nan_max(tl.where(mask, tl.abs(x), 0.0), 1)
+
+
+@triton.jit
+def _tile_peak(x, mask):
+    """max |x| of the whole tile over its valid elements."""
+    return _nan_max(_row_absmax(x, mask), 0)
+
+
+@triton.jit
+def _sum_of_squares(x, mask):
+    """Sum of x * x over the valid elements, in float64 (x is float32: each square is exact)."""
+    x = tl.where(mask, x, 0.0).to(tl.float64)
+    return tl.sum(tl.sum(x * x, axis=1), axis=0)
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """float32 -> bfloat16, round to nearest even, in integer ops: Triton's interpreter truncates
+    instead (the GPU would round correctly; the result is the same). NaN becomes torch's 0x7FC0."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _load_state(ptr, code_ptr, absmax_ptr, offs, mask, rows, row_mask, LAYOUT: tl.constexpr):
+    """fp32 values of one state's tile (dequantized with the old scale for 8-bit layouts)."""
+    if LAYOUT == FP32_STATES:
+        return tl.load(ptr + offs, mask=mask, other=0.0)
+    codes = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+    if LAYOUT == BLOCKWISE_8BIT:
+        scale = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    else:
+        scale = tl.load(absmax_ptr)
+    return tl.load(code_ptr + codes) * scale
+
+
+@triton.jit
+def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, row_mask, bad, LAYOUT: tl.constexpr):
+    """Write one state's updated tile; blocks in ``bad`` keep their bytes and scale, except in the
+    whole-tensor layout, where every element is recoded with the new global scale (as the reference)."""
+    if LAYOUT == FP32_STATES:
+        tl.store(ptr + offs, x, mask=mask & (bad[:, None] == 0))
+    elif LAYOUT == BLOCKWISE_8BIT:
+        scale = _row_absmax(x, mask)
+        keep = row_mask & (bad == 0)
+        tl.store(absmax_ptr + rows, scale, mask=keep)
+        codes = _quantize(x, _inverse(scale)[:, None], mids_ptr)
+        tl.store(ptr + offs, codes, mask=mask & keep[:, None])
+    else:
+        codes = _quantize(x, _inverse(tl.load(new_scale_ptr)), mids_ptr)
+        tl.store(ptr + offs, codes, mask=mask)
+
+
+@triton.jit
+def _store_param(p_ptr, p, offs, mask, PARAM_BF16: tl.constexpr):
+    if PARAM_BF16:
+        p = _round_to_bf16(p)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)  # float16: round to nearest even
+
+
+@triton.jit
+def _store_peaks(out_ptr, s0, s1, s2, mask, N_STATES: tl.constexpr):
+    tl.store(out_ptr, _tile_peak(s0, mask))
+    if N_STATES > 1:
+        tl.store(out_ptr + 1, _tile_peak(s1, mask))
+    if N_STATES > 2:
+        tl.store(out_ptr + 2, _tile_peak(s2, mask))
+
+
+@triton.jit
+def _store_trust_sums(sums_ptr, pid, a, b, bad, mask):
+    """The tile's sums of a * a and b * b, skipped blocks left out as the reference leaves them
+    out: ``a * good`` (a NaN parameter would stay NaN) and ``where(good, b, 0)``."""
+    good = (bad == 0)[:, None]
+    a = a * good.to(tl.float32)
+    b = tl.where(good, b, 0.0)
+    tl.store(sums_ptr + 2 * pid, _sum_of_squares(a, mask))
+    tl.store(sums_ptr + 2 * pid + 1, _sum_of_squares(b, mask))
+
+
+@triton.jit
+def block_kernel(
+    p_ptr, g_ptr,
+    s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr,
+    s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr,
+    s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr,
+    new_scales_ptr,  # whole-tensor layout, STEP_PASS: the new global scale of each state
+    peaks_ptr,  # PEAKS_PASS: N_STATES float32 peaks per program
+    sums_ptr,  # NORMS_PASS: two float64 sums of squares per program
+    trust_ptr,  # LARS, LAMB: the float32 factor made of the trust ratio (see triton_trust)
+    skipped_ptr,  # int32 counter of skipped blocks
+    n, n_blocks,
+    # triton_rules.Scalars, in its order
+    beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, alpha, eps, weight_decay, decay_factor,
+    step_size, bias_correction1, bias_correction2, bias_correction2_sqrt, one_minus_dampening, gnorm_scale,
+    RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr, DECAY: tl.constexpr,
+    TRUST: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr,
+    PARAM_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """One pass of one rule over ``ROWS`` blocks of a flat parameter (the states past
+    ``N_STATES`` are placeholders, never read)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_blocks
+    offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
+    mask = offs < n
+
+    p_old = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bad = tl.zeros((ROWS,), dtype=tl.int32)
+    if SKIP:
+        # |g| < inf is false for NaN and for +-Inf: the block is left as it was.
+        bad = tl.max((~(tl.abs(g) < float("inf"))).to(tl.int32), axis=1)
+        if PASS == STEP_PASS:
+            tl.atomic_add(skipped_ptr, tl.sum(tl.where(row_mask, bad, 0), axis=0))
+    if SCALE_GRAD:
+        g = g * gnorm_scale
+
+    if PASS == NORMS_PASS and RULE == MOMENTUM:
+        # LARS: the norms of the parameter and of the gradient; no state is read.
+        _store_trust_sums(sums_ptr, pid, p_old, g, bad, mask)
+    else:
+        s0_old = _load_state(s0_ptr, code0_ptr, absmax0_ptr, offs, mask, rows, row_mask, LAYOUT)
+        s1_old = s0_old  # a placeholder where the rule keeps fewer states
+        s2_old = s0_old
+        if N_STATES > 1:
+            s1_old = _load_state(s1_ptr, code1_ptr, absmax1_ptr, offs, mask, rows, row_mask, LAYOUT)
+        if N_STATES > 2:
+            s2_old = _load_state(s2_ptr, code2_ptr, absmax2_ptr, offs, mask, rows, row_mask, LAYOUT)
+
+        if PASS == NORMS_PASS:
+            tl.static_assert(RULE == LAMB)
+            direction, _m, _v = lamb_direction(p_old, g, s0_old, s1_old, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                                               eps, weight_decay, bias_correction1, bias_correction2, DECAY)  # fmt: skip
+            _store_trust_sums(sums_ptr, pid, p_old, direction, bad, mask)
+        else:
+            trust_factor = 1.0
+            if TRUST:
+                trust_factor = tl.load(trust_ptr)
+            p, s0, s1, s2 = apply_rule(p_old, g, s0_old, s1_old, s2_old, trust_factor, beta1, one_minus_beta1, beta2,
+                                       one_minus_beta2, beta3, one_minus_beta3, alpha, eps, weight_decay, decay_factor,
+                                       step_size, bias_correction1, bias_correction2, bias_correction2_sqrt,
+                                       one_minus_dampening, RULE, DECAY, TRUST, NESTEROV, FIRST_STEP)  # fmt: skip
+            keep = bad[:, None] != 0
+            s0 = tl.where(keep, s0_old, s0)
+            s1 = tl.where(keep, s1_old, s1)
+            s2 = tl.where(keep, s2_old, s2)
+            if PASS == PEAKS_PASS:
+                _store_peaks(peaks_ptr + N_STATES * pid, s0, s1, s2, mask, N_STATES)
+            else:
+                _store_param(p_ptr, p, offs, mask & (keep == 0), PARAM_BF16)
+                _store_state(s0_ptr, mids0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT)
+                if N_STATES > 1:
+                    _store_state(s1_ptr, mids1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask, bad,
+                                 LAYOUT)  # fmt: skip
+                if N_STATES > 2:
+                    _store_state(s2_ptr, mids2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad,
+                                 LAYOUT)  # fmt: skip
