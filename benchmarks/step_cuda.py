@@ -1,8 +1,10 @@
 """One optimizer step on one large CUDA parameter: qoptim's Triton kernels (paged and not) against
-bitsandbytes' CUDA kernels (when importable) and torch's fused AdamW, for every optimizer family.
+bitsandbytes' CUDA kernels (when importable) and torch's fused AdamW, for every optimizer family;
+then a step over a whole model's many tensors, most of them small (GPT-2 small's 148).
 
     python benchmarks/step_cuda.py                      # 16.7M and 268M elements, fp32 and bf16, all families
     python benchmarks/step_cuda.py --sizes 16.7M --dtypes bf16 --steps 50 --families adamw lion
+    python benchmarks/step_cuda.py --sizes --model gpt2-small   # only the many-tensor rows
 
 Per row: median ms of warm steps (CUDA events around each step), the ratio to torch's fused
 AdamW (the yardstick, run first for each size and dtype), and the effective HBM bandwidth: the
@@ -15,6 +17,12 @@ state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 2
 LARS read the parameter and gradient (LAMB also the states) once more, for their trust ratio's
 norms: not counted, so their GB/s is what one pass would need.
 
+The many-tensor rows time what a training loop sees: wall-clock ms of a step between two
+synchronizations, launches (host time) included. qoptim runs its 8-bit AdamW twice, as it does
+(small tensors of like kind in one launch: ``kernels.triton_batch``) and with one launch per
+tensor, to show what the batching saves; "us/tensor" is the step's time beyond that of the
+same elements in one tensor (fused AdamW's time for one tensor of the model's size), per tensor.
+
 Without CUDA it prints why and exits with status 0.
 """
 
@@ -25,6 +33,7 @@ import gc
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -133,24 +142,37 @@ def bytes_per_step(n: int, dtype: torch.dtype, state_bytes: float) -> float:
     return n * (3 * size + 2 * state_bytes)
 
 
-def time_steps(make, n: int, dtype: torch.dtype, steps: int, warmup: int) -> float | str:
-    """Median ms of a warm step, or why the contestant could not run (not installed, out of memory)."""
-    p = opt = None
+def gpu_ms(step) -> float:
+    """ms of ``step`` on the GPU's clock (CUDA events around it)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def wall_ms(step) -> float:
+    """Wall-clock ms of ``step`` from an idle GPU until the GPU is done: launches included."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_steps(make, shapes: list[tuple[int, ...]], dtype: torch.dtype, steps: int, warmup: int, timer=gpu_ms) -> float | str:
+    """Median ms of a warm step over parameters of ``shapes``, or why the contestant could not run
+    (not installed, out of memory)."""
+    params = opt = None
     try:
-        p = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype) * 0.1)
-        p.grad = torch.randn_like(p) * 0.01
-        opt = make([p])
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype) * 0.1) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 0.01
+        opt = make(params)
         for _ in range(warmup):  # compile kernels, allocate states
             opt.step()
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            opt.step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return statistics.median(timer(opt.step) for _ in range(steps))
     except ImportError as e:
         return f"not installed ({e.name})"
     except torch.OutOfMemoryError:
@@ -158,13 +180,12 @@ def time_steps(make, n: int, dtype: torch.dtype, steps: int, warmup: int) -> flo
     except RuntimeError as e:  # e.g. a CPU-only bitsandbytes build
         return f"failed: {str(e).splitlines()[0][:60]}"
     finally:
-        opt = p = None  # noqa: F841  release before the next contestant
+        opt = params = None  # noqa: F841  release before the next contestant
         gc.collect()
         torch.cuda.empty_cache()
 
 
 def run(sizes: list[int], dtypes: list[str], families: list[str], steps: int, warmup: int) -> None:
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     header = f"{'optimizer':34} {'size':>6} {'dtype':>5} {'ms/step':>9} {'vs fused':>9} {'GB/s':>8} {'paging':>9}"
     print(header)
     print("-" * len(header))
@@ -176,7 +197,7 @@ def run(sizes: list[int], dtypes: list[str], families: list[str], steps: int, wa
             dtype = DTYPES[dtype_name]
             results: dict[str, float] = {}
             for name, (make, state_bytes) in contestants.items():
-                ms = time_steps(make, n, dtype, steps, warmup)
+                ms = time_steps(make, [(n,)], dtype, steps, warmup)
                 if isinstance(ms, float):
                     results[name] = ms
                 print(row(name, n, dtype_name, ms, results, state_bytes, dtype), flush=True)
@@ -195,18 +216,83 @@ def row(name, n, dtype_name, ms, results, state_bytes, dtype) -> str:
     return f"{label} {ms:9.3f} {ratio} {bandwidth:8.0f} {overhead}"
 
 
+# ---- a whole model: many tensors, most of them small ----------------------------------------
+
+
+def gpt2_shapes(width: int = 768, layers: int = 12, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
+    """GPT-2's parameters: embeddings, and per layer two norms, qkv, projection and a 4x MLP, with biases."""
+    shapes = [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+MODELS = {"gpt2-small": gpt2_shapes()}
+
+
+def one_launch_per_tensor(make):
+    """The optimizer ``make`` builds, updating its tensors one launch each (no batching)."""
+
+    def make_unbatched(params):
+        from qoptim.optim.optimizer import Optimizer8bit
+
+        opt = make(params)
+        opt._update_all = lambda work: Optimizer8bit._update_all(opt, work)
+        return opt
+
+    return make_unbatched
+
+
+MANY_CONTESTANTS = {
+    YARDSTICK: torch_fused,
+    "qoptim AdamW8bit (Triton)": qoptim_opt("AdamW8bit"),
+    "qoptim AdamW8bit, 1 launch/tensor": one_launch_per_tensor(qoptim_opt("AdamW8bit")),
+    "qoptim AdamW32bit (Triton)": qoptim_opt("AdamW32bit"),
+    "bitsandbytes AdamW8bit": bnb_opt("AdamW8bit"),
+}
+
+
+def run_model(model: str, dtypes: list[str], steps: int, warmup: int) -> None:
+    shapes = MODELS[model]
+    n = sum(torch.Size(s).numel() for s in shapes)
+    header = f"{'optimizer':34} {'model':>10} {'dtype':>5} {'ms/step':>9} {'vs fused':>9} {'us/tensor':>10}"
+    print(f"{model}: {len(shapes)} tensors, {n / 1e6:.1f}M parameters")
+    print(header)
+    print("-" * len(header))
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        one_tensor = time_steps(torch_fused, [(n,)], dtype, steps, warmup, wall_ms)
+        fused = None
+        for name, make in MANY_CONTESTANTS.items():
+            ms = time_steps(make, shapes, dtype, steps, warmup, wall_ms)
+            label = f"{name:34} {model:>10} {dtype_name:>5}"
+            if isinstance(ms, str):
+                print(f"{label} {'n/a':>9}  {ms}", flush=True)
+                continue
+            fused = fused or ms  # the yardstick runs first
+            per_tensor = (ms - one_tensor) / len(shapes) * 1e3 if isinstance(one_tensor, float) else float("nan")
+            print(f"{label} {ms:9.3f} {ms / fused:8.2f}x {per_tensor:10.1f}", flush=True)
+        print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="elements: 16.7M, 268M, or e.g. 50M")
+    parser.add_argument("--sizes", nargs="*", default=list(SIZES), help="elements: 16.7M, 268M, or e.g. 50M; none: skip")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--model", nargs="*", default=list(MODELS), choices=list(MODELS), help="many-tensor rows; none: skip")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("step_cuda.py: no CUDA device here; nothing to measure.")
         return 0
-    run([parse_size(s) for s in args.sizes], args.dtypes, args.families, args.steps, args.warmup)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.sizes:
+        run([parse_size(s) for s in args.sizes], args.dtypes, args.families, args.steps, args.warmup)
+    for model in args.model:
+        run_model(model, args.dtypes, args.steps, args.warmup)
     return 0
 
 

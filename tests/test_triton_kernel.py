@@ -68,16 +68,23 @@ if INTERPRETING:
     ]
 
 
-@pytest.mark.parametrize("group", GROUPS)
-def interpreted(group):
-    """This file's cases in a child pytest process that interprets Triton."""
+def run_interpreted(test_file: str, expression: str | None = None) -> None:
+    """The cases of ``test_file`` (those ``-k expression`` picks) in a child pytest process that
+    interprets Triton."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install 'qoptim[cuda]')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", __file__, "-k", GROUPS[group]]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", test_file]
+    command += ["-k", expression] if expression else []
     child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
     assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-2000:]
     assert " passed" in child.stdout
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def interpreted(group):
+    """This file's cases in a child pytest process that interprets Triton."""
+    run_interpreted(__file__, GROUPS[group])
 
 
 # ---- the cases ------------------------------------------------------------------------
@@ -159,7 +166,7 @@ def assert_same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
         return
     nan = ours.isnan()
     assert torch.equal(nan, theirs.isnan())
-    bits = {4: torch.int32, 2: torch.int16}[ours.element_size()]
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[ours.element_size()]
     ours, theirs = ours[~nan], theirs[~nan]
     different = ours.view(bits) != theirs.view(bits)
     assert not bool(different.any()), f"{int(different.sum())} differ, e.g. {ours[different][:3]} vs {theirs[different][:3]}"
@@ -278,12 +285,14 @@ def supports_every_rule_in_one_layout():
 
 
 def search_table_is_built_once_per_map():
+    from qoptim.kernels.triton_block import search_table
+
     code = signed_map().clone()
-    table = tk._search_table(code)
-    assert tk._search_table(code) is table
+    table = search_table(code)
+    assert search_table(code) is table
     assert torch.equal(table[:255], (code[:-1] + code[1:]) * 0.5) and table[255] == math.inf
     code[0] = -0.99  # changed in place: a new table
-    rebuilt = tk._search_table(code)
+    rebuilt = search_table(code)
     assert rebuilt is not table and rebuilt[0] == (code[0] + code[1]) * 0.5
 
 
@@ -299,6 +308,18 @@ OPTIMIZER_RUNS = {
     "Adagrad8bit": dict(lr=1e-2),
     "LAMB8bit": dict(weight_decay=0.01),
 }
+
+
+def count_calls(monkeypatch, module, name: str) -> list[tuple]:
+    """The arguments of every call of ``module.name`` from now on (which still does its work)."""
+    plain, calls = getattr(module, name), []
+
+    def counted(*args):
+        calls.append(args)
+        return plain(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 def _train(name: str, settings: dict, backend: str, monkeypatch) -> torch.nn.Module:
@@ -322,22 +343,21 @@ def optimizers_train_through_the_kernels_as_through_the_reference(monkeypatch, n
     """The optimizer classes on the Triton backend (registered for CPU tensors here), with their
     own state layouts (AdEMAMix's stacked momenta, the whole-tensor scales), bit for bit. LAMB and
     LARS run on the kernels' own trust ratio here: its float32 factor rounds as the reference's
-    does (but for a ratio within ~1e-15 of a rounding boundary, which these runs do not meet)."""
+    does (but for a ratio within ~1e-15 of a rounding boundary, which these runs do not meet).
+    The three tensors with 32-bit states (below min_8bit_size) go in one batched launch, but
+    for LAMB's and LARS's."""
     from qoptim import kernels
+    from qoptim.kernels import triton_batch
 
     monkeypatch.setitem(kernels._FUSED, "cpu", "qoptim.kernels.triton")
     monkeypatch.delitem(kernels._loaded, "cpu", raising=False)
-    plain_update, calls = tk.update, []
-
-    def counted_update(*args):
-        calls.append(args[0])
-        return plain_update(*args)
-
-    monkeypatch.setattr(tk, "update", counted_update)
+    single, batched = count_calls(monkeypatch, tk, "update"), count_calls(monkeypatch, triton_batch, "run")
     with exact_sqrt_in_reference():
         ours = _train(name, OPTIMIZER_RUNS[name], "auto", monkeypatch)
         theirs = _train(name, OPTIMIZER_RUNS[name], "reference", monkeypatch)
-    assert len(calls) == 4 * STEPS  # every parameter, every step, through the kernels
+    batched_jobs = [len(call[0]) for call in batched]
+    assert len(single) + sum(batched_jobs) == 4 * STEPS  # every parameter, every step, through the kernels
+    assert batched_jobs == ([] if name in ("LAMB8bit", "LARS8bit") else [3] * STEPS)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert_same(a.detach(), b.detach())
 
@@ -347,7 +367,8 @@ def optimizers_train_through_the_kernels_as_through_the_reference(monkeypatch, n
 
 def _block_kernel_signature(kernel, layout: int, param_dtype: str, constants: dict) -> dict:
     signature = {name: "fp32" for name in kernel.arg_names}  # the scalars
-    signature.update(p_ptr=f"*{param_dtype}", g_ptr=f"*{param_dtype}", skipped_ptr="*i32", n="i32", n_blocks="i32")
+    signature.update(p_ptr=f"*{param_dtype}", g_ptr=f"*{param_dtype}", skipped_ptr="*i64", n="i32", n_blocks="i32")
+    signature.update(table_ptr="*i64", owner_ptr="*i64")
     for i in range(3):
         signature[f"s{i}_ptr"] = "*fp32" if layout == 0 else "*u8"
         signature.update({f"{a}{i}_ptr": "*fp32" for a in ("code", "mids", "absmax")})
@@ -356,15 +377,17 @@ def _block_kernel_signature(kernel, layout: int, param_dtype: str, constants: di
     return signature
 
 
-# (rule, layout, param dtype, pass): every rule's step, and the measuring passes
-COMPILED = [(rule, 1, "bf16", 0) for rule in RULES] + [("adam", 0, "fp32", 0), ("ademamix", 2, "fp16", 0),
-            ("ademamix", 2, "fp32", 1), ("lars", 2, "fp16", 2), ("lamb", 0, "fp32", 2)]  # fmt: skip
+# (rule, layout, param dtype, pass, batched): every rule's step, the measuring passes, batches
+COMPILED = [(rule, 1, "bf16", 0, False) for rule in RULES] + [("adam", 0, "fp32", 0, False), ("ademamix", 2, "fp16", 0, False),
+            ("ademamix", 2, "fp32", 1, False), ("lars", 2, "fp16", 2, False), ("lamb", 0, "fp32", 2, False),
+            ("adam", 1, "bf16", 0, True), ("ademamix", 0, "fp16", 0, True), ("lion", 1, "fp32", 0, True)]  # fmt: skip
 
 
-@pytest.mark.parametrize("rule, layout, param_dtype, pass_", COMPILED)
-def compiles_for_sm90_with_exact_float_ops(rule, layout, param_dtype, pass_):
+@pytest.mark.parametrize("rule, layout, param_dtype, pass_, batched", COMPILED)
+def compiles_for_sm90_with_exact_float_ops(rule, layout, param_dtype, pass_, batched):
     """The kernels lower to PTX and a cubin (Triton bundles ptxas), and the PTX keeps torch's
-    float semantics: no contracted multiply-adds, no approximate division or square root."""
+    float semantics: no contracted multiply-adds, no approximate division or square root. A
+    batch reads its pointers from the table and counts skipped blocks per tensor in int64."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -375,7 +398,7 @@ def compiles_for_sm90_with_exact_float_ops(rule, layout, param_dtype, pass_):
     family = FAMILIES[rule]
     constants = dict(RULE=family.rule, N_STATES=family.states, LAYOUT=layout, PASS=pass_, DECAY=1 + (pass_ == 2),
                      TRUST=family.trust, NESTEROV=True, FIRST_STEP=False, SCALE_GRAD=True, SKIP=True,
-                     PARAM_BF16=param_dtype == "bf16", ROWS=4, BLOCK_SIZE=BLOCK)  # fmt: skip
+                     PARAM_BF16=param_dtype == "bf16", ROWS=4, BLOCK_SIZE=BLOCK, BATCHED=batched)  # fmt: skip
     source = ASTSource(block_kernel, _block_kernel_signature(block_kernel, layout, param_dtype, constants), constexprs=constants)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False, "num_warps": 4})
     ptx = kernel.asm["ptx"]
@@ -384,6 +407,8 @@ def compiles_for_sm90_with_exact_float_ops(rule, layout, param_dtype, pass_):
         assert "div.rn.f32" in ptx
     if pass_ == 0 and rule in ("adam", "ademamix", "rmsprop", "adagrad", "lamb"):
         assert "sqrt.rn.f32" in ptx
+    if pass_ == 0:
+        assert "atom.global.gpu.acq_rel.add.u64" in ptx or "red.global.gpu.add.u64" in ptx  # the int64 skip counter
 
 
 @pytest.mark.parametrize("rule", TRUST_RULES)

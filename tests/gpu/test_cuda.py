@@ -13,7 +13,7 @@ import torch
 import qoptim
 from qoptim import kernels, paging, paging_cuda
 from qoptim.kernels import reference
-from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot
 from qoptim.quant.maps import signed_map, unsigned_map
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -127,6 +127,75 @@ def test_trust_ratio_on_device_matches_reference(triton_backend, rule, rel):
             got = triton_backend.trust_ratio(rule, p, g, slots, hp, True)
             assert float(got.ratio) == pytest.approx(expected, rel=rel, abs=0)
             triton_backend.update(rule, p, g, slots, hp, True)
+
+
+# ---- many small tensors in one launch --------------------------------------------------
+
+BATCHED_RULES = ("adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad")
+
+
+def _small_tensors_step(rule, tensors, step):
+    """Jobs of one step: a NaN in a place that moves from tensor to tensor, percentile clipping's
+    gradient scale on every other tensor."""
+    jobs = []
+    for i, (p, slots) in enumerate(tensors):
+        g = (torch.randn(p.numel(), device=CUDA) * 0.01).to(p.dtype)
+        g[(step * 997 + 31 * i) % p.numel()] = math.nan
+        hp = _hyper(rule, step)._replace(gnorm_scale=0.5 if (i + step) % 2 else 1.0)
+        jobs.append(Job(rule, p, g, slots, hp, True))
+    return jobs
+
+
+def _twin(job):
+    p, slots = _copy(job.p, job.slots)
+    return job._replace(p=p, slots=slots)
+
+
+def _bits(t):
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["blockwise", "fp32"])
+@pytest.mark.parametrize("rule", BATCHED_RULES)
+def test_batched_launch_matches_a_launch_per_tensor(triton_backend, monkeypatch, rule, layout, dtype):
+    """The same tile code with the pointers from a table: bit for bit, skip counts included.
+    Each 8-bit state has a map of its own, as the optimizers give each CUDA parameter."""
+    from qoptim.kernels import triton_batch
+
+    launches = []
+    monkeypatch.setattr(triton_batch, "run", lambda jobs, run=triton_batch.run: launches.append(len(jobs)) or run(jobs))
+    tensors = [_fresh(rule, n, layout, dtype) for n in (1, 255, 257, 4097, 100_003)]
+    for _, slots in tensors:
+        for slot in slots:
+            slot.code = None if slot.code is None else slot.code.clone()
+    for step in range(1, 4):
+        jobs = _small_tensors_step(rule, tensors, step)
+        single = [_twin(job) for job in jobs]
+        results = triton_backend.update_many(jobs)
+        expected = [triton_backend.update(*job) for job in single]
+        assert launches[-1] == len(jobs)
+        for job, twin, got, want in zip(jobs, single, results, expected):
+            assert int(got.skipped_blocks) == int(want.skipped_blocks) == 1
+            assert torch.equal(_bits(job.p), _bits(twin.p))
+            for ours, theirs in zip(job.slots, twin.slots):
+                assert torch.equal(_bits(ours.values), _bits(theirs.values))
+                assert ours.absmax is None or torch.equal(ours.absmax, theirs.absmax)
+
+
+def test_batched_step_does_not_synchronize(triton_backend):
+    """The tables go to the device from pinned memory, the skip counts stay there: a warm
+    step queues its work without waiting for the GPU."""
+    tensors = [_fresh("adam", n, "blockwise", torch.bfloat16) for n in (768, 2304, 3072, 768)]
+    triton_backend.update_many(_small_tensors_step("adam", tensors, 1))  # warm: compiled, search tables made
+    jobs = _small_tensors_step("adam", tensors, 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = triton_backend.update_many(jobs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(isinstance(r.skipped_blocks, torch.Tensor) for r in results)
 
 
 # ---- training, Triton against the reference --------------------------------------------

@@ -13,20 +13,44 @@ Three passes over the same tile code, a compile-time switch:
     state: the new global scales must be known before any element is requantized;
   * ``NORMS_PASS`` (LAMB, LARS) writes only each program's two float64 sums of squares whose
     square roots make the trust ratio (see ``triton_trust``).
+
+One launch covers one flat parameter, or (``BATCHED``) many: each program then finds its tensor's
+pointers, size, gradient scale and skip counter in a row of an int64 table (``triton_batch``)
+and runs the same tile code on them.
+
+The host side at the end: what a launch takes (the layout of a state, its kernel arguments,
+the quantizer's search table, the float arguments and switches of a step, the tile height).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import weakref
+
+import torch
 import triton
 import triton.language as tl
 
-from .triton_rules import LAMB, MOMENTUM, apply_rule, lamb_direction
+from ..quant.maps import midpoints
+from .triton_rules import FAMILIES, LAMB, MOMENTUM, Family, Scalars, apply_rule, lamb_direction, switches
+from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
 
 # State layouts, a compile-time switch.
 FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT = (tl.constexpr(i) for i in range(3))
 
 # Passes, a compile-time switch (see the module docstring).
 STEP_PASS, PEAKS_PASS, NORMS_PASS = (tl.constexpr(i) for i in range(3))
+
+# The kernel takes three states whatever the rule; a rule with fewer gets placeholders.
+MAX_STATES = 3
+
+# A batch table's row (int64): the kernel's pointer arguments in its order (param, grad, then
+# values, code, midpoints, scales of each state), then the tensor's element count, its first
+# program, and its gradient scale (float32 bits).
+POINTERS = 2 + 4 * MAX_STATES
+N_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN = (tl.constexpr(POINTERS + i) for i in range(3))
+TABLE_COLUMNS = tl.constexpr(POINTERS + 3)
 
 
 @triton.jit
@@ -147,6 +171,19 @@ def _store_trust_sums(sums_ptr, pid, a, b, bad, mask):
 
 
 @triton.jit
+def _address(row, column: tl.constexpr, like):
+    """The address in ``column`` of a batch table's ``row``, as a pointer of ``like``'s type."""
+    return tl.load(row + column).to(like.dtype)
+
+
+@triton.jit
+def _state_addresses(row, column: tl.constexpr, values_ptr, code_ptr, mids_ptr, absmax_ptr):
+    """One state's four pointers from a batch table's ``row``, from ``column`` on."""
+    return (_address(row, column, values_ptr), _address(row, column + 1, code_ptr), _address(row, column + 2, mids_ptr),
+            _address(row, column + 3, absmax_ptr))  # fmt: skip
+
+
+@triton.jit
 def block_kernel(
     p_ptr, g_ptr,
     s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr,
@@ -156,18 +193,36 @@ def block_kernel(
     peaks_ptr,  # PEAKS_PASS: N_STATES float32 peaks per program
     sums_ptr,  # NORMS_PASS: two float64 sums of squares per program
     trust_ptr,  # LARS, LAMB: the float32 factor made of the trust ratio (see triton_trust)
-    skipped_ptr,  # int32 counter of skipped blocks
+    skipped_ptr,  # int64 counter of skipped blocks (BATCHED: one per tensor)
+    table_ptr,  # BATCHED: a row of TABLE_COLUMNS int64 per tensor
+    owner_ptr,  # BATCHED: the table row of each program
     n, n_blocks,
     # triton_rules.Scalars, in its order
     beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, alpha, eps, weight_decay, decay_factor,
     step_size, bias_correction1, bias_correction2, bias_correction2_sqrt, one_minus_dampening, gnorm_scale,
     RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr, DECAY: tl.constexpr,
     TRUST: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr,
-    PARAM_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PARAM_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BATCHED: tl.constexpr,
 ):  # fmt: skip
     """One pass of one rule over ``ROWS`` blocks of a flat parameter (the states past
-    ``N_STATES`` are placeholders, never read)."""
+    ``N_STATES`` are placeholders, never read). ``BATCHED``: the parameter is the one of this
+    program's table row, and the pointer arguments are placeholders that only give the types."""
     pid = tl.program_id(0).to(tl.int64)
+    if BATCHED:  # columns: param, grad, then four per state (see POINTERS)
+        tensor = tl.load(owner_ptr + pid)
+        row = table_ptr + tensor * TABLE_COLUMNS
+        p_ptr = _address(row, 0, p_ptr)
+        g_ptr = _address(row, 1, g_ptr)
+        s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr = _state_addresses(row, 2, s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr)
+        if N_STATES > 1:
+            s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr = _state_addresses(row, 6, s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr)
+        if N_STATES > 2:
+            s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr = _state_addresses(row, 10, s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr)
+        n = tl.load(row + N_COLUMN)
+        n_blocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
+        pid -= tl.load(row + FIRST_PROGRAM_COLUMN)  # programs are the tensor's own: a tile lies within it
+        gnorm_scale = tl.load(row + GNORM_SCALE_COLUMN).to(tl.int32).to(tl.float32, bitcast=True)
+        skipped_ptr += tensor
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_blocks
     offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -224,3 +279,102 @@ def block_kernel(
                 if N_STATES > 2:
                     _store_state(s2_ptr, mids2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad,
                                  LAYOUT)  # fmt: skip
+
+
+# ---- host side: what a launch takes ----------------------------------------------------------
+
+# Whether the kernels were built for Triton's CPU interpreter (decided when triton.jit ran).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 4}
+
+
+def layout_of(slot: StateSlot) -> int | None:
+    """The state layout switch of a slot, or None where no kernel covers it."""
+    if not slot.quantized:
+        return FP32_STATES.value if slot.values.dtype == torch.float32 else None
+    if slot.code is None or slot.code.numel() != 256 or slot.absmax is None:
+        return None
+    if slot.blocksize == BLOCK:
+        return BLOCKWISE_8BIT.value
+    if slot.blocksize == WHOLE_TENSOR:
+        return WHOLE_TENSOR_8BIT.value
+    return None
+
+
+def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot]) -> list[torch.Tensor]:
+    """The kernel's first ``POINTERS`` arguments: param, grad, then each state's values, code,
+    midpoints and scales; what a rule or layout does not read gets an unread placeholder."""
+    padded = slots + slots[:1] * (MAX_STATES - len(slots))
+    return [p, g, *(arg for slot in padded for arg in _state_args(slot))]
+
+
+def _state_args(slot: StateSlot) -> tuple[torch.Tensor, ...]:
+    if not slot.quantized:
+        return slot.values, slot.values, slot.values, slot.values
+    return slot.values, slot.code, search_table(slot.code), slot.absmax
+
+
+def step_arguments(family: Family, p: torch.Tensor, layout: int, hp: Hyper, skip_nonfinite: bool) -> tuple[list[float], dict]:
+    """The kernel's float arguments (``Scalars``) and compile-time switches for one step of a
+    parameter like ``p``, all but the tile height ``ROWS`` and ``BATCHED``."""
+    # floats, all of them: an int argument would make the kernel take (and specialize on) an int
+    scalars = [float(x) for x in family.scalars(hp)._replace(gnorm_scale=hp.gnorm_scale)]
+    flags = dict(
+        N_STATES=family.states,
+        LAYOUT=layout,
+        SCALE_GRAD=hp.gnorm_scale != 1.0,
+        SKIP=bool(skip_nonfinite),
+        PARAM_BF16=p.dtype == torch.bfloat16,
+        BLOCK_SIZE=BLOCK,
+        **switches(family, hp),
+    )
+    return scalars, flags
+
+
+def rows_per_program(n_blocks: int) -> int:
+    """GPU: 4 blocks (1024 elements) per program, 4 warps, 8 elements per thread. Interpreter:
+    tiles of up to 64 blocks, since its cost is mostly per program and per op, hardly per
+    element; no bigger than the parameter needs (a power of two)."""
+    if not INTERPRETED:
+        return 4
+    return min(64, triton.next_power_of_2(n_blocks))
+
+
+# id(code map) -> (weak reference to it, its version and address then, its search table): the
+# optimizers pass the same map tensor every step, so its table is built once, not every step.
+# (On a GPU every parameter has a copy of its own: the cache holds hundreds of small tables.)
+_SEARCH_TABLES: dict[int, tuple] = {}
+_SEARCH_TABLES_MAX = 16384
+
+
+def search_table(code: torch.Tensor) -> torch.Tensor:
+    """The 255 midpoints of ``code`` and an unread +inf sentinel (256 floats for the 8-step
+    search), cached by the map tensor itself while it is unchanged in place."""
+    seen = _SEARCH_TABLES.get(id(code))
+    stamp = (code._version, code.data_ptr())
+    if seen is not None and seen[0]() is code and seen[1] == stamp:
+        return seen[2]
+    sentinel = torch.full((1,), math.inf, dtype=torch.float32, device=code.device)
+    table = torch.cat([midpoints(code), sentinel])
+    if len(_SEARCH_TABLES) >= _SEARCH_TABLES_MAX:
+        _forget_dead_maps()
+    _SEARCH_TABLES[id(code)] = (weakref.ref(code), stamp, table)
+    return table
+
+
+def _forget_dead_maps() -> None:
+    """Drop the tables of maps gone; all of them if that frees too little."""
+    for key in [key for key, (ref, _, _) in _SEARCH_TABLES.items() if ref() is None]:
+        del _SEARCH_TABLES[key]
+    if len(_SEARCH_TABLES) >= _SEARCH_TABLES_MAX // 2:
+        _SEARCH_TABLES.clear()
+
+
+# The kernel's float arguments are triton_rules.Scalars, passed positionally in its order.
+_first_scalar = block_kernel.arg_names.index(Scalars._fields[0])
+assert tuple(block_kernel.arg_names[_first_scalar : _first_scalar + len(Scalars._fields)]) == Scalars._fields
+
+# A batch table row holds the kernel's pointer arguments in its order.
+assert block_kernel.arg_names[POINTERS - 1] == f"absmax{MAX_STATES - 1}_ptr"
+assert all(family.states <= MAX_STATES for family in FAMILIES.values())
