@@ -498,3 +498,164 @@ def test_paged_on_cpu_warning_matches_bnb(bnb, name):
         seen[lib.__name__] = [(w.category, str(w.message)) for w in caught if "Paged" in str(w.message)]
     assert len(seen["qoptim"]) == 1
     assert seen["qoptim"] == seen["bitsandbytes"]
+
+
+# ---- what bitsandbytes' own optimizer tests use: PytorchLARS, _ReferenceAdEMAMix, unorm_vec ---------
+
+
+def sgd_steps(opt, ps, grads) -> list[torch.Tensor]:
+    for g in grads:
+        for p, gp in zip(ps, g):
+            p.grad = gp.clone()
+        opt.step()
+    return [p.detach().clone() for p in ps]
+
+
+def test_pytorch_lars_without_cap_is_torch_sgd():
+    """max_unorm=0: PytorchLARS is torch.optim.SGD, group by group (plain, momentum with
+    dampening, nesterov, momentum 0), with L2 weight decay."""
+    shapes = [(3, 4), (5,), (2, 2), (6,)]
+    settings = [{"momentum": 0.0}, {"momentum": 0.8, "dampening": 0.1}, {"momentum": 0.9, "nesterov": True}, {}]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    results = []
+    for make in (
+        lambda groups: qoptim.optim.PytorchLARS(groups, lr=0.05, weight_decay=0.01, max_unorm=0.0),
+        lambda groups: torch.optim.SGD(groups, lr=0.05, weight_decay=0.01),
+    ):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make([{"params": [p], **kw} for p, kw in zip(ps, settings)])
+        results.append(sgd_steps(opt, ps, grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_pytorch_lars_caps_the_update_norm():
+    """|p| = 1, |g| = 5: with max_unorm 0.1 the update is scaled to norm 0.1 (0.02 * g), with
+    max_unorm 10 it is the plain gradient step; momentum 0 needs no buffer."""
+    for max_unorm, want in ((0.1, [0.57, 0.76]), (10.0, [-0.9, -1.2])):
+        p = torch.nn.Parameter(torch.tensor([0.6, 0.8]))
+        opt = qoptim.optim.PytorchLARS([p], lr=0.5, max_unorm=max_unorm)
+        p.grad = torch.tensor([3.0, 4.0])
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.tensor(want))
+        assert "momentum_buffer" not in opt.state[p]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -0.1}, "Invalid learning rate: -0.1"),
+        ({"momentum": -0.5}, "Invalid momentum value: -0.5"),
+        ({"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
+        ({"nesterov": True}, "Nesterov momentum requires a momentum and zero dampening"),
+    ],
+)
+def test_pytorch_lars_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        qoptim.optim.PytorchLARS([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_pytorch_lars_matches_bnb(bnb):
+    start = [torch.randn(16, 8), torch.randn(8)]
+    grads = [[torch.randn(16, 8), torch.randn(8)] for _ in range(5)]
+    results = []
+    for lib in (qoptim, bnb):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = lib.optim.PytorchLARS(ps, lr=0.1, momentum=0.9, weight_decay=0.01)  # max_unorm 0.02: the cap applies
+        results.append(sgd_steps(opt, ps, grads))
+        results.append([opt.state[p]["momentum_buffer"].clone() for p in ps])
+    for got, want in zip(results[0] + results[1], results[2] + results[3]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("schedule", [{}, {"t_alpha": 5, "t_beta3": 5}])
+def test_reference_ademamix_matches_ademamix(schedule):
+    """The plain-PyTorch AdEMAMix follows AdEMAMix's 32-bit step (schedules and decoupled weight
+    decay included) and keeps the same states under bitsandbytes' reference names."""
+    start = torch.randn(32, 16) * 0.1
+    p_ref, p_q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ref = qoptim.optim.ademamix._ReferenceAdEMAMix([p_ref], lr=1e-2, **schedule)
+    opt = qoptim.optim.AdEMAMix([p_q], lr=1e-2, **schedule)
+    for _ in range(8):
+        g = torch.randn_like(start) * 0.01
+        p_ref.grad, p_q.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+        torch.testing.assert_close(p_q, p_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p_q]["state1"], ref.state[p_ref]["m1_m2"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(opt.state[p_q]["state2"], ref.state[p_ref]["nu"], rtol=1e-5, atol=1e-9)
+
+
+def test_reference_ademamix_matches_bnb(bnb):
+    start = torch.randn(8, 8)
+    grads = [[torch.randn(8, 8)] for _ in range(6)]
+    results = []
+    for lib in (qoptim, bnb):
+        p = torch.nn.Parameter(start.clone())
+        opt = lib.optim.ademamix._ReferenceAdEMAMix([p], lr=1e-2, t_alpha=4, t_beta3=4)
+        results.append(sgd_steps(opt, [p], grads)[0])
+        results.append(opt.state[p]["m1_m2"].clone())
+    torch.testing.assert_close(results[0], results[2])
+    torch.testing.assert_close(results[1], results[3])
+
+
+LARS_ARGS = {"lr": 0.01, "momentum": 0.9}
+LAYER_WISE = [("LAMB", {}), ("LAMB8bit", {}), ("LARS", LARS_ARGS), ("LARS8bit", LARS_ARGS)]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), LAYER_WISE)
+def test_layer_wise_state_keeps_unorm_vec(name, kwargs):
+    """LAMB and LARS with max_unorm > 0 keep a one-element float32 ``unorm_vec``, as bitsandbytes
+    does (its step fails without it); max_unorm=0 keeps none."""
+    for max_unorm, present in ((kwargs.get("max_unorm", 0.5), True), (0.0, False)):
+        p = torch.nn.Parameter(torch.randn(64, 64))
+        opt = getattr(qoptim.optim, name)([p], **kwargs, max_unorm=max_unorm)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert ("unorm_vec" in opt.state[p]) is present
+        if present:
+            assert opt.state[p]["unorm_vec"].dtype == torch.float32 and opt.state[p]["unorm_vec"].shape == (1,)
+            assert "unorm_vec" in opt.state_dict()["state"][0][QUANT_KEY]
+
+
+def test_malformed_unorm_vec_is_rejected_before_loading():
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = qoptim.optim.LAMB([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["state"][0][QUANT_KEY]["unorm_vec"] = torch.zeros(2)
+    opt.param_groups[0]["lr"] = 0.5
+    with pytest.raises(ValueError, match="unorm_vec must be a float32 tensor of shape \\(1,\\)"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lr"] == 0.5  # nothing was loaded
+
+
+@pytest.mark.parametrize(("name", "kwargs"), LAYER_WISE)
+def test_layer_wise_checkpoint_steps_in_bnb(bnb, name, kwargs):
+    """A qoptim LAMB/LARS checkpoint has bitsandbytes' per-parameter layout and bitsandbytes
+    can take a step from it."""
+    saved = {}
+    for lib in (qoptim, bnb):
+        p = torch.nn.Parameter(torch.randn(64, 64))
+        opt = getattr(lib.optim, name)([p], **kwargs)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        saved[lib.__name__] = round_trip(opt.state_dict())
+    assert_same_layout(saved["qoptim"]["state"], saved["bitsandbytes"]["state"], values=False)
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = getattr(bnb.optim, name)([p], **kwargs)
+    opt.load_state_dict(saved["qoptim"])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["step"] == 2 and torch.isfinite(p).all()
+
+
+def test_utils_sync_gpu_is_importable_and_harmless_on_cpu():
+    """Code written for bitsandbytes (its own test suite among it) imports bitsandbytes.utils.sync_gpu."""
+    from qoptim.utils import sync_gpu
+
+    sync_gpu(torch.zeros(3))  # nothing queued on a CPU: returns at once
+    assert qoptim.utils.sync_gpu is sync_gpu

@@ -62,7 +62,7 @@ def gradients(jobs, step):
     grads = []
     for k, (_, p, _, gen) in enumerate(jobs):
         g = torch.randn(p.numel(), generator=gen) * 0.01
-        if (k + step) % 5 == 0:
+        if (k + step) % 5 == 0 and p.numel():
             g[(step * 7919) % p.numel()] = float("nan")  # a skipped block
         grads.append(g.to(p.dtype))
     return grads
@@ -127,6 +127,12 @@ def test_a_batch_large_enough_runs_on_all_threads(path, monkeypatch):
         assert launched and all(ntasks == 2 for ntasks in launched)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_empty_tensors_are_left_to_the_one_at_a_time_path():
+    """A rank's shard of a small parameter can be empty (FSDP2): nothing to launch for it."""
+    jobs = [make_job("adam", n, torch.float32, "block", seed) for seed, n in enumerate([0, 0, 300, 0])]
+    run_both(jobs, steps=2)
 
 
 def test_task_bounds_split_whole_tensors_evenly():

@@ -4,11 +4,11 @@
     opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
 """
 
-from . import functional, optim
+from . import functional, optim, utils
 from . import paging_cuda  # noqa: F401  registers the CUDA pager; loads nothing until a paged buffer is needed
 from .optim import *  # noqa: F403
 from .optim import __all__ as _optim_all
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "optim", "__version__", *_optim_all]
+__all__ = ["functional", "optim", "utils", "__version__", *_optim_all]

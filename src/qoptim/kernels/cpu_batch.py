@@ -59,7 +59,8 @@ def _batch_key(job: Job) -> tuple | None:
     rule, p, g, slots, hp, skip_nonfinite = job
     n = p.numel()
     family = cpu._FAMILIES.get(rule)
-    if n >= BATCH_LIMIT or family is None or rule in reference.TRUST_RATIOS or len(slots) != family.marker.states:
+    # (an empty tensor, e.g. a rank's shard of a small parameter, has nothing to batch)
+    if not 0 < n < BATCH_LIMIT or family is None or rule in reference.TRUST_RATIOS or len(slots) != family.marker.states:
         return None
     if p.dtype not in cpu._VIEWS or p.dim() != 1 or not cpu._flat_cpu(p, p.dtype, n) or not cpu._flat_cpu(g, p.dtype, n):
         return None

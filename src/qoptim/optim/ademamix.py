@@ -74,6 +74,45 @@ def scheduled_beta3(beta1: float, beta3: float, t_beta3: int | None, step: int) 
     return min(math.exp(ln1 * ln3 / ((1 - frac) * ln3 + frac * ln1)), beta3)
 
 
+class _ReferenceAdEMAMix(torch.optim.Optimizer):
+    """AdEMAMix in plain PyTorch, float32 states (bitsandbytes' name, kept for code and tests that
+    compare against it). Same update, schedules and state layout as ``AdEMAMix``: ``m1_m2`` stacks
+    the fast and slow momentum, ``nu`` is the second moment, weight decay is decoupled."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8, weight_decay=1e-2, t_beta3=None,
+                 t_alpha=None):  # fmt: skip
+        defaults = dict(lr=lr, betas=betas, alpha=alpha, eps=eps, weight_decay=weight_decay, t_beta3=t_beta3, t_alpha=t_alpha)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            group["step"] = step = group.get("step", 0) + 1  # one count per group, as bitsandbytes keeps it
+            beta1, beta2, beta3 = group["betas"]
+            alpha = scheduled_alpha(group["alpha"], group["t_alpha"], step)
+            beta3 = scheduled_beta3(beta1, beta3, group["t_beta3"], step)
+            lr = group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state["m1_m2"] = p.new_zeros((2, *p.shape))
+                    state["nu"] = torch.zeros_like(p)
+                m1, m2, nu = state["m1_m2"][0], state["m1_m2"][1], state["nu"]
+                m1.mul_(beta1).add_(g, alpha=1 - beta1)
+                m2.mul_(beta3).add_(g, alpha=1 - beta3)
+                nu.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = nu.sqrt().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
+                direction = (m1 / (1 - beta1**step)).add_(m2, alpha=alpha).div_(denom)
+                p.add_(direction.add_(p, alpha=group["weight_decay"]), alpha=-lr)
+        return loss
+
+
 AdEMAMix8bit = variant(AdEMAMix, "AdEMAMix8bit", drop=("optim_bits",), fixed_bits=8)
 AdEMAMix32bit = variant(AdEMAMix, "AdEMAMix32bit", drop=("optim_bits",), fixed_bits=32)
 PagedAdEMAMix = variant(AdEMAMix, "PagedAdEMAMix", drop=("is_paged",), fixed_paged=True)

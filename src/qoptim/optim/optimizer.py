@@ -342,6 +342,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     raise ValueError(f"{name}: {scale} must hold finite non-negative scales")
         if "gnorm_vec" in state:
             self._check_loaded_tensor(name, "gnorm_vec", state["gnorm_vec"], (100,), (torch.float32,))
+        if "unorm_vec" in state:
+            self._check_loaded_tensor(name, "unorm_vec", state["unorm_vec"], (1,), (torch.float32,))
 
     @staticmethod
     def _check_loaded_tensor(name: str, key: str, t: Any, shape, dtypes) -> torch.Tensor:
@@ -465,6 +467,10 @@ class _StateOptimizer(Optimizer8bit):
                         state[key] = torch.zeros(1, dtype=torch.float32, device=p.device)
         if config["percentile_clipping"] < 100:
             state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
+        if self.family.layer_wise and config["max_unorm"] > 0:
+            # bitsandbytes keeps (and its step requires) this slot for the update norm; qoptim's
+            # kernels do not report the norm, so it stays 0
+            state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
 
     def _update_all(self, work) -> None:
         """All parameters' updates handed to the kernels together (``kernels.update_many``), so
