@@ -1,5 +1,7 @@
 """state_dict / load_state_dict: bitsandbytes' layout, exact resume, rejected loads."""
 
+import io
+
 import pytest
 import torch
 from helpers import DTYPES, clone_params, gradients, make_params, round_trip
@@ -252,3 +254,33 @@ def test_a_truncated_checkpoint_file_fails_to_load_before_the_optimizer_sees_it(
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(Exception):
         torch.load(path, weights_only=True)
+
+
+def test_every_parameter_shares_one_map_also_after_loading():
+    """One map tensor per state kind for all parameters (a checkpoint holds a copy per
+    parameter): the kernels' tables are built once and small tensors batch together."""
+    params = [torch.nn.Parameter(torch.randn(64, 81)) for _ in range(3)]
+    opt = bnb.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    maps = {id(opt.state[p][key]) for p in params for key in ("qmap1", "qmap2")}
+    assert len(maps) == 2
+    saved = torch.load(io.BytesIO(_saved(opt.state_dict())), weights_only=True)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = bnb.optim.AdamW8bit(twins)
+    fresh.load_state_dict(saved)
+    assert {id(fresh.state[p][key]) for p in twins for key in ("qmap1", "qmap2")} == {id(fresh.name2qmap["dynamic"]), id(fresh.name2qmap["udynamic"])}
+    custom = saved["state"][0]["__bnb_optimizer_quant_state__"]["qmap1"].clone()
+    custom[1] += 1e-4  # a map of its own stays its own (and is not shared with the others)
+    saved["state"][0]["__bnb_optimizer_quant_state__"]["qmap1"] = custom
+    other = bnb.optim.AdamW8bit([torch.nn.Parameter(p.detach().clone()) for p in params])
+    other.load_state_dict(saved)
+    first = other.state[other.param_groups[0]["params"][0]]["qmap1"]
+    assert torch.equal(first, custom) and first is not other.name2qmap["dynamic"]
+
+
+def _saved(state_dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return buffer.getvalue()

@@ -81,6 +81,18 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.name2qmap["dynamic"] = signed_map()
         self.name2qmap["udynamic"] = unsigned_map()
 
+    def _qmap_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """Map ``name`` on ``device``: one copy per device, shared by every parameter there (so
+        that backends batching parameters see one map, and its tables are built once)."""
+        source = self.name2qmap[name]
+        if source.device == device:
+            return source
+        copies = self.__dict__.setdefault("_qmap_copies", {})
+        cached = copies.get((name, device))
+        if cached is None or cached[0] is not source:  # first use, or name2qmap was replaced
+            cached = copies[(name, device)] = (source, source.to(device))
+        return cached[1]
+
     # ---- configuration -------------------------------------------------------------
 
     def check_overrides(self) -> None:
@@ -304,10 +316,23 @@ class Optimizer8bit(torch.optim.Optimizer):
         # the kernels update flat views of it
         if key in self.non_castable_tensor_keys:
             device = p.device if move_to_device else value.device
+            if key.startswith("qmap"):
+                return self._shared_qmap(value.to(device))
             return value.to(device, memory_format=torch.contiguous_format, copy=True)
         if value.is_floating_point():
             return value.to(device=p.device, dtype=p.dtype, copy=True)
         return value.to(p.device, copy=True)
+
+    def _shared_qmap(self, loaded: torch.Tensor) -> torch.Tensor:
+        """A loaded map: the optimizer's own shared one where equal (a checkpoint holds a copy
+        per parameter), else a copy of its own."""
+        if not self.name2qmap:
+            self.fill_qmap()
+        for name in list(self.name2qmap):
+            shared = self._qmap_on(name, loaded.device)
+            if torch.equal(shared, loaded):
+                return shared
+        return loaded.clone(memory_format=torch.contiguous_format)
 
     def _check_loaded_state(self, k: Any, p: torch.Tensor, state: dict[str, Any]) -> None:
         """Reject a parameter's loaded state that this optimizer could not continue from: another
@@ -453,11 +478,8 @@ class _StateOptimizer(Optimizer8bit):
                 continue
             if not self.name2qmap:
                 self.fill_qmap()
-            qmap = self.name2qmap["dynamic" if self.family.signed[i - 1] else "udynamic"]
-            if qmap.device != p.device:
-                qmap = qmap.to(p.device)
             state[f"state{i}"] = self._state_buffer(p, torch.uint8, shape)
-            state[f"qmap{i}"] = qmap
+            state[f"qmap{i}"] = self._qmap_on("dynamic" if self.family.signed[i - 1] else "udynamic", p.device)
         if quantized:
             for i in range(1, self.n_states + 1):
                 if config["block_wise"]:
