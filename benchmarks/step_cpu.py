@@ -6,10 +6,12 @@ backend, torch's AdamW (fused and foreach) and, when importable, bitsandbytes an
     python benchmarks/step_cpu.py --sizes 16.7M --dtypes bf16
     python benchmarks/step_cpu.py --families        # every other 8-bit family vs its fp32 torch.optim
                                                     # counterpart (default 16.7M fp32)
+    python benchmarks/step_cpu.py --cpu-paths       # also the CPU kernel's slower paths (AVX2 gathers,
+                                                    # portable scalar loops) where the CPU has a faster one
 
 Per row: median ms of warm steps, parameters per second, the ratio to torch's fused AdamW,
 bytes of optimizer state per parameter, the peak extra resident memory during a warm step
-(/proc/self/statm sampled by a thread), and the effective bandwidth (the bytes a step has to
+(/proc/self/statm sampled by a thread, in steps of their own), and the effective bandwidth (the bytes a step has to
 move, below) against a measured copy bandwidth.
 
 Bytes a step moves per parameter: the parameter read and written, the gradient read, and each
@@ -27,6 +29,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,14 +47,45 @@ def parse_size(text: str) -> int:
 # ---- contestants: name -> (make optimizer, runs at sizes up to, extra note) --------------------
 
 
-def qoptim_opt(backend: str):
+def qoptim_opt(backend: str, path: str | None = None):
     def make(params):
         import qoptim
 
         os.environ["QOPTIM_BACKEND"] = backend
+        use_cpu_path(path)
         return qoptim.optim.Adam8bit(params, lr=1e-3)
 
     return make
+
+
+# the CPU kernel's own choice of path, (_VECTOR, VECTORIZE), saved when a contestant first overrides it
+_CPU_DEFAULTS: tuple | None = None
+
+
+def use_cpu_path(path: str | None) -> None:
+    """Steps from now on take the CPU kernel's ``path`` ("avx512", "avx2", "portable"), or
+    (None) the one it picks itself: its module flags are read on every step."""
+    global _CPU_DEFAULTS
+    if path is None and _CPU_DEFAULTS is None:
+        return  # nothing changed yet (and an older qoptim has no such paths)
+    from qoptim.kernels import cpu
+
+    if _CPU_DEFAULTS is None:
+        _CPU_DEFAULTS = (cpu._VECTOR, cpu.VECTORIZE)
+    cpu._VECTOR, cpu.VECTORIZE = {
+        None: _CPU_DEFAULTS,
+        "avx512": (cpu._AVX512, True),
+        "avx2": (cpu._AVX2, True),
+        "portable": (_CPU_DEFAULTS[0], False),
+    }[path]
+
+
+def cpu_paths_below_the_best() -> list[str]:
+    """The CPU kernel's paths slower than the one it takes on this machine."""
+    from qoptim.kernels import cpu
+
+    paths = ["avx512", "avx2", "portable"] if cpu.HAS_AVX512 else ["avx2", "portable"]
+    return paths[1:] if cpu.VECTORIZE else []
 
 
 def torch_opt(**kwargs):
@@ -164,7 +198,7 @@ def copy_bandwidth() -> float:
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         copy, scale = _numba_streams()
         an, bn = a.numpy(), b.numpy()
-        ops += [lambda: copy(an, bn), lambda: scale(an)]
+        ops += [lambda: copy(an, bn), lambda: scale(an, np.float32(1.0))]  # a factor LLVM cannot see, or it drops the loop
     except ImportError:
         pass
     best = 0.0
@@ -187,9 +221,9 @@ def _numba_streams():
             b[i] = a[i]
 
     @numba.njit(parallel=True)
-    def scale(a):
+    def scale(a, factor):
         for i in numba.prange(a.size):
-            a[i] = a[i] * numba.float32(1.0)
+            a[i] = a[i] * factor
 
     return copy, scale
 
@@ -223,10 +257,12 @@ def measure(make, n: int, dtype: torch.dtype, steps: int, budget_s: float) -> di
     times, peak = [], 0
     deadline = time.perf_counter() + budget_s
     while len(times) < steps and (len(times) < 3 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    for _ in range(2):  # memory apart: the sampling thread takes CPU and the GIL, ~10% of a step that uses all cores
         with PeakRss() as rss:
-            t0 = time.perf_counter()
             opt.step()
-            times.append(time.perf_counter() - t0)
         peak = max(peak, rss.extra)
     result = dict(ms=statistics.median(times) * 1e3, first_s=first, state=state_bytes(opt) / n, peak=peak, steps=len(times))
     del opt, param
@@ -261,6 +297,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="warm steps to time (default 10, quick 5)")
     parser.add_argument("--skip", default="", help="comma-separated substrings of contestants to leave out")
     parser.add_argument("--families", action="store_true", help="the other 8-bit families against their fp32 torch.optim counterparts")
+    parser.add_argument("--cpu-paths", action="store_true", help="also the CPU kernel's slower paths (AVX2 gathers, portable loops)")
     args = parser.parse_args(argv)
     if args.families:
         args.sizes = args.sizes or "16.7M"
@@ -288,10 +325,13 @@ def main(argv=None) -> None:
                     print(row(n, dtype, theirs, base, base["ms"], bandwidth), flush=True)
         os.environ.pop("QOPTIM_BACKEND", None)
         return
+    contestants = list(CONTESTANTS)
+    if args.cpu_paths:
+        contestants[1:1] = [(f"qoptim Adam8bit (cpu {path})", qoptim_opt("auto", path), None, None) for path in cpu_paths_below_the_best()]
     for n in sizes:
         for dtype in dtypes:
             rows = []
-            for name, make, largest, module in CONTESTANTS:
+            for name, make, largest, module in contestants:
                 if any(s in name.lower() for s in skip) or (largest is not None and n > largest) or not importable(module):
                     continue
                 try:

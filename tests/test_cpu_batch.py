@@ -121,10 +121,11 @@ def test_a_batch_large_enough_runs_on_all_threads(path, monkeypatch):
         jobs = [make_job("adam", 20_000 + 37 * k, torch.float32, "block", k) for k in range(30)]  # 600K elements
         assert sum(p.numel() for _, p, _, _ in jobs) >= cpu.PARALLEL_MIN
         launched = []
-        parallel = cpu_batch._8bit_batch_parallel
-        monkeypatch.setattr(cpu_batch, "_8bit_batch_parallel", lambda *a: launched.append(a[-1]) or parallel(*a))
+        launch = cpu._launch
+        monkeypatch.setattr(cpu, "_launch", lambda task, ntasks, *rest: launched.append((task, ntasks)) or launch(task, ntasks, *rest))
         run_both(jobs, steps=3)
-        assert launched and all(ntasks == 2 for ntasks in launched)
+        batched = [ntasks for task, ntasks in launched if task is cpu_batch._8bit_batch_task]
+        assert batched and max(batched) == 2 * cpu.TASKS_PER_THREAD  # (a batch below PARALLEL_MIN runs as one task)
     finally:
         torch.set_num_threads(threads)
 

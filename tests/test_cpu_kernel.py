@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qoptim import kernels
-from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, reference
+from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, cpu_avx512, reference
 from qoptim.kernels.cpu_tables import tables_for
 from qoptim.quant.maps import midpoints, signed_map, unsigned_map
 
@@ -42,12 +42,29 @@ def exact_sqrt():
         yield
 
 
-@pytest.fixture(params=["vector", "portable"])
+PATHS = {"avx512": cpu._AVX512, "avx2": cpu._AVX2, "portable": cpu._PORTABLE}
+
+
+@pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
-    """Run a test on both paths: the vectorized one (gather intrinsics; forced on here, which
-    is still correct where the CPU lacks gathers, only slower) and the portable scalar one."""
-    monkeypatch.setattr(cpu, "VECTORIZE", request.param == "vector")
-    return cpu._VECTOR if request.param == "vector" else cpu._PORTABLE
+    """Run a test on each path: AVX-512 permutes (where the CPU has them: it would not run
+    elsewhere), AVX2 gathers (forced on here, which is still correct where the CPU lacks
+    gathers, only slower), and the portable scalar loops."""
+    marker = PATHS[request.param]
+    if marker is cpu._AVX512 and not cpu.HAS_AVX512:
+        pytest.skip("this CPU lacks AVX-512 VBMI")
+    monkeypatch.setattr(cpu, "VECTORIZE", marker is not cpu._PORTABLE)
+    if marker is not cpu._PORTABLE:
+        monkeypatch.setattr(cpu, "_VECTOR", marker)
+    return marker
+
+
+def kernel_tables(code):
+    """A map's tables as the kernels' ``_lookup`` and ``_quantize`` take them, with the permute path's."""
+    t = tables_for(code)
+    planes, search = np.empty(cpu_avx512.PLANES, np.uint8), np.empty(cpu_avx512.SEARCH, np.float32)
+    cpu_avx512.fill_tables(t.code, t.mids, planes, search)
+    return (t.code, t.first, t.mids, t.fixups, t.packed, planes, search)
 
 
 def make_state(n, dtype, layout, seed=0, code=None):
@@ -119,11 +136,11 @@ def run_both(n, dtype, layout, decoupled, skip, nonfinite=True, code=None):
         yield step, (p_ref, slots_ref, expected), (p, slots, got)
 
 
-# Every dtype and layout on the vectorized path; the portable path differs only in how 8-bit
-# states are looked up and quantized (from fp32 buffers, whatever the parameter dtype), so
-# one dtype covers it and keeps the compilations of a cold cache within the CI budget.
-KERNEL_CASES = [(dtype, layout, "vector") for dtype in DTYPES for layout in LAYOUTS]
-KERNEL_CASES += [(torch.float32, layout, "portable") for layout in ("block", "whole")]
+# Every dtype and layout on the best path; the other paths differ only in how 8-bit states are
+# looked up and quantized (from fp32 buffers, whatever the parameter dtype), so one dtype
+# covers each and keeps the compilations of a cold cache within the CI budget.
+KERNEL_CASES = [(dtype, layout, "avx512") for dtype in DTYPES for layout in LAYOUTS]
+KERNEL_CASES += [(torch.float32, layout, path) for path in ("avx2", "portable") for layout in ("block", "whole")]
 
 
 @pytest.mark.usefixtures("exact_sqrt")
@@ -187,22 +204,39 @@ def test_with_torchs_own_sqrt_only_last_bits_differ(layout, decoupled):
 
 def test_quantizer_matches_bucketize_on_every_kind_of_float(path):
     """The table quantizer itself, on random bit patterns (NaN, inf, subnormals, -0 included),
-    on every midpoint and its float neighbours."""
+    on every midpoint and its float neighbours; sizes that leave every kind of remainder to
+    the scalar tail of a vectorized path."""
     rng = np.random.default_rng(0)
-    for code in (signed_map(), unsigned_map()):
-        t = tables_for(code)
+    crowded = torch.cat([torch.linspace(-1, 1, 200), 0.5 + torch.linspace(1e-5, 5e-4, 56)]).sort().values
+    infinite = torch.cat([torch.full((2,), -float("inf")), torch.linspace(-1, 1, 252), torch.full((2,), float("inf"))])
+    zeros = torch.cat([torch.full((3,), -0.0), torch.zeros(1), torch.linspace(1e-3, 1, 252)])  # midpoints -0.0 and 0.0
+    for code in (signed_map(), unsigned_map(), torch.linspace(-1, 1, 256), crowded, infinite, zeros):
+        tables = kernel_tables(code)
         mids = midpoints(code).numpy()
         edges = np.concatenate([mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)]).astype(np.float32)
         specials = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45], dtype=np.float32)
         noise = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
         values = np.concatenate([edges, specials, noise, rng.standard_normal(50_000).astype(np.float32)])
-        for inv in (np.float32(1.0), np.float32(3.7)):
-            out = np.empty(values.size, dtype=np.uint8)
-            cpu._quantize(values, inv, t.first, t.mids, t.fixups, t.packed, out, path)
+        for inv, size in ((1.0, values.size), (3.7, values.size), (1.0, 255), (1.0, 7)):
+            inv = np.float32(inv)
+            out = np.empty(size, dtype=np.uint8)
+            cpu._quantize(values[:size], inv, tables, out, path)
             with np.errstate(over="ignore", invalid="ignore"):
-                scaled = values * inv
+                scaled = values[:size] * inv
             expected = torch.bucketize(torch.from_numpy(scaled), midpoints(code)).numpy()
             assert np.array_equal(out, expected)
+
+
+def test_lookup_matches_the_map(path):
+    """Dequantizing: every code, in runs that leave every kind of remainder to the scalar tail."""
+    rng = np.random.default_rng(0)
+    for code in (signed_map(), unsigned_map()):
+        tables = kernel_tables(code)
+        q = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, 5000).astype(np.uint8)])
+        for size in (q.size, 256, 255, 63, 1):
+            out = np.empty(size, dtype=np.float32)
+            cpu._lookup(q[:size], tables, out, path)
+            assert np.array_equal(out.view(np.uint32), tables[0][q[:size]].view(np.uint32))
 
 
 @numba.njit
@@ -289,24 +323,29 @@ def test_unsupported_cases_fall_back_to_the_reference():
     assert result.skipped_blocks == 0 and not torch.equal(p2, p)
 
 
-def test_a_vector_kernel_that_does_not_compile_leaves_the_portable_one(monkeypatch):
-    """Another numba/llvmlite may not lower the gather intrinsics: the step still runs, on
-    the portable kernel, with a warning, and later steps go there directly."""
+@pytest.mark.parametrize("working", ["avx2", "portable"])
+def test_a_vector_kernel_that_does_not_compile_leaves_the_next_one(working, monkeypatch):
+    """Another numba/llvmlite may not lower the permute or gather intrinsics: the step still
+    runs, on the next path down that compiles (AVX-512, then AVX2, then portable), with a
+    warning for each that did not, and later steps go there directly."""
     real = cpu._8bit_task  # a small tensor: the task is called directly
+    failing = (cpu.PermutePath,) if working == "avx2" else (cpu.PermutePath, cpu.VectorPath)
 
     def vector_fails_to_compile(*args):
-        if any(isinstance(a, cpu.VectorPath) for a in args):
-            raise numba.core.errors.LoweringError("no masked gathers here")
+        if any(isinstance(a, failing) for a in args):
+            raise numba.core.errors.LoweringError("no such intrinsic here")
         return real(*args)
 
     monkeypatch.setattr(cpu, "_8bit_task", vector_fails_to_compile)
     monkeypatch.setattr(cpu, "VECTORIZE", True)
+    monkeypatch.setattr(cpu, "_VECTOR", cpu._AVX512)
     p, slots = make_state(1000, torch.float32, "whole")
     p_ref, slots_ref = copy_state(p, slots)
     g = torch.randn(1000)
-    with pytest.warns(RuntimeWarning, match="using the portable one"):
+    with pytest.warns(RuntimeWarning) as warned:
         cpu.update("adam", p, g, slots, hyper(1, True), True)
-    assert cpu.VECTORIZE is False
+    assert [str(w.message).split("; ")[-1] for w in warned] == ["using the AVX2 one", "using the portable one"][: len(failing)]
+    assert (cpu.VECTORIZE, cpu._VECTOR) == ((True, cpu._AVX2) if working == "avx2" else (False, cpu._AVX2))
     with torch_threads(1), _exact_sqrt_patch():
         reference.update("adam", p_ref, g, slots_ref, hyper(1, True), True)
     assert_same(p, p_ref)
@@ -315,18 +354,20 @@ def test_a_vector_kernel_that_does_not_compile_leaves_the_portable_one(monkeypat
         assert_same(ours.absmax, theirs.absmax)
 
 
-def test_numba_uses_torchs_thread_count(monkeypatch):
-    """Numba's pool runs with torch's thread count during a step and the caller's Numba
-    setting is restored afterwards; with one thread, or a small tensor, the pool is not used."""
+def test_a_step_splits_into_tasks_by_torchs_thread_count(monkeypatch):
+    """A large tensor is split into TASKS_PER_THREAD tasks per thread of torch's, which the
+    calling thread and worker threads share; with one thread, or a small tensor, one task
+    runs on the calling thread alone. Whatever the split, the result is the same."""
     seen = []
-    plain = numba.set_num_threads
-    monkeypatch.setattr(numba, "set_num_threads", lambda k: seen.append(k) or plain(k))
-    before = numba.get_num_threads()
+    plain = cpu._launch
+    monkeypatch.setattr(cpu, "_launch", lambda task, ntasks, *rest: seen.append(ntasks) or plain(task, ntasks, *rest))
     two = min(2, numba.config.NUMBA_NUM_THREADS)
-    for n, threads, expected in [(1 << 16, 1, []), (1 << 16, 2, [two, before] if two > 1 else []), (1000, 2, [])]:
+    results = []
+    for n, threads, expected in [(1 << 16, 1, 1), (1 << 16, 2, 1 if two == 1 else two * cpu.TASKS_PER_THREAD), (1000, 2, 1)]:
         p, slots = make_state(n, torch.float32, "block")
         seen.clear()
         with torch_threads(threads):
-            cpu.update("adam", p, torch.randn(n), slots, hyper(1, True), True)
-        assert seen == expected
-        assert numba.get_num_threads() == before
+            cpu.update("adam", p, torch.ones(n), slots, hyper(1, True), True)
+        assert seen == [expected]
+        results.append(p)
+    assert torch.equal(results[0], results[1])

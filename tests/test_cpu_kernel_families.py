@@ -3,15 +3,22 @@ AdEMAMix, LAMB) against the reference backend, bit for bit over 20 steps.
 
 As in test_cpu_kernel.py the reference gets a correctly rounded sqrt; LAMB's direction takes
 it in place (``sqrt_``), so both are patched here. Numba compiles each rule once per parameter
-dtype, state kind (8-bit or fp32) and driver (one task or parallel), so the full dtype cross
-runs on a few rules only, to keep a cold cache within budget.
+dtype, state kind (8-bit or fp32), driver (one task or parallel) and path, so the full dtype
+cross runs on a few rules only, and the paths other than the best on fewer still, to keep a
+cold cache within budget.
+
+LAMB and LARS scale their step by a layer-wise ratio of two norms, float64 sums over the
+whole tensor. The kernel's sums run in another order than torch's in the reference, so the
+ratios agree to ~1e-16 relative, not bit for bit: the tests check the ratio to 1e-9, then give
+the reference the kernel's ratio and demand the rest of the step bit for bit.
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
-from test_cpu_kernel import assert_same, copy_state, torch_threads
+from test_cpu_kernel import assert_same, copy_state, path, torch_threads  # noqa: F401  (path: a fixture)
 
 from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, reference
 from qoptim.quant.maps import signed_map, unsigned_map
@@ -24,6 +31,8 @@ LAYOUTS = ["block", "whole", "fp32"]
 # each rule on fp32 parameters in every layout; bf16 / fp16 parameters on a few
 CASES = [(rule, torch.float32, layout) for rule in RULES for layout in LAYOUTS]
 CASES += [("lion", torch.bfloat16, "block"), ("ademamix", torch.float16, "whole"), ("lars", torch.bfloat16, "fp32")]
+# the other paths (the best one takes all of the above): rules with one, two and three 8-bit states
+PATH_CASES = [(rule, layout, path) for path in ("avx2", "portable") for rule, layout in [("lion", "block"), ("lamb", "whole"), ("ademamix", "block")]]
 
 # non-negative states take the unsigned map, as the optimizer classes do
 UNSIGNED = {"rmsprop": [1], "adagrad": [1], "ademamix": [0, 0, 1], "lamb": [0, 1]}
@@ -40,22 +49,33 @@ def exact_sqrt_everywhere():
         torch.Tensor.sqrt, torch.Tensor.sqrt_ = plain, plain_
 
 
+REFERENCE_RATIO = reference._trust_ratio  # before _setup stands in for it
+
+
+def same_ratio(ours, theirs):
+    return ours == pytest.approx(theirs, rel=1e-9) or (math.isnan(ours) and math.isnan(theirs))
+
+
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    """Parallel drivers from 65536 elements; one torch thread for the oracle's small ops, and
-    for the trust-ratio pre-pass of LAMB / LARS, which the kernel takes from the reference
-    (torch ops: with two threads on a busy machine they stall, and their float64 sums could
-    split differently from the oracle's)."""
+    """Parallel drivers from 65536 elements; one torch thread for the oracle's small ops.
+    The reference's LAMB / LARS ratio is checked against the kernel's fused pass (one task
+    here, several in the kernel's own step: the sums do not depend on the split), and the
+    kernel's is what the reference then steps with (see the module's docstring)."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 1 << 16)
-    plain_ratio = reference._trust_ratio
 
-    def one_thread_ratio(*args):
-        with torch_threads(1):
-            return plain_ratio(*args)
+    def checked_ratio(rule, p, g, slots, hp, skip):
+        ours = kernel_ratio(rule, p, g, slots, hp, skip, 1)
+        assert same_ratio(ours, REFERENCE_RATIO(rule, p, g, slots, hp, skip))
+        return ours
 
-    monkeypatch.setattr(reference, "_trust_ratio", one_thread_ratio)
+    monkeypatch.setattr(reference, "_trust_ratio", checked_ratio)
     with torch_threads(1), exact_sqrt_everywhere():
         yield
+
+
+def kernel_ratio(rule, p, g, slots, hp, skip, tasks):
+    return cpu._trust_ratio(rule, cpu._FAMILIES[rule], cpu._layout(p.numel(), slots), p, g, slots, hp, skip, tasks)
 
 
 def make_state(rule, n, dtype, layout):
@@ -124,6 +144,33 @@ def test_kernel_is_bit_identical_to_the_reference(rule, dtype, layout, n):
     """Skip mode, NaN / Inf gradients on some steps: same skipped-block count, parameter
     bits, codes, scales and fp32 states every step."""
     check_steps(rule, n, dtype, layout, skip=True)
+
+
+@pytest.mark.parametrize("rule,layout,path", PATH_CASES, ids=[f"{r}-{lay}-{p}" for r, lay, p in PATH_CASES], indirect=["path"])
+def test_the_other_paths_are_bit_identical_too(rule, layout, path):
+    check_steps(rule, 65537, torch.float32, layout, skip=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rule", sorted(reference.TRUST_RATIOS))
+def test_trust_ratio_is_the_references_with_any_thread_count(rule, layout, dtype):
+    """The fused pass's ratio against the reference's (skipped blocks left out, a NaN and
+    an Inf in the parameter too), bit for bit the same with 1, 2 or 3 tasks."""
+    n = 3 * 65536 + 1000
+    p, slots = make_state(rule, n, dtype, layout)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 4):
+        g = gradient(n, dtype, step, gen, nonfinite=False)
+        g[[5, 70_000, n - 1]] = float("nan")
+        if step == 3:
+            p[[5, 6]] = torch.tensor([float("inf"), float("nan")], dtype=dtype)  # in a skipped block: p * 0 is NaN
+        hp = hyper(rule, step)
+        for skip in (True, False):
+            ours = kernel_ratio(rule, p, g, slots, hp, skip, 1)
+            assert same_ratio(ours, REFERENCE_RATIO(rule, p, g, slots, hp, skip))
+            assert all(kernel_ratio(rule, p, g, slots, hp, skip, tasks) == ours for tasks in (2, 3))
+        cpu.update(rule, p, g, slots, hp, True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -4,33 +4,38 @@ Each thread takes a contiguous run of 256-blocks. Per block it dequantizes both 
 (``code[q] * absmax``), applies the Adam math in float32 in exactly the reference's order of
 operations, writes the parameter back, takes the block's new absmax and requantizes with the
 table quantizer of ``cpu_tables`` (exactly the reference's rounding). The only temporaries are
-three 256-float buffers per thread, so a step reads and writes each byte of parameter, gradient
-and state once.
+a 256-float buffer per state on each thread's stack, so a step reads and writes each byte of
+parameter, gradient and state once. LAMB and LARS take one more pass first, for the norms of
+their layer-wise trust ratio.
 
 Agreement with ``reference.update`` is bit for bit: no fast-math (it would let LLVM contract
 ``a*b + c`` into an FMA or reorder sums), float32 constants rounded from the same Python doubles
 torch uses, and the same float32 reciprocal for the quantizer scale. Parameters in bf16/fp16 are
 read and written through 16-bit integer views (numpy has no bf16), rounding to nearest-even.
 
-Two paths, chosen per call (``VECTORIZE``): on CPUs with AVX2 gathers the table lookups of
-dequantizing and quantizing run 8 lanes at a time through ``llvm.masked.gather`` intrinsics
-(LLVM's own vectorizer will not emit gathers for these loops); elsewhere, or with
-``QOPTIM_CPU_PORTABLE=1``, plain scalar loops. The Adam math itself is auto-vectorized on
-both. Where the time goes (one thread, AVX-512 Zen 5, per element): the four table lookups
-(two dequantize, two quantize) about 1.7 ns, everything else about 0.3 ns.
+Three paths, chosen per call (``VECTORIZE``, ``_VECTOR``), for the table lookups of
+dequantizing and quantizing, which LLVM's own vectorizer leaves scalar: on CPUs with AVX-512
+VBMI, lookups in tables held in registers, 64 and 16 lanes at a time (``cpu_avx512``); on
+CPUs with AVX2, ``llvm.masked.gather`` intrinsics, 8 lanes at a time; elsewhere, or with
+``QOPTIM_CPU_PORTABLE=1``, plain scalar loops. The rules' math is auto-vectorized on all of
+them. Where the time goes on the first (one thread, Zen 5, per element of an Adam step,
+~0.85 ns in all): quantizing the two states ~0.5 ns, dequantizing them ~0.1 ns, the rest
+~0.25 ns; the AVX2 path takes ~1.3 ns, the portable one ~2.3 ns.
 
-Kernels are compiled lazily per parameter dtype, state layout and path, and cached on disk
-(``cache=True``): a fresh process with a warm cache pays ~0.4 s on its first step.
+Kernels are compiled lazily per parameter dtype, state layout and path (~3.5 s for the
+first), and cached on disk (``cache=True``): a fresh process with a warm cache pays ~0.4 s on
+its first step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+import queue
 import threading
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numba
@@ -38,35 +43,37 @@ import numpy as np
 import torch
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
-from numba import njit, prange
+from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
+from numba.np.arrayobj import populate_array
 
-from . import reference
+from . import cpu_avx512, reference
 from .cpu_tables import NAN_INDEX, tables_for
 from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
 
 __all__ = ["update", "update_many", "grad_norm_sq", "supports"]
 
-# Numba's OpenMP threads spin-wait between parallel regions. On a machine with as many busy
-# threads as cores (torch's own pool runs forward and backward between steps) they starve
-# torch: training ran up to ~100x slower in our framework tests. The workqueue layer's threads
-# sleep instead. It is not safe for concurrent launches from several Python threads, so the
-# parallel launches below hold a lock. A layer chosen with NUMBA_THREADING_LAYER is kept.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-_pool_lock = threading.Lock()
+# Parallel steps run their tasks on Python threads of our own (``_launch``): the kernels
+# release the GIL, and the threads sleep between steps (Numba's OpenMP threads spin-wait
+# between parallel regions, which starved torch's own pool: training ran up to ~100x slower).
+# A Numba parallel driver would also compile each kernel a second time, inlined into its
+# gufunc: ~2 s more per kernel on a cold cache.
+_workers: ThreadPoolExecutor | None = None
+_workers_key = (0, 0)  # (process id, threads) of _workers
+_workers_lock = threading.Lock()
 
-# The vectorized path gathers table entries 8 at a time (llvm.masked.gather): taken where the
-# CPU has hardware gathers (AVX2); elsewhere LLVM would emulate them, so the portable scalar
-# loops run instead. QOPTIM_CPU_PORTABLE=1 (at import) forces the portable path; so does a
-# vectorized kernel that fails to compile. The flag is read on every call.
-VECTORIZE = bool(llvm_binding.get_host_cpu_features().get("avx2")) and os.environ.get("QOPTIM_CPU_PORTABLE", "") in ("", "0")
 LANES = 8
 
 
 class VectorPath(NamedTuple):
-    """Marker argument: compile the kernels with the gather intrinsics."""
+    """Marker argument: compile the kernels with the gather intrinsics (AVX2)."""
+
+    lanes: int
+
+
+class PermutePath(NamedTuple):
+    """Marker argument: compile the kernels with the register-permute lookups (AVX-512 VBMI, cpu_avx512)."""
 
     lanes: int
 
@@ -78,13 +85,23 @@ class PortablePath(NamedTuple):
 
 
 # The path is told apart by the marker's type, so each path is its own compiled (and cached)
-# specialization and the portable one never contains an intrinsic: if the vectorized one fails
-# to compile (another numba/llvmlite), the portable one still works.
-_VECTOR, _PORTABLE = VectorPath(LANES), PortablePath(1)
+# specialization and the portable one never contains an intrinsic: if a vectorized one fails
+# to compile (another numba/llvmlite), the next one down still works.
+_AVX512, _AVX2, _PORTABLE = PermutePath(16), VectorPath(LANES), PortablePath(1)
 
-# Below this many elements (~0.5 ms of work for one thread) a step runs on the calling thread
-# only: a launch through Numba's pool costs ~0.1 ms at best, and with busy cores it can stall
-# for a scheduler tick (~8 ms measured under load with the OpenMP layer).
+# The vectorized paths, best first, each taken where the CPU has what it needs: the permutes
+# of AVX-512 VBMI, or the hardware gathers of AVX2 (elsewhere LLVM would emulate them, and the
+# portable scalar loops run instead). QOPTIM_CPU_PORTABLE=1 (at import) forces the portable
+# path. A vectorized kernel that fails to compile hands over to the next path down for good.
+# Both flags are read on every call.
+_FEATURES = llvm_binding.get_host_cpu_features()
+HAS_AVX512 = all(_FEATURES.get(f) for f in cpu_avx512.FEATURES)
+_VECTOR = _AVX512 if HAS_AVX512 else _AVX2
+VECTORIZE = bool(_FEATURES.get("avx2")) and os.environ.get("QOPTIM_CPU_PORTABLE", "") in ("", "0")
+
+# Below this many elements (~0.2 ms of work for one thread) a step runs on the calling thread
+# only: a hand-off to another thread costs tens of microseconds, and with busy cores it can
+# stall for a scheduler tick (~8 ms measured under load with Numba's OpenMP layer).
 PARALLEL_MIN = 1 << 18
 
 # How the kernels see a parameter's memory: bf16 and fp16 both as 16-bit integers, told apart by signedness.
@@ -95,13 +112,21 @@ _NO_DECAY, _L2, _DECOUPLED = 0, 1, 2
 
 # error_model="numpy": float division by zero gives inf/NaN as in torch instead of raising
 _JIT = dict(cache=True, error_model="numpy")
-_PARALLEL = dict(parallel=True, **_JIT)
+# The kernels themselves run without Numba's reference counting: they allocate nothing (their
+# scratch is on the stack) and only borrow the arrays their caller holds. With it, every slice
+# and every array passed down cost a call to NRT_incref / NRT_decref (an atomic add), some
+# hundreds per 256-block: once more than all the arithmetic of a step. They release the GIL
+# (``_launch`` runs them on several threads).
+_KERNEL = dict(_nrt=False, nogil=True, **_JIT)
+# The helpers of the block loops are inlined into them: a call passes every array of every
+# state (tables included) field by field, some hundred words per call and block. (Costs
+# ~1 s of compiling per kernel; saves ~25% of a step.)
+_INLINE = dict(forceinline=True, **_KERNEL)
 
 _TWO_POW_112 = np.float32(2.0**112)  # rebias of an fp16 exponent (15) to a float32 one (127)
 _HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
-_MAGNITUDE = np.uint32(0x7FFFFFFF)  # all bits of a float32 but its sign
 
 
 # ---- the update rules ---------------------------------------------------------------------
@@ -183,24 +208,86 @@ def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], 
         layout = _supported_layout(rule, p, slots)
     if layout is None or not _flat_cpu(g, p.dtype, p.numel()):
         return reference.update(rule, p, g, slots, hp, skip_nonfinite)
-    if rule in reference.TRUST_RATIOS:
-        # the layer-wise ratio: the reference's own pre-pass (torch ops, chunked, float64
-        # sums), so that the ratio, and with it every bit of the step, is the reference's
-        hp = hp._replace(trust_ratio=reference._trust_ratio(rule, p, g, slots, hp, skip_nonfinite))
-    if p.numel() < PARALLEL_MIN:  # one task on the calling thread (as _threads_for would say, without its cost)
-        return UpdateResult(skipped_blocks=_step(_FAMILIES[rule], layout, p, g, slots, hp, skip_nonfinite, 1))
-    with _threads_for(p.numel()) as ntasks:
-        skipped = _step(_FAMILIES[rule], layout, p, g, slots, hp, skip_nonfinite, ntasks)
-    return UpdateResult(skipped_blocks=skipped)
+    return UpdateResult(skipped_blocks=_update(rule, layout, p, g, slots, hp, skip_nonfinite, _tasks_for(p.numel())))
 
 
-def _launch(task, parallel, ntasks: int, skipped: np.ndarray, args: tuple) -> None:
-    """Run a step's tasks: through the parallel driver (Numba's pool), or for one task the
-    task function itself on the calling thread (no pool; and no serial driver to compile)."""
-    if ntasks > 1:
-        parallel(*args, ntasks, skipped)
-    else:
-        skipped[0] = task(0, 1, *args)
+def _update(rule: str, layout: str, p, g, slots, hp, skip_nonfinite, ntasks) -> int:
+    family = _FAMILIES[rule]
+    if rule in reference.TRUST_RATIOS:  # the layer-wise ratio first: a pass of its own
+        hp = hp._replace(trust_ratio=_trust_ratio(rule, family, layout, p, g, slots, hp, skip_nonfinite, ntasks))
+    return _step(family, layout, p, g, slots, hp, skip_nonfinite, ntasks)
+
+
+# Tasks per thread of a parallel step: threads take the next task as they finish one, so a
+# thread slowed down (by another process on its core) holds up the step by one task at most.
+TASKS_PER_THREAD = 4
+
+
+def _threads() -> int:
+    """Threads for a step: torch's thread count, at most one per core the process may use."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _tasks_for(n: int) -> int:
+    """How many tasks a step of ``n`` elements is split into: ``TASKS_PER_THREAD`` per
+    thread, one for small tensors (``PARALLEL_MIN``) or one thread."""
+    threads = _threads()
+    if n < PARALLEL_MIN or threads == 1:
+        return 1
+    return min(threads * TASKS_PER_THREAD, -(-n // BLOCK))
+
+
+def _launch(task, ntasks: int, results: np.ndarray, args: tuple) -> None:
+    """results[t] = task(t, ntasks, *args) for each task, on the calling thread and worker
+    threads (``_threads``), each taking the next task when done with one. Returns when all
+    are done, re-raising the first error."""
+    if ntasks == 1:
+        results[0] = task(0, 1, *args)
+        return
+    pending = queue.SimpleQueue()
+    for t in range(ntasks):
+        pending.put(t)
+
+    def work():
+        while True:
+            try:
+                t = pending.get_nowait()
+            except queue.Empty:
+                return
+            results[t] = task(t, ntasks, *args)
+
+    helpers = min(_threads(), ntasks) - 1
+    futures = []
+    try:
+        for _ in range(helpers):
+            futures.append(_worker_pool(helpers).submit(work))
+    except RuntimeError:  # no new threads at interpreter shutdown: fewer threads do it all
+        pass
+    error = None
+    try:
+        work()
+    except Exception as e:  # wait for the others all the same: they may still be writing
+        error = e
+    for future in futures:
+        try:
+            future.result()
+        except Exception as e:
+            error = error or e
+    if error is not None:
+        raise error
+
+
+def _worker_pool(size: int) -> ThreadPoolExecutor:
+    """The worker threads, at least ``size`` of them (a new pool after a fork: the threads
+    stay behind in the parent)."""
+    global _workers, _workers_key
+    with _workers_lock:
+        pid, threads = _workers_key
+        if _workers is None or pid != os.getpid() or threads < size:
+            threads = max(size, numba.config.NUMBA_NUM_THREADS - 1)
+            _workers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qoptim-cpu")
+            _workers_key = (os.getpid(), threads)
+        return _workers
 
 
 def _step(family: _Family, layout: str, p, g, slots, hp, skip_nonfinite, ntasks) -> int:
@@ -209,19 +296,11 @@ def _step(family: _Family, layout: str, p, g, slots, hp, skip_nonfinite, ntasks)
     constants = (np.float32(hp.gnorm_scale), family.constants(hp))
     if layout == "fp32":
         states = _padded(tuple(s.values.detach().numpy() for s in slots))
-        _launch(_fp32_task, _fp32_parallel, ntasks, skipped, (*head, *states, *constants, skip_nonfinite))
+        _launch(_fp32_task, ntasks, skipped, (*head, *states, *constants, skip_nonfinite))
         return int(skipped.sum())
     states = _padded(tuple(_quantized(s) for s in slots))
     whole = layout == "whole"
-    run = (head, states, constants, skip_nonfinite, whole, ntasks, skipped)
-    if not VECTORIZE:
-        peaks = _run_8bit(*run, _PORTABLE)
-    else:
-        try:
-            peaks = _run_8bit(*run, _VECTOR)
-        except (numba.core.errors.NumbaError, RuntimeError) as e:  # compiling failed: nothing was written
-            _give_up_vectorizing(e)
-            peaks = _run_8bit(*run, _PORTABLE)
+    peaks = _on_best_path(lambda path: _run_8bit(head, states, constants, skip_nonfinite, whole, ntasks, skipped, path))
     if whole:
         for slot, peak in zip(slots, peaks):  # the rule's states only
             slot.absmax.fill_(float(peak))
@@ -242,19 +321,49 @@ def _run_8bit(head, states, constants, skip_nonfinite, whole, ntasks, skipped, p
     inverse = (_ZERO,) * _MAX_STATES
     new_scales = None
     if whole:  # one scale per tensor: a first pass finds the new scales, as in the reference
-        _launch(_8bit_task, _8bit_parallel, ntasks, skipped, (*head, *states, *constants, skip_nonfinite, True, True, inverse, path, peaks))
+        _launch(_8bit_task, ntasks, skipped, (*head, *states, *constants, skip_nonfinite, True, True, inverse, path, peaks))
         new_scales = [np.float32(np.nan) if np.isnan(col).any() else col.max() for col in peaks.T[: head[0].states]]
         inverse = tuple(_inverse(x) for x in new_scales) + (_ZERO,) * (_MAX_STATES - len(new_scales))
-    _launch(_8bit_task, _8bit_parallel, ntasks, skipped, (*head, *states, *constants, skip_nonfinite, whole, False, inverse, path, peaks))
+    _launch(_8bit_task, ntasks, skipped, (*head, *states, *constants, skip_nonfinite, whole, False, inverse, path, peaks))
     return new_scales
 
 
+def _on_best_path(run):
+    """``run(path)`` on the best path that compiles (a kernel that fails to compile has
+    written nothing)."""
+    while True:
+        path = _VECTOR if VECTORIZE else _PORTABLE
+        try:
+            return run(path)
+        except (numba.core.errors.NumbaError, RuntimeError) as e:
+            if path is _PORTABLE:
+                raise
+            _give_up_vectorizing(e)
+
+
+def _trust_ratio(rule: str, family: _Family, layout: str, p, g, slots, hp, skip_nonfinite, ntasks) -> float:
+    """reference._trust_ratio from one fused pass over the blocks (``_trust_task``): each
+    block's float64 sums of squares, added up by numpy (pairwise) in an order that does not
+    depend on the thread count. torch sums in another order in the reference: the norms
+    differ by ~1e-16 relative."""
+    sums = np.zeros((-(-p.numel() // BLOCK), 2))
+    states = _padded(tuple(s.values.detach().numpy() if layout == "fp32" else _quantized(s) for s in slots))
+    args = (family.marker, _as_numpy(p), _as_numpy(g), *states, np.float32(hp.gnorm_scale), family.constants(hp), skip_nonfinite)
+    _on_best_path(lambda path: _launch(_trust_task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)))
+    norms = np.sqrt(sums.sum(axis=0))
+    return reference.TRUST_RATIOS[rule][1](float(norms[0]), float(norms[1]), hp)
+
+
 def _give_up_vectorizing(error: Exception) -> None:
-    global VECTORIZE
-    VECTORIZE = False
+    """After a vectorized kernel failed to compile: the AVX-512 path hands over to the AVX2
+    one, the AVX2 one to the portable one."""
+    global VECTORIZE, _VECTOR
+    if _VECTOR is _AVX512:
+        _VECTOR, failed, instead = _AVX2, "AVX-512", "the AVX2 one"
+    else:
+        VECTORIZE, failed, instead = False, "AVX2", "the portable one"
     warnings.warn(
-        f"qoptim: the vectorized CPU kernel failed to compile ({type(error).__name__}: {str(error)[:200]}); "
-        "using the portable one",
+        f"qoptim: the {failed} CPU kernel failed to compile ({type(error).__name__}: {str(error)[:200]}); using {instead}",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -416,25 +525,6 @@ def _lamb_constants(hp: Hyper) -> tuple:
     )
 
 
-@contextlib.contextmanager
-def _threads_for(n: int):
-    """How many tasks to split a step into: one per thread of torch's (capped by Numba's
-    pool), one for small tensors. With more than one, Numba's pool runs with that many
-    threads for the step; Numba's setting is per calling thread and is restored afterwards."""
-    threads = 1 if n < PARALLEL_MIN else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    ntasks = min(threads, -(-n // BLOCK))
-    if ntasks == 1:  # one task on the calling thread: the pool is not involved
-        yield 1
-        return
-    with _pool_lock:
-        previous = numba.get_num_threads()
-        numba.set_num_threads(ntasks)
-        try:
-            yield ntasks
-        finally:
-            numba.set_num_threads(previous)
-
-
 def _inverse(scale: np.float32) -> np.float32:
     return np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
 
@@ -455,6 +545,20 @@ def _bits(typingctx, x):
 
 
 @intrinsic
+def _magnitude(typingctx, x):
+    """The bit pattern of |x| for a float32, as uint32: it orders non-negative floats as
+    their values, with NaN above inf. (``_bits(x) & mask`` would be a uint64 in Numba, and
+    a loop of uint64 maxima vectorizes at half the width.)"""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.and_(builder.bitcast(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 0x7FFFFFFF))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
 def _float(typingctx, b):
     """The float32 whose bit pattern is the low 32 bits of integer ``b``."""
     if not isinstance(b, types.Integer):
@@ -467,12 +571,61 @@ def _float(typingctx, b):
     return types.float32(b), codegen
 
 
-@njit(**_JIT)
+@intrinsic
+def _unowned(typingctx, a):
+    """Array ``a`` (or each array in tuple ``a``) without its owner, so that no code, with
+    Numba's reference counting or without, ever touches the owner's count through it. Only
+    for arrays that the caller keeps alive while the result is in use."""
+    if not isinstance(a, (types.Array, types.BaseTuple)):
+        return None
+
+    def unowned(context, builder, ty, value):
+        if isinstance(ty, types.BaseTuple):
+            for i, item in enumerate(ty.types):
+                value = builder.insert_value(value, unowned(context, builder, item, builder.extract_value(value, i)), i)
+            return value
+        if not isinstance(ty, types.Array):
+            return value
+        ary = context.make_array(ty)(context, builder, value=value)
+        ary.meminfo = cgutils.get_null_value(ary.meminfo.type)
+        ary.parent = cgutils.get_null_value(ary.parent.type)
+        return ary._getvalue()
+
+    def codegen(context, builder, signature, args):
+        return unowned(context, builder, a, args[0])
+
+    return a(a), codegen
+
+
+@intrinsic(prefer_literal=True)
+def _stack_array(typingctx, dtype, n):
+    """A 1-d array of ``n`` (a literal) elements of ``dtype`` in the calling function's stack
+    frame: no allocation and no owner, valid until that function returns (it must not leave it)."""
+    if not isinstance(dtype, types.NumberClass) or not isinstance(n, types.IntegerLiteral):
+        return None
+    array = types.Array(dtype.instance_type, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        element = context.get_data_type(dtype.instance_type)
+        with builder.goto_entry_block():
+            data = builder.alloca(ir.ArrayType(element, n.literal_value))
+            data.align = 64
+        intp = context.get_value_type(types.intp)
+        ary = context.make_array(array)(context, builder)
+        size = context.get_abi_sizeof(element)
+        populate_array(ary, data=builder.bitcast(data, element.as_pointer()), shape=[ir.Constant(intp, n.literal_value)],
+                       strides=[ir.Constant(intp, size)], itemsize=ir.Constant(intp, size), meminfo=None)  # fmt: skip
+        return ary._getvalue()
+
+    return array(dtype, n), codegen
+
+
+@njit(**_KERNEL)
 def _bf16_to_f32(h):
     return _float(np.uint32((np.int64(h) & 0xFFFF) << 16))
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _f32_to_bf16(x):
     """Round to nearest-even, NaN to torch's 0x7FC0."""
     if x != x:
@@ -481,7 +634,7 @@ def _f32_to_bf16(x):
     return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _f16_to_f32(h):
     h = np.int64(h)
     magnitude = (h & 0x7FFF) << 13
@@ -492,7 +645,7 @@ def _f16_to_f32(h):
     return _float(np.uint32(np.int64(_bits(x)) | ((h & 0x8000) << 16)))
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _f32_to_f16(x):
     """Round to nearest-even, as torch's conversion (F16C) does."""
     b = np.int64(_bits(x))
@@ -650,7 +803,7 @@ def _store_impl(a, i, x):
 # ---- the math: one function per rule, op for op as in reference.py ------------------------
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _adam(p, g, m, v, unused, c):
     """reference.adam."""
     wd, beta1, one_minus_beta1, beta2, one_minus_beta2, shrink, bias_correction2_sqrt, eps, step_size, decay = c
@@ -665,7 +818,7 @@ def _adam(p, g, m, v, unused, c):
     return p, m, v, unused
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _ademamix(p, g, m1, m2, nu, c):
     """reference.ademamix."""
     beta1, one_minus_beta1, beta3, one_minus_beta3, beta2, one_minus_beta2, decays, shrink, bias_correction1, bias_correction2_sqrt, eps, alpha, lr = c
@@ -679,7 +832,7 @@ def _ademamix(p, g, m1, m2, nu, c):
     return p, m1, m2, nu
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _lion(p, g, m, unused1, unused2, c):
     """reference.lion: the sign comes from the old momentum. torch's sign is
     (0 < x) - (x < 0): +0 for -0 and for NaN."""
@@ -693,7 +846,7 @@ def _lion(p, g, m, unused1, unused2, c):
     return p, m, unused1, unused2
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _momentum(p, g, buf, unused1, unused2, c):
     """reference.momentum (SGD; LARS with its trust ratio)."""
     decays, wd, scales, ratio, first_step, beta1, one_minus_dampening, nesterov, lr = c
@@ -710,7 +863,7 @@ def _momentum(p, g, buf, unused1, unused2, c):
     return p, buf, unused1, unused2
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _rmsprop(p, g, square_avg, unused1, unused2, c):
     """reference.rmsprop."""
     decays, wd, alpha, one_minus_alpha, eps, lr = c
@@ -721,7 +874,7 @@ def _rmsprop(p, g, square_avg, unused1, unused2, c):
     return p, square_avg, unused1, unused2
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _adagrad(p, g, sum_sq, unused1, unused2, c):
     """reference.adagrad."""
     decays, wd, eps, lr = c
@@ -732,9 +885,17 @@ def _adagrad(p, g, sum_sq, unused1, unused2, c):
     return p, sum_sq, unused1, unused2
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _lamb(p, g, m, v, unused, c):
     """reference.lamb; the last constant is lr * trust_ratio."""
+    direction, m, v = _lamb_direction(p, g, m, v, c)
+    p = p - direction * c[-1]
+    return p, m, v, unused
+
+
+@njit(**_KERNEL)
+def _lamb_direction(p, g, m, v, c):
+    """reference.lamb_direction: the update direction and the new moments."""
     decay, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, bias_correction1, bias_correction2, eps, scale = c
     if decay == _L2:
         g = g + p * wd
@@ -743,8 +904,7 @@ def _lamb(p, g, m, v, unused, c):
     direction = (m / bias_correction1) / (np.sqrt(v / bias_correction2) + eps)
     if decay == _DECOUPLED:
         direction = direction + p * wd
-    p = p - direction * scale
-    return p, m, v, unused
+    return direction, m, v
 
 
 # rule name -> its marker (with its number of states) and constants; a new rule is a function
@@ -770,6 +930,11 @@ _MATH = {
 }
 _COUNTS = {type(f.marker): f.marker.states for f in _FAMILIES.values()}
 _MAX_STATES = 3
+# the stack scratch of a task: four block buffers (the states', or the trust pass's terms and
+# states) and each state's search table, in floats; each state's planes, in bytes (the last
+# two for the permute path)
+_FLOAT_SCRATCH = 4 * BLOCK + _MAX_STATES * cpu_avx512.SEARCH
+_BYTE_SCRATCH = _MAX_STATES * cpu_avx512.PLANES
 assert all(f.marker.states == reference.RULES[name][1] <= _MAX_STATES for name, f in _FAMILIES.items())
 
 
@@ -797,14 +962,14 @@ def _math_impl(rule, p, g, s0, s1, s2, c):
     return lambda rule, p, g, s0, s1, s2, c: fn(p, g, s0, s1, s2, c)
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _peak(acc, x):
     """max(acc, |x|), NaN sticking as in torch.amax."""
     a = abs(x)
     return a if (a > acc or a != a) else acc
 
 
-@njit(**_JIT)
+@njit(**_INLINE)
 def _has_nonfinite(g):
     bad = False
     for j in range(g.size):
@@ -813,77 +978,96 @@ def _has_nonfinite(g):
     return bad
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _task_blocks(t, ntasks, nblocks):
     per = (nblocks + ntasks - 1) // ntasks
     return t * per, min(nblocks, (t + 1) * per)
 
-@njit(**_JIT)
+@njit(**_INLINE)
 def _block_peak(values):
     peak = np.uint32(0)
     for j in range(values.size):
-        peak = max(peak, _bits(values[j]) & _MAGNITUDE)
+        peak = max(peak, _magnitude(values[j]))
     return _float(peak)
 
 
-@njit(**_JIT)
-def _lookup(q, code, out, path):
-    """out[j] = code[q[j]]."""
-    for j in range(_lookup_lanes_prefix(q, code, out, path), q.size):
+@njit(**_INLINE)
+def _lookup(q, t, out, path):
+    """out[j] = code[q[j]], ``t`` a state's tables (``_with_tables``)."""
+    code = t[0]
+    for j in range(_lookup_lanes_prefix(q, t, out, path), q.size):
         out[j] = code[q[j]]
 
 
-@njit(**_JIT)
-def _quantize(values, inv, first, mids, fixups, packed, out, path):
-    """out[j] = index of the code nearest to values[j] * inv (see cpu_tables). The first
-    fix-up is fused into the main loop (all the standard maps need just it); maps with more
-    midpoints per table bucket get the rest in a second pass."""
-    for j in range(_quantize_lanes_prefix(values, inv, first, mids, packed, out, path), values.size):
+@njit(**_KERNEL)
+def _quantize(values, inv, t, out, path):
+    """out[j] = index of the code nearest to values[j] * inv (see cpu_tables), ``t`` a state's
+    tables (``_with_tables``). The first fix-up is fused into the main loop (all the standard
+    maps need just it); maps with more midpoints per table bucket get the rest in a second
+    pass (on the permute path the search is exact for any map)."""
+    code, first, mids, fixups, packed, planes, search = t
+    done = _quantize_lanes_prefix(values, inv, t, out, path)
+    for j in range(done, values.size):
         u = values[j] * inv
         idx = np.int32(first[_bits(u) >> 16])
         idx += np.int32(mids[idx] < u)
         out[j] = NAN_INDEX if u != u else idx
+    start = _fixups_from(done, path)
     for _ in range(1, fixups):
-        for j in range(values.size):
+        for j in range(start, values.size):
             u = values[j] * inv
             idx = np.int32(out[j])
             out[j] = idx + np.int32(mids[idx] < u)
 
 
-def _lookup_lanes_prefix(q, code, out, path):
-    """Do ``_lookup``'s work LANES at a time on the vector path; return how many elements
+def _lookup_lanes_prefix(q, t, out, path):
+    """Do ``_lookup``'s work many lanes at a time on a vector path; return how many elements
     were done (none on the portable path)."""
 
 
-def _quantize_lanes_prefix(values, inv, first, mids, packed, out, path):
-    """Do ``_quantize``'s main loop LANES at a time on the vector path; return how many
+def _quantize_lanes_prefix(values, inv, t, out, path):
+    """Do ``_quantize``'s main loop many lanes at a time on a vector path; return how many
     elements were done (none on the portable path)."""
 
 
-def _on_vector_path(path) -> bool:
-    return isinstance(path, types.BaseNamedTuple) and path.instance_class is VectorPath
+def _fixups_from(done, path):
+    """Where the fix-up passes of ``_quantize`` start: after the elements the permute path's
+    exact search did, at 0 on the others."""
+
+
+def _fill_tables(code, mids, planes, search, path):
+    """The permute path's tables of a map (cpu_avx512.fill_tables); nothing on the others."""
+
+
+def _path_is(path, marker) -> bool:
+    return isinstance(path, types.BaseNamedTuple) and path.instance_class is marker
 
 
 @overload(_lookup_lanes_prefix)
-def _lookup_lanes_prefix_impl(q, code, out, path):
-    if not _on_vector_path(path):
-        return lambda q, code, out, path: 0
+def _lookup_lanes_prefix_impl(q, t, out, path):
+    if _path_is(path, PermutePath):
+        return lambda q, t, out, path: cpu_avx512.lookup_planes(q, t[5], out)
+    if not _path_is(path, VectorPath):
+        return lambda q, t, out, path: 0
 
-    def vector(q, code, out, path):
+    def vector(q, t, out, path):
         done = q.size // LANES * LANES
         for j in range(0, done, LANES):
-            _lookup_lanes(q, j, code, out)
+            _lookup_lanes(q, j, t[0], out)
         return done
 
     return vector
 
 
 @overload(_quantize_lanes_prefix)
-def _quantize_lanes_prefix_impl(values, inv, first, mids, packed, out, path):
-    if not _on_vector_path(path):
-        return lambda values, inv, first, mids, packed, out, path: 0
+def _quantize_lanes_prefix_impl(values, inv, t, out, path):
+    if _path_is(path, PermutePath):
+        return lambda values, inv, t, out, path: cpu_avx512.quantize_search(values, inv, t[6], out)
+    if not _path_is(path, VectorPath):
+        return lambda values, inv, t, out, path: 0
 
-    def vector(values, inv, first, mids, packed, out, path):
+    def vector(values, inv, t, out, path):
+        code, first, mids, fixups, packed, planes, search = t
         done = values.size // LANES * LANES
         if packed.size:
             for j in range(0, done, LANES):
@@ -896,28 +1080,76 @@ def _quantize_lanes_prefix_impl(values, inv, first, mids, packed, out, path):
     return vector
 
 
-@njit(**_JIT)
-def _store_block(p, pbuf):
-    for j in range(p.size):
-        _store(p, j, pbuf[j])
+@overload(_fixups_from)
+def _fixups_from_impl(done, path):
+    if _path_is(path, PermutePath):
+        return lambda done, path: done
+    return lambda done, path: 0
 
-@njit(**_JIT)
+
+@overload(_fill_tables)
+def _fill_tables_impl(code, mids, planes, search, path):
+    if _path_is(path, PermutePath):
+        return lambda code, mids, planes, search, path: cpu_avx512.fill_tables(code, mids, planes, search)
+    return lambda code, mids, planes, search, path: None
+
+
+@njit(**_INLINE)
 def _reciprocal(scale):
     return _ONE / scale if scale > _ZERO else _ZERO
 
 
 
-@njit(**_JIT)
+@njit(**_INLINE)
 def _dequantize(state, lo, hi, s, buf, path):
     """buf = the codes of elements [lo, hi) looked up in the map; returns their scale."""
     _lookup(state[0][lo:hi], state[2], buf, path)
     return state[1][s]
 
 
-@njit(**_JIT)
-def _block_update(rule, p, g, states, lo, hi, s, gscale, c, keep, path, pbuf, b0, b1, b2):
-    """New param and states of block [lo, hi) into the buffers (the old ones if ``keep``);
-    returns the new peaks of the (up to 3) states.
+@njit(inline="always", **_KERNEL)
+def _scratch(s0, s1, s2, ns, path):
+    """A task's scratch, in its own stack frame (inlined into it): four block buffers, and
+    its states as the blocks take them, 8-bit ones as (codes,
+    scales, tables of the map with the permute path's, filled for the ``ns`` states the rule
+    uses); the caller's arrays without their owners (``_unowned``)."""
+    buffers = _stack_array(np.float32, _FLOAT_SCRATCH)
+    search = buffers[4 * BLOCK :]
+    planes = _stack_array(np.uint8, _BYTE_SCRATCH)
+    P, S = cpu_avx512.PLANES, cpu_avx512.SEARCH
+    s0, s1, s2 = _unowned((s0, s1, s2))
+    states = (
+        _with_tables(s0, True, planes[:P], search[:S], path),
+        _with_tables(s1, ns > 1, planes[P : 2 * P], search[S : 2 * S], path),
+        _with_tables(s2, ns > 2, planes[2 * P :], search[2 * S :], path),
+    )
+    return buffers[:BLOCK], buffers[BLOCK : 2 * BLOCK], buffers[2 * BLOCK : 3 * BLOCK], buffers[3 * BLOCK : 4 * BLOCK], states
+
+
+def _with_tables(state, used, planes, search, path):
+    """An 8-bit state (codes, scales, code, first, mids, fixups, packed) as (codes, scales,
+    tables), the permute path's tables (in ``planes`` and ``search``) filled if ``used``; an
+    fp32 state as it is."""
+
+
+@overload(_with_tables, inline="always")
+def _with_tables_impl(state, used, planes, search, path):
+    if isinstance(state, types.Array):
+        return lambda state, used, planes, search, path: state
+
+    def eight_bit(state, used, planes, search, path):
+        if used:
+            _fill_tables(state[2], state[4], planes, search, path)
+        return state[0], state[1], state[2:] + (planes, search)
+
+    return eight_bit
+
+
+@njit(**_INLINE)
+def _block_update(rule, p, g, states, lo, hi, s, gscale, c, keep, write_p, path, b0, b1, b2):
+    """New states of block [lo, hi) into the buffers (the old ones if ``keep``), the new
+    parameter into ``p`` (unless ``keep``, or not ``write_p``); returns the new peaks of the
+    (up to 3) states.
 
     Written for LLVM's vectorizer: loops index from 0 over views (indices provably
     non-negative), the ``keep`` branch sits outside the loop, and the peaks are integer
@@ -932,7 +1164,6 @@ def _block_update(rule, p, g, states, lo, hi, s, gscale, c, keep, path, pbuf, b0
     scale2 = _dequantize(states[2], lo, hi, s, b2, path) if ns > 2 else _ZERO
     if keep:
         for j in range(p.size):
-            pbuf[j] = _load(p, j)
             b0[j] = b0[j] * scale0
             if ns > 1:
                 b1[j] = b1[j] * scale1
@@ -946,24 +1177,25 @@ def _block_update(rule, p, g, states, lo, hi, s, gscale, c, keep, path, pbuf, b0
         s1 = b1[j] * scale1 if ns > 1 else _ZERO
         s2 = b2[j] * scale2 if ns > 2 else _ZERO
         pf, x0, x1, x2 = _math(rule, _load(p, j), _load(g, j) * gscale, b0[j] * scale0, s1, s2, c)
-        pbuf[j] = pf
+        if write_p:
+            _store(p, j, pf)
         b0[j] = x0
-        peak0 = max(peak0, _bits(x0) & _MAGNITUDE)
+        peak0 = max(peak0, _magnitude(x0))
         if ns > 1:
             b1[j] = x1
-            peak1 = max(peak1, _bits(x1) & _MAGNITUDE)
+            peak1 = max(peak1, _magnitude(x1))
         if ns > 2:
             b2[j] = x2
-            peak2 = max(peak2, _bits(x2) & _MAGNITUDE)
+            peak2 = max(peak2, _magnitude(x2))
     return _float(peak0), _float(peak1), _float(peak2)
 
 
-@njit(**_JIT)
+@njit(**_INLINE)
 def _requantize(state, values, inv, lo, hi, path):
-    _quantize(values, inv, state[3], state[4], state[5], state[6], state[0][lo:hi], path)
+    _quantize(values, inv, state[2], state[0][lo:hi], path)
 
 
-@njit(**_JIT)
+@njit(**_INLINE)
 def _fp32_block(rule, p, g, states, lo, hi, gscale, c):
     ns = _state_count(rule)
     p = p[lo:hi]
@@ -981,20 +1213,97 @@ def _fp32_block(rule, p, g, states, lo, hi, gscale, c):
             a2[j] = x2
 
 
+def _state_values(state, lo, hi, block, buf, path):
+    """buf = the fp32 values of a state's elements [lo, hi), of block ``block``."""
+
+
+@overload(_state_values)
+def _state_values_impl(state, lo, hi, block, buf, path):
+    if isinstance(state, types.Array):
+
+        def fp32(state, lo, hi, block, buf, path):
+            for j in range(buf.size):
+                buf[j] = state[lo + j]
+
+        return fp32
+
+    def eight_bit(state, lo, hi, block, buf, path):  # (codes, scales, tables): one scale per block, or one in all
+        scale = _dequantize(state, lo, hi, block if state[1].size > 1 else 0, buf, path)
+        for j in range(buf.size):
+            buf[j] = buf[j] * scale
+
+    return eight_bit
+
+
+@njit(**_KERNEL)
+def _trust_terms_block(rule, p, g, gscale, x0, x1, c, keep, a, b):
+    """a, b = the rule's trust terms of a block (reference.TRUST_RATIOS): (param, direction)
+    for LAMB, (param, gradient) for LARS; a skipped block (not ``keep``) counts as the
+    reference counts it, param * 0 and 0."""
+    for j in range(p.size):
+        pj, gj = _load(p, j), _load(g, j) * gscale
+        a[j] = pj if keep else pj * _ZERO
+        b[j] = _trust_term(rule, pj, gj, x0[j], x1[j], c) if keep else _ZERO
+
+
+def _trust_term(rule, p, g, s0, s1, c):
+    """The second trust term of an element (the first is the parameter)."""
+
+
+@overload(_trust_term)
+def _trust_term_impl(rule, p, g, s0, s1, c):
+    kind = getattr(rule, "instance_class", None)
+    if kind is LAMBRule:
+        return lambda rule, p, g, s0, s1, c: _lamb_direction(p, g, s0, s1, c)[0]
+    if kind is MomentumRule:  # LARS
+        return lambda rule, p, g, s0, s1, c: g
+    return None
+
+
+@njit(fastmath={"reassoc"}, **_KERNEL)
+def _sum_squares(x):
+    """Σ x² in float64 (each square exact), summed in the order LLVM vectorizes to (reassoc):
+    fixed by the code, not by the data or the thread count."""
+    total = 0.0
+    for j in range(x.size):
+        v = np.float64(x[j])
+        total += v * v
+    return total
+
+
+@njit(**_KERNEL)
+def _trust_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, path, sums):
+    """Task ``t``'s blocks of the trust pass: sums[b] = the sums of squares of block b's two
+    trust terms. Nothing else is written."""
+    ns = _state_count(rule)
+    p, g = _unowned((p, g))
+    a, b, x0, x1, states = _scratch(s0, s1, s2, ns, path)
+    first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
+    for k in range(first, last):
+        lo, hi = k * BLOCK, min(p.size, (k + 1) * BLOCK)
+        size = hi - lo
+        if ns > 1:  # LAMB: both moments (LARS needs no state)
+            _state_values(states[0], lo, hi, k, x0[:size], path)
+            _state_values(states[1], lo, hi, k, x1[:size], path)
+        keep = not (skip and _has_nonfinite(g[lo:hi]))
+        _trust_terms_block(rule, p[lo:hi], g[lo:hi], gscale, x0[:size], x1[:size], c, keep, a[:size], b[:size])
+        sums[k, 0] = _sum_squares(a[:size])
+        sums[k, 1] = _sum_squares(b[:size])
+    return 0
+
+
 # ---- the kernels --------------------------------------------------------------------------
 #
-# Each step is split into tasks, contiguous runs of 256-blocks. A task is one plain function;
-# the drivers run the tasks in parallel (prange, Numba's thread pool); for small tensors and
-# one thread, the one task is called directly and never touches the pool: a launch through
-# the pool costs ~0.1 ms at best, and on a machine whose cores are busy it can stall for a
-# scheduler tick (~8 ms). The same tasks and drivers serve every rule: the rule is a marker
-# argument, compiled in.
+# Each step is split into tasks, contiguous runs of 256-blocks. A task is one plain function,
+# run by ``_launch`` on the calling thread and worker threads (and by cpu_batch's drivers).
+# The same tasks serve every rule: the rule is a marker argument, compiled in.
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _fp32_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip):
     """Blocks of task ``t`` with fp32 states; returns how many were skipped."""
-    states = (s0, s1, s2)
+    p, g = _unowned((p, g))
+    states = _unowned((s0, s1, s2))
     first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
     count = 0
     for b in range(first, last):
@@ -1006,7 +1315,7 @@ def _fp32_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip):
     return count
 
 
-@njit(**_JIT)
+@njit(**_KERNEL)
 def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks):
     """Blocks of task ``t`` with 8-bit states; returns how many were skipped. Block-wise:
     each block takes its own new scale, and a skipped block keeps everything. ``whole``: the
@@ -1014,12 +1323,9 @@ def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measur
     and old state values but is requantized with the new scale, as in the reference.
     ``measure`` (first pass of a ``whole`` step): only the peaks of the task's new states,
     into ``peaks[t]``; nothing else is written."""
-    states = (s0, s1, s2)
     ns = _state_count(rule)
-    pbuf = np.empty(BLOCK, np.float32)
-    b0 = np.empty(BLOCK, np.float32)
-    b1 = np.empty(BLOCK, np.float32)
-    b2 = np.empty(BLOCK, np.float32)
+    p, g = _unowned((p, g))
+    b0, b1, b2, _, states = _scratch(s0, s1, s2, ns, path)
     first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
     count = 0
     acc0 = _ZERO
@@ -1033,14 +1339,12 @@ def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measur
             continue
         s = 0 if whole else b
         size = hi - lo
-        peak0, peak1, peak2 = _block_update(rule, p, g, states, lo, hi, s, gscale, c, bad, path, pbuf[:size], b0[:size], b1[:size], b2[:size])
+        peak0, peak1, peak2 = _block_update(rule, p, g, states, lo, hi, s, gscale, c, bad, not measure, path, b0[:size], b1[:size], b2[:size])
         if measure:
             acc0 = _peak(acc0, peak0)
             acc1 = _peak(acc1, peak1)
             acc2 = _peak(acc2, peak2)
             continue
-        if not bad:
-            _store_block(p[lo:hi], pbuf)
         if whole:
             inv0, inv1, inv2 = inverse
         else:
@@ -1063,18 +1367,6 @@ def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measur
         peaks[t, 1] = acc1
         peaks[t, 2] = acc2
     return count
-
-
-@njit(**_PARALLEL)
-def _fp32_parallel(rule, p, g, s0, s1, s2, gscale, c, skip, ntasks, skipped):
-    for t in prange(ntasks):
-        skipped[t] = _fp32_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip)
-
-
-@njit(**_PARALLEL)
-def _8bit_parallel(rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks, ntasks, skipped):
-    for t in prange(ntasks):
-        skipped[t] = _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measure, inverse, path, peaks)
 
 
 # many parameters at once (small tensors batched into one call): see cpu_batch

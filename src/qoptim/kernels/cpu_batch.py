@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
@@ -100,21 +100,14 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
     gscales = np.array([job.hp.gnorm_scale for job in jobs], dtype=np.float32)
     skipped = np.zeros(len(jobs), dtype=np.int64)
     like = cpu._as_numpy(jobs[0].p[:0])  # an empty array of the kernels' view of the parameter dtype
-    args = (family.marker, like, addresses, sizes, gscales, family.constants(hp), skip)
-    with cpu._threads_for(int(sizes.sum())) as ntasks:
-        bounds = _task_bounds(sizes, ntasks)
-        if layout == "fp32":
-            _launch(_fp32_batch_task, _fp32_batch_parallel, bounds, ntasks, (*args, skipped))
-            return skipped
-        tables = cpu._padded(tuple(_tables_tuple(s.code) for s in jobs[0].slots))
-        vector = cpu.VECTORIZE
-        try:
-            _launch(_8bit_batch_task, _8bit_batch_parallel, bounds, ntasks, (*args, *tables, cpu._VECTOR if vector else cpu._PORTABLE, skipped))
-        except (numba.core.errors.NumbaError, RuntimeError) as e:  # compiling failed: nothing was written
-            if not vector:
-                raise
-            cpu._give_up_vectorizing(e)
-            _launch(_8bit_batch_task, _8bit_batch_parallel, bounds, ntasks, (*args, *tables, cpu._PORTABLE, skipped))
+    ntasks = min(cpu._tasks_for(int(sizes.sum())), len(jobs))
+    args = (_task_bounds(sizes, ntasks), family.marker, like, addresses, sizes, gscales, family.constants(hp), skip)
+    per_task = np.zeros(ntasks, dtype=np.int64)
+    if layout == "fp32":
+        cpu._launch(_fp32_batch_task, ntasks, per_task, (*args, skipped))
+        return skipped
+    tables = cpu._padded(tuple(_tables_tuple(s.code) for s in jobs[0].slots))
+    cpu._on_best_path(lambda path: cpu._launch(_8bit_batch_task, ntasks, per_task, (*args, *tables, path, skipped)))
     return skipped
 
 
@@ -141,13 +134,6 @@ def _task_bounds(sizes: np.ndarray, ntasks: int) -> np.ndarray:
     ends = np.cumsum(sizes)
     cuts = np.searchsorted(ends, ends[-1] * np.arange(1, ntasks) / ntasks, side="left") + 1
     return np.concatenate(([0], np.minimum(cuts, len(sizes)), [len(sizes)])).astype(np.int64)
-
-
-def _launch(task, parallel, bounds: np.ndarray, ntasks: int, args: tuple) -> None:
-    if ntasks > 1:
-        parallel(bounds, *args, ntasks)
-    else:
-        task(0, bounds, *args)
 
 
 # ---- kernels -----------------------------------------------------------------------------
@@ -179,10 +165,16 @@ def _8bit_state(row, k, n, tables):
     return values, absmax, tables[0], tables[1], tables[2], tables[3], tables[4]
 
 
-@njit(**cpu._JIT)
-def _8bit_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped):
+# The batch tasks run on the CPU backend's worker threads (``cpu._launch``): without the GIL.
+_TASK = dict(nogil=True, **cpu._JIT)
+
+
+@njit(**_TASK)
+def _8bit_batch_task(t, ntasks, bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped):
+    """The tensors of task ``t``, one after the other; returns how many blocks it skipped."""
     inverse = (cpu._ZERO, cpu._ZERO, cpu._ZERO)  # unused: block-wise scales are computed per block
     peaks = np.zeros((1, 3), np.float32)  # unused: written by a one-scale first pass only
+    total = 0
     for i in range(bounds[t], bounds[t + 1]):
         row, n = addresses[i], sizes[i]
         p = _view(row[_P], n, like)
@@ -191,10 +183,13 @@ def _8bit_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, 
         s1 = _8bit_state(row, 1, n, t1)
         s2 = _8bit_state(row, 2, n, t2)
         skipped[i] = cpu._8bit_task(0, 1, rule, p, g, s0, s1, s2, gscales[i], c, skip, False, False, inverse, path, peaks)
+        total += skipped[i]
+    return total
 
 
-@njit(**cpu._JIT)
-def _fp32_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, skipped):
+@njit(**_TASK)
+def _fp32_batch_task(t, ntasks, bounds, rule, like, addresses, sizes, gscales, c, skip, skipped):
+    total = 0
     for i in range(bounds[t], bounds[t + 1]):
         row, n = addresses[i], sizes[i]
         p = _view(row[_P], n, like)
@@ -203,15 +198,5 @@ def _fp32_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, 
         s1 = _view(row[_STATES + 2], n, np.float32)
         s2 = _view(row[_STATES + 4], n, np.float32)
         skipped[i] = cpu._fp32_task(0, 1, rule, p, g, s0, s1, s2, gscales[i], c, skip)
-
-
-@njit(**cpu._PARALLEL)
-def _8bit_batch_parallel(bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped, ntasks):
-    for t in prange(ntasks):
-        _8bit_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped)
-
-
-@njit(**cpu._PARALLEL)
-def _fp32_batch_parallel(bounds, rule, like, addresses, sizes, gscales, c, skip, skipped, ntasks):
-    for t in prange(ntasks):
-        _fp32_batch_task(t, bounds, rule, like, addresses, sizes, gscales, c, skip, skipped)
+        total += skipped[i]
+    return total
