@@ -270,3 +270,59 @@ def test_a_step_that_fails_in_a_backend_leaves_no_half_open_step(monkeypatch):
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
         opt.update_step(opt.param_groups[0], p, 0, 0)
     assert opt.nonfinite_skipped_blocks == 21
+
+
+def test_a_step_that_fails_while_preparing_counts_no_parameter():
+    """Switching percentile clipping on for one parameter after its state exists, and a state
+    allocation that fails: no parameter is counted without its update."""
+    a, b = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(1000))
+    opt = bnb.optim.Adam8bit([a, b], min_8bit_size=0)
+    for p in (a, b):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    bnb.optim.GlobalOptimManager.get_instance().override_config(b, "percentile_clipping", 5)
+    opt.step()  # b's clipping history starts now, from this step's norm
+    assert opt.state[a]["step"] == opt.state[b]["step"] == 2 and "gnorm_vec" in opt.state[b]
+    assert torch.isfinite(b).all()
+
+    c = torch.nn.Parameter(torch.randn(1000))
+    opt.add_param_group({"params": [c]})
+    c.grad = torch.randn_like(c)
+    before = [p.detach().clone() for p in (a, b, c)]
+    real = opt._absmax_buffer
+    opt._absmax_buffer = lambda p, shape: (_ for _ in ()).throw(MemoryError("out of memory")) if p is c else real(p, shape)
+    with pytest.raises(MemoryError):
+        opt.step()
+    assert not opt.state[c]  # no half-made state
+    assert [opt.state[p]["step"] for p in (a, b)] == [2, 2]
+    assert all(torch.equal(p, q) for p, q in zip((a, b, c), before))
+    del opt._absmax_buffer
+    opt.step()
+    assert [opt.state[p]["step"] for p in (a, b, c)] == [3, 3, 1]
+
+
+def test_a_parameter_listed_twice_gets_both_updates():
+    w = torch.nn.Parameter(torch.randn(64, 32).t())  # non-contiguous: updated through a copy
+    twin = torch.nn.Parameter(w.detach().clone())
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = bnb.optim.Adam8bit([{"params": [w, w]}], min_8bit_size=0)
+        ref = bnb.optim.PagedAdam8bit([{"params": [twin, twin]}], min_8bit_size=0)  # one at a time on a CPU
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        twin.grad = w.grad.clone()
+        opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref.step()
+    assert torch.equal(w, twin)
+
+
+def test_an_update_step_patched_on_the_instance_is_called():
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = bnb.optim.Adam8bit([p], min_8bit_size=0)
+    calls = []
+    original = opt.update_step
+    opt.update_step = lambda *args: calls.append(args[1]) or original(*args)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == [p]

@@ -266,8 +266,10 @@ def _launch(task, ntasks: int, results: np.ndarray, args: tuple) -> None:
     error = None
     try:
         work()
-    except Exception as e:  # wait for the others all the same: they may still be writing
+    except BaseException as e:  # (Ctrl-C too) stop handing out tasks, and wait for the others: they may still be writing
         error = e
+        while not pending.empty():
+            pending.get_nowait()
     for future in futures:
         try:
             future.result()
@@ -1369,5 +1371,9 @@ def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measur
     return count
 
 
-# many parameters at once (small tensors batched into one call): see cpu_batch
-from .cpu_batch import update_many  # noqa: E402  (it builds on this module's kernels)
+def update_many(jobs: list) -> list[UpdateResult]:
+    """Many parameters' updates at once, small tensors batched into one call: see cpu_batch
+    (imported here, not at the top: it builds on this module)."""
+    from .cpu_batch import update_many as batched
+
+    return batched(jobs)

@@ -39,8 +39,9 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
     """``cpu.update(*job)`` for every job, small tensors of like jobs in one call."""
     results: list[UpdateResult | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
+    tables_seen: list = []  # the keys name tables by id(): alive until the end, no id is reused
     for i, job in enumerate(jobs):
-        key = _batch_key(job)
+        key = _batch_key(job, tables_seen)
         if key is None:
             results[i] = cpu.update(*job)
         else:
@@ -54,7 +55,7 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
     return results
 
 
-def _batch_key(job: Job) -> tuple | None:
+def _batch_key(job: Job, tables_seen: list) -> tuple | None:
     """What jobs must share to run in one call, or None for the one-at-a-time path."""
     rule, p, g, slots, hp, skip_nonfinite = job
     n = p.numel()
@@ -64,14 +65,14 @@ def _batch_key(job: Job) -> tuple | None:
         return None
     if p.dtype not in cpu._VIEWS or p.dim() != 1 or not cpu._flat_cpu(p, p.dtype, n) or not cpu._flat_cpu(g, p.dtype, n):
         return None
-    layout = _layout(slots, n)
+    layout = _layout(slots, n, tables_seen)
     if layout is None:
         return None
     # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
     return rule, p.dtype, layout, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
 
 
-def _layout(slots, n: int) -> tuple | None:
+def _layout(slots, n: int, tables_seen: list) -> tuple | None:
     """("fp32",) or ("block", tables of each state's map) when the states are all fp32 or all
     8-bit in 256-blocks (as ``cpu._layout`` would say, for the two layouts batched)."""
     if all(not s.quantized and cpu._flat_cpu(s.values, torch.float32, n) for s in slots):
@@ -88,6 +89,7 @@ def _layout(slots, n: int) -> tuple | None:
         if t is None:
             return None
         tables.append(t)
+    tables_seen += tables
     return ("block", *(id(t) for t in tables))
 
 

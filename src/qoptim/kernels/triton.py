@@ -31,6 +31,8 @@ one atomic add per program into a device int64 counter, read by the optimizer on
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -68,6 +70,17 @@ def update(
         raise ValueError(f"the Triton backend has no kernel for rule {rule!r} with these states")
     if p.numel() == 0:
         return UpdateResult(skipped_blocks=0)
+    with _on_device_of(p):
+        return _update(rule, p, g, slots, hp, skip_nonfinite)
+
+
+def _on_device_of(p: torch.Tensor):
+    """Triton launches on the current device and stream: make them ``p``'s (a model spread over
+    several GPUs has parameters on devices other than the current one)."""
+    return torch.cuda.device(p.device) if p.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult:
     step = _Step(rule, p, g, slots, hp, skip_nonfinite)
     if step.family.trust:
         step.trust = step.trust_ratio()
@@ -99,7 +112,8 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
         if len(indices) == 1:  # a launch of its own needs no table
             results[indices[0]] = update(*jobs[indices[0]])
             continue
-        counts = triton_batch.run([jobs[i] for i in indices])
+        with _on_device_of(jobs[indices[0]].p):  # the batch key includes the device
+            counts = triton_batch.run([jobs[i] for i in indices])
         for i, count in zip(indices, counts):
             results[i] = UpdateResult(skipped_blocks=count if jobs[i].skip_nonfinite else 0)
     return results

@@ -469,8 +469,7 @@ class _StateOptimizer(Optimizer8bit):
     def init_state(self, group, p, gindex, pindex):
         config = self.get_config(gindex, pindex, group)  # optim_bits was checked by _check_param
         quantized = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
-        state = self.state[p]
-        state["step"] = 0
+        state: dict[str, Any] = {"step": 0}  # built apart, assigned whole: an allocation that fails leaves no half state
         for i in range(1, self.n_states + 1):
             shape = self._state_shape(p, f"state{i}")
             if not quantized:
@@ -493,41 +492,61 @@ class _StateOptimizer(Optimizer8bit):
             # bitsandbytes keeps (and its step requires) this slot for the update norm; qoptim's
             # kernels do not report the norm, so it stays 0
             state["unorm_vec"] = torch.zeros(1, dtype=torch.float32, device=p.device)
+        self.state[p].update(state)
 
     def _update_all(self, work) -> None:
         """All parameters' updates handed to the kernels together (``kernels.update_many``), so
         that a backend can batch small tensors into one launch. Paged optimizers (each state
         prefetched just before its own update) and subclasses with their own ``update_step``
-        take the one-at-a-time path."""
-        if self.is_paged or type(self).update_step is not _StateOptimizer.update_step:
+        take the one-at-a-time path, as does a parameter listed twice (it must see two updates).
+
+        Nothing is counted before the kernels ran: states are created first (for every
+        parameter), jobs are built without changing anything, and each job's step count and
+        clipping history are committed after the kernels, so a failure on the way (out of
+        memory, a bad override) leaves no parameter counted but not updated."""
+        patched = getattr(self.update_step, "__func__", None) is not _StateOptimizer.update_step
+        if self.is_paged or patched or len({id(p) for *_, p in work}) != len(work):
             return super()._update_all(work)
-        jobs = []
         for gindex, pindex, group, p in work:
             if not self.state[p]:
                 self.init_state(group, p, gindex, pindex)
-            jobs.append(self._job(group, p, gindex, pindex))
-        for job, result in zip(jobs, kernels.update_many([job.update for job in jobs])):
+        jobs = [self._job(group, p, gindex, pindex) for gindex, pindex, group, p in work]
+        try:
+            results = kernels.update_many([job.update for job in jobs])
+        finally:  # a parameter updated as a contiguous copy gets it back, whatever happened
+            for job in jobs:
+                job.write_back()
+        for job, result in zip(jobs, results):
             job.finish(self, result)
 
     @torch.no_grad()
     def update_step(self, group, p, gindex, pindex):
         job = self._job(group, p, gindex, pindex)
-        job.finish(self, kernels.update(*job.update))
+        try:
+            result = kernels.update(*job.update)
+        finally:
+            job.write_back()
+        job.finish(self, result)
 
     def _job(self, group, p, gindex, pindex) -> _Job:
-        """One parameter's update, ready for the kernels; counts the step."""
+        """One parameter's update, ready for the kernels; changes nothing (``finish`` counts it)."""
         config = self.get_config(gindex, pindex, group)
         state = self.state[p]
         step = state["step"] + 1
-        hp = self.hyper(config, step)  # before any change: a schedule that cannot be evaluated changes nothing
-        state["step"] = step
+        hp = self.hyper(config, step)
         params = _dt.local(p.detach())  # a DTensor's local shard (FSDP2), updated in place
         flat_p = params.view(-1) if params.is_contiguous() else params.contiguous().view(-1)
         flat_g = _dt.local(p.grad.detach()).contiguous().view(-1)
+        commit: dict[str, Any] = {"step": step}
         if config["percentile_clipping"] < 100:
-            scale = _percentile_clip(state["gnorm_vec"], kernels.grad_norm_sq(flat_g), step, config["percentile_clipping"])
+            # this step's history (a new tensor, committed by finish); created here if clipping
+            # was switched on (an override) after the state was
+            fresh = "gnorm_vec" not in state
+            history = torch.zeros(100, device=flat_g.device) if fresh else state["gnorm_vec"].clone()
+            scale = _percentile_clip(history, kernels.grad_norm_sq(flat_g), 1 if fresh else step, config["percentile_clipping"])
             hp = hp._replace(gnorm_scale=scale)
-        return _Job(Job(self.family.rule, flat_p, flat_g, self._slots(state), hp, self.nonfinite == "skip"), params)
+            commit["gnorm_vec"] = history
+        return _Job(Job(self.family.rule, flat_p, flat_g, self._slots(state), hp, self.nonfinite == "skip"), params, state, commit)
 
     def hyper(self, config: dict[str, Any], step: int) -> Hyper:
         """A step's hyperparameters for the kernels; families with settings of their own extend it."""
@@ -582,10 +601,17 @@ class _Job:
 
     update: Job
     params: torch.Tensor  # the parameter (or its local shard); update.p is a flat view, or a copy
+    state: dict[str, Any]  # the parameter's optimizer state
+    commit: dict[str, Any]  # what the state takes once the update ran: the step count, clipping history
+
+    def write_back(self) -> None:
+        """Copy the update into a parameter that was updated as a contiguous copy (harmless if
+        the update did not run: the copy started equal to the parameter)."""
+        if self.update.p.data_ptr() != self.params.data_ptr():
+            self.params.copy_(self.update.p.view(self.params.shape))
 
     def finish(self, opt: _StateOptimizer, result) -> None:
-        if self.update.p.data_ptr() != self.params.data_ptr():  # updated a contiguous copy
-            self.params.copy_(self.update.p.view(self.params.shape))
+        self.state.update(self.commit)
         if isinstance(result.skipped_blocks, torch.Tensor) or result.skipped_blocks:
             pending = getattr(opt, "_skipped_this_step", None)
             if pending is None:  # update_step called outside step()
@@ -615,9 +641,12 @@ class Optimizer1State(_StateOptimizer):
 
 def _total(counts: list[int | torch.Tensor]) -> int:
     """Sum of skipped-block counts, reading device tensors with one synchronization."""
-    numbers_only = sum(c for c in counts if not isinstance(c, torch.Tensor))
-    tensors = [c for c in counts if isinstance(c, torch.Tensor)]
-    return numbers_only + (int(torch.stack([t.to(torch.int64) for t in tensors]).sum()) if tensors else 0)
+    total = sum(c for c in counts if not isinstance(c, torch.Tensor))
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for c in counts:
+        if isinstance(c, torch.Tensor):
+            by_device[c.device].append(c.to(torch.int64))
+    return total + sum(int(torch.stack(tensors).sum()) for tensors in by_device.values())
 
 
 def _unpaged(value: Any) -> Any:
