@@ -13,6 +13,7 @@ import numba
 import numpy as np
 import pytest
 import torch
+from helpers import exact_sqrt
 
 from qoptim import kernels
 from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, cpu_avx512, reference
@@ -25,20 +26,10 @@ LAYOUTS = ["block", "whole", "fp32"]
 STEPS = 20
 
 
-@contextlib.contextmanager
-def _exact_sqrt_patch():
-    plain = torch.Tensor.sqrt
-    torch.Tensor.sqrt = lambda self: plain(self.double()).to(self.dtype)
-    try:
-        yield
-    finally:
-        torch.Tensor.sqrt = plain
-
-
-@pytest.fixture
-def exact_sqrt():
+@pytest.fixture(name="exact_sqrt")
+def exact_sqrt_fixture():
     """Make the reference's ``Tensor.sqrt`` correctly rounded (via float64, exact for float32)."""
-    with _exact_sqrt_patch():
+    with exact_sqrt():
         yield
 
 
@@ -346,7 +337,7 @@ def test_a_vector_kernel_that_does_not_compile_leaves_the_next_one(working, monk
         cpu.update("adam", p, g, slots, hyper(1, True), True)
     assert [str(w.message).split("; ")[-1] for w in warned] == ["using the AVX2 one", "using the portable one"][: len(failing)]
     assert (cpu.VECTORIZE, cpu._VECTOR) == ((True, cpu._AVX2) if working == "avx2" else (False, cpu._AVX2))
-    with torch_threads(1), _exact_sqrt_patch():
+    with torch_threads(1), exact_sqrt():
         reference.update("adam", p_ref, g, slots_ref, hyper(1, True), True)
     assert_same(p, p_ref)
     for ours, theirs in zip(slots, slots_ref):

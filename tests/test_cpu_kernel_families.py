@@ -13,11 +13,11 @@ ratios agree to ~1e-16 relative, not bit for bit: the tests check the ratio to 1
 the reference the kernel's ratio and demand the rest of the step bit for bit.
 """
 
-import contextlib
 import math
 
 import pytest
 import torch
+from helpers import exact_sqrt
 from test_cpu_kernel import assert_same, copy_state, path, torch_threads  # noqa: F401  (path: a fixture)
 
 from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, reference
@@ -36,17 +36,6 @@ PATH_CASES = [(rule, layout, path) for path in ("avx2", "portable") for rule, la
 
 # non-negative states take the unsigned map, as the optimizer classes do
 UNSIGNED = {"rmsprop": [1], "adagrad": [1], "ademamix": [0, 0, 1], "lamb": [0, 1]}
-
-
-@contextlib.contextmanager
-def exact_sqrt_everywhere():
-    plain, plain_ = torch.Tensor.sqrt, torch.Tensor.sqrt_
-    torch.Tensor.sqrt = lambda self: plain(self.double()).to(self.dtype)
-    torch.Tensor.sqrt_ = lambda self: self.copy_(plain(self.double()))
-    try:
-        yield
-    finally:
-        torch.Tensor.sqrt, torch.Tensor.sqrt_ = plain, plain_
 
 
 REFERENCE_RATIO = reference._trust_ratio  # before _setup stands in for it
@@ -70,7 +59,7 @@ def _setup(monkeypatch):
         return ours
 
     monkeypatch.setattr(reference, "_trust_ratio", checked_ratio)
-    with torch_threads(1), exact_sqrt_everywhere():
+    with torch_threads(1), exact_sqrt():
         yield
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_kernel import _exact_sqrt_patch, copy_state, make_state
+from helpers import exact_sqrt
+from test_cpu_kernel import copy_state, make_state
 
 from qoptim.kernels import Hyper, cpu, reference
 
@@ -48,7 +49,7 @@ def test_kernel_equals_reference(n, dtype, layout, hp, steps, grad_scale, bad, s
             g[position % n] = (float("nan"), float("inf"), -float("inf"))[i % 3]
         g = g.to(dtype)
         h = Hyper(step=step, **hp)
-        with _exact_sqrt_patch():
+        with exact_sqrt():
             expected = reference.update("adam", p_ref, g, slots_ref, h, skip)
         got = cpu.update("adam", p, g, slots, h, skip)
         assert got == expected

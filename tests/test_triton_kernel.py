@@ -25,7 +25,6 @@ steps of those rules are checked bit for bit given the reference's ratio.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import exact_sqrt
 
 from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
 from qoptim.quant.maps import signed_map, unsigned_map
@@ -88,18 +88,6 @@ def interpreted(group):
 
 
 # ---- the cases ------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def exact_sqrt_in_reference():
-    """torch's sqrt / sqrt_ correctly rounded (through float64), for the reference's fp32 math."""
-    plain, plain_ = torch.Tensor.sqrt, torch.Tensor.sqrt_
-    torch.Tensor.sqrt = lambda self: plain(self.double()).to(self.dtype)
-    torch.Tensor.sqrt_ = lambda self: self.copy_(plain(self.double()))
-    try:
-        yield
-    finally:
-        torch.Tensor.sqrt, torch.Tensor.sqrt_ = plain, plain_
 
 
 def fresh(rule: str, n: int, layout: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[StateSlot]]:
@@ -201,7 +189,7 @@ def check_steps(rule: str, n: int, layout: str, dtype: torch.dtype, skip_nonfini
 def oracle(monkeypatch):
     """The reference with an exact sqrt, and its trust ratio in the kernels' steps."""
     monkeypatch.setattr(tk._Step, "trust_ratio", reference_trust_ratio)
-    with exact_sqrt_in_reference():
+    with exact_sqrt():
         yield
 
 
@@ -227,7 +215,7 @@ def nonfinite_gradients_propagate_as_in_reference(oracle, rule, layout):
 def trust_ratio_matches_reference(rule, layout, skip_nonfinite):
     """The device-side ratio to a relative 1e-12 (its float64 sums add in another order), its
     float32 factor to an ulp; over a run with the kernels' own ratio, in bf16."""
-    with exact_sqrt_in_reference():
+    with exact_sqrt():
         for n in (1, 257, 4099):
             p, slots = fresh(rule, n, layout, torch.bfloat16)
             for step in range(1, STEPS + 1):
@@ -352,7 +340,7 @@ def optimizers_train_through_the_kernels_as_through_the_reference(monkeypatch, n
     monkeypatch.setitem(kernels._FUSED, "cpu", "qoptim.kernels.triton")
     monkeypatch.delitem(kernels._loaded, "cpu", raising=False)
     single, batched = count_calls(monkeypatch, tk, "update"), count_calls(monkeypatch, triton_batch, "run")
-    with exact_sqrt_in_reference():
+    with exact_sqrt():
         ours = _train(name, OPTIMIZER_RUNS[name], "auto", monkeypatch)
         theirs = _train(name, OPTIMIZER_RUNS[name], "reference", monkeypatch)
     batched_jobs = [len(call[0]) for call in batched]
