@@ -51,11 +51,8 @@ def path(request, monkeypatch):
 
 
 def kernel_tables(code):
-    """A map's tables as the kernels' ``_lookup`` and ``_quantize`` take them, with the permute path's."""
-    t = tables_for(code)
-    planes, search = np.empty(cpu_avx512.PLANES, np.uint8), np.empty(cpu_avx512.SEARCH, np.float32)
-    cpu_avx512.fill_tables(t.code, t.mids, planes, search)
-    return (t.code, t.first, t.mids, t.fixups, t.packed, planes, search)
+    """A map's tables as the kernels' ``_lookup`` and ``_quantize`` take them."""
+    return cpu._kernel_tables(tables_for(code))
 
 
 def make_state(n, dtype, layout, seed=0, code=None):
@@ -211,7 +208,7 @@ def test_quantizer_matches_bucketize_on_every_kind_of_float(path):
         for inv, size in ((1.0, values.size), (3.7, values.size), (1.0, 255), (1.0, 7)):
             inv = np.float32(inv)
             out = np.empty(size, dtype=np.uint8)
-            cpu._quantize(values[:size], inv, tables, out, path)
+            cpu._quantize(values[:size], inv, False, tables, out, path)
             with np.errstate(over="ignore", invalid="ignore"):
                 scaled = values[:size] * inv
             expected = torch.bucketize(torch.from_numpy(scaled), midpoints(code)).numpy()

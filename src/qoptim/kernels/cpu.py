@@ -429,7 +429,12 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 def _quantized(slot: StateSlot) -> tuple:
     """What the kernels need of an 8-bit state: codes, scales, and the quantizer tables."""
     t = _tables_of(slot.code)
-    return (slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), t.code, t.first, t.mids, t.fixups, t.packed)
+    return (slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *_kernel_tables(t))
+
+
+def _kernel_tables(t) -> tuple:
+    """A map's tables (cpu_tables) as the kernels take them."""
+    return t.code, t.first, t.mids, t.fixups, t.packed, t.registers, t.guessed
 
 
 # Each rule's constants: float32 scalars, each rounded from the Python double torch would use
@@ -932,11 +937,8 @@ _MATH = {
 }
 _COUNTS = {type(f.marker): f.marker.states for f in _FAMILIES.values()}
 _MAX_STATES = 3
-# the stack scratch of a task: four block buffers (the states', or the trust pass's terms and
-# states) and each state's search table, in floats; each state's planes, in bytes (the last
-# two for the permute path)
-_FLOAT_SCRATCH = 4 * BLOCK + _MAX_STATES * cpu_avx512.SEARCH
-_BYTE_SCRATCH = _MAX_STATES * cpu_avx512.PLANES
+# a task's stack scratch: four block buffers (the states', or the trust pass's terms and states)
+_SCRATCH = 4 * BLOCK
 assert all(f.marker.states == reference.RULES[name][1] <= _MAX_STATES for name, f in _FAMILIES.items())
 
 
@@ -995,20 +997,20 @@ def _block_peak(values):
 
 @njit(**_INLINE)
 def _lookup(q, t, out, path):
-    """out[j] = code[q[j]], ``t`` a state's tables (``_with_tables``)."""
+    """out[j] = code[q[j]], ``t`` a state's tables."""
     code = t[0]
     for j in range(_lookup_lanes_prefix(q, t, out, path), q.size):
         out[j] = code[q[j]]
 
 
-@njit(**_KERNEL)
-def _quantize(values, inv, t, out, path):
+@njit(**_INLINE)
+def _quantize(values, inv, finite, t, out, path):
     """out[j] = index of the code nearest to values[j] * inv (see cpu_tables), ``t`` a state's
-    tables (``_with_tables``). The first fix-up is fused into the main loop (all the standard
-    maps need just it); maps with more midpoints per table bucket get the rest in a second
-    pass (on the permute path the search is exact for any map)."""
-    code, first, mids, fixups, packed, planes, search = t
-    done = _quantize_lanes_prefix(values, inv, t, out, path)
+    tables; ``finite``: the caller knows every values[j] * inv is finite. The first fix-up is
+    fused into the main loop (all the standard maps need just it); maps with more midpoints
+    per table bucket get the rest in a second pass (the permute path is exact for any map)."""
+    code, first, mids, fixups, packed, registers, guessed = t
+    done = _quantize_lanes_prefix(values, inv, finite, t, out, path)
     for j in range(done, values.size):
         u = values[j] * inv
         idx = np.int32(first[_bits(u) >> 16])
@@ -1027,7 +1029,7 @@ def _lookup_lanes_prefix(q, t, out, path):
     were done (none on the portable path)."""
 
 
-def _quantize_lanes_prefix(values, inv, t, out, path):
+def _quantize_lanes_prefix(values, inv, finite, t, out, path):
     """Do ``_quantize``'s main loop many lanes at a time on a vector path; return how many
     elements were done (none on the portable path)."""
 
@@ -1037,15 +1039,11 @@ def _fixups_from(done, path):
     exact search did, at 0 on the others."""
 
 
-def _fill_tables(code, mids, planes, search, path):
-    """The permute path's tables of a map (cpu_avx512.fill_tables); nothing on the others."""
-
-
 def _path_is(path, marker) -> bool:
     return isinstance(path, types.BaseNamedTuple) and path.instance_class is marker
 
 
-@overload(_lookup_lanes_prefix)
+@overload(_lookup_lanes_prefix, jit_options=dict(forceinline=True))
 def _lookup_lanes_prefix_impl(q, t, out, path):
     if _path_is(path, PermutePath):
         return lambda q, t, out, path: cpu_avx512.lookup_planes(q, t[5], out)
@@ -1061,15 +1059,21 @@ def _lookup_lanes_prefix_impl(q, t, out, path):
     return vector
 
 
-@overload(_quantize_lanes_prefix)
-def _quantize_lanes_prefix_impl(values, inv, t, out, path):
+@overload(_quantize_lanes_prefix, jit_options=dict(forceinline=True))
+def _quantize_lanes_prefix_impl(values, inv, finite, t, out, path):
     if _path_is(path, PermutePath):
-        return lambda values, inv, t, out, path: cpu_avx512.quantize_search(values, inv, t[6], out)
-    if not _path_is(path, VectorPath):
-        return lambda values, inv, t, out, path: 0
 
-    def vector(values, inv, t, out, path):
-        code, first, mids, fixups, packed, planes, search = t
+        def permute(values, inv, finite, t, out, path):
+            if t[6]:
+                return cpu_avx512.quantize_lines(values, inv, t[5], finite, out)
+            return cpu_avx512.quantize_search(values, inv, t[5], finite, out)
+
+        return permute
+    if not _path_is(path, VectorPath):
+        return lambda values, inv, finite, t, out, path: 0
+
+    def vector(values, inv, finite, t, out, path):
+        code, first, mids, fixups, packed, registers, guessed = t
         done = values.size // LANES * LANES
         if packed.size:
             for j in range(0, done, LANES):
@@ -1089,13 +1093,6 @@ def _fixups_from_impl(done, path):
     return lambda done, path: 0
 
 
-@overload(_fill_tables)
-def _fill_tables_impl(code, mids, planes, search, path):
-    if _path_is(path, PermutePath):
-        return lambda code, mids, planes, search, path: cpu_avx512.fill_tables(code, mids, planes, search)
-    return lambda code, mids, planes, search, path: None
-
-
 @njit(**_INLINE)
 def _reciprocal(scale):
     return _ONE / scale if scale > _ZERO else _ZERO
@@ -1110,41 +1107,26 @@ def _dequantize(state, lo, hi, s, buf, path):
 
 
 @njit(inline="always", **_KERNEL)
-def _scratch(s0, s1, s2, ns, path):
-    """A task's scratch, in its own stack frame (inlined into it): four block buffers, and
-    its states as the blocks take them, 8-bit ones as (codes,
-    scales, tables of the map with the permute path's, filled for the ``ns`` states the rule
-    uses); the caller's arrays without their owners (``_unowned``)."""
-    buffers = _stack_array(np.float32, _FLOAT_SCRATCH)
-    search = buffers[4 * BLOCK :]
-    planes = _stack_array(np.uint8, _BYTE_SCRATCH)
-    P, S = cpu_avx512.PLANES, cpu_avx512.SEARCH
+def _scratch(s0, s1, s2):
+    """A task's scratch, in its own stack frame (inlined into it): four block buffers; and
+    its states, the caller's arrays without their owners (``_unowned``), 8-bit ones as
+    (codes, scales, tables of the map)."""
+    buffers = _stack_array(np.float32, _SCRATCH)
     s0, s1, s2 = _unowned((s0, s1, s2))
-    states = (
-        _with_tables(s0, True, planes[:P], search[:S], path),
-        _with_tables(s1, ns > 1, planes[P : 2 * P], search[S : 2 * S], path),
-        _with_tables(s2, ns > 2, planes[2 * P :], search[2 * S :], path),
-    )
+    states = (_parts(s0), _parts(s1), _parts(s2))
     return buffers[:BLOCK], buffers[BLOCK : 2 * BLOCK], buffers[2 * BLOCK : 3 * BLOCK], buffers[3 * BLOCK : 4 * BLOCK], states
 
 
-def _with_tables(state, used, planes, search, path):
-    """An 8-bit state (codes, scales, code, first, mids, fixups, packed) as (codes, scales,
-    tables), the permute path's tables (in ``planes`` and ``search``) filled if ``used``; an
-    fp32 state as it is."""
+def _parts(state):
+    """An 8-bit state (codes, scales, code, first, mids, fixups, packed, registers, guessed)
+    as (codes, scales, tables); an fp32 state as it is."""
 
 
-@overload(_with_tables, inline="always")
-def _with_tables_impl(state, used, planes, search, path):
+@overload(_parts, inline="always")
+def _parts_impl(state):
     if isinstance(state, types.Array):
-        return lambda state, used, planes, search, path: state
-
-    def eight_bit(state, used, planes, search, path):
-        if used:
-            _fill_tables(state[2], state[4], planes, search, path)
-        return state[0], state[1], state[2:] + (planes, search)
-
-    return eight_bit
+        return lambda state: state
+    return lambda state: (state[0], state[1], state[2:])
 
 
 @njit(**_INLINE)
@@ -1193,8 +1175,9 @@ def _block_update(rule, p, g, states, lo, hi, s, gscale, c, keep, write_p, path,
 
 
 @njit(**_INLINE)
-def _requantize(state, values, inv, lo, hi, path):
-    _quantize(values, inv, state[2], state[0][lo:hi], path)
+def _requantize(state, values, peak, inv, lo, hi, path):
+    """A block's new codes from its new values, their peak and the scale's reciprocal."""
+    _quantize(values, inv, peak * inv < np.inf, state[2], state[0][lo:hi], path)
 
 
 @njit(**_INLINE)
@@ -1279,7 +1262,7 @@ def _trust_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, path, sums):
     trust terms. Nothing else is written."""
     ns = _state_count(rule)
     p, g = _unowned((p, g))
-    a, b, x0, x1, states = _scratch(s0, s1, s2, ns, path)
+    a, b, x0, x1, states = _scratch(s0, s1, s2)
     first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
     for k in range(first, last):
         lo, hi = k * BLOCK, min(p.size, (k + 1) * BLOCK)
@@ -1327,7 +1310,7 @@ def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measur
     into ``peaks[t]``; nothing else is written."""
     ns = _state_count(rule)
     p, g = _unowned((p, g))
-    b0, b1, b2, _, states = _scratch(s0, s1, s2, ns, path)
+    b0, b1, b2, _, states = _scratch(s0, s1, s2)
     first, last = _task_blocks(t, ntasks, (p.size + BLOCK - 1) // BLOCK)
     count = 0
     acc0 = _ZERO
@@ -1359,11 +1342,11 @@ def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measur
             if ns > 2:
                 states[2][1][b] = peak2
                 inv2 = _reciprocal(peak2)
-        _requantize(states[0], b0[:size], inv0, lo, hi, path)
+        _requantize(states[0], b0[:size], peak0, inv0, lo, hi, path)
         if ns > 1:
-            _requantize(states[1], b1[:size], inv1, lo, hi, path)
+            _requantize(states[1], b1[:size], peak1, inv1, lo, hi, path)
         if ns > 2:
-            _requantize(states[2], b2[:size], inv2, lo, hi, path)
+            _requantize(states[2], b2[:size], peak2, inv2, lo, hi, path)
     if measure:
         peaks[t, 0] = acc0
         peaks[t, 1] = acc1

@@ -1,66 +1,75 @@
 """The AVX-512 path of the CPU kernel: the table lookups from registers, without gathers.
 
 A gather fetches one table entry per lane from memory; on the CPUs we measured (Zen 5) it
-costs more than everything else in a step. Both tables of the 8-bit states are small enough
-to sit in vector registers instead, where AVX-512 permutes index them:
+costs ~2 cycles per lane, more than everything else in a step. The tables of the 8-bit states
+are small enough to sit in vector registers instead, where AVX-512 permutes index them:
 
 * Dequantizing, ``code[q]`` (256 floats = 1 KB) is split into four byte planes, byte ``k`` of
-  every code (``planes``: 4 x 256 bytes = 16 zmm registers). ``vpermi2b`` looks 64 codes up in
-  128 bytes at once (AVX512_VBMI); two of them and a blend on the code's top bit cover 256,
-  and byte interleaves put the four planes back together as floats. About 0.5 instructions
-  per element, against one 4-byte gather.
+  every code. ``vpermi2b`` looks 64 codes up in 128 bytes at once (AVX512_VBMI); two of
+  them and a blend on the code's top bit cover 256, and byte interleaves put the four planes
+  back together as floats (``_plane_floats``). About 0.5 instructions per element, against
+  one 4-byte gather.
 
-* Quantizing, ``#{midpoints < u}``, is an 8-level branchless binary search whose midpoints
-  come from registers: ``search`` holds the 255 midpoints in breadth-first (Eytzinger) order,
-  node ``n`` at ``search[n]`` with children ``2n`` and ``2n + 1``, so every level reads
-  ``search[n]`` with a ``vpermi2ps`` (two registers hold the 31 nodes of levels 0-4, two the
-  32 of level 5, and a tree of selects joins the 64 and 128 nodes of the last two). Each
-  level compares with the float itself (the sign of node - u), so the index is exact by
-  construction, as ``torch.bucketize``'s; NaN and infinite u are settled apart. A level waits
-  for the one before, so ``GROUP`` vectors are searched side by side. About 3.5 instructions
-  per element, against a 4-byte gather from a 256 KB table and two more.
+* Quantizing, ``T(u) = #{midpoints < u}``: a first guess from two lines per exponent bucket
+  (cpu_guess: the dynamic maps are evenly spaced within a decade), exact after one
+  comparison with ``midpoints[guess]``, looked up in byte planes like the codes
+  (``quantize_lines``, ~2 instructions per element). For a map whose lines cannot be proven
+  close enough, an 8-level branchless binary search with its midpoints in registers
+  (``quantize_search``, ~3.5 per element): ``search`` holds the 255 midpoints in
+  breadth-first (Eytzinger) order, node ``n`` at ``search[n]`` with children ``2n`` and
+  ``2n + 1``; every level compares with the float itself (the sign of node - u), so the
+  index is exact by construction, as ``torch.bucketize``'s. NaN and infinite u are settled
+  apart on both.
 
-Both tables are derived from the map inside the kernel (``fill_tables``), once per task.
-Numba's on-disk cache knows the source files of the kernels (cpu.py), not of this module:
-after editing this file, touch cpu.py or clear the cache.
+A map's tables (``register_tables``) are built once, in numpy, and laid out in one byte array
+(the offsets below). Numba's on-disk cache knows the source files of the kernels (cpu.py),
+not of this module: after editing this file, touch cpu.py or clear the cache.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import cpu_guess
 from .cpu_tables import NAN_INDEX
 
-PLANES = 4 * 256  # bytes of the dequantizing table
-SEARCH = 256  # floats of the quantizing table (node 0 unused)
-GROUP = 8  # vectors of 16 searched side by side: enough to hide a level's latency, few enough for the registers
 FEATURES = ("avx512f", "avx512bw", "avx512vbmi")  # what the path needs of the CPU
+
+# A map's register tables, one byte array: byte planes of the codes and of the midpoints
+# (+inf after the last, so a guess of 255 compares false), the search tree (node 0: the index
+# of +inf), the guess's lines.
+CODE_PLANES, MID_PLANES, SEARCH, LINES = 0, 1024, 2048, 3072
+REGISTERS = LINES + 8 * cpu_guess.BUCKETS * 4
+SEARCH_GROUP = 16  # vectors of 16 searched side by side, to hide a level's latency
+LINES_GROUP = 2  # 64-element units quantized per loop iteration
 
 _F32, _I32, _I16, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 _BYTES, _WORDS, _FLOATS, _INTS = ir.VectorType(_I8, 64), ir.VectorType(_I16, 32), ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
 
 
-@njit(cache=True)
-def fill_tables(code, mids, planes, search):
-    """``planes`` (uint8[PLANES]) and ``search`` (float32[SEARCH]) of a map and its midpoints."""
-    bits = code.view(np.uint32)
-    for i in range(256):
+def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A map's register tables (float32 ``code``, sorted float32 ``mids``), and whether its
+    guess lines were proven (else the kernel searches)."""
+    tables = np.zeros(REGISTERS, dtype=np.uint8)
+    padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
+    for offset, values in ((CODE_PLANES, code), (MID_PLANES, padded)):
+        bits = np.asarray(values, dtype=np.float32).view(np.uint32)
         for k in range(4):
-            planes[k * 256 + i] = (bits[i] >> (8 * k)) & 0xFF
-    below_inf = 0
-    for i in range(255):
-        below_inf += mids[i] < np.inf
-    search[0] = below_inf  # the index of +inf (node 0 is not part of the tree)
-    level = 0
+            tables[offset + 256 * k : offset + 256 * (k + 1)] = (bits >> (8 * k)) & 0xFF
+    search = tables[SEARCH:LINES].view(np.float32)
+    search[0] = np.count_nonzero(mids < np.inf)  # the index of +inf (node 0 is not part of the tree)
     for n in range(1, 256):
-        if n >= 2 << level:
-            level += 1
-        step = 128 >> level  # the search's step at this level; node n splits [j * 2 * step, (j + 1) * 2 * step)
-        search[n] = mids[(2 * (n - (1 << level)) + 1) * step - 1] + np.float32(0.0)  # -0 as +0: see _below
+        level = n.bit_length() - 1
+        step = 128 >> level  # node n splits [j * 2 * step, (j + 1) * 2 * step)
+        search[n] = mids[(2 * (n - (1 << level)) + 1) * step - 1] + np.float32(0.0)  # -0 as +0: see _search
+    lines = cpu_guess.fit_lines(mids)
+    if lines is not None:
+        tables[LINES:].view(np.float32)[:] = lines.ravel()
+    return tables, lines is not None
 
 
 # ---- IR helpers ---------------------------------------------------------------------------------
@@ -125,56 +134,222 @@ def _contiguous(*arrays):
     return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
 
 
-# ---- dequantizing -------------------------------------------------------------------------------
+# ---- byte-plane lookups -------------------------------------------------------------------
 
 # Unpacking bytes, then words, of four planes works within 128-bit lanes, so its output vector m
-# holds the floats of source dwords 4 * lane + m. Feeding it the codes with their dwords
+# holds the floats of source dwords 4 * lane + m. Feeding it the indices with their dwords
 # transposed (dword 4 * lane + m from dword 4 * m + lane) brings every float to its own place.
 _TRANSPOSED = [4 * m + lane for lane in range(4) for m in range(4)]
 
 
+def _load_planes(builder, tables, offset):
+    """The 16 registers of a byte-plane table at ``offset`` of a register-tables array."""
+    return [builder.load(_at(builder, tables.data, ir.Constant(_I32, offset + 64 * r), _BYTES), align=1) for r in range(16)]
+
+
+def _plane_floats(builder, planes, indices):
+    """The table entries at 64 byte ``indices``, as four vectors of 16 floats in order."""
+    indices = builder.bitcast(indices, _INTS)
+    indices = builder.bitcast(_shuffle(builder, indices, indices, _TRANSPOSED), _BYTES)
+    upper = builder.icmp_signed("<", indices, ir.Constant(_BYTES, [0] * 64))  # entries 128-255
+    b = []
+    for k in range(4):  # byte k of each entry
+        t = planes[4 * k : 4 * k + 4]
+        b.append(builder.select(upper, _permute2(builder, t[2], indices, t[3]), _permute2(builder, t[0], indices, t[1])))
+
+    def words(lo, high):  # bytes lo and lo + 1 of the entries, interleaved
+        return builder.bitcast(_interleave(builder, b[lo], b[lo + 1], high), _WORDS)
+
+    low01, high01, low23, high23 = words(0, False), words(0, True), words(2, False), words(2, True)
+    return [builder.bitcast(_interleave(builder, x, y, high), _FLOATS) for x, y in ((low01, low23), (high01, high23)) for high in (False, True)]
+
+
+def _concat(builder, parts):
+    """One vector of the lanes of ``parts`` (a power of two of them), in order."""
+    while len(parts) > 1:
+        n = parts[0].type.count
+        parts = [_shuffle(builder, parts[i], parts[i + 1], list(range(2 * n))) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
 @intrinsic
-def lookup_planes(typingctx, q, planes, out):
+def lookup_planes(typingctx, q, tables, out):
     """out[j] = code[q[j]] for the leading multiple of 64 elements; returns how many."""
-    if not _contiguous(q, planes, out):
+    if not _contiguous(q, tables, out):
         return None
-    sig = types.intp(q, planes, out)
+    sig = types.intp(q, tables, out)
 
     def codegen(context, builder, signature, args):
-        q, planes, out = _arrays(context, builder, signature, args)
-        tables = [builder.load(_at(builder, planes.data, ir.Constant(_I32, 64 * r), _BYTES), align=1) for r in range(16)]
+        q, tables, out = _arrays(context, builder, signature, args)
+        planes = _load_planes(builder, tables, CODE_PLANES)
 
         def body(start):
-            codes = builder.bitcast(builder.load(_at(builder, q.data, start, _BYTES), align=1), _INTS)
-            codes = builder.bitcast(_shuffle(builder, codes, codes, _TRANSPOSED), _BYTES)
-            upper = builder.icmp_signed("<", codes, ir.Constant(_BYTES, [0] * 64))  # codes 128-255
-            b = []
-            for k in range(4):  # byte k of each code
-                t = tables[4 * k : 4 * k + 4]
-                b.append(builder.select(upper, _permute2(builder, t[2], codes, t[3]), _permute2(builder, t[0], codes, t[1])))
-
-            def words(lo, high):  # bytes lo and lo + 1 of the codes, interleaved
-                return builder.bitcast(_interleave(builder, b[lo], b[lo + 1], high), _WORDS)
-
-            low01, high01, low23, high23 = words(0, False), words(0, True), words(2, False), words(2, True)
-            floats = [_interleave(builder, x, y, high) for x, y in ((low01, low23), (high01, high23)) for high in (False, True)]
+            floats = _plane_floats(builder, planes, builder.load(_at(builder, q.data, start, _BYTES), align=1))
             for m, x in enumerate(floats):
-                index = builder.add(start, ir.Constant(start.type, 16 * m))
-                builder.store(builder.bitcast(x, _FLOATS), _at(builder, out.data, index, _FLOATS), align=4)
+                builder.store(x, _at(builder, out.data, builder.add(start, ir.Constant(start.type, 16 * m)), _FLOATS), align=4)
 
         return _chunked(builder, q.nitems, 64, body)
 
     return sig, codegen
 
 
-# ---- quantizing ---------------------------------------------------------------------------------
+# ---- quantizing: shared --------------------------------------------------------------------
 
 
-def _node(builder, tables, n):
-    """search[n] for a vector of nodes ``n`` of one level: tables holds search as 16-float
-    registers; a level with more than 32 nodes picks among vpermi2ps of register pairs by n's
-    bits 5 and up."""
-    candidates = [_permute2(builder, tables[i], n, tables[i + 1]) for i in range(0, len(tables), 2)]
+def _settle_nonfinite(builder, n, u, above_all):
+    """n where u is finite; else u's own index: NAN_INDEX for NaN (as torch.bucketize), 0 for
+    -inf, ``above_all`` (the number of midpoints below +inf) for +inf. (The guess and the
+    search may err on them: inf - inf is NaN.)"""
+    infinite = builder.select(builder.fcmp_ordered(">", u, ir.Constant(_FLOATS, [0.0] * 16)), above_all, _ints(0))
+    special = builder.select(builder.fcmp_unordered("uno", u, u), _ints(NAN_INDEX), infinite)
+    magnitude = _call(builder, "llvm.fabs.v16f32", _FLOATS, [u])
+    return builder.select(builder.fcmp_ordered("<", magnitude, ir.Constant(_FLOATS, [float("inf")] * 16)), n, special)
+
+
+def _store_codes(builder, out, start, codes, us, above_all, finite):
+    """out[start:] = ``codes`` (byte vectors, as many lanes as ``us`` has floats), settled where
+    u is not finite (``_settle_nonfinite``). That takes a few instructions per vector, so it
+    is done only where the caller cannot promise finite values (``finite``) and one test
+    finds some non-finite u."""
+    bytes16 = ir.VectorType(_I8, 16)
+
+    def store_all():
+        for i, c in enumerate(codes):
+            at = builder.add(start, ir.Constant(start.type, c.type.count * i))
+            builder.store(c, _at(builder, out.data, at, c.type), align=1)
+
+    def store_settled():
+        lanes = _concat(builder, codes) if len(codes) > 1 else codes[0]
+        for i, u in enumerate(us):
+            n = builder.zext(_shuffle(builder, lanes, lanes, list(range(16 * i, 16 * i + 16))), _INTS)
+            at = builder.add(start, ir.Constant(start.type, 16 * i))
+            builder.store(builder.trunc(_settle_nonfinite(builder, n, u, above_all), bytes16), _at(builder, out.data, at, bytes16), align=1)
+
+    with builder.if_else(finite, likely=True) as (promised, unknown):
+        with promised:
+            store_all()
+        with unknown:
+            inf = ir.Constant(_FLOATS, [float("inf")] * 16)
+            nonfinite = [builder.fcmp_unordered(">=", _call(builder, "llvm.fabs.v16f32", _FLOATS, [u]), inf) for u in us]  # NaN, ±inf
+            mask = builder.bitcast(nonfinite[0], ir.IntType(16))
+            for more in nonfinite[1:]:
+                mask = builder.or_(mask, builder.bitcast(more, ir.IntType(16)))
+            with builder.if_else(builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(16), 0)), likely=False) as (rare, common):
+                with rare:
+                    store_settled()
+                with common:
+                    store_all()
+
+
+def _quantizer(body_size, unit):
+    """An intrinsic (values, inv, tables, finite, out) -> elements done: the leading multiple
+    of ``body_size`` vectors of ``out[j]`` = T(values[j] * inv), then of ``unit.vectors``;
+    ``unit(builder, state, us)`` gives byte vectors of T for the u vectors ``us`` (exact for
+    finite u), from what ``unit.prepare(builder, tables)`` loaded into registers."""
+
+    def quantize(typingctx, values, inv, tables, finite, out):
+        if not _contiguous(values, tables, out) or inv != types.float32 or finite != types.boolean:
+            return None
+        sig = types.intp(values, inv, tables, finite, out)
+
+        def codegen(context, builder, signature, args):
+            values, inv, tables, finite, out = _arrays(context, builder, signature, args)
+            search = _at(builder, tables.data, ir.Constant(_I32, SEARCH), _F32)
+            above_all = _splat(builder, builder.fptosi(builder.load(search, align=1), _I32), _INTS)
+            scale = _splat(builder, inv, _FLOATS)
+            finite = builder.trunc(finite, ir.IntType(1)) if finite.type != ir.IntType(1) else finite
+
+            def vectors(count):
+                def body(start):
+                    us = []
+                    for i in range(count):
+                        at = builder.add(start, ir.Constant(start.type, 16 * i))
+                        us.append(builder.fmul(builder.load(_at(builder, values.data, at, _FLOATS), align=4), scale))
+                    # the tables are read here, in the loop, and so from L1 as the instructions
+                    # need them: loaded once before it, they would be spilled to the stack
+                    # at every call, ~100 cycles, as much as quantizing 64 elements
+                    _store_codes(builder, out, start, unit(builder, unit.prepare(builder, tables), us), us, above_all, finite)
+
+                return body
+
+            n = values.nitems
+            done = _chunked(builder, n, 16 * body_size, vectors(body_size))  # (body_size: in vectors)
+            rest = _chunked(builder, builder.sub(n, done), 16 * unit.vectors, lambda start: vectors(unit.vectors)(builder.add(done, start)))
+            return builder.add(done, rest)
+
+        return sig, codegen
+
+    return intrinsic(quantize)
+
+
+# ---- quantizing: guess and fix up ------------------------------------------------------------
+
+_BUCKET_LOW, _BUCKET_HIGH = cpu_guess.FIRST_BUCKET, cpu_guess.FIRST_BUCKET + cpu_guess.BUCKETS - 1
+
+
+def _ternary(builder, a, b, c, f):
+    """vpternlogd: the bitwise function f(a, b, c) of three int vectors, in one instruction."""
+    imm = sum(f(x, y, z) << (4 * x + 2 * y + z) for x in (0, 1) for y in (0, 1) for z in (0, 1))
+    return _call(builder, "llvm.x86.avx512.pternlog.d.512", _INTS, [a, b, c, ir.Constant(_I32, imm)])
+
+
+def _guess(builder, lines, u):
+    """cpu_guess's first guess for a vector of u, as ints in 0..255."""
+    bits = builder.bitcast(u, _INTS)
+    top = builder.lshr(builder.and_(bits, _ints(0x7FFFFFFF)), _ints(24))  # top 7 exponent bits
+    top = _call(builder, "llvm.umin.v16i32", _INTS, [_call(builder, "llvm.umax.v16i32", _INTS, [top, _ints(_BUCKET_LOW)]), _ints(_BUCKET_HIGH)])
+    # the permutes read the low 5 bits: bucket - FIRST_BUCKET in 0..3 (FIRST_BUCKET's bit 4 is
+    # set, so flip it) and u's sign in bit 4, the register of negative u's lines
+    index = _ternary(builder, top, builder.lshr(bits, _ints(27)), _ints(16), lambda t, s, k: (t ^ k) | (s & k))
+    a1, b1, a2, b2 = (_permute2(builder, lines[2 * k], index, lines[2 * k + 1]) for k in range(4))
+
+    def fma(x, y, z):
+        return _call(builder, "llvm.fma.v16f32", _FLOATS, [x, y, z])
+
+    def smaller(x, y):  # vminps, without LLVM's NaN handling (u is finite, or settled later)
+        return _call(builder, "llvm.x86.avx512.min.ps.512", _FLOATS, [x, y, ir.Constant(_I32, 4)])
+
+    low = builder.bitcast(smaller(fma(u, a1, b1), fma(u, a2, b2)), _INTS)
+    guess = builder.bitcast(_ternary(builder, low, bits, _ints(-0x80000000), lambda x, y, m: x ^ (y & m)), _FLOATS)  # negated back below 0
+    guess = smaller(guess, ir.Constant(_FLOATS, [255.0] * 16))  # also keeps the conversion in range
+    index = _call(builder, "llvm.x86.avx512.mask.cvttps2dq.512", _INTS, [guess, ir.Constant(_INTS, ir.Undefined), ir.Constant(ir.IntType(16), 0xFFFF), ir.Constant(_I32, 4)])
+    return _call(builder, "llvm.smax.v16i32", _INTS, [index, _ints(0)])
+
+
+def _guessed(builder, state, us):
+    """T(u) for 64 u at a time: guesses, each fixed up by one comparison with its midpoint
+    (a guess is T(u) or T(u) - 1: one more where its midpoint is below u)."""
+    lines, mid_planes = state
+    codes = []
+    for i in range(0, len(us), 4):
+        group = us[i : i + 4]
+        guesses = _concat(builder, [builder.trunc(_guess(builder, lines, u), ir.VectorType(_I8, 16)) for u in group])
+        below = _concat(builder, [builder.fcmp_ordered("<", mid, u) for mid, u in zip(_plane_floats(builder, mid_planes, guesses), group)])
+        codes.append(builder.add(guesses, builder.zext(below, _BYTES)))
+    return codes
+
+
+def _prepare_guess(builder, tables):
+    lines = [builder.load(_at(builder, tables.data, ir.Constant(_I32, LINES + 64 * r), _FLOATS), align=1) for r in range(8)]
+    return lines, _load_planes(builder, tables, MID_PLANES)
+
+
+_guessed.prepare = _prepare_guess
+_guessed.vectors = 4
+quantize_lines = _quantizer(4 * LINES_GROUP, _guessed)
+
+
+# ---- quantizing: binary search -------------------------------------------------------------
+
+
+def _node(builder, registers, n):
+    """search[n] for a vector of nodes ``n`` of one level, ``registers`` the level's part of
+    the tree as 16-float registers. A level of up to 16 nodes is one register, read with
+    vpermps (its index is n's low 4 bits, and it overwrites no operand); a larger one picks
+    among vpermi2ps of register pairs by n's bits 5 and up."""
+    if len(registers) == 1:
+        return _call(builder, "llvm.x86.avx512.permvar.sf.512", _FLOATS, [registers[0], n])
+    candidates = [_permute2(builder, registers[i], n, registers[i + 1]) for i in range(0, len(registers), 2)]
     bit = 5
     while len(candidates) > 1:
         odd = builder.icmp_unsigned("!=", builder.and_(n, _ints(1 << bit)), _ints(0))
@@ -183,85 +358,27 @@ def _node(builder, tables, n):
     return candidates[0]
 
 
-def _search(builder, tables, root, us):
-    """For each float vector of ``us``, 256 + the number of midpoints below u, for finite u.
-    The vectors advance level by level together."""
-    levels = [tables[0:2]] * 5 + [tables[2:4], tables[4:8], tables[8:16]]  # nodes < 32, < 64, < 128, < 256
+def _searched(builder, tree, us):
+    """For each u vector of ``us``, the number of midpoints below u (finite u). The vectors
+    advance level by level together; a level appends its comparison's bit to n with one
+    funnel shift (vpshldd), n = n << 1 | sign(node - u). The sign of node - u is exact for
+    finite u: nodes hold +0 for -0, so 0 - u has the sign of -u even for u = 0. (It also keeps
+    the search out of mask registers, whose results come late on Zen 5.)"""
+    levels = [tree[0:1]] * 4 + [tree[1:2], tree[2:4], tree[4:8], tree[8:16]]  # nodes < 16, < 32, < 64, < 128, < 256
+    root = _splat(builder, builder.extract_element(tree[0], ir.Constant(_I32, 1)), _FLOATS)
     ns = [_ints(1)] * len(us)
-    for level, regs in enumerate(levels):
+    for level, registers in enumerate(levels):
         for i, u in enumerate(us):
-            node = root if level == 0 else _node(builder, regs, ns[i])
-            ns[i] = builder.add(builder.add(ns[i], ns[i]), _below(builder, node, u))
-    return ns
+            node = root if level == 0 else _node(builder, registers, ns[i])
+            difference = builder.bitcast(builder.fsub(node, u), _INTS)
+            ns[i] = _call(builder, "llvm.fshl.v16i32", _INTS, [ns[i], difference, _ints(1)])
+    return [builder.trunc(n, ir.VectorType(_I8, 16)) for n in ns]  # 256 + T after 8 levels: its low byte is T
 
 
-def _below(builder, node, u):
-    """1 where node < u, else 0: the sign of node - u. It is exact for finite u (nodes hold +0
-    for -0, so 0 - u has the sign of -u even for u = 0), and keeps the search out of mask
-    registers (a compare's result on Zen 5 comes late, and the search is a chain of them)."""
-    difference = builder.bitcast(builder.fsub(node, u), _INTS)
-    return builder.lshr(difference, _ints(31))
+def _prepare_search(builder, tables):
+    return [builder.load(_at(builder, tables.data, ir.Constant(_I32, SEARCH + 64 * r), _FLOATS), align=1) for r in range(16)]
 
 
-def _settle_nonfinite(builder, n, u, above_all):
-    """n where u is finite; else u's own index: NAN_INDEX for NaN (as torch.bucketize), 0 for
-    -inf, ``above_all`` (the number of midpoints below +inf) for +inf. (The search may err
-    on them: inf - inf is NaN.)"""
-    infinite = builder.select(builder.fcmp_ordered(">", u, ir.Constant(_FLOATS, [0.0] * 16)), above_all, _ints(0))
-    special = builder.select(builder.fcmp_unordered("uno", u, u), _ints(NAN_INDEX), infinite)
-    magnitude = _call(builder, "llvm.fabs.v16f32", _FLOATS, [u])
-    return builder.select(builder.fcmp_ordered("<", magnitude, ir.Constant(_FLOATS, [float("inf")] * 16)), n, special)
-
-
-def _store_codes(builder, out, offsets, ns, us, above_all):
-    """out at each offset = the low byte of n (the index), settled where u is not finite
-    (``_settle_nonfinite``). That takes a few instructions per vector, so it is done only
-    for a group with some non-finite u, told by one test for the group."""
-
-    def store(settle):
-        for at, n, u in zip(offsets, ns, us):
-            n = _settle_nonfinite(builder, n, u, above_all) if settle else n
-            builder.store(builder.trunc(n, ir.VectorType(_I8, 16)), _at(builder, out.data, at, ir.VectorType(_I8, 16)), align=1)
-
-    inf = ir.Constant(_FLOATS, [float("inf")] * 16)
-    nonfinite = [builder.fcmp_unordered(">=", _call(builder, "llvm.fabs.v16f32", _FLOATS, [u]), inf) for u in us]  # NaN, ±inf
-    mask = builder.bitcast(nonfinite[0], ir.IntType(16))
-    for more in nonfinite[1:]:
-        mask = builder.or_(mask, builder.bitcast(more, ir.IntType(16)))
-    with builder.if_else(builder.icmp_unsigned("!=", mask, ir.Constant(ir.IntType(16), 0)), likely=False) as (rare, common):
-        with rare:
-            store(True)
-        with common:
-            store(False)
-
-
-@intrinsic
-def quantize_search(typingctx, values, inv, search, out):
-    """out[j] = index of the code nearest to values[j] * inv for the leading multiple of 16
-    elements; returns how many."""
-    if not _contiguous(values, search, out) or inv != types.float32:
-        return None
-    sig = types.intp(values, inv, search, out)
-
-    def codegen(context, builder, signature, args):
-        values, inv, search, out = _arrays(context, builder, signature, args)
-        tables = [builder.load(_at(builder, search.data, ir.Constant(_I32, 16 * r), _FLOATS), align=4) for r in range(16)]
-        root = _splat(builder, builder.extract_element(tables[0], ir.Constant(_I32, 1)), _FLOATS)
-        above_all = _splat(builder, builder.fptosi(builder.extract_element(tables[0], ir.Constant(_I32, 0)), _I32), _INTS)
-        scale = _splat(builder, inv, _FLOATS)
-
-        def vectors(count):
-            def body(start):
-                offsets = [builder.add(start, ir.Constant(start.type, 16 * i)) for i in range(count)]
-                us = [builder.fmul(builder.load(_at(builder, values.data, at, _FLOATS), align=4), scale) for at in offsets]
-                _store_codes(builder, out, offsets, _search(builder, tables, root, us), us, above_all)
-
-            return body
-
-        n = values.nitems
-        done = _chunked(builder, n, 16 * GROUP, vectors(GROUP))
-        left = builder.sub(n, done)
-        rest = _chunked(builder, left, 16, lambda start: vectors(1)(builder.add(done, start)))
-        return builder.add(done, rest)
-
-    return sig, codegen
+_searched.prepare = _prepare_search
+_searched.vectors = 1
+quantize_search = _quantizer(SEARCH_GROUP, _searched)

@@ -125,8 +125,7 @@ def _addresses(job: Job) -> list[int]:
 
 
 def _tables_tuple(code: torch.Tensor) -> tuple:
-    t = cpu._tables_of(code)
-    return t.code, t.first, t.mids, t.fixups, t.packed
+    return cpu._kernel_tables(cpu._tables_of(code))
 
 
 def _task_bounds(sizes: np.ndarray, ntasks: int) -> np.ndarray:
@@ -164,7 +163,7 @@ def _8bit_state(row, k, n, tables):
     """State ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it."""
     values = _view(row[_STATES + 2 * k], n, np.uint8)
     absmax = _view(row[_STATES + 2 * k + 1], (n + BLOCK - 1) // BLOCK, np.float32)
-    return values, absmax, tables[0], tables[1], tables[2], tables[3], tables[4]
+    return (values, absmax) + tables
 
 
 # The batch tasks run on the CPU backend's worker threads (``cpu._launch``): without the GIL.

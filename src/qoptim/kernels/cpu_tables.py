@@ -48,6 +48,8 @@ class QuantTables(NamedTuple):
     mids: np.ndarray  # float32[256], the 255 midpoints then +inf, so a fix-up never runs past the end
     fixups: int  # comparisons that make a guess from `first` exact
     packed: np.ndarray  # int32[65536] (see above), or empty where some bucket holds 2+ midpoints
+    registers: np.ndarray  # uint8[cpu_avx512.REGISTERS], the AVX-512 path's tables
+    guessed: bool  # whether the AVX-512 path quantizes from a first guess (else it searches)
 
 
 def tables_for(code: torch.Tensor) -> QuantTables | None:
@@ -69,7 +71,10 @@ def _tables(code_bytes: bytes) -> QuantTables | None:
     padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
     packed = _packed(first, inside, mids)
     first = np.append(first.astype(np.uint8), np.zeros(4, np.uint8))
-    return QuantTables(code.numpy().copy(), first, padded, int(inside.max()), packed)
+    from .cpu_avx512 import register_tables  # (which builds on this module)
+
+    registers, guessed = register_tables(code.numpy(), mids)
+    return QuantTables(code.numpy().copy(), first, padded, int(inside.max()), packed, registers, guessed)
 
 
 def _packed(first: np.ndarray, inside: np.ndarray, mids: np.ndarray) -> np.ndarray:
