@@ -162,10 +162,35 @@ def skipped_blocks_are_counted_per_tensor():
     assert all(r.skipped_blocks.dtype == torch.int64 for r in results)
 
 
+def a_batch_keeps_the_search_tables_it_points_to(monkeypatch):
+    """The batch table holds raw addresses of cached search tables; a cache that clears itself
+    while the table is built (here: at every new map) must not free one before the launch
+    (memory taken by other tensors in between would be read as midpoints)."""
+    from qoptim.kernels import triton_block
+
+    monkeypatch.setattr(triton_block, "_SEARCH_TABLES_MAX", 2)
+    litter = []
+    upload = triton_batch._upload
+
+    def upload_then_take_freed_memory(*args):
+        uploaded = upload(*args)
+        litter.extend(torch.full((256,), math.nan) for _ in range(64))  # the size of a search table
+        return uploaded
+
+    monkeypatch.setattr(triton_batch, "_upload", upload_then_take_freed_memory)
+    tensors = [own_maps(*started("adam", n, "blockwise", torch.float32)) for n in SIZES]
+    jobs = [job("adam", p, slots, 1, i) for i, (p, slots) in enumerate(tensors)]
+    single = [twin(j) for j in jobs]
+    results = tk.update_many(jobs)
+    assert litter  # the batch went through _upload
+    assert_same_update(jobs, single, results, [tk.update(*j) for j in single])
+
+
 # Which face this file shows to pytest (see the module docstring).
 if INTERPRETING:
     test_batch_matches_one_launch_per_tensor = batch_matches_one_launch_per_tensor
     test_mixed_jobs_split_into_batches_and_launches_of_their_own = mixed_jobs_split_into_batches_and_launches_of_their_own
     test_skipped_blocks_are_counted_per_tensor = skipped_blocks_are_counted_per_tensor
+    test_a_batch_keeps_the_search_tables_it_points_to = a_batch_keeps_the_search_tables_it_points_to
 else:
     test_interpreted = interpreted

@@ -65,8 +65,12 @@ def run(jobs: list[Job]) -> tuple[torch.Tensor, ...]:
     sizes = np.array([job.p.numel() for job in jobs], dtype=np.int64)
     rows = rows_per_program(-(-int(sizes.max()) // BLOCK))
     programs = -(-sizes // (rows * BLOCK))  # whole programs per tensor
-    table, owner, skipped = _upload(jobs, sizes, programs, first.p.device)
-    types_only = pointer_args(first.p, first.g, first.slots)  # the kernel reads each tensor's pointers from the table
+    # the tensors behind the table's pointers, held until the launch is queued (memory freed
+    # after that is reused only by work queued later): among them are cached search tables,
+    # which the cache clearing itself while the table is built would otherwise free
+    tensors = [pointer_args(job.p, job.g, job.slots) for job in jobs]
+    table, owner, skipped = _upload(jobs, tensors, sizes, programs, first.p.device)
+    types_only = tensors[0]  # the kernel reads each tensor's pointers from the table
     other_passes = [skipped] * 4  # new scales, peaks, sums, trust factor: unread placeholders
     grid = (int(programs.sum()),)
     block_kernel[grid](*types_only, *other_passes, skipped, table, owner, 0, 0, *scalars, PASS=STEP_PASS.value, ROWS=rows,
@@ -74,11 +78,11 @@ def run(jobs: list[Job]) -> tuple[torch.Tensor, ...]:
     return skipped.unbind()
 
 
-def _upload(jobs: list[Job], sizes: np.ndarray, programs: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-    """The batch's table, program owners and zeroed skip counters on ``device``: views of one
-    int64 buffer, copied there in one transfer."""
+def _upload(jobs: list[Job], tensors: list, sizes: np.ndarray, programs: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+    """The batch's table (the addresses of each job's ``tensors``), program owners and zeroed
+    skip counters on ``device``: views of one int64 buffer, copied there in one transfer."""
     table = np.empty((len(jobs), TABLE_COLUMNS.value), dtype=np.int64)
-    table[:, :POINTERS] = [[arg.data_ptr() for arg in pointer_args(job.p, job.g, job.slots)] for job in jobs]
+    table[:, :POINTERS] = [[arg.data_ptr() for arg in args] for args in tensors]
     table[:, N_COLUMN.value] = sizes
     table[:, FIRST_PROGRAM_COLUMN.value] = np.cumsum(programs) - programs
     table[:, GNORM_SCALE_COLUMN.value] = np.array([job.hp.gnorm_scale for job in jobs], dtype=np.float32).view(np.int32)
