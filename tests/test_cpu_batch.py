@@ -130,13 +130,47 @@ def test_a_batch_large_enough_runs_on_all_threads(path, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("layout", ["block", "fp32"])
+def test_tensors_cut_into_parts_across_tasks_give_the_one_call_result(layout, path, monkeypatch):
+    """Tensors of many parts (``PART`` lowered to 16 blocks) shared out over the tasks of two
+    threads, parts of one tensor on both, NaN gradients in some blocks: the same bits and the
+    same skipped-block counts, summed over a tensor's parts."""
+    monkeypatch.setattr(cpu_batch, "PART", 16 * BLOCK)
+    monkeypatch.setattr(cpu_batch, "BATCH_LIMIT", 1 << 20)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sizes = [300_000, 16 * BLOCK, 16 * BLOCK + 1, 5, 70_001]
+        jobs = [make_job("adam", n, torch.float32, layout, seed) for seed, n in enumerate(sizes)]
+        assert len(cpu_batch._parts(np.array(sizes))) == 74 + 1 + 2 + 1 + 18
+        launched = []
+        launch = cpu._launch
+        monkeypatch.setattr(cpu, "_launch", lambda task, ntasks, *rest: launched.append((task, ntasks)) or launch(task, ntasks, *rest))
+        run_both(jobs, steps=4)
+        batch_tasks = (cpu_batch._8bit_batch_task, cpu_batch._fp32_batch_task)
+        # the batch of the 300,000-element tensor (its key-mates: every third job is a step ahead) on both threads
+        assert max(ntasks for task, ntasks in launched if task in batch_tasks) == 2 * cpu.TASKS_PER_THREAD
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_parts_cover_each_tensor_once():
+    sizes = np.array([1, BLOCK, 5 * cpu_batch.PART + 3, cpu_batch.PART], dtype=np.int64)
+    parts = cpu_batch._parts(sizes)
+    for i, n in enumerate(sizes):
+        mine = parts[parts[:, 0] == i]
+        count = -(-n // cpu_batch.PART)
+        assert list(mine[:, 1]) == list(range(count)) and set(mine[:, 2]) == {count}
+        assert mine[:, 3].sum() >= n and (mine[:, 3] <= cpu_batch.PART).all()
+
+
 def test_empty_tensors_are_left_to_the_one_at_a_time_path():
     """A rank's shard of a small parameter can be empty (FSDP2): nothing to launch for it."""
     jobs = [make_job("adam", n, torch.float32, "block", seed) for seed, n in enumerate([0, 0, 300, 0])]
     run_both(jobs, steps=2)
 
 
-def test_task_bounds_split_whole_tensors_evenly():
+def test_task_bounds_split_parts_evenly():
     sizes = np.array([10, 10, 10, 10, 100, 1, 1, 1], dtype=np.int64)
     for ntasks in (1, 2, 3, 8):
         bounds = cpu_batch._task_bounds(sizes, ntasks)

@@ -9,9 +9,11 @@ each tensor's memory again (``numba.carray``) and runs the very task function of
 one-at-a-time path on it, so results are identical bit for bit.
 
 Batched: fp32 states and block-wise 8-bit states of tensors below ``BATCH_LIMIT`` elements.
-Everything else (large tensors, which get all threads each; one-scale 8-bit states, which
-take two passes; LAMB and LARS, whose trust ratio needs a pass of its own) takes the
-one-at-a-time path.
+Everything else (larger tensors, whose own call costs little next to their work; one-scale
+8-bit states, which take two passes; LAMB and LARS, whose trust ratio needs a pass of its own)
+takes the one-at-a-time path. A batch is cut into parts of at most ``PART`` elements (a
+tensor's blocks split as a task of the one-at-a-time path splits them), and the threads share
+the parts out evenly: a model's mid-size matrices go in the same call as its biases.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from .types import BLOCK, Job, UpdateResult
 __all__ = ["update_many"]
 
 # Tensors below this many elements are batched; larger ones are worth a launch of their own.
-BATCH_LIMIT = cpu.PARALLEL_MIN
+BATCH_LIMIT = 1 << 22
+# A batched tensor is cut into parts of at most this many elements (~0.1 ms of one thread's
+# work), so that threads share a batch out evenly whatever its tensors' sizes.
+PART = 1 << 17
 
 # Column of each address in a batch's address table: param, grad, then (values, absmax) per state.
 _P, _G, _STATES = 0, 1, 2
@@ -100,17 +105,33 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
     addresses = np.array([_addresses(job) for job in jobs], dtype=np.int64)
     sizes = np.array([job.p.numel() for job in jobs], dtype=np.int64)
     gscales = np.array([job.hp.gnorm_scale for job in jobs], dtype=np.float32)
-    skipped = np.zeros(len(jobs), dtype=np.int64)
+    parts = _parts(sizes)
+    ntasks = min(cpu._tasks_for(int(sizes.sum())), len(parts))
     like = cpu._as_numpy(jobs[0].p[:0])  # an empty array of the kernels' view of the parameter dtype
-    ntasks = min(cpu._tasks_for(int(sizes.sum())), len(jobs))
-    args = (_task_bounds(sizes, ntasks), family.marker, like, addresses, sizes, gscales, family.constants(hp), skip)
+    args = (_task_bounds(parts[:, _PART_SIZE], ntasks), parts, family.marker, like, addresses, sizes, gscales, family.constants(hp), skip)
     per_task = np.zeros(ntasks, dtype=np.int64)
+    per_part = np.zeros(len(parts), dtype=np.int64)
     if layout == "fp32":
-        cpu._launch(_fp32_batch_task, ntasks, per_task, (*args, skipped))
-        return skipped
-    tables = cpu._padded(tuple(_tables_tuple(s.code) for s in jobs[0].slots))
-    cpu._on_best_path(lambda path: cpu._launch(_8bit_batch_task, ntasks, per_task, (*args, *tables, path, skipped)))
+        cpu._launch(_fp32_batch_task, ntasks, per_task, (*args, per_part))
+    else:
+        tables = cpu._padded(tuple(_tables_tuple(s.code) for s in jobs[0].slots))
+        cpu._on_best_path(lambda path: cpu._launch(_8bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
+    skipped = np.zeros(len(jobs), dtype=np.int64)
+    np.add.at(skipped, parts[:, _PART_JOB], per_part)
     return skipped
+
+
+# Columns of a batch's parts table: the job, which part of it, of how many, and its size.
+_PART_JOB, _PART_INDEX, _PART_COUNT, _PART_SIZE = range(4)
+
+
+def _parts(sizes: np.ndarray) -> np.ndarray:
+    """The parts of a batch (``PART``): a row (job, part, parts, elements) each."""
+    counts = -(-sizes // PART)
+    job = np.repeat(np.arange(len(sizes)), counts)
+    first = np.cumsum(counts) - counts
+    index = np.arange(len(job)) - first[job]
+    return np.stack([job, index, counts[job], -(-sizes[job] // counts[job])], axis=1).astype(np.int64)
 
 
 def _addresses(job: Job) -> list[int]:
@@ -129,7 +150,8 @@ def _tables_tuple(code: torch.Tensor) -> tuple:
 
 
 def _task_bounds(sizes: np.ndarray, ntasks: int) -> np.ndarray:
-    """Split the batch into ``ntasks`` runs of whole tensors with about equal element counts."""
+    """Split a batch's parts (of ``sizes`` elements) into ``ntasks`` runs with about equal
+    element counts."""
     if ntasks == 1:
         return np.array([0, len(sizes)], dtype=np.int64)
     ends = np.cumsum(sizes)
@@ -171,33 +193,36 @@ _TASK = dict(nogil=True, **cpu._JIT)
 
 
 @njit(**_TASK)
-def _8bit_batch_task(t, ntasks, bounds, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped):
-    """The tensors of task ``t``, one after the other; returns how many blocks it skipped."""
+def _8bit_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped):
+    """The parts of task ``t``, one after the other (each a task of the one-at-a-time path
+    on its tensor); skipped[part] = the blocks it skipped; returns their sum."""
     inverse = (cpu._ZERO, cpu._ZERO, cpu._ZERO)  # unused: block-wise scales are computed per block
     peaks = np.zeros((1, 3), np.float32)  # unused: written by a one-scale first pass only
     total = 0
-    for i in range(bounds[t], bounds[t + 1]):
+    for k in range(bounds[t], bounds[t + 1]):
+        i, part, count = parts[k, _PART_JOB], parts[k, _PART_INDEX], parts[k, _PART_COUNT]
         row, n = addresses[i], sizes[i]
         p = _view(row[_P], n, like)
         g = _view(row[_G], n, like)
         s0 = _8bit_state(row, 0, n, t0)
         s1 = _8bit_state(row, 1, n, t1)
         s2 = _8bit_state(row, 2, n, t2)
-        skipped[i] = cpu._8bit_task(0, 1, rule, p, g, s0, s1, s2, gscales[i], c, skip, False, False, inverse, path, peaks)
-        total += skipped[i]
+        skipped[k] = cpu._8bit_task(part, count, rule, p, g, s0, s1, s2, gscales[i], c, skip, False, False, inverse, path, peaks)
+        total += skipped[k]
     return total
 
 
 @njit(**_TASK)
-def _fp32_batch_task(t, ntasks, bounds, rule, like, addresses, sizes, gscales, c, skip, skipped):
+def _fp32_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, c, skip, skipped):
     total = 0
-    for i in range(bounds[t], bounds[t + 1]):
+    for k in range(bounds[t], bounds[t + 1]):
+        i, part, count = parts[k, _PART_JOB], parts[k, _PART_INDEX], parts[k, _PART_COUNT]
         row, n = addresses[i], sizes[i]
         p = _view(row[_P], n, like)
         g = _view(row[_G], n, like)
         s0 = _view(row[_STATES], n, np.float32)
         s1 = _view(row[_STATES + 2], n, np.float32)
         s2 = _view(row[_STATES + 4], n, np.float32)
-        skipped[i] = cpu._fp32_task(0, 1, rule, p, g, s0, s1, s2, gscales[i], c, skip)
-        total += skipped[i]
+        skipped[k] = cpu._fp32_task(part, count, rule, p, g, s0, s1, s2, gscales[i], c, skip)
+        total += skipped[k]
     return total
