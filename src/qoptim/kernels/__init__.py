@@ -78,8 +78,12 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
     backend gets its jobs together where it batches them (``update_many``)."""
     results: list[UpdateResult | None] = [None] * len(jobs)
     by_backend: dict[int, tuple[Any, list[int]]] = {}
+    of_device: dict[torch.device, Any] = {}  # (backend_for reads the environment: once per device)
     for i, job in enumerate(jobs):
-        backend = backend_for(job.p.device)
+        device = job.p.device
+        backend = of_device.get(device)
+        if backend is None:
+            backend = of_device[device] = backend_for(device)
         by_backend.setdefault(id(backend), (backend, []))[1].append(i)
     for backend, indices in by_backend.values():
         many = getattr(backend, "update_many", None)

@@ -419,7 +419,7 @@ def _tables_of(code: torch.Tensor):
 
 
 def _flat_cpu(t: torch.Tensor | None, dtype: torch.dtype, n: int) -> bool:
-    return t is not None and t.dtype == dtype and t.numel() == n and t.is_contiguous() and t.device.type == "cpu"
+    return t is not None and t.dtype == dtype and t.numel() == n and t.is_cpu and t.is_contiguous()
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
