@@ -61,41 +61,22 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
 
 
 def _batch_key(job: Job, tables_seen: list) -> tuple | None:
-    """What jobs must share to run in one call, or None for the one-at-a-time path."""
+    """What jobs must share to run in one call, or None for the one-at-a-time path: a layout
+    the kernels cover (``cpu._supported_layout``, which leaves out empty tensors: a rank's
+    shard of a small parameter can be one), fp32 or 8-bit in 256-blocks, and the same maps."""
     rule, p, g, slots, hp, skip_nonfinite = job
-    n = p.numel()
-    family = cpu._FAMILIES.get(rule)
-    # (an empty tensor, e.g. a rank's shard of a small parameter, has nothing to batch)
-    if not 0 < n < BATCH_LIMIT or family is None or rule in reference.TRUST_RATIOS or len(slots) != family.marker.states:
+    if p.numel() >= BATCH_LIMIT or rule in reference.TRUST_RATIOS:
         return None
-    if p.dtype not in cpu._VIEWS or p.dim() != 1 or not cpu._flat_cpu(p, p.dtype, n) or not cpu._flat_cpu(g, p.dtype, n):
+    layout = cpu._supported_layout(rule, p, slots)
+    if layout not in ("fp32", "block") or not cpu._flat_cpu(g, p.dtype, p.numel()):
         return None
-    layout = _layout(slots, n, tables_seen)
-    if layout is None:
-        return None
+    states = (layout,)
+    if layout == "block":  # and the maps, by their tables
+        tables = [cpu._tables_of(s.code) for s in slots]
+        tables_seen += tables  # the key names them by id(): alive until the batches ran
+        states += tuple(id(t) for t in tables)
     # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
-    return rule, p.dtype, layout, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
-
-
-def _layout(slots, n: int, tables_seen: list) -> tuple | None:
-    """("fp32",) or ("block", tables of each state's map) when the states are all fp32 or all
-    8-bit in 256-blocks (as ``cpu._layout`` would say, for the two layouts batched)."""
-    if all(not s.quantized and cpu._flat_cpu(s.values, torch.float32, n) for s in slots):
-        return ("fp32",)
-    blocks = -(-n // BLOCK)
-    tables = []
-    for s in slots:
-        if not (s.blocksize == BLOCK and cpu._flat_cpu(s.values, torch.uint8, n) and cpu._flat_cpu(s.absmax, torch.float32, blocks)):
-            return None
-        code = s.code
-        if code is None or code.device.type != "cpu" or code.dtype != torch.float32 or code.shape != (256,):
-            return None
-        t = cpu._tables_of(code)
-        if t is None:
-            return None
-        tables.append(t)
-    tables_seen += tables
-    return ("block", *(id(t) for t in tables))
+    return rule, p.dtype, states, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
 
 
 def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
