@@ -298,8 +298,9 @@ def _guess(builder, lines, u):
     bits = builder.bitcast(u, _INTS)
     top = builder.lshr(builder.and_(bits, _ints(0x7FFFFFFF)), _ints(24))  # top 7 exponent bits
     top = _call(builder, "llvm.umin.v16i32", _INTS, [_call(builder, "llvm.umax.v16i32", _INTS, [top, _ints(_BUCKET_LOW)]), _ints(_BUCKET_HIGH)])
-    # the permutes read the low 5 bits: bucket - FIRST_BUCKET in 0..3 (FIRST_BUCKET's bit 4 is
-    # set, so flip it) and u's sign in bit 4, the register of negative u's lines
+    # the permutes read the low 5 bits of the index: bits 0-3 hold the bucket less FIRST_BUCKET
+    # (whose bit 4 is set and is flipped off here), bit 4 u's sign, which picks the register
+    # of negative u's lines
     index = _ternary(builder, top, builder.lshr(bits, _ints(27)), _ints(16), lambda t, s, k: (t ^ k) | (s & k))
     a1, b1, a2, b2 = (_permute2(builder, lines[2 * k], index, lines[2 * k + 1]) for k in range(4))
 
