@@ -190,7 +190,7 @@ def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
 
 def _supported_layout(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> str | None:
     family = _FAMILIES.get(rule)
-    if family is None or len(slots) != family.marker.states or p.device.type != "cpu" or p.dtype not in _VIEWS:
+    if family is None or len(slots) != family.marker.states or not p.is_cpu or p.dtype not in _VIEWS:
         return None
     if p.dim() != 1 or not p.is_contiguous() or p.numel() == 0:
         return None
@@ -384,20 +384,24 @@ def grad_norm_sq(g: torch.Tensor) -> float:
 
 
 def _layout(n: int, slots: list[StateSlot]) -> str | None:
-    """'fp32', 'block' or 'whole' when all states share a layout the kernels cover."""
-    if all(not s.quantized and _flat_cpu(s.values, torch.float32, n) for s in slots):
-        return "fp32"
-    if not all(s.quantized and _flat_cpu(s.values, torch.uint8, n) for s in slots):
+    """'fp32', 'block' or 'whole' when all states share a layout the kernels cover: flat
+    contiguous CPU tensors; 8-bit ones with the scales of their block size and a map of 256
+    float32 codes on the CPU that has tables (``tables_for``: a sorted one)."""
+    if not any(s.quantized for s in slots):
+        return "fp32" if all(_flat_cpu(s.values, torch.float32, n) for s in slots) else None
+    blocksize = slots[0].blocksize
+    if blocksize not in (BLOCK, WHOLE_TENSOR):
         return None
-    if any(s.code is None or s.code.shape != (256,) or s.code.dtype != torch.float32 or s.code.device.type != "cpu" for s in slots):
-        return None
-    if any(_tables_of(s.code) is None for s in slots):
-        return None
-    if all(s.blocksize == BLOCK and _flat_cpu(s.absmax, torch.float32, -(-n // BLOCK)) for s in slots):
-        return "block"
-    if all(s.blocksize == WHOLE_TENSOR and _flat_cpu(s.absmax, torch.float32, 1) for s in slots):
-        return "whole"
-    return None
+    scales = -(-n // BLOCK) if blocksize == BLOCK else 1
+    for s in slots:
+        if not (s.quantized and s.blocksize == blocksize and _flat_cpu(s.values, torch.uint8, n) and _flat_cpu(s.absmax, torch.float32, scales)):
+            return None
+        code = s.code
+        if code is None or not (code.is_cpu and code.dtype == torch.float32 and code.dim() == 1 and code.numel() == 256):
+            return None
+        if _tables_of(code) is None:  # (an unsorted map)
+            return None
+    return "block" if blocksize == BLOCK else "whole"
 
 
 # id(code map) -> (weak reference to it, its version and address then, its tables): the
