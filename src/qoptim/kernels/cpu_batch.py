@@ -173,6 +173,15 @@ def _8bit_state(row, k, n, tables):
 _TASK = dict(nogil=True, **cpu._JIT)
 
 
+@njit(**cpu._JIT)
+def _part(k, parts, addresses, sizes, like):
+    """Part ``k`` of a batch: its tensor's index, address row and size, which part of how
+    many it is, and the tensor's parameter and gradient."""
+    i, part, count = parts[k, _PART_JOB], parts[k, _PART_INDEX], parts[k, _PART_COUNT]
+    row, n = addresses[i], sizes[i]
+    return i, row, n, part, count, _view(row[_P], n, like), _view(row[_G], n, like)
+
+
 @njit(**_TASK)
 def _8bit_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped):
     """The parts of task ``t``, one after the other (each a task of the one-at-a-time path
@@ -181,13 +190,8 @@ def _8bit_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gsc
     peaks = np.zeros((1, 3), np.float32)  # unused: written by a one-scale first pass only
     total = 0
     for k in range(bounds[t], bounds[t + 1]):
-        i, part, count = parts[k, _PART_JOB], parts[k, _PART_INDEX], parts[k, _PART_COUNT]
-        row, n = addresses[i], sizes[i]
-        p = _view(row[_P], n, like)
-        g = _view(row[_G], n, like)
-        s0 = _8bit_state(row, 0, n, t0)
-        s1 = _8bit_state(row, 1, n, t1)
-        s2 = _8bit_state(row, 2, n, t2)
+        i, row, n, part, count, p, g = _part(k, parts, addresses, sizes, like)
+        s0, s1, s2 = _8bit_state(row, 0, n, t0), _8bit_state(row, 1, n, t1), _8bit_state(row, 2, n, t2)
         skipped[k] = cpu._8bit_task(part, count, rule, p, g, s0, s1, s2, gscales[i], c, skip, False, False, inverse, path, peaks)
         total += skipped[k]
     return total
@@ -195,15 +199,11 @@ def _8bit_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gsc
 
 @njit(**_TASK)
 def _fp32_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, c, skip, skipped):
+    """``_8bit_batch_task`` for fp32 states."""
     total = 0
     for k in range(bounds[t], bounds[t + 1]):
-        i, part, count = parts[k, _PART_JOB], parts[k, _PART_INDEX], parts[k, _PART_COUNT]
-        row, n = addresses[i], sizes[i]
-        p = _view(row[_P], n, like)
-        g = _view(row[_G], n, like)
-        s0 = _view(row[_STATES], n, np.float32)
-        s1 = _view(row[_STATES + 2], n, np.float32)
-        s2 = _view(row[_STATES + 4], n, np.float32)
+        i, row, n, part, count, p, g = _part(k, parts, addresses, sizes, like)
+        s0, s1, s2 = _view(row[_STATES], n, np.float32), _view(row[_STATES + 2], n, np.float32), _view(row[_STATES + 4], n, np.float32)
         skipped[k] = cpu._fp32_task(part, count, rule, p, g, s0, s1, s2, gscales[i], c, skip)
         total += skipped[k]
     return total

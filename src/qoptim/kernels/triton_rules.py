@@ -186,12 +186,14 @@ def apply_rule(p, g, s0, s1, s2, trust_factor,
 # ---- host side: each rule's constants ------------------------------------------------------
 
 
+def _moment_rates(hp: Hyper) -> dict[str, float]:
+    """The two moments' decay rates and their complements, as the rules with two moments take them."""
+    return dict(beta1=hp.beta1, one_minus_beta1=1.0 - hp.beta1, beta2=hp.beta2, one_minus_beta2=1.0 - hp.beta2)
+
+
 def _adam_scalars(hp: Hyper) -> Scalars:
     return Scalars(
-        beta1=hp.beta1,
-        one_minus_beta1=1.0 - hp.beta1,
-        beta2=hp.beta2,
-        one_minus_beta2=1.0 - hp.beta2,
+        **_moment_rates(hp),
         eps=hp.eps,
         weight_decay=hp.weight_decay,
         decay_factor=1.0 - hp.lr * hp.weight_decay,
@@ -202,10 +204,7 @@ def _adam_scalars(hp: Hyper) -> Scalars:
 
 def _ademamix_scalars(hp: Hyper) -> Scalars:
     return Scalars(
-        beta1=hp.beta1,
-        one_minus_beta1=1.0 - hp.beta1,
-        beta2=hp.beta2,
-        one_minus_beta2=1.0 - hp.beta2,
+        **_moment_rates(hp),
         beta3=hp.beta3,
         one_minus_beta3=1.0 - hp.beta3,
         alpha=hp.alpha,
@@ -219,10 +218,7 @@ def _ademamix_scalars(hp: Hyper) -> Scalars:
 
 def _lion_scalars(hp: Hyper) -> Scalars:
     return Scalars(
-        beta1=hp.beta1,
-        one_minus_beta1=1.0 - hp.beta1,
-        beta2=hp.beta2,
-        one_minus_beta2=1.0 - hp.beta2,
+        **_moment_rates(hp),
         decay_factor=1.0 - hp.lr * hp.weight_decay,
         step_size=hp.lr,
     )
@@ -242,10 +238,7 @@ def _adagrad_scalars(hp: Hyper) -> Scalars:
 
 def _lamb_scalars(hp: Hyper) -> Scalars:
     return Scalars(
-        beta1=hp.beta1,
-        one_minus_beta1=1.0 - hp.beta1,
-        beta2=hp.beta2,
-        one_minus_beta2=1.0 - hp.beta2,
+        **_moment_rates(hp),
         eps=hp.eps,
         weight_decay=hp.weight_decay,
         bias_correction1=1.0 - hp.beta1**hp.step if hp.bias_correction else 1.0,
