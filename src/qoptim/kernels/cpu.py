@@ -1072,7 +1072,7 @@ def _quantize_lanes_prefix_impl(values, inv, finite, t, out, path):
 
         def permute(values, inv, finite, t, out, path):
             if t[6]:
-                return cpu_avx512.quantize_lines(values, inv, t[5], finite, out)
+                return cpu_avx512.quantize_guessed(values, inv, t[5], finite, out)
             return cpu_avx512.quantize_search(values, inv, t[5], finite, out)
 
         return permute

@@ -10,11 +10,11 @@ are small enough to sit in vector registers instead, where AVX-512 permutes inde
   back together as floats (``_plane_floats``). About 0.5 instructions per element, against
   one 4-byte gather.
 
-* Quantizing, ``T(u) = #{midpoints < u}``: a first guess from two lines per exponent bucket
-  (cpu_guess: the dynamic maps are evenly spaced within a decade), exact after one
+* Quantizing, ``T(u) = #{midpoints < u}``: a first guess from a table of 512 bins (cpu_guess),
+  indexed by u's top 16 bits in 16-bit lanes and read with ``vpermi2b``, exact after one
   comparison with ``midpoints[guess]``, looked up in byte planes like the codes
-  (``quantize_lines``, ~2 instructions per element). For a map whose lines cannot be proven
-  close enough, an 8-level branchless binary search with its midpoints in registers
+  (``quantize_guessed``, ~1.5 instructions per element). For a map whose bins do not fit,
+  an 8-level branchless binary search with its midpoints in registers
   (``quantize_search``, ~3.5 per element): ``search`` holds the 255 midpoints in
   breadth-first (Eytzinger) order, node ``n`` at ``search[n]`` with children ``2n`` and
   ``2n + 1``; every level compares with the float itself (the sign of node - u), so the
@@ -41,35 +41,37 @@ FEATURES = ("avx512f", "avx512bw", "avx512vbmi")  # what the path needs of the C
 
 # A map's register tables, one byte array: byte planes of the codes and of the midpoints
 # (+inf after the last, so a guess of 255 compares false), the search tree (node 0: the index
-# of +inf), the guess's lines.
-CODE_PLANES, MID_PLANES, SEARCH, LINES = 0, 1024, 2048, 3072
-REGISTERS = LINES + 8 * cpu_guess.BUCKETS * 4
+# of +inf), the guess's rows (shifts and offsets, 64 words each) and bins.
+CODE_PLANES, MID_PLANES, SEARCH, SHIFTS, OFFSETS, BINS = 0, 1024, 2048, 3072, 3200, 3328
+REGISTERS = BINS + cpu_guess.MAX_BINS
 SEARCH_GROUP = 16  # vectors of 16 searched side by side, to hide a level's latency
-LINES_GROUP = 2  # 64-element units quantized per loop iteration
 
 _F32, _I32, _I16, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 _BYTES, _WORDS, _FLOATS, _INTS = ir.VectorType(_I8, 64), ir.VectorType(_I16, 32), ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
 
 
 def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, bool]:
-    """A map's register tables (float32 ``code``, sorted float32 ``mids``), and whether its
-    guess lines were proven (else the kernel searches)."""
+    """A map's register tables (float32 ``code``, sorted float32 ``mids``), and whether it has
+    a guess table (else the kernel searches)."""
     tables = np.zeros(REGISTERS, dtype=np.uint8)
     padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
     for offset, values in ((CODE_PLANES, code), (MID_PLANES, padded)):
         bits = np.asarray(values, dtype=np.float32).view(np.uint32)
         for k in range(4):
             tables[offset + 256 * k : offset + 256 * (k + 1)] = (bits >> (8 * k)) & 0xFF
-    search = tables[SEARCH:LINES].view(np.float32)
+    search = tables[SEARCH:SHIFTS].view(np.float32)
     search[0] = np.count_nonzero(mids < np.inf)  # the index of +inf (node 0 is not part of the tree)
     for n in range(1, 256):
         level = n.bit_length() - 1
         step = 128 >> level  # node n splits [j * 2 * step, (j + 1) * 2 * step)
         search[n] = mids[(2 * (n - (1 << level)) + 1) * step - 1] + np.float32(0.0)  # -0 as +0: see _search
-    lines = cpu_guess.fit_lines(mids)
-    if lines is not None:
-        tables[LINES:].view(np.float32)[:] = lines.ravel()
-    return tables, lines is not None
+    guess = cpu_guess.bin_table(mids)
+    if guess is not None:
+        shifts, offsets, bins = guess
+        tables[SHIFTS:OFFSETS] = shifts.view(np.uint8)
+        tables[OFFSETS:BINS] = offsets.view(np.uint8)
+        tables[BINS:REGISTERS] = bins
+    return tables, guess is not None
 
 
 # ---- IR helpers ---------------------------------------------------------------------------------
@@ -284,8 +286,6 @@ def _quantizer(body_size, unit):
 
 # ---- quantizing: guess and fix up ------------------------------------------------------------
 
-_BUCKET_LOW, _BUCKET_HIGH = cpu_guess.FIRST_BUCKET, cpu_guess.FIRST_BUCKET + cpu_guess.BUCKETS - 1
-
 
 def _ternary(builder, a, b, c, f):
     """vpternlogd: the bitwise function f(a, b, c) of three int vectors, in one instruction."""
@@ -293,51 +293,62 @@ def _ternary(builder, a, b, c, f):
     return _call(builder, "llvm.x86.avx512.pternlog.d.512", _INTS, [a, b, c, ir.Constant(_I32, imm)])
 
 
-def _guess(builder, lines, u):
-    """cpu_guess's first guess for a vector of u, as ints in 0..255."""
-    bits = builder.bitcast(u, _INTS)
-    top = builder.lshr(builder.and_(bits, _ints(0x7FFFFFFF)), _ints(24))  # top 7 exponent bits
-    top = _call(builder, "llvm.umin.v16i32", _INTS, [_call(builder, "llvm.umax.v16i32", _INTS, [top, _ints(_BUCKET_LOW)]), _ints(_BUCKET_HIGH)])
-    # the permutes read the low 5 bits of the index: bits 0-3 hold the bucket less FIRST_BUCKET
-    # (whose bit 4 is set and is flipped off here), bit 4 u's sign, which picks the register
-    # of negative u's lines
-    index = _ternary(builder, top, builder.lshr(bits, _ints(27)), _ints(16), lambda t, s, k: (t ^ k) | (s & k))
-    a1, b1, a2, b2 = (_permute2(builder, lines[2 * k], index, lines[2 * k + 1]) for k in range(4))
-
-    def fma(x, y, z):
-        return _call(builder, "llvm.fma.v16f32", _FLOATS, [x, y, z])
-
-    def smaller(x, y):  # vminps, without LLVM's NaN handling (u is finite, or settled later)
-        return _call(builder, "llvm.x86.avx512.min.ps.512", _FLOATS, [x, y, ir.Constant(_I32, 4)])
-
-    low = builder.bitcast(smaller(fma(u, a1, b1), fma(u, a2, b2)), _INTS)
-    guess = builder.bitcast(_ternary(builder, low, bits, _ints(-0x80000000), lambda x, y, m: x ^ (y & m)), _FLOATS)  # negated back below 0
-    guess = smaller(guess, ir.Constant(_FLOATS, [255.0] * 16))  # also keeps the conversion in range
-    index = _call(builder, "llvm.x86.avx512.mask.cvttps2dq.512", _INTS, [guess, ir.Constant(_INTS, ir.Undefined), ir.Constant(ir.IntType(16), 0xFFFF), ir.Constant(_I32, 4)])
-    return _call(builder, "llvm.smax.v16i32", _INTS, [index, _ints(0)])
+def _words(builder, x):
+    return builder.bitcast(x, _WORDS)
 
 
-def _guessed(builder, state, us):
-    """T(u) for 64 u at a time: guesses, each fixed up by one comparison with its midpoint
-    (a guess is T(u) or T(u) - 1: one more where its midpoint is below u)."""
-    lines, mid_planes = state
+def _permute2_words(builder, low, index, high):
+    """Words of the concatenation low | high at ``index`` (low 6 bits): vpermi2w."""
+    return _call(builder, "llvm.x86.avx512.vpermi2var.hi.512", _WORDS, [low, index, high])
+
+
+def _bin_indices(builder, shifts, offsets, pair):
+    """cpu_guess's bin of each u of two vectors, as 32 words (the top halves of u's bits)."""
+    w = _shuffle(builder, _words(builder, pair[0]), _words(builder, pair[1]), [2 * k + 1 for k in range(32)])
+
+    def words(x):
+        return ir.Constant(_WORDS, [x] * 32)
+
+    m = builder.and_(w, words(0x7FFF))
+    m = _call(builder, "llvm.umin.v32i16", _WORDS, [_call(builder, "llvm.umax.v32i16", _WORDS, [m, words(cpu_guess.LOW)]), words(cpu_guess.HIGH)])
+    # the row, sign << 5 | exponent - 96: the exponent's low 5 bits are that difference (the
+    # clamp keeps it within 96..127), and its bit 5, always set, is swapped for the sign
+    exponent = builder.lshr(m, words(cpu_guess.MANTISSA_BITS))
+    row = builder.bitcast(_ternary(builder, builder.bitcast(exponent, _INTS), builder.bitcast(builder.lshr(w, words(10)), _INTS), _ints(0x00200020), lambda e, s, k: (e & ~k) | (s & k)), _WORDS)
+    shift = _permute2_words(builder, shifts[0], row, shifts[1])
+    return builder.add(builder.lshr(m, shift), _permute2_words(builder, offsets[0], row, offsets[1]))
+
+
+def _binned(builder, state, us):
+    """T(u) for 64 u at a time: a guess from cpu_guess's bins, fixed up by one comparison
+    with its midpoint (a guess is T(u) or T(u) - 1: one more where its midpoint is below u)."""
+    shifts, offsets, bins, mid_planes = state
     codes = []
     for i in range(0, len(us), 4):
         group = us[i : i + 4]
-        guesses = _concat(builder, [builder.trunc(_guess(builder, lines, u), ir.VectorType(_I8, 16)) for u in group])
+        first, second = (builder.bitcast(_bin_indices(builder, shifts, offsets, group[k : k + 2]), _BYTES) for k in (0, 2))
+        low = _shuffle(builder, first, second, [2 * k for k in range(64)])  # bits 0-7 of each bin
+        high = _shuffle(builder, first, second, [2 * k + 1 for k in range(64)])  # bit 8
+        upper = builder.icmp_signed("<", low, ir.Constant(_BYTES, [0] * 64))  # bit 7
+        quarters = [_permute2(builder, bins[2 * k], low, bins[2 * k + 1]) for k in range(4)]  # bins 128k + low 7 bits
+        halves = [builder.select(upper, quarters[k + 1], quarters[k]) for k in (0, 2)]
+        beyond = builder.icmp_unsigned("!=", builder.and_(high, ir.Constant(_BYTES, [1] * 64)), ir.Constant(_BYTES, [0] * 64))
+        guesses = builder.select(beyond, halves[1], halves[0])
         below = _concat(builder, [builder.fcmp_ordered("<", mid, u) for mid, u in zip(_plane_floats(builder, mid_planes, guesses), group)])
         codes.append(builder.add(guesses, builder.zext(below, _BYTES)))
     return codes
 
 
-def _prepare_guess(builder, tables):
-    lines = [builder.load(_at(builder, tables.data, ir.Constant(_I32, LINES + 64 * r), _FLOATS), align=1) for r in range(8)]
-    return lines, _load_planes(builder, tables, MID_PLANES)
+def _prepare_bins(builder, tables):
+    def registers(offset, count, vector_type):
+        return [builder.load(_at(builder, tables.data, ir.Constant(_I32, offset + 64 * r), vector_type), align=1) for r in range(count)]
+
+    return registers(SHIFTS, 2, _WORDS), registers(OFFSETS, 2, _WORDS), registers(BINS, 8, _BYTES), _load_planes(builder, tables, MID_PLANES)
 
 
-_guessed.prepare = _prepare_guess
-_guessed.vectors = 4
-quantize_lines = _quantizer(4 * LINES_GROUP, _guessed)
+_binned.prepare = _prepare_bins
+_binned.vectors = 4
+quantize_guessed = _quantizer(_binned.vectors, _binned)  # (two units per iteration measured no faster)
 
 
 # ---- quantizing: binary search -------------------------------------------------------------

@@ -1,142 +1,90 @@
-"""A first guess of a code index from two lines, for the AVX-512 quantizer (cpu_avx512).
+"""A first guess of a code index from a small table, for the AVX-512 quantizer (cpu_avx512).
 
-The quantizer's answer for a float ``u`` is ``T(u) = #{midpoints < u}``, a step function. Over
-the dynamic maps' midpoints it is close to piecewise linear: the codes of one decade are
-evenly spaced, so within a decade ``T`` climbs one step per spacing, and each decade has its
-own spacing. The guess evaluates that line instead of searching:
+The quantizer's answer for a float ``u`` is ``T(u) = #{midpoints < u}``, a step function. The
+guess reads it from a table of bins, each a run of floats that share their sign, exponent and
+top mantissa bits, and holds ``T`` at the bin's lowest float. A bin that has at most one
+midpoint in it makes the guess ``T(u)`` or ``T(u) - 1`` for every float in it, so one
+comparison with ``midpoints[guess]`` makes it exact; no float can fall outside the proof,
+because the bins cover every float and the check is done at each bin's two ends.
 
-    bucket = the sign and the top 7 exponent bits of u, clamped to 16 buckets per sign
-    guess  = min(a1[bucket] * u + b1[bucket], a2[bucket] * u + b2[bucket])   (u >= 0)
-    index  = clamp(floor(guess), 0, 255)
-    index += midpoints[index] < u                                             (exact fix-up)
+The bins work on the top 16 bits of u's pattern, ``w`` = sign | exponent | 7 mantissa bits:
 
-A bucket spans two octaves, which is less than a decade (3.3 octaves), so it meets at most
-one change of spacing and two lines describe it: the steeper lower one and the flatter
-upper one, whose minimum follows ``T`` where the spacing grows with ``u``. Below zero the
-spacing shrinks as ``u`` grows, so there the guess is the maximum of its two lines; the
-tables hold those lines negated, and the kernel negates the minimum back (one xor with
-u's sign bit), so both signs run the same instructions.
+    m     = clamp(w & 0x7FFF, 96 << 7, 0x3FFF)      magnitudes from 2**-31 to just below 2
+    row   = sign << 5 | (m >> 7) - 96                 64 rows: a sign and an exponent
+    bin   = OFFSET[row] + (m >> SHIFT[row])           keeps the row's top 7 - SHIFT mantissa bits
+    guess = BINS[bin]                                 T at the bin's lowest float
 
-Each line passes through midpoints ``(m_i, i + 0.5)`` of a run of evenly spaced ones,
-shifted by a quarter step toward the side it errs on (a minimum of tangent lines lies above
-a concave step function, a maximum below a convex one). The fix-up is exact wherever the
-guess is ``T(u)`` or ``T(u) - 1``; ``fit_lines`` proves that for every float, and gives up on
-a map where it cannot (then the kernel searches). The proof: within a bucket the guess is a
-monotone function of ``u`` (both slopes are non-negative, and rounding is monotone) and ``T``
-is constant between neighbouring midpoints, so checking both ends of every such interval
-covers every float in between. The checks evaluate the lines in float64 (exact but for the
-final add) and demand a margin of ``MARGIN`` steps, far above the kernel's float32 rounding
-error (a few 1e-5 steps).
+Each row takes as few mantissa bits as keep one midpoint per bin, so the dynamic maps, whose
+codes are evenly spaced within a decade, fit in 512 bins: the signed one in ~450, the
+unsigned one in ~480 (72 midpoints in its top octave take all 7 bits). Magnitudes below 2**-31
+share the first row's first bin, those from 2 on (up to the largest float) the last row's
+last bin. A map whose bins do not fit (midpoints closer together than 2**-7 of an octave,
+or in the clamped ranges) has no table, and the kernel searches instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-BUCKETS = 16  # per sign: registers of 16 floats, one pair per line coefficient
-FIRST_BUCKET = 48  # top 7 exponent bits of the first bucket: |u| from 2**-31 up (smaller ones join it)
-MARGIN = 1e-3  # of a step, on both sides of every check
+FIRST_EXPONENT = 96  # biased exponent of the first row: |u| from 2**-31 (smaller ones join it)
+ROWS = 32  # exponents per sign: 2**-31 <= |u| < 2
+MANTISSA_BITS = 7  # of u's top 16 bits
+MAX_BINS = 512
+LOW, HIGH = FIRST_EXPONENT << MANTISSA_BITS, ((FIRST_EXPONENT + ROWS) << MANTISSA_BITS) - 1  # clamp of m
 
 
-def fit_lines(mids: np.ndarray) -> np.ndarray | None:
+def bin_table(mids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The guess's tables for sorted float32 midpoints (as the kernel compares with them):
-    float32[8, BUCKETS], rows a1, a1 (negative u), b1, b1 (negative u), a2, ..., b2; or None
-    when some bucket has no lines that are provably close enough."""
+    uint16 SHIFT[64], uint16 OFFSET[64] and uint8 BINS[512]; or None when a row needs more
+    than 7 mantissa bits or the bins do not fit."""
     mids = np.asarray(mids, dtype=np.float32)
-    if mids.size < 2 or not np.isfinite(mids).all():
+    if mids.size > 255 or np.isnan(mids).any() or (mids[1:] < mids[:-1]).any():
         return None
-    table = np.zeros((4, 2, BUCKETS), dtype=np.float32)  # (a1, b1, a2, b2) x (u >= 0, u < 0) x bucket
-    for negative in (0, 1):
-        for bucket in range(BUCKETS):
-            for lines in _candidates(mids, negative, bucket):
-                table[:, negative, bucket] = np.array(lines, dtype=np.float64).ravel() * (-1.0 if negative else 1.0)
-                if _proven(table, mids, negative, bucket):
-                    break
-            else:
-                return None
-    return table.reshape(8, BUCKETS)
-
-
-def guess(table: np.ndarray, u: float) -> float:
-    """The kernel's guess before flooring, in float64 (the final add aside, exact)."""
-    table = table.reshape(4, 2, BUCKETS)
-    bits = int(np.float32(u).view(np.uint32))
-    negative = bits >> 31
-    bucket = min(max((bits & 0x7FFFFFFF) >> 24, FIRST_BUCKET), FIRST_BUCKET + BUCKETS - 1) - FIRST_BUCKET
-    a1, b1, a2, b2 = (float(x) for x in table[:, negative, bucket])
-    low = min(float(u) * a1 + b1, float(u) * a2 + b2)
-    return -low if negative else low
-
-
-def _bucket_range(negative: int, bucket: int) -> tuple[np.float32, np.float32]:
-    """Smallest and largest float32 of a bucket (the outer ones reach 0 and the largest float)."""
-    top = FIRST_BUCKET + bucket
-    low = 0 if bucket == 0 else top << 24
-    high = 0x7F7FFFFF if bucket == BUCKETS - 1 else ((top + 1) << 24) - 1
-    lo, hi = np.array([low, high], dtype=np.uint32).view(np.float32)
-    return (lo, hi) if not negative else (-hi, -lo)
-
-
-def _inside(mids: np.ndarray, lo: np.float32, hi: np.float32) -> tuple[int, int]:
-    """Indices [first, end) of the midpoints within [lo, hi]."""
-    return int(np.searchsorted(mids, lo, side="left")), int(np.searchsorted(mids, hi, side="right"))
-
-
-def _runs(xs: list[float]) -> list[tuple[int, int]]:
-    """Maximal runs of evenly spaced points, as (first, last) positions."""
-    runs, i = [], 0
-    while i < len(xs) - 1:
-        step = xs[i + 1] - xs[i]
-        j = i + 1
-        while j + 1 < len(xs) and abs((xs[j + 1] - xs[j]) - step) <= 1e-3 * step:
-            j += 1
-        runs.append((i, j))
-        i = j
-    return runs
-
-
-def _line(mids: np.ndarray, i: int, j: int, shift: float) -> tuple[float, float] | None:
-    """The line through (m_i, i + 0.5) and (m_j, j + 0.5), moved up by ``shift`` steps (None
-    for equal midpoints)."""
-    width = float(mids[j]) - float(mids[i])
-    if not width > 0:
+    shift = np.zeros(2 * ROWS, dtype=np.uint16)
+    offset = np.zeros(2 * ROWS, dtype=np.uint16)
+    bins: list[np.ndarray] = []
+    used = 0
+    for row in range(2 * ROWS):
+        for bits in range(MANTISSA_BITS + 1):
+            low, high = _bin_counts(mids, row, bits)
+            if (high - low <= 1).all():
+                break
+        else:
+            return None
+        first_word = (FIRST_EXPONENT + row % ROWS) << bits  # m >> shift at the row's first bin
+        shift[row] = MANTISSA_BITS - bits
+        offset[row] = (used - first_word) % (1 << 16)
+        bins.append(low)
+        used += low.size
+    if used > MAX_BINS:
         return None
-    slope = (j - i) / width
-    return slope, i + 0.5 + shift - slope * float(mids[i])
+    table = np.zeros(MAX_BINS, dtype=np.uint8)
+    table[:used] = np.concatenate(bins)
+    return shift, offset, table
 
 
-def _candidates(mids: np.ndarray, negative: int, bucket: int):
-    """Pairs of lines to try for a bucket, likeliest first: the first and the last run of
-    the midpoints in it (and one on each side), shifted a quarter step toward where they err."""
-    first, end = _inside(mids, *_bucket_range(negative, bucket))
-    if first == end:  # no midpoint inside: T is constant
-        yield (0.0, first + 0.5), (0.0, first + 0.5)
-        return
-    lo, hi = max(first - 1, 0), min(end, mids.size - 1)
-    runs = [(lo + i, lo + j) for i, j in _runs([float(m) for m in mids[lo : hi + 1]])]
-    quarter = 0.25 if negative else -0.25
-    for shift in (quarter, 0.0, quarter / 2, quarter * 1.5):
-        for lower in runs[:2]:
-            for upper in runs[::-1][:2]:
-                lines = _line(mids, *lower, shift), _line(mids, *upper, shift)
-                if None not in lines:
-                    yield lines
+def guess(tables: tuple[np.ndarray, np.ndarray, np.ndarray], u: np.ndarray) -> np.ndarray:
+    """The kernel's guesses for float32 ``u``, lane by lane as the vector code computes them."""
+    shift, offset, table = tables
+    w = np.asarray(u, dtype=np.float32).view(np.uint32) >> 16
+    m = np.clip(w & 0x7FFF, LOW, HIGH)
+    row = (w >> 15) * ROWS + (m >> MANTISSA_BITS) - FIRST_EXPONENT
+    return table[(offset[row].astype(np.uint32) + (m >> shift[row])) % (1 << 16)]
 
 
-def _proven(table: np.ndarray, mids: np.ndarray, negative: int, bucket: int) -> bool:
-    """Whether the guess lands on T(u) or T(u) - 1 (after clamping to 0..255) for every
-    float u of the bucket: checked at both ends of each interval where T is constant."""
-    lo, hi = _bucket_range(negative, bucket)
-    first, end = _inside(mids, lo, hi)
-    left = lo
-    for t in range(first, end + 1):
-        right = hi if t == end else mids[t]  # T = t on [left, right]
-        for u in (left, right) if right >= left else ():
-            g = guess(table, u)
-            for wobble in (-MARGIN, MARGIN):
-                index = min(max(np.floor(g + wobble), 0), 255)
-                if not t - 1 <= index <= t:
-                    return False
-        if t < end:
-            left = np.nextafter(mids[t], np.float32(np.inf))
-    return True
+def _bin_counts(mids: np.ndarray, row: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """T at the lowest and at the highest float of each bin of a row split by ``bits``
+    mantissa bits (the clamped ends reach 0 and the largest float)."""
+    exponent = FIRST_EXPONENT + row % ROWS
+    width = 1 << (23 - bits)
+    starts = (np.uint64(exponent) << np.uint64(23)) + np.arange(1 << bits, dtype=np.uint64) * np.uint64(width)
+    ends = starts + np.uint64(width - 1)
+    if row % ROWS == 0:
+        starts[0] = 0
+    if row % ROWS == ROWS - 1:
+        ends[-1] = 0x7F7FFFFF
+    small = starts.astype(np.uint32).view(np.float32)
+    large = ends.astype(np.uint32).view(np.float32)
+    if row >= ROWS:  # negative: the lowest float has the largest magnitude
+        small, large = -large, -small
+    return np.searchsorted(mids, small, side="left").astype(np.int64), np.searchsorted(mids, large, side="left").astype(np.int64)
