@@ -45,6 +45,7 @@ FEATURES = ("avx512f", "avx512bw", "avx512vbmi")  # what the path needs of the C
 CODE_PLANES, MID_PLANES, SEARCH, SHIFTS, OFFSETS, BINS = 0, 1024, 2048, 3072, 3200, 3328
 REGISTERS = BINS + cpu_guess.MAX_BINS
 SEARCH_GROUP = 16  # vectors of 16 searched side by side, to hide a level's latency
+GUESS_UNITS = 4  # units of 64 guessed side by side (a 256-block), to hide a fix-up's latency
 
 _F32, _I32, _I16, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 _BYTES, _WORDS, _FLOATS, _INTS = ir.VectorType(_I8, 64), ir.VectorType(_I16, 32), ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
@@ -321,22 +322,31 @@ def _bin_indices(builder, shifts, offsets, pair):
 
 def _binned(builder, state, us):
     """T(u) for 64 u at a time: a guess from cpu_guess's bins, fixed up by one comparison
-    with its midpoint (a guess is T(u) or T(u) - 1: one more where its midpoint is below u)."""
+    with its midpoint (a guess is T(u) or T(u) - 1: one more where its midpoint is below u).
+
+    A fix-up waits on its guess through a long chain of permutes (~30 cycles), so all the
+    guesses of a call come first, and the core overlaps the next unit's guess with this one's
+    fix-up: with four units per call (``GUESS_UNITS``), 0.139 -> 0.107 ns per element."""
     shifts, offsets, bins, mid_planes = state
+    groups = [us[i : i + 4] for i in range(0, len(us), 4)]
+    guesses = [_bin_guesses(builder, shifts, offsets, bins, group) for group in groups]
     codes = []
-    for i in range(0, len(us), 4):
-        group = us[i : i + 4]
-        first, second = (builder.bitcast(_bin_indices(builder, shifts, offsets, group[k : k + 2]), _BYTES) for k in (0, 2))
-        low = _shuffle(builder, first, second, [2 * k for k in range(64)])  # bits 0-7 of each bin
-        high = _shuffle(builder, first, second, [2 * k + 1 for k in range(64)])  # bit 8
-        upper = builder.icmp_signed("<", low, ir.Constant(_BYTES, [0] * 64))  # bit 7
-        quarters = [_permute2(builder, bins[2 * k], low, bins[2 * k + 1]) for k in range(4)]  # bins 128k + low 7 bits
-        halves = [builder.select(upper, quarters[k + 1], quarters[k]) for k in (0, 2)]
-        beyond = builder.icmp_unsigned("!=", builder.and_(high, ir.Constant(_BYTES, [1] * 64)), ir.Constant(_BYTES, [0] * 64))
-        guesses = builder.select(beyond, halves[1], halves[0])
-        below = _concat(builder, [builder.fcmp_ordered("<", mid, u) for mid, u in zip(_plane_floats(builder, mid_planes, guesses), group)])
-        codes.append(builder.add(guesses, builder.zext(below, _BYTES)))
+    for group, guess in zip(groups, guesses):
+        below = _concat(builder, [builder.fcmp_ordered("<", mid, u) for mid, u in zip(_plane_floats(builder, mid_planes, guess), group)])
+        codes.append(builder.add(guess, builder.zext(below, _BYTES)))
     return codes
+
+
+def _bin_guesses(builder, shifts, offsets, bins, group):
+    """The bins' guesses for 64 u, as bytes."""
+    first, second = (builder.bitcast(_bin_indices(builder, shifts, offsets, group[k : k + 2]), _BYTES) for k in (0, 2))
+    low = _shuffle(builder, first, second, [2 * k for k in range(64)])  # bits 0-7 of each bin
+    high = _shuffle(builder, first, second, [2 * k + 1 for k in range(64)])  # bit 8
+    upper = builder.icmp_signed("<", low, ir.Constant(_BYTES, [0] * 64))  # bit 7
+    quarters = [_permute2(builder, bins[2 * k], low, bins[2 * k + 1]) for k in range(4)]  # bins 128k + low 7 bits
+    halves = [builder.select(upper, quarters[k + 1], quarters[k]) for k in (0, 2)]
+    beyond = builder.icmp_unsigned("!=", builder.and_(high, ir.Constant(_BYTES, [1] * 64)), ir.Constant(_BYTES, [0] * 64))
+    return builder.select(beyond, halves[1], halves[0])
 
 
 def _prepare_bins(builder, tables):
@@ -348,7 +358,7 @@ def _prepare_bins(builder, tables):
 
 _binned.prepare = _prepare_bins
 _binned.vectors = 4
-quantize_guessed = _quantizer(_binned.vectors, _binned)  # (two units per iteration measured no faster)
+quantize_guessed = _quantizer(4 * GUESS_UNITS, _binned)
 
 
 # ---- quantizing: binary search -------------------------------------------------------------
