@@ -127,6 +127,7 @@ _KERNEL = dict(_nrt=False, nogil=True, **_JIT)
 _INLINE = dict(forceinline=True, **_KERNEL)
 
 _TWO_POW_112 = np.float32(2.0**112)  # rebias of an fp16 exponent (15) to a float32 one (127)
+_INF_BITS = np.uint32(0x7F800000)
 _HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -634,6 +635,56 @@ def _stack_array(typingctx, dtype, n):
     return array(dtype, n), codegen
 
 
+# Blocks ahead whose memory a task asks for while it works on one: the hardware prefetchers
+# alone leave a step waiting on memory for ~10% of its time (16.7M elements, one thread).
+AHEAD = 4
+
+
+def _prefetch_block(rule, p, g, states, lo, path):
+    """Ask for the parameter, gradient and 8-bit codes of the block at ``lo`` (vector paths)."""
+
+
+@overload(_prefetch_block, jit_options=dict(forceinline=True))
+def _prefetch_block_impl(rule, p, g, states, lo, path):
+    if _path_is(path, PortablePath):
+        return lambda rule, p, g, states, lo, path: None
+
+    def ask(rule, p, g, states, lo, path):
+        ns = _state_count(rule)
+        _prefetch(p, lo, lo + BLOCK)
+        _prefetch(g, lo, lo + BLOCK)
+        _prefetch(states[0][0], lo, lo + BLOCK)
+        if ns > 1:
+            _prefetch(states[1][0], lo, lo + BLOCK)
+        if ns > 2:
+            _prefetch(states[2][0], lo, lo + BLOCK)
+
+    return ask
+
+
+@intrinsic
+def _prefetch(typingctx, a, start, end):
+    """Ask for the cache lines of a[start:end] (a contiguous array) ahead of their use;
+    indices past the end are not touched (a prefetch of them would be harmless, but an
+    address past the array is not ours to compute)."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        start, end = args[1], args[2]
+        end = builder.select(builder.icmp_signed("<", end, array.nitems), end, array.nitems)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0i8")
+        size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        step = ir.Constant(start.type, 64 // size)
+        with cgutils.for_range_slice(builder, start, end, step) as (index, _):
+            address = builder.bitcast(builder.gep(array.data, [index]), ir.IntType(8).as_pointer())
+            builder.call(fn, [address, ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3), ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+
+    return types.none(a, start, end), codegen
+
+
 @njit(**_KERNEL)
 def _bf16_to_f32(h):
     return _float(np.uint32((np.int64(h) & 0xFFFF) << 16))
@@ -982,11 +1033,10 @@ def _peak(acc, x):
 
 @njit(**_INLINE)
 def _has_nonfinite(g):
-    bad = False
+    peak = np.uint32(0)
     for j in range(g.size):
-        x = _load(g, j)
-        bad |= not (x - x == _ZERO)  # inf - inf and NaN - NaN are NaN
-    return bad
+        peak = max(peak, _magnitude(_load(g, j)))
+    return peak >= _INF_BITS  # the largest magnitude is inf or NaN
 
 
 @njit(**_KERNEL)
@@ -1325,6 +1375,8 @@ def _8bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, c, skip, whole, measur
     acc2 = _ZERO
     for b in range(first, last):
         lo, hi = b * BLOCK, min(p.size, (b + 1) * BLOCK)
+        if b + AHEAD < last:
+            _prefetch_block(rule, p, g, states, lo + AHEAD * BLOCK, path)
         bad = skip and _has_nonfinite(g[lo:hi])
         count += bad
         if bad and not whole:
