@@ -76,7 +76,7 @@ def _batch_key(job: Job, tables_seen: list) -> tuple | None:
         tables_seen += tables  # the key names them by id(): alive until the batches ran
         states += tuple(id(t) for t in tables)
     # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
-    return rule, p.dtype, states, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
+    return rule, p.dtype, states, hp if hp.gnorm_scale == 1.0 else hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
 
 
 def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
