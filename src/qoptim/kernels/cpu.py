@@ -19,14 +19,15 @@ VBMI, lookups in tables held in registers, 64 and 16 lanes at a time (``cpu_avx5
 CPUs with AVX2, ``llvm.masked.gather`` intrinsics, 8 lanes at a time; elsewhere, or with
 ``QOPTIM_CPU_PORTABLE=1``, plain scalar loops. The rules' math is auto-vectorized on all of
 them. Where the time goes on the first (one thread, Zen 5, per element of an Adam step,
-~0.67 ns in all with the data in cache, ~0.75 ns streaming from memory): quantizing the two
-states ~0.38 ns (the guess ~0.1 ns each, its fix-up ~0.07 ns, see cpu_guess), the update's
-math and the rest ~0.3 ns, dequantizing mostly hidden under the others; the AVX2 path takes
-~1.3 ns, the portable one ~2.3 ns. The quantizer and the lookups are inlined into the task:
-as calls, their argument copies and table spills cost about as much as a block's work.
+~0.50 ns in all with the data in cache, ~0.58 ns streaming from memory): quantizing the two
+states ~0.21 ns (a guess from a table of bins, then one exact comparison: cpu_guess), the
+update's math ~0.16 ns, dequantizing ~0.08 ns, the gradient's finiteness test ~0.02 ns; the
+AVX2 path takes ~1.3 ns, the portable one ~2.3 ns. The quantizer and the lookups are inlined
+into the task: as calls, their argument copies and table spills cost about as much as a
+block's work. A task asks for the memory of the block ``AHEAD`` blocks on while it works.
 
-Kernels are compiled lazily per parameter dtype, state layout and path (~3.3 s for the
-first), and cached on disk (``cache=True``): a fresh process with a warm cache pays ~0.3 s on
+Kernels are compiled lazily per parameter dtype, state layout and path (~3.9 s for the
+first), and cached on disk (``cache=True``): a fresh process with a warm cache pays ~0.4 s on
 its first step.
 """
 
