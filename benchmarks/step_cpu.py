@@ -16,6 +16,10 @@ move, below) against a measured copy bandwidth.
 
 Bytes a step moves per parameter: the parameter read and written, the gradient read, and each
 state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 256).
+
+After each size and dtype, the kernel and torch's fused AdamW are measured again, one after
+the other, ``--rounds`` times (default 3): torch's memory-bound step speeds up and slows down
+over minutes on a shared machine, so the line gives the ratio's median and every round's.
 """
 
 from __future__ import annotations
@@ -104,11 +108,12 @@ def torchao_opt(params):
     return AdamW8bit(params, lr=1e-3)
 
 
+KERNEL, FUSED = "qoptim Adam8bit (cpu kernel)", "torch AdamW fused"
 CONTESTANTS = [
     # name, maker, largest size it runs at (slow ones are skipped above), importable module
-    ("qoptim Adam8bit (cpu kernel)", qoptim_opt("auto"), None, None),
+    (KERNEL, qoptim_opt("auto"), None, None),
     ("qoptim Adam8bit (reference)", qoptim_opt("reference"), SIZES["16.7M"], None),
-    ("torch AdamW fused", torch_opt(fused=True), None, None),
+    (FUSED, torch_opt(fused=True), None, None),
     ("torch AdamW foreach", torch_opt(foreach=True), None, None),
     ("bitsandbytes Adam8bit", bnb_opt, None, "bitsandbytes"),
     ("torchao AdamW8bit", torchao_opt, None, "torchao"),
@@ -273,6 +278,20 @@ def measure(make, n: int, dtype: torch.dtype, steps: int, budget_s: float) -> di
 # ---- the table -------------------------------------------------------------------------------
 
 
+def alternating_ratio(n: int, dtype: torch.dtype, steps: int, rounds: int) -> str:
+    """The kernel's time over torch fused's, measured one after the other ``rounds`` times:
+    on a shared machine torch's memory-bound step speeds up and slows down over minutes (the
+    compute-bound 8-bit step much less), so one pair of measurements can mislead."""
+    makers = dict((name, make) for name, make, _, _ in CONTESTANTS)
+    ratios = []
+    for _ in range(rounds):
+        ours = measure(makers[KERNEL], n, dtype, steps, budget_s=5.0)["ms"]
+        fused = measure(makers[FUSED], n, dtype, steps, budget_s=5.0)["ms"]
+        ratios.append(ours / fused)
+    spread = ", ".join(f"{r:.2f}x" for r in ratios)
+    return f"{fmt_size(n):>6} {str(dtype)[6:]:>5}  kernel / torch fused over {rounds} alternating rounds: median {statistics.median(ratios):.2f}x ({spread})"
+
+
 def fmt_size(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
@@ -298,6 +317,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", default="", help="comma-separated substrings of contestants to leave out")
     parser.add_argument("--families", action="store_true", help="the other 8-bit families against their fp32 torch.optim counterparts")
     parser.add_argument("--cpu-paths", action="store_true", help="also the CPU kernel's slower paths (AVX2 gathers, portable loops)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the fused kernel against torch fused, measured alternately, for the ratio's spread (default 3; 0: none)")
     args = parser.parse_args(argv)
     if args.families:
         args.sizes = args.sizes or "16.7M"
@@ -341,6 +361,9 @@ def main(argv=None) -> None:
             fused_ms = next((r["ms"] for name, r in rows if "fused" in name and isinstance(r, dict)), None)
             for name, r in rows:
                 print(row(n, dtype, name, r, fused_ms, bandwidth), flush=True)
+            measured = {name for name, r in rows if isinstance(r, dict)}
+            if args.rounds > 0 and {KERNEL, FUSED} <= measured:
+                print(alternating_ratio(n, dtype, steps, args.rounds), flush=True)
     os.environ.pop("QOPTIM_BACKEND", None)
 
 
