@@ -1,5 +1,8 @@
 """The optimizer classes against torch.optim.Adam / AdamW."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from helpers import DTYPES, SHAPES, clone_params, dequantized, gradients, make_params, ulp
@@ -293,3 +296,36 @@ def test_top_level_names():
     assert issubclass(qoptim.optim.PagedAdamW8bit, qoptim.optim.Optimizer2State)
     assert issubclass(qoptim.optim.Optimizer2State, qoptim.optim.Optimizer8bit)
     assert issubclass(qoptim.optim.Optimizer8bit, torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("change", ["replaced", "data_swapped", "cleared"])
+def test_a_step_sees_state_tensors_swapped_between_steps(change):
+    """The optimizer keeps each parameter's flat state views from step to step; a state tensor
+    replaced in the state dict, given new storage in place (``.data =``), or the whole state
+    cleared must be seen by the next step, and a dropped state's memory not kept."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, twin = bnb.AdamW8bit([p], lr=1e-2), bnb.AdamW8bit([q], lr=1e-2)
+    for step in range(6):
+        g = torch.randn_like(p)
+        p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:
+            state = ours.state[p]
+            if change == "replaced":
+                for key in ("state1", "state2", "absmax1", "absmax2"):
+                    state[key] = state[key].clone()
+            elif change == "data_swapped":
+                for key in ("state1", "state2", "absmax1", "absmax2"):
+                    state[key].data = state[key].data.clone()
+            else:
+                old = weakref.ref(state["state1"])
+                del state
+                ours.state.clear()
+                twin.state.clear()
+                gc.collect()
+                assert old() is None  # nothing held the dropped state
+        ours.step()
+        twin.step()
+        assert torch.equal(p, q), f"step {step}"
+        assert torch.equal(ours.state[p]["state1"], twin.state[q]["state1"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass
@@ -56,6 +57,21 @@ NONFINITE_MODES = ("skip", "raise", "propagate")
 # settings every parameter takes from ``self.args`` (bitsandbytes' MockArgs), unless overridden
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise")
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The state entries a parameter's kernel slots are views of (``_slots_of``).
+_SLOT_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+
+
+class _SlotCache(dict):
+    """id(param) -> (stamp, weak param, slots, token): the slots ``_slots_of`` keeps (a dict
+    subclass, so that finalizers can hold it weakly and keep neither it nor its slots alive)."""
+
+
+def _drop_entry(cache_ref: weakref.ref, key: int, token: object) -> None:
+    """A state tensor behind an entry was freed: forget the entry (unless already replaced)."""
+    cache = cache_ref()
+    if cache is not None and key in cache and cache[key][3] is token:
+        del cache[key]
 
 
 class Optimizer8bit(torch.optim.Optimizer):
@@ -546,7 +562,7 @@ class _StateOptimizer(Optimizer8bit):
             scale = _percentile_clip(history, kernels.grad_norm_sq(flat_g), 1 if fresh else step, config["percentile_clipping"])
             hp = hp._replace(gnorm_scale=scale)
             commit["gnorm_vec"] = history
-        return _Job(Job(self.family.rule, flat_p, flat_g, self._slots(state), hp, self.nonfinite == "skip"), params, state, commit)
+        return _Job(Job(self.family.rule, flat_p, flat_g, self._slots_of(p, state), hp, self.nonfinite == "skip"), params, state, commit)
 
     def hyper(self, config: dict[str, Any], step: int) -> Hyper:
         """A step's hyperparameters for the kernels; families with settings of their own extend it."""
@@ -564,6 +580,33 @@ class _StateOptimizer(Optimizer8bit):
             max_unorm=float(config["max_unorm"]),
         )
 
+    def _slots_of(self, p: torch.Tensor, state: dict[str, Any]) -> list[StateSlot]:
+        """``self._slots(state)``, kept from the last step while the state holds the same
+        tensors at the same addresses: building the flat views costs ~4 us per parameter and
+        step, as much as the update of a small tensor. One-scale states are built anew (their
+        slots copy the previous scale on each build).
+
+        Kept slots must not keep a dropped state's memory: they view detached aliases
+        (``_slot``), which hold the storage but not the state tensors, and an entry goes as
+        soon as one of its state tensors is freed (``opt.state.clear()``, a load, a move)."""
+        if "max1" in state:
+            return self._slots(state)
+        tensors = [state.get(key) for key in _SLOT_KEYS]
+        stamp = tuple(None if t is None else (id(t), t.data_ptr()) for t in tensors)  # (a DTensor's address is 0: its id decides)
+        cache = self.__dict__.get("_slot_cache")
+        if cache is None:  # (made here: torch's __setstate__ does not run __init__)
+            cache = self._slot_cache = _SlotCache()
+        seen = cache.get(id(p))
+        if seen is not None and seen[0] == stamp and seen[1]() is p:
+            return seen[2]
+        slots = self._slots(state)
+        token = object()
+        cache[id(p)] = (stamp, weakref.ref(p), slots, token)
+        for key, t in zip(_SLOT_KEYS, tensors):
+            if t is not None and not key.startswith("qmap"):  # (the maps are shared: they outlive states)
+                weakref.finalize(t, _drop_entry, weakref.ref(cache), id(p), token)
+        return slots
+
     def _slots(self, state: dict[str, Any]) -> list[StateSlot]:
         """The kernels' view of a parameter's states, one slot per state key."""
         return [self._slot(state, i) for i in range(1, self.n_states + 1)]
@@ -571,13 +614,13 @@ class _StateOptimizer(Optimizer8bit):
     def _slot(self, state: dict[str, Any], i: int, row: int | None = None) -> StateSlot:
         """State ``i`` as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1).
         State tensors are contiguous (as created, and as loaded): the flat views alias them."""
-        values = _dt.local(state[f"state{i}"])
+        values = _dt.local(state[f"state{i}"]).detach()  # (an alias: see _slots_of)
         values = (values if row is None else values[row]).view(-1)
         if values.dtype != torch.uint8:
             return StateSlot(values)
         absmax = state.get(f"absmax{i}")
         if absmax is not None:
-            absmax = absmax if row is None else absmax[row]
+            absmax = absmax.detach() if row is None else absmax.detach()[row]
             if _dt.is_dtensor(absmax) or absmax.dim() != 1:  # a shard's blocks within the padded global layout
                 absmax = _dt.blocks_of(absmax, values.numel())
             return StateSlot(values, state[f"qmap{i}"], absmax, BLOCK)
