@@ -604,7 +604,7 @@ class _StateOptimizer(Optimizer8bit):
         cache[id(p)] = (stamp, weakref.ref(p), slots, token)
         for key, t in zip(_SLOT_KEYS, tensors):
             if t is not None and not key.startswith("qmap"):  # (the maps are shared: they outlive states)
-                weakref.finalize(t, _drop_entry, weakref.ref(cache), id(p), token)
+                weakref.finalize(t, _drop_entry, weakref.ref(cache), id(p), token).atexit = False
         return slots
 
     def _slots(self, state: dict[str, Any]) -> list[StateSlot]:
