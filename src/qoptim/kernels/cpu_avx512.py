@@ -145,9 +145,14 @@ def _contiguous(*arrays):
 _TRANSPOSED = [4 * m + lane for lane in range(4) for m in range(4)]
 
 
+def _load_registers(builder, tables, offset, count, vector_type=_BYTES):
+    """``count`` 64-byte registers (as ``vector_type``) from ``offset`` of a register-tables array."""
+    return [builder.load(_at(builder, tables.data, ir.Constant(_I32, offset + 64 * r), vector_type), align=1) for r in range(count)]
+
+
 def _load_planes(builder, tables, offset):
     """The 16 registers of a byte-plane table at ``offset`` of a register-tables array."""
-    return [builder.load(_at(builder, tables.data, ir.Constant(_I32, offset + 64 * r), _BYTES), align=1) for r in range(16)]
+    return _load_registers(builder, tables, offset, 16)
 
 
 def _plane_floats(builder, planes, indices):
@@ -350,10 +355,8 @@ def _bin_guesses(builder, shifts, offsets, bins, group):
 
 
 def _prepare_bins(builder, tables):
-    def registers(offset, count, vector_type):
-        return [builder.load(_at(builder, tables.data, ir.Constant(_I32, offset + 64 * r), vector_type), align=1) for r in range(count)]
-
-    return registers(SHIFTS, 2, _WORDS), registers(OFFSETS, 2, _WORDS), registers(BINS, 8, _BYTES), _load_planes(builder, tables, MID_PLANES)
+    words = [_load_registers(builder, tables, offset, 2, _WORDS) for offset in (SHIFTS, OFFSETS)]
+    return *words, _load_registers(builder, tables, BINS, 8), _load_planes(builder, tables, MID_PLANES)
 
 
 _binned.prepare = _prepare_bins
@@ -398,7 +401,7 @@ def _searched(builder, tree, us):
 
 
 def _prepare_search(builder, tables):
-    return [builder.load(_at(builder, tables.data, ir.Constant(_I32, SEARCH + 64 * r), _FLOATS), align=1) for r in range(16)]
+    return _load_registers(builder, tables, SEARCH, 16, _FLOATS)
 
 
 _searched.prepare = _prepare_search
