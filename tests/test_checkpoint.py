@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from helpers import DTYPES, clone_params, gradients, make_params, round_trip
+from support import DTYPES, clone_params, gradients, make_params, round_trip
 
 import qoptim as bnb
 

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pytest
 import torch
-from helpers import exact_sqrt
+from support import exact_sqrt
 
 from qoptim import kernels
 from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, cpu_avx512, reference

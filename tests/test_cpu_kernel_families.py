@@ -17,9 +17,10 @@ import math
 
 import pytest
 import torch
-from helpers import exact_sqrt
+from support import exact_sqrt
 from test_cpu_kernel import assert_same, copy_state, path, torch_threads  # noqa: F401  (path: a fixture)
 
+from qoptim.kernels import rules as rule_table
 from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, reference
 from qoptim.quant.maps import signed_map, unsigned_map
 
@@ -70,7 +71,7 @@ def kernel_ratio(rule, p, g, slots, hp, skip, tasks):
 def make_state(rule, n, dtype, layout):
     gen = torch.Generator().manual_seed(0)
     p = (torch.randn(n, generator=gen) * 0.1).to(dtype)
-    count = reference.RULES[rule][1]
+    count = rule_table.RULES[rule].states
     if layout == "fp32":
         return p, [StateSlot(torch.zeros(n)) for _ in range(count)]
     blocksize, scales = (BLOCK, -(-n // BLOCK)) if layout == "block" else (WHOLE_TENSOR, 1)

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_params
+from support import make_params
 
 import qoptim as bnb
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, clone_params, dequantized, gradients, make_params, round_trip
+from support import DTYPES, clone_params, dequantized, gradients, make_params, round_trip
 
 import qoptim as bnb
 

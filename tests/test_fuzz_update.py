@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import exact_sqrt
+from support import exact_sqrt
 from test_cpu_kernel import copy_state, make_state
 
 from qoptim.kernels import Hyper, cpu, reference

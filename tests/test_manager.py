@@ -4,7 +4,7 @@ import gc
 
 import pytest
 import torch
-from helpers import clone_params, gradients, make_params
+from support import clone_params, gradients, make_params
 
 import qoptim as bnb
 

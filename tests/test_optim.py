@@ -5,7 +5,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import DTYPES, SHAPES, clone_params, dequantized, gradients, make_params, ulp
+from support import DTYPES, SHAPES, clone_params, dequantized, gradients, make_params, ulp
 
 import qoptim as bnb
 from qoptim.quant.maps import signed_map, unsigned_map

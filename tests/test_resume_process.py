@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DTYPES
+from support import DTYPES
 
 import qoptim
 

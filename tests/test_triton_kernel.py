@@ -34,8 +34,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import exact_sqrt
+from support import exact_sqrt
 
+from qoptim.kernels import rules as rule_table
 from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
 from qoptim.quant.maps import signed_map, unsigned_map
 
@@ -93,7 +94,7 @@ def interpreted(group):
 def fresh(rule: str, n: int, layout: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[StateSlot]]:
     """A parameter and zero states of ``rule`` in ``layout``."""
     p = (torch.randn(n) * 0.1).to(dtype)
-    count = reference.RULES[rule][1]
+    count = rule_table.RULES[rule].states
     if layout == "fp32":
         return p, [StateSlot(torch.zeros(n)) for _ in range(count)]
     blocksize, scales = (BLOCK, math.ceil(n / BLOCK)) if layout == "blockwise" else (WHOLE_TENSOR, 1)
@@ -259,7 +260,7 @@ def supports_every_rule_in_one_layout():
     p = torch.zeros(300)
     blockwise = StateSlot(torch.zeros(300, dtype=torch.uint8), signed_map(), torch.zeros(2))
     for rule in RULES:
-        count = reference.RULES[rule][1]
+        count = rule_table.RULES[rule].states
         assert tk.supports(rule, p, [blockwise] * count)
         assert tk.supports(rule, p.bfloat16(), [StateSlot(torch.zeros(300))] * count)
         assert not tk.supports(rule, p, [blockwise] * (count + 1))  # a state too many

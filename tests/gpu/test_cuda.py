@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from qoptim.kernels import rules as rule_table
 import qoptim
 from qoptim import kernels, paging, paging_cuda
 from qoptim.kernels import reference
@@ -63,7 +64,7 @@ def _hyper(rule, step):
 
 def _fresh(rule, n, layout, dtype):
     p = (torch.randn(n, device=CUDA) * 0.1).to(dtype)
-    count = reference.RULES[rule][1]
+    count = rule_table.RULES[rule].states
     if layout == "fp32":
         return p, [StateSlot(torch.zeros(n, device=CUDA)) for _ in range(count)]
     blocksize, scales = (BLOCK, math.ceil(n / BLOCK)) if layout == "blockwise" else (WHOLE_TENSOR, 1)

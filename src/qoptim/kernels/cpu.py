@@ -54,6 +54,7 @@ from numba.np.arrayobj import populate_array
 
 from . import cpu_avx512, reference
 from .cpu_tables import NAN_INDEX, tables_for
+from .rules import RULES
 from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
 
 __all__ = ["update", "update_many", "grad_norm_sq", "supports"]
@@ -998,7 +999,7 @@ _COUNTS = {type(f.marker): f.marker.states for f in _FAMILIES.values()}
 _MAX_STATES = 3
 # a task's stack scratch: four block buffers (the states', or the trust pass's terms and states)
 _SCRATCH = 4 * BLOCK
-assert all(f.marker.states == reference.RULES[name][1] <= _MAX_STATES for name, f in _FAMILIES.items())
+assert all(f.marker.states == RULES[name].states <= _MAX_STATES for name, f in _FAMILIES.items()) and set(_FAMILIES) == set(RULES)
 
 
 def _math(rule, p, g, s0, s1, s2, c):

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..quant.blockwise import block_absmax, dequantize_flat, quantize_with_absmax
+from . import rules
 from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
 
 # Elements per chunk: a multiple of every block size, 4 MB per fp32 temporary.
@@ -146,17 +147,17 @@ def lars_trust_ratio(p_norm: float, g_norm: float, hp: Hyper) -> float:
     return hp.max_unorm * p_norm / denominator if p_norm > 0 and denominator > 0 else 1.0
 
 
-RULES: dict[str, tuple[Rule, int]] = {
-    # name: (update math, number of state slots)
-    "adam": (adam, 2),
-    "ademamix": (ademamix, 3),  # slots: fast momentum, slow momentum, second moment
-    "lion": (lion, 1),
-    "momentum": (momentum, 1),
-    "lars": (momentum, 1),
-    "rmsprop": (rmsprop, 1),
-    "adagrad": (adagrad, 1),
-    "lamb": (lamb, 2),
+# The per-element math of each rule's ``math`` name (``rules.RULES``: LARS runs momentum's).
+MATHS: dict[str, Rule] = {
+    "adam": adam,
+    "ademamix": ademamix,  # slots: fast momentum, slow momentum, second moment
+    "lion": lion,
+    "momentum": momentum,
+    "rmsprop": rmsprop,
+    "adagrad": adagrad,
+    "lamb": lamb,
 }
+assert set(MATHS) == set(rules.MATHS), "reference.MATHS must cover kernels.rules.MATHS exactly"
 
 # Layer-wise rules: (vectors whose norms are needed, ratio from those norms). Their step needs
 # one more pass first, over the whole tensor, to know the ratio.
@@ -164,6 +165,7 @@ TRUST_RATIOS = {
     "lamb": (lamb_trust_terms, lamb_trust_ratio),
     "lars": (lars_trust_terms, lars_trust_ratio),
 }
+assert set(TRUST_RATIOS) == {name for name, spec in rules.RULES.items() if spec.trust}
 
 
 def update(
@@ -179,7 +181,8 @@ def update(
     With ``skip_nonfinite``, every 256-block whose gradient holds a NaN or Inf keeps its
     parameter values and states exactly as they were.
     """
-    math_fn, n_states = RULES[rule]
+    spec = rules.RULES[rule]
+    math_fn, n_states = MATHS[spec.math], spec.states
     if len(slots) != n_states:
         raise ValueError(f"rule {rule!r} keeps {n_states} states, got {len(slots)}")
     n = p.numel()

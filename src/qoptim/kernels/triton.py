@@ -37,6 +37,7 @@ import torch
 import triton
 
 from . import reference, triton_batch
+from .rules import RULES
 from .triton_block import (INTERPRETED, LAUNCH_OPTIONS, NORMS_PASS, PEAKS_PASS, STEP_PASS, WHOLE_TENSOR_8BIT, block_kernel,
                            layout_of, pointer_args, rows_per_program, step_arguments)  # fmt: skip
 from .triton_rules import FAMILIES
@@ -170,4 +171,4 @@ class _Step:
 _SCALAR_LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 1}  # one-program kernels
 
 # A kernel for every rule of the reference, with its number of states.
-assert all(FAMILIES[name].states == count for name, (_, count) in reference.RULES.items())
+assert set(FAMILIES) == set(RULES) and all(FAMILIES[name].states == spec.states for name, spec in RULES.items())
