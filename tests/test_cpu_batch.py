@@ -19,8 +19,8 @@ RULES = {
     "adam": (dict(beta1=0.9, beta2=0.999, decoupled=True, weight_decay=0.1), (True, False)),
     "ademamix": (dict(beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0, decoupled=True, weight_decay=0.01), (True, True, False)),
     "lion": (dict(beta1=0.9, beta2=0.99, decoupled=True, weight_decay=0.1), (True,)),
-    "momentum": (dict(beta1=0.9, beta2=0.0, dampening=0.1, weight_decay=1e-4), (True,)),
-    "rmsprop": (dict(beta1=0.99, beta2=0.0, weight_decay=1e-4), (False,)),
+    "momentum": (dict(beta1=0.0, beta2=0.0, momentum=0.9, dampening=0.1, weight_decay=1e-4), (True,)),
+    "rmsprop": (dict(beta1=0.0, beta2=0.0, smoothing=0.99, weight_decay=1e-4), (False,)),
     "adagrad": (dict(beta1=0.0, beta2=0.0, lr_decay=0.01), (False,)),
     "lamb": (dict(beta1=0.9, beta2=0.999, decoupled=True, weight_decay=0.01, max_unorm=1.0), (True, False)),
 }

@@ -87,11 +87,11 @@ def hyper(rule, step):
     if rule == "lion":
         return Hyper(lr=1e-4, beta1=0.9, beta2=0.99, **common)
     if rule == "momentum":
-        return Hyper(lr=1e-2, beta1=0.9, beta2=0.0, nesterov=True, **common)
-    if rule == "lars":  # dampening, and a trust coefficient (max_unorm)
-        return Hyper(lr=1e-1, beta1=0.9, beta2=0.0, dampening=0.1, max_unorm=0.02, **common)
+        return Hyper(lr=1e-2, beta1=0.0, beta2=0.0, momentum=0.9, nesterov=True, **common)
+    if rule == "lars":  # dampening, and a trust coefficient
+        return Hyper(lr=1e-1, beta1=0.0, beta2=0.0, momentum=0.9, dampening=0.1, trust_coefficient=0.02, **common)
     if rule == "rmsprop":
-        return Hyper(lr=1e-3, beta1=0.99, beta2=0.0, **common)
+        return Hyper(lr=1e-3, beta1=0.0, beta2=0.0, smoothing=0.99, **common)
     if rule == "adagrad":
         return Hyper(lr=1e-2, beta1=0.0, beta2=0.0, lr_decay=0.01, **common)
     if rule == "ademamix":  # alpha and beta3 as if scheduled

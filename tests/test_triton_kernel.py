@@ -134,11 +134,11 @@ def hyper(rule: str, step: int) -> Hyper:
     if rule == "lion":
         return Hyper(lr=1e-4, beta1=0.9, beta2=0.99, **common)
     if rule == "momentum":  # SGD: dampening on odd steps (the first step must ignore it), Nesterov on even ones
-        return Hyper(lr=1e-2, beta1=0.9, beta2=0.0, nesterov=step % 2 == 0, dampening=0.1 if step % 2 else 0.0, **common)
-    if rule == "lars":  # max_unorm: the trust coefficient
-        return Hyper(lr=1e-1, beta1=0.9, beta2=0.0, dampening=0.1, nesterov=step == 5, max_unorm=0.02, **common)
+        return Hyper(lr=1e-2, beta1=0.0, beta2=0.0, momentum=0.9, nesterov=step % 2 == 0, dampening=0.1 if step % 2 else 0.0, **common)
+    if rule == "lars":  # dampening, and a trust coefficient
+        return Hyper(lr=1e-1, beta1=0.0, beta2=0.0, momentum=0.9, dampening=0.1, nesterov=step == 5, trust_coefficient=0.02, **common)
     if rule == "rmsprop":
-        return Hyper(lr=1e-3, beta1=0.99, beta2=0.0, **common)
+        return Hyper(lr=1e-3, beta1=0.0, beta2=0.0, smoothing=0.99, **common)
     if rule == "adagrad":
         return Hyper(lr=1e-2, beta1=0.0, beta2=0.0, lr_decay=0.01, **common)
     if rule == "lamb":  # decoupled decay on odd steps; no bias correction on step 2; a cap that binds on 3 and 5

@@ -44,9 +44,9 @@ RULE_HYPER = {
     "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999),
     "ademamix": dict(lr=1e-3, beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0),
     "lion": dict(lr=1e-4, beta1=0.9, beta2=0.99),
-    "momentum": dict(lr=1e-2, beta1=0.9, beta2=0.0, nesterov=True),
-    "lars": dict(lr=1e-1, beta1=0.9, beta2=0.0, dampening=0.1, max_unorm=0.02),
-    "rmsprop": dict(lr=1e-3, beta1=0.99, beta2=0.0),
+    "momentum": dict(lr=1e-2, beta1=0.0, beta2=0.0, momentum=0.9, nesterov=True),
+    "lars": dict(lr=1e-1, beta1=0.0, beta2=0.0, momentum=0.9, dampening=0.1, trust_coefficient=0.02),
+    "rmsprop": dict(lr=1e-3, beta1=0.0, beta2=0.0, smoothing=0.99),
     "adagrad": dict(lr=1e-2, beta1=0.0, beta2=0.0, lr_decay=0.01),
     "lamb": dict(lr=1e-3, beta1=0.9, beta2=0.999, max_unorm=1.0),
 }

@@ -511,7 +511,7 @@ def _momentum_constants(hp: Hyper) -> tuple:
         int(hp.trust_ratio != 1.0),
         _f32(hp.trust_ratio),
         int(hp.step == 1),
-        _f32(hp.beta1),
+        _f32(hp.momentum),
         _f32(1.0 - hp.dampening),
         int(bool(hp.nesterov)),
         _f32(hp.lr),
@@ -519,7 +519,7 @@ def _momentum_constants(hp: Hyper) -> tuple:
 
 
 def _rmsprop_constants(hp: Hyper) -> tuple:
-    return (int(bool(hp.weight_decay)), _f32(hp.weight_decay), _f32(hp.beta1), _f32(1.0 - hp.beta1), _f32(hp.eps), _f32(hp.lr))
+    return (int(bool(hp.weight_decay)), _f32(hp.weight_decay), _f32(hp.smoothing), _f32(1.0 - hp.smoothing), _f32(hp.eps), _f32(hp.lr))
 
 
 def _adagrad_constants(hp: Hyper) -> tuple:

@@ -79,17 +79,17 @@ def momentum(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: H
     if hp.step == 1:
         buf.copy_(g)
     else:
-        buf.mul_(hp.beta1).add_(g * (1.0 - hp.dampening))
-    step = g + buf * hp.beta1 if hp.nesterov else buf
+        buf.mul_(hp.momentum).add_(g * (1.0 - hp.dampening))
+    step = g + buf * hp.momentum if hp.nesterov else buf
     p.sub_(step * hp.lr)
 
 
 def rmsprop(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
-    """RMSprop (torch.optim.RMSprop's formula, not centered); ``beta1`` is its alpha."""
+    """RMSprop (torch.optim.RMSprop's formula, not centered)."""
     (square_avg,) = states
     if hp.weight_decay:
         g = g + p * hp.weight_decay
-    square_avg.mul_(hp.beta1).add_((g * g).mul_(1.0 - hp.beta1))
+    square_avg.mul_(hp.smoothing).add_((g * g).mul_(1.0 - hp.smoothing))
     p.sub_((g / square_avg.sqrt().add_(hp.eps)).mul_(hp.lr))
 
 
@@ -142,9 +142,9 @@ def lars_trust_terms(p, g, states, hp):
 
 
 def lars_trust_ratio(p_norm: float, g_norm: float, hp: Hyper) -> float:
-    """LARS (You et al., 2017): eta * |p| / (|g| + weight_decay * |p|), eta = ``max_unorm``."""
+    """LARS (You et al., 2017): eta * |p| / (|g| + weight_decay * |p|), eta = ``trust_coefficient``."""
     denominator = g_norm + hp.weight_decay * p_norm
-    return hp.max_unorm * p_norm / denominator if p_norm > 0 and denominator > 0 else 1.0
+    return hp.trust_coefficient * p_norm / denominator if p_norm > 0 and denominator > 0 else 1.0
 
 
 # The per-element math of each rule's ``math`` name (``rules.RULES``: LARS runs momentum's).

@@ -51,7 +51,7 @@ class Scalars(NamedTuple):
     """The float constants of one step of a rule, named; a rule reads only its own, the rest keep
     these defaults. Computed in double, as the reference writes each."""
 
-    beta1: float = 0.0  # the first moment's decay; RMSprop: its alpha; SGD/LARS: the momentum
+    beta1: float = 0.0  # the first running average's decay: a first moment's; RMSprop: its smoothing; SGD/LARS: the momentum
     one_minus_beta1: float = 0.0
     beta2: float = 0.0  # the second moment's decay; Lion: the momentum's own decay
     one_minus_beta2: float = 0.0
@@ -134,7 +134,7 @@ def lion_scalars(hp: Hyper) -> Scalars:
 
 def momentum_scalars(hp: Hyper) -> Scalars:
     return Scalars(
-        beta1=hp.beta1,
+        beta1=hp.momentum,
         weight_decay=hp.weight_decay,
         one_minus_dampening=1.0 - hp.dampening,
         step_size=hp.lr,
@@ -144,8 +144,8 @@ def momentum_scalars(hp: Hyper) -> Scalars:
 
 def rmsprop_scalars(hp: Hyper) -> Scalars:
     return Scalars(
-        beta1=hp.beta1,
-        one_minus_beta1=1.0 - hp.beta1,
+        beta1=hp.smoothing,
+        one_minus_beta1=1.0 - hp.smoothing,
         eps=hp.eps,
         weight_decay=hp.weight_decay,
         step_size=hp.lr,

@@ -164,8 +164,9 @@ class _Step:
     def trust_ratio(self) -> TrustRatio:
         sums = torch.empty((self.programs, 2), dtype=torch.float64, device=self.p.device)
         self.run(NORMS_PASS, sums=sums)
-        lr, weight_decay, max_unorm = float(self.hp.lr), float(self.hp.weight_decay), float(self.hp.max_unorm)
-        return ratio_from_sums(self.family.rule, sums, lr, weight_decay, max_unorm, _SCALAR_LAUNCH_OPTIONS)
+        cap = self.hp.trust_coefficient if self.rule == "lars" else self.hp.max_unorm  # (the ratio kernel's max_unorm: both)
+        lr, weight_decay = float(self.hp.lr), float(self.hp.weight_decay)
+        return ratio_from_sums(self.family.rule, sums, lr, weight_decay, float(cap), _SCALAR_LAUNCH_OPTIONS)
 
 
 _SCALAR_LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 1}  # one-program kernels

@@ -225,11 +225,11 @@ def _lion_scalars(hp: Hyper) -> Scalars:
 
 
 def _momentum_scalars(hp: Hyper) -> Scalars:
-    return Scalars(beta1=hp.beta1, weight_decay=hp.weight_decay, one_minus_dampening=1.0 - hp.dampening, step_size=hp.lr)
+    return Scalars(beta1=hp.momentum, weight_decay=hp.weight_decay, one_minus_dampening=1.0 - hp.dampening, step_size=hp.lr)
 
 
 def _rmsprop_scalars(hp: Hyper) -> Scalars:
-    return Scalars(beta1=hp.beta1, one_minus_beta1=1.0 - hp.beta1, eps=hp.eps, weight_decay=hp.weight_decay, step_size=hp.lr)
+    return Scalars(beta1=hp.smoothing, one_minus_beta1=1.0 - hp.smoothing, eps=hp.eps, weight_decay=hp.weight_decay, step_size=hp.lr)
 
 
 def _adagrad_scalars(hp: Hyper) -> Scalars:

@@ -40,8 +40,8 @@ class Hyper(NamedTuple):
     """A step's hyperparameters for one parameter, as Python numbers."""
 
     lr: float
-    beta1: float
-    beta2: float
+    beta1: float  # the first moment's decay (Adam, AdEMAMix, LAMB, Lion); 0 for rules without one
+    beta2: float  # the second moment's decay (Adam, AdEMAMix, LAMB); Lion: its momentum's decay
     eps: float
     weight_decay: float
     step: int
@@ -49,11 +49,14 @@ class Hyper(NamedTuple):
     gnorm_scale: float = 1.0  # gradient multiplier from percentile clipping
     beta3: float = 0.0  # AdEMAMix: decay of the slow momentum (already scheduled for this step)
     alpha: float = 0.0  # AdEMAMix: weight of the slow momentum (already scheduled for this step)
+    momentum: float = 0.0  # SGD, LARS
     dampening: float = 0.0  # SGD, LARS
     nesterov: bool = False  # SGD, LARS
+    smoothing: float = 0.0  # RMSprop: the decay of its running mean of g² (torch's ``alpha``)
     lr_decay: float = 0.0  # Adagrad
     bias_correction: bool = True  # LAMB
-    max_unorm: float = 0.0  # LAMB: cap of the update norm relative to |p|; LARS: trust coefficient
+    max_unorm: float = 0.0  # LAMB: cap of the update norm relative to |p| (0: none)
+    trust_coefficient: float = 0.0  # LARS: eta of its trust ratio (bitsandbytes' ``max_unorm`` argument)
     trust_ratio: float = 1.0  # LAMB, LARS: the layer-wise scale, filled in by the backend
 
 

@@ -22,6 +22,11 @@ class LARS(FixedVariant, MomentumSettings, Optimizer1State):
                          min_8bit_size, percentile_clipping, block_wise, max_unorm=max_unorm, nonfinite=nonfinite)  # fmt: skip
         self.add_group_defaults(nesterov=nesterov)
 
+    def hyper(self, config, step):
+        """bitsandbytes passes LARS's trust coefficient as ``max_unorm``."""
+        hp = super().hyper(config, step)
+        return hp._replace(trust_coefficient=hp.max_unorm, max_unorm=0.0)
+
 
 LARS8bit = variant(LARS, "LARS8bit", drop=("optim_bits",), fixed_bits=8)
 LARS32bit = variant(LARS, "LARS32bit", drop=("optim_bits",), fixed_bits=32)

@@ -23,5 +23,10 @@ class RMSprop(FixedVariant, Optimizer1State):
                          min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite)  # fmt: skip
 
 
+    def hyper(self, config, step):
+        """bitsandbytes keeps (alpha, momentum) in betas; the kernels take alpha as ``smoothing``."""
+        return super().hyper(config, step)._replace(beta1=0.0, beta2=0.0, smoothing=float(config["betas"][0]))
+
+
 RMSprop8bit = variant(RMSprop, "RMSprop8bit", drop=("optim_bits",), fixed_bits=8)
 RMSprop32bit = variant(RMSprop, "RMSprop32bit", drop=("optim_bits",), fixed_bits=32)

@@ -23,7 +23,9 @@ class MomentumSettings:
     ``(momentum, dampening)`` in ``betas``; ``nesterov`` is a group setting of their own."""
 
     def hyper(self, config, step):
-        return super().hyper(config, step)._replace(dampening=float(config["betas"][1]), nesterov=bool(config.get("nesterov")))
+        momentum, dampening = config["betas"][:2]
+        hp = super().hyper(config, step)
+        return hp._replace(beta1=0.0, beta2=0.0, momentum=float(momentum), dampening=float(dampening), nesterov=bool(config.get("nesterov")))
 
 
 class SGD(FixedVariant, MomentumSettings, Optimizer1State):
