@@ -1,41 +1,15 @@
-"""Dynamic maps and block-wise quantization against their definitions."""
+"""Block-wise quantization against its definition: nearest codes, bounded error, exact zeros."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qoptim.functional as F
-from qoptim.quant.blockwise import dequantize_flat, quantize_with_absmax
-from qoptim.quant.maps import midpoints, signed_map, unsigned_map
+from qoptim.quant.blockwise import BLOCK, dequantize_flat, quantize_with_absmax
+from qoptim.quant.maps import signed_map, unsigned_map
 
-QMAPS = np.loadtxt(Path(__file__).parent / "data" / "bnb-qmaps.txt", comments="#", dtype=np.float64)
 SIZES = [1, 255, 256, 257, 4097]
-
-
-@pytest.mark.parametrize("signed,column", [(True, 1), (False, 2)])
-def test_maps_equal_bitsandbytes(signed, column):
-    expected = torch.from_numpy(QMAPS[:, column].astype(np.float32))
-    code = F.create_dynamic_map(signed=signed)
-    assert code.dtype == torch.float32 and code.shape == (256,)
-    assert torch.equal(code, expected)
-
-
-def test_map_landmarks():
-    s, u = signed_map(), unsigned_map()
-    assert bool((s[1:] > s[:-1]).all()) and bool((u[1:] > u[:-1]).all())
-    assert s[127] == 0 and s[255] == 1 and s[0] == pytest.approx(-0.992968738)
-    assert u[0] == 0 and u[255] == 1
-
-
-def test_create_dynamic_map_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="total_bits"):
-        F.create_dynamic_map(total_bits=9)
-    with pytest.raises(ValueError, match="max_exponent_bits"):
-        F.create_dynamic_map(max_exponent_bits=8)
 
 
 def _brute_force_nearest(u: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -166,9 +140,7 @@ def test_property_requantizing_dequantized_values_is_idempotent(n, seed, signed)
     assert torch.equal(again, q)
 
 
-def test_midpoints_decide_ties_downward():
-    code = unsigned_map()
-    mids = midpoints(code)
-    u = mids[10:12]
-    q = quantize_with_absmax(u, torch.ones(1), code, 256)
-    assert q.tolist() == [10, 11]
+def test_block_is_the_default_blocksize():
+    assert BLOCK == 256
+    _, qs = F.quantize_blockwise(torch.randn(1000))
+    assert qs.blocksize == BLOCK and qs.absmax.shape == (-(-1000 // BLOCK),)

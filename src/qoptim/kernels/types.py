@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 # Granularity of non-finite gradient skipping, and the block size of 8-bit optimizer states.
-BLOCK = 256
+from ..quant.blockwise import BLOCK  # its home is quant; re-exported here for the kernels
 
 # Scales per tensor rather than per block: the non-blockwise 8-bit layout (block_wise=False).
 WHOLE_TENSOR = 0

@@ -1,6 +1,14 @@
-"""Quantization of optimizer states: the dynamic maps and block-wise quantize/dequantize."""
+"""Quantization of optimizer states: the dynamic maps and block-wise quantize/dequantize.
 
-from .blockwise import QuantState, dequantize_blockwise, quantize_blockwise
-from .maps import create_dynamic_map, midpoints, signed_map, unsigned_map
+Modules:
+    maps.py       the dynamic maps (bit-identical to bitsandbytes'), their midpoints and search points
+    blockwise.py  block-wise quantize/dequantize in plain torch ops, and BLOCK, the states' block size
+"""
 
-__all__ = ["QuantState", "create_dynamic_map", "dequantize_blockwise", "midpoints", "quantize_blockwise", "signed_map", "unsigned_map"]
+from .blockwise import BLOCK, QuantState, dequantize_blockwise, quantize_blockwise
+from .maps import create_dynamic_map, midpoints, search_points, signed_map, unsigned_map
+
+__all__ = [
+    "BLOCK", "QuantState", "create_dynamic_map", "dequantize_blockwise", "midpoints", "quantize_blockwise", "search_points",
+    "signed_map", "unsigned_map",
+]  # fmt: skip

@@ -29,9 +29,14 @@ __all__ = [
     "quantize_with_absmax",
     "dequantize_flat",
     "VALID_BLOCKSIZES",
+    "BLOCK",
 ]
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# The block size of 8-bit optimizer states (one absmax per 256 elements, as in bitsandbytes), and
+# so the granularity of non-finite gradient skipping.
+BLOCK = 256
 
 
 @dataclass
@@ -91,7 +96,7 @@ def quantize_blockwise(
     code: torch.Tensor | None = None,
     absmax: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    blocksize: int = 256,
+    blocksize: int = BLOCK,
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` block-wise to uint8 codes of the dynamic map (or ``code``).
 
@@ -123,7 +128,7 @@ def dequantize_blockwise(
     absmax: torch.Tensor | None = None,
     code: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    blocksize: int = 256,
+    blocksize: int = BLOCK,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code[A] * absmax`` per block, as float32
     (or as ``quant_state.dtype`` when a QuantState is given)."""

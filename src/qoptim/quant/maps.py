@@ -12,10 +12,11 @@ which spends all its codes on [0, 1] and so has twice the resolution.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-__all__ = ["create_dynamic_map", "signed_map", "unsigned_map", "midpoints"]
+__all__ = ["create_dynamic_map", "signed_map", "unsigned_map", "midpoints", "search_points"]
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -80,3 +81,14 @@ def midpoints(code: torch.Tensor) -> torch.Tensor:
     """
     code = code.float()
     return (code[:-1] + code[1:]) * 0.5
+
+
+def search_points(code: torch.Tensor) -> torch.Tensor:
+    """The 255 midpoints of ``code`` and a ``+inf`` sentinel: 256 float32 values on ``code``'s device.
+
+    What the fused kernels search: 256 entries make a power-of-two table (an 8-step binary
+    search, the AVX-512 register tables), and as no value lies above ``+inf``, a search never
+    passes the sentinel and so ends at index 255, the last code, at most.
+    """
+    mids = midpoints(code)
+    return torch.cat([mids, torch.full((1,), math.inf, dtype=torch.float32, device=mids.device)])
