@@ -5,7 +5,6 @@
 """
 
 from . import functional, optim, utils
-from . import paging_cuda  # noqa: F401  registers the CUDA pager; loads nothing until a paged buffer is needed
 from .optim import *  # noqa: F403
 from .optim import __all__ as _optim_all
 

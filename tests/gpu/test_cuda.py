@@ -12,7 +12,8 @@ import torch
 
 from qoptim.kernels import rules as rule_table
 import qoptim
-from qoptim import kernels, paging, paging_cuda
+from qoptim import kernels, paging
+from qoptim.paging import cuda as paging_cuda
 from qoptim.kernels import reference
 from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot
 from qoptim.quant.maps import signed_map, unsigned_map

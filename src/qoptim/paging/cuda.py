@@ -14,8 +14,9 @@ buffers are paged, what is prefetched and what is released can be tested with a 
 on the CPU. No compiled extension: the CUDA runtime library torch has already loaded is called
 through ctypes.
 
-Registered for ``"cuda"`` when ``qoptim`` is imported; nothing is loaded until the first paged
-buffer is asked for, so importing qoptim on a CPU-only machine costs nothing.
+:mod:`qoptim.paging` registers this module as the pager of ``"cuda"`` by its path: it is imported,
+and the CUDA runtime loaded, when the first paged CUDA buffer is asked for; importing qoptim on a
+CPU-only machine loads neither.
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from . import paging
-
-__all__ = ["Allocator", "CudaRuntime", "ManagedPager", "install"]
+__all__ = ["Allocator", "CudaRuntime", "LazyCudaPager", "ManagedPager", "PAGER", "prefetch", "synchronize", "zeros"]
 
 
 class Allocator(Protocol):
@@ -205,45 +204,43 @@ def _mapped_library(stem: str) -> str | None:
     return None
 
 
-# ---- registration ------------------------------------------------------------------------
+# ---- the registered pager ---------------------------------------------------------------
 
 
-class _LazyCudaPager:
+class LazyCudaPager:
     """The CUDA pager, loading the CUDA runtime on first use. Where it cannot be loaded (a ROCm
     build of torch, a missing library), paged buffers are ordinary ones, with one warning."""
 
     def __init__(self):
-        self._pager: ManagedPager | None = None
-        self._failed = False
+        self.pager: ManagedPager | None = None  # once loaded
+        self.failed = False
 
-    def _load(self) -> ManagedPager | None:
-        if self._pager is None and not self._failed:
+    def load(self) -> ManagedPager | None:
+        if self.pager is None and not self.failed:
             try:
                 if torch.version.cuda is None:
                     raise OSError("this torch build has no CUDA runtime")
-                self._pager = ManagedPager(CudaRuntime())
+                self.pager = ManagedPager(CudaRuntime())
             except (OSError, AttributeError, RuntimeError) as e:
-                self._failed = True
+                self.failed = True
                 warnings.warn(f"qoptim: paged optimizer states are unavailable ({e}); using ordinary GPU memory", RuntimeWarning)
-        return self._pager
+        return self.pager
 
     def zeros(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        pager = self._load()
+        pager = self.load()
         return pager.zeros(shape, dtype, device) if pager else torch.zeros(shape, dtype=dtype, device=device)
 
     def prefetch(self, tensors: Iterable[torch.Tensor], device: torch.device) -> None:
         tensors = list(tensors)
-        if tensors and self._load():
-            self._pager.prefetch(tensors, device)
+        if tensors and self.load():
+            self.pager.prefetch(tensors, device)
 
     def synchronize(self, device: torch.device) -> None:
-        if self._pager is not None:
-            self._pager.synchronize(device)
+        if self.pager is not None:
+            self.pager.synchronize(device)
 
 
-def install() -> None:
-    """Make CUDA managed memory the pager of ``"cuda"`` tensors (done on ``import qoptim``)."""
-    paging.register_pager("cuda", _LazyCudaPager())
-
-
-install()
+# This module is the pager that qoptim.paging registers for "cuda" (by its path, imported on
+# first use): its three functions are the one LazyCudaPager's.
+PAGER = LazyCudaPager()
+zeros, prefetch, synchronize = PAGER.zeros, PAGER.prefetch, PAGER.synchronize
