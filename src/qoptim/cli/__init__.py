@@ -1,4 +1,10 @@
-"""The `qoptim` command: demo (default), memory, bench."""
+"""The `qoptim` command: demo (default), memory, bench.
+
+Modules:
+    __init__.py  main(): the argument parsing and the user's errors, each command's entry
+    demo.py      `qoptim demo`: a small GPT trained with several optimizers, compared in a table and a plot
+    memory.py    `qoptim memory`: a model's optimizer-state memory and the GPUs its training state fits on
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,10 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from . import demo, memory
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -35,24 +45,24 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qoptim", description="Memory-efficient 8-bit optimizers for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train a small GPT with several optimizers and compare them (default)")
-    demo.add_argument("--steps", type=_positive_int, default=300, help="training steps per optimizer (default 300)")
-    demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    demo.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
-    demo.add_argument("--out", type=Path, default=Path("out"), help="folder for the loss plot (default ./out)")
-    demo.add_argument("--optimizers", default="torch_adamw,adamw8bit,pagedadamw8bit", help="comma-separated names")
-    demo.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory is then shared)")
-    demo.set_defaults(run=_demo)
+    command = sub.add_parser("demo", help="train a small GPT with several optimizers and compare them (default)")
+    command.add_argument("--steps", type=_positive_int, default=300, help="training steps per optimizer (default 300)")
+    command.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    command.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
+    command.add_argument("--out", type=Path, default=Path("out"), help="folder for the loss plot (default ./out)")
+    command.add_argument("--optimizers", default="torch_adamw,adamw8bit,pagedadamw8bit", help="comma-separated names")
+    command.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory is then shared)")
+    command.set_defaults(run=_demo)
 
-    memory = sub.add_parser("memory", help="optimizer-state memory of a model and the GPUs it fits on")
-    memory.add_argument("model_spec", metavar="MODEL_SPEC", help="a parameter count (7B, 350M) or a config.json path")
-    memory.add_argument("--bytes-per-weight", type=int, choices=(2, 4), default=2, help="2 for bf16/fp16 training, 4 for fp32")
-    memory.add_argument("--min-8bit-size", type=_positive_int, default=4096)
-    memory.set_defaults(run=_memory)
+    command = sub.add_parser("memory", help="optimizer-state memory of a model and the GPUs it fits on")
+    command.add_argument("model_spec", metavar="MODEL_SPEC", help="a parameter count (7B, 350M) or a config.json path")
+    command.add_argument("--bytes-per-weight", type=int, choices=(2, 4), default=2, help="2 for bf16/fp16 training, 4 for fp32")
+    command.add_argument("--min-8bit-size", type=_positive_int, default=4096)
+    command.set_defaults(run=_memory)
 
-    bench = sub.add_parser("bench", help="run the benchmark tables of benchmarks/ on this machine")
-    bench.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
-    bench.set_defaults(run=_bench)
+    command = sub.add_parser("bench", help="run the benchmark tables of benchmarks/ on this machine")
+    command.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    command.set_defaults(run=_bench)
     return parser
 
 
@@ -67,10 +77,6 @@ def _positive_int(text: str) -> int:
 
 
 def _demo(args) -> int:
-    import torch
-
-    from .demo import default_threads, optimizer_names, run_demo
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
@@ -81,24 +87,22 @@ def _demo(args) -> int:
     if parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"the demo runs on cpu or cuda, not {device!r}")
     names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
-    known = optimizer_names()
+    known = demo.optimizer_names()
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"unknown optimizer {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
-    default_threads()
-    run_demo(names, args.steps, device, DTYPES[args.dtype], args.out, isolate=not args.no_isolate)
+    demo.default_threads()
+    demo.run_demo(names, args.steps, device, DTYPES[args.dtype], args.out, isolate=not args.no_isolate)
     return 0
 
 
 def _memory(args) -> int:
-    from .memory import report
-
-    print(report(args.model_spec, args.bytes_per_weight, args.min_8bit_size))
+    print(memory.report(args.model_spec, args.bytes_per_weight, args.min_8bit_size))
     return 0
 
 
 def _bench(args) -> int:
-    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    folder = Path(__file__).resolve().parents[3] / "benchmarks"  # src/qoptim/cli/__init__.py -> the checkout
     scripts = sorted(folder.glob("step_*.py"))
     if not scripts:
         raise RuntimeError(f"no benchmark scripts found in {folder} (they live in qoptim's source checkout)")
@@ -109,6 +113,3 @@ def _bench(args) -> int:
             return result.returncode
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

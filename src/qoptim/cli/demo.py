@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import optim
+
 CORPUS_FILES = ["textwrap.py", "string.py", "difflib.py", "argparse.py", "functools.py", "dataclasses.py", "inspect.py"]
 VOCAB = 128  # ASCII; other bytes become "?"
 
@@ -102,14 +104,10 @@ def batches(data: torch.Tensor, batch: int, context: int, generator: torch.Gener
 
 
 def optimizer_names() -> list[str]:
-    from . import optim
-
     return ["torch_adamw"] + sorted(name.lower() for name in optim.__all__ if name[0].isupper() and "Optimizer" not in name and name != "GlobalOptimManager")
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    from . import optim
-
     if name == "torch_adamw":
         return torch.optim.AdamW(params, lr=lr)
     classes = {cls.lower(): getattr(optim, cls) for cls in optim.__all__}
@@ -225,14 +223,14 @@ def train_in_child(config: RunConfig) -> RunResult:
     queue = ctx.Queue()
     child = ctx.Process(target=_child, args=(asdict(config), queue))
     child.start()
-    status, payload = _wait_for_result(child, queue)
+    status, payload = wait_for_result(child, queue)
     child.join()
     if status != "ok":
         raise RuntimeError(f"training with {config.optimizer} failed: {payload}")
     return RunResult(**payload)
 
 
-def _wait_for_result(child, queue) -> tuple[str, object]:
+def wait_for_result(child, queue) -> tuple[str, object]:
     """The child's message; a child that dies without one (killed, out of memory, a crash in
     native code) is reported instead of waited on forever."""
     while True:

@@ -14,7 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-BLOCK = 256
+from ..paging import PAGED_MIN_NUMEL
+from ..quant.blockwise import BLOCK
+
 GPUS = [("24 GB (RTX 4090)", 24), ("40 GB (A100)", 40), ("48 GB (L40S)", 48), ("80 GB (H100)", 80), ("141 GB (H200)", 141)]
 SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -89,9 +91,9 @@ def estimate(sizes: list[int], min_8bit_size: int = 4096) -> list[Estimate]:
     small = n - sum(big)
     quantized = sum(2 * s + 8 * math.ceil(s / BLOCK) for s in big)
     eight = Estimate("Adam8bit / AdamW8bit", quantized + 8 * small, quantized + 8 * small)
-    # Paged buffers (state1/state2 of tensors >= 1e5 elements) can be evicted to host memory;
-    # scales and small tensors' states stay on the GPU.
-    pageable = sum(2 * s for s in big if s >= 100_000)
+    # Paged buffers (state1/state2 of tensors of PAGED_MIN_NUMEL elements or more) can be evicted
+    # to host memory; scales and small tensors' states stay on the GPU.
+    pageable = sum(2 * s for s in big if s >= PAGED_MIN_NUMEL)
     paged = Estimate("PagedAdamW8bit", eight.state_bytes, eight.state_bytes - pageable)
     return [fp32, eight, paged]
 
