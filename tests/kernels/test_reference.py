@@ -42,11 +42,11 @@ def test_chunk_size_does_not_change_results(layout, monkeypatch):
 
 
 @pytest.fixture
-def fake_fused_backend(monkeypatch):
+def fake_fused_backend():
     """A fused backend registered for the meta device whose module cannot be imported."""
-    monkeypatch.setitem(kernels._FUSED, "meta", "nowhere.to.be.found")
-    monkeypatch.setattr(kernels, "_loaded", {})
-    return torch.device("meta")
+    kernels.register("meta", "nowhere.to.be.found")
+    yield torch.device("meta")
+    kernels.unregister("meta")
 
 
 def test_reference_can_be_forced(monkeypatch, fake_fused_backend):

@@ -26,7 +26,7 @@ import torch
 from . import reference
 from .types import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot, UpdateResult
 
-__all__ = ["BLOCK", "WHOLE_TENSOR", "Hyper", "Job", "StateSlot", "UpdateResult", "backend_for", "register", "update", "update_many"]
+__all__ = ["BLOCK", "WHOLE_TENSOR", "Hyper", "Job", "StateSlot", "UpdateResult", "backend_for", "register", "unregister", "update", "update_many"]
 
 # device type -> module path of its fused backend, imported on first use
 _FUSED: dict[str, str] = {}
@@ -36,6 +36,12 @@ _loaded: dict[str, Any] = {}
 def register(device_type: str, module_path: str) -> None:
     """Make ``module_path`` the fused backend for tensors on ``device_type``."""
     _FUSED[device_type] = module_path
+    _loaded.pop(device_type, None)
+
+
+def unregister(device_type: str) -> None:
+    """Give tensors on ``device_type`` the reference backend again (e.g. after a test's fake backend)."""
+    _FUSED.pop(device_type, None)
     _loaded.pop(device_type, None)
 
 
