@@ -51,7 +51,7 @@ def test_cuda_pager_is_registered_and_lazy():
     pager = paging.pager_for(torch.device("cuda"))
     assert pager is cuda and isinstance(cuda.PAGER, cuda.LazyCudaPager)
     pager.prefetch([], torch.device("cuda"))  # nothing to do: loads nothing
-    assert cuda.PAGER.pager is None or torch.cuda.is_available()
+    assert cuda.PAGER.loaded is None or torch.cuda.is_available()
 
 
 def test_importing_qoptim_imports_no_pager():

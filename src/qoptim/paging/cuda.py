@@ -212,19 +212,19 @@ class LazyCudaPager:
     build of torch, a missing library), paged buffers are ordinary ones, with one warning."""
 
     def __init__(self):
-        self.pager: ManagedPager | None = None  # once loaded
+        self.loaded: ManagedPager | None = None
         self.failed = False
 
     def load(self) -> ManagedPager | None:
-        if self.pager is None and not self.failed:
+        if self.loaded is None and not self.failed:
             try:
                 if torch.version.cuda is None:
                     raise OSError("this torch build has no CUDA runtime")
-                self.pager = ManagedPager(CudaRuntime())
+                self.loaded = ManagedPager(CudaRuntime())
             except (OSError, AttributeError, RuntimeError) as e:
                 self.failed = True
                 warnings.warn(f"qoptim: paged optimizer states are unavailable ({e}); using ordinary GPU memory", RuntimeWarning)
-        return self.pager
+        return self.loaded
 
     def zeros(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         pager = self.load()
@@ -233,11 +233,11 @@ class LazyCudaPager:
     def prefetch(self, tensors: Iterable[torch.Tensor], device: torch.device) -> None:
         tensors = list(tensors)
         if tensors and self.load():
-            self.pager.prefetch(tensors, device)
+            self.loaded.prefetch(tensors, device)
 
     def synchronize(self, device: torch.device) -> None:
-        if self.pager is not None:
-            self.pager.synchronize(device)
+        if self.loaded is not None:
+            self.loaded.synchronize(device)
 
 
 # This module is the pager that qoptim.paging registers for "cuda" (by its path, imported on
