@@ -1,58 +1,40 @@
-"""The update rules of the Triton kernels: per-element math on float32 tiles, and the host-side
-constants each rule reads.
+"""Each update rule's per-element math on float32 tiles, and ``apply_rule``, which picks one.
 
-Device side: one ``@triton.jit`` function per rule of the reference (``reference.RULES``), in
-exactly its order of float operations, with division and square root correctly rounded
-(``div_rn`` / ``sqrt_rn``: plain ``/`` and ``tl.sqrt`` are approximate on the GPU).
-``apply_rule`` picks one by the kernel's ``RULE`` switch (a compile-time constant), as
-``cpu._math`` does for the Numba kernels.
+One ``@triton.jit`` function per math of ``kernels.rules.MATHS`` (LARS runs momentum's), in
+exactly the reference's order of float operations (``reference.MATHS``), with division and square
+root correctly rounded (``div_rn`` / ``sqrt_rn``: plain ``/`` and ``tl.sqrt`` are approximate on
+the GPU). ``apply_rule`` picks one by the kernel's ``RULE`` switch, a compile-time constant made
+from ``RuleSpec.math`` by ``MATH_SWITCH``.
 
-Host side: ``FAMILIES`` maps a rule name to its switch, its number of states, and the function
-of a ``Hyper`` that gives its ``Scalars``: the kernel's float arguments, each computed in double
-exactly as the reference writes it; the launch rounds each to float32, as torch rounds a
-Python scalar operand.
+Everything else about a rule (its states, weight decay, trust ratio, and the float constants it
+reads, ``rules.Scalars``) is ``kernels.rules``'; the launch side is ``launch``.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, NamedTuple
-
 import triton
 import triton.language as tl
 
-from .types import Hyper
+from ..rules import MATHS, Decay
 
-# The rules, a compile-time switch of the kernels (LARS is MOMENTUM with a trust ratio).
+# The per-element math, a compile-time switch of the kernels (LARS is MOMENTUM with a trust ratio).
 ADAM, ADEMAMIX, LION, MOMENTUM, RMSPROP, ADAGRAD, LAMB = (tl.constexpr(i) for i in range(7))
 
-# Weight decay, a compile-time switch: none, added to the gradient (L2), or applied to the parameter.
-NO_DECAY, L2_DECAY, DECOUPLED_DECAY = (tl.constexpr(i) for i in range(3))
+# RuleSpec.math -> the RULE switch.
+MATH_SWITCH: dict[str, int] = {
+    "adam": ADAM.value,
+    "ademamix": ADEMAMIX.value,
+    "lion": LION.value,
+    "momentum": MOMENTUM.value,
+    "rmsprop": RMSPROP.value,
+    "adagrad": ADAGRAD.value,
+    "lamb": LAMB.value,
+}
+assert set(MATH_SWITCH) == set(MATHS), "the Triton kernels must cover kernels.rules.MATHS exactly"
 
-
-class Scalars(NamedTuple):
-    """The kernels' float arguments, in their order; a rule reads only its own, the rest keep
-    these defaults."""
-
-    beta1: float = 0.0  # RMSprop: its alpha
-    one_minus_beta1: float = 0.0
-    beta2: float = 0.0
-    one_minus_beta2: float = 0.0
-    beta3: float = 0.0  # AdEMAMix
-    one_minus_beta3: float = 0.0
-    alpha: float = 0.0  # AdEMAMix
-    eps: float = 0.0
-    weight_decay: float = 0.0
-    decay_factor: float = 1.0  # 1 - lr * weight_decay (decoupled decay)
-    step_size: float = 0.0  # the learning rate the update is multiplied by (Adam: bias-corrected)
-    bias_correction1: float = 1.0  # AdEMAMix, LAMB
-    bias_correction2: float = 1.0  # LAMB
-    bias_correction2_sqrt: float = 1.0  # Adam, AdEMAMix
-    one_minus_dampening: float = 1.0  # SGD, LARS
-    gnorm_scale: float = 1.0  # percentile clipping's gradient multiplier (every rule)
-
-
-# ---- device side: the rules ----------------------------------------------------------------
+# Weight decay, a compile-time switch with the values of rules.Decay: none, added to the gradient
+# (L2), or applied to the parameter (LAMB: added to its direction).
+NO_DECAY, L2_DECAY, DECOUPLED_DECAY = (tl.constexpr(int(d)) for d in (Decay.NONE, Decay.L2, Decay.DECOUPLED))
 
 
 @triton.jit
@@ -158,7 +140,9 @@ def apply_rule(p, g, s0, s1, s2, trust_factor,
                RULE: tl.constexpr, DECAY: tl.constexpr, TRUST: tl.constexpr, NESTEROV: tl.constexpr,
                FIRST_STEP: tl.constexpr):  # fmt: skip
     """New (p, s0, s1, s2) of one tile by ``RULE``; states past the rule's count come back as
-    they came. ``trust_factor``: LARS's trust ratio, or LAMB's lr * trust ratio."""
+    they came. ``trust_factor``: LARS's trust ratio, or LAMB's lr * trust ratio, both made on the
+    device (``trust``); LAMB never reads ``step_size`` (``rules.lamb_scalars``' lr * ratio, for a
+    backend that knows the ratio on the host)."""
     if RULE == ADAM:
         p, s0, s1 = _adam(p, g, s0, s1, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
                           step_size, bias_correction2_sqrt, DECAY)  # fmt: skip
@@ -181,105 +165,3 @@ def apply_rule(p, g, s0, s1, s2, trust_factor,
                                            bias_correction1, bias_correction2, DECAY)  # fmt: skip
         p = p - direction * trust_factor
     return p, s0, s1, s2
-
-
-# ---- host side: each rule's constants ------------------------------------------------------
-
-
-def _moment_rates(hp: Hyper) -> dict[str, float]:
-    """The two moments' decay rates and their complements, as the rules with two moments take them."""
-    return dict(beta1=hp.beta1, one_minus_beta1=1.0 - hp.beta1, beta2=hp.beta2, one_minus_beta2=1.0 - hp.beta2)
-
-
-def _adam_scalars(hp: Hyper) -> Scalars:
-    return Scalars(
-        **_moment_rates(hp),
-        eps=hp.eps,
-        weight_decay=hp.weight_decay,
-        decay_factor=1.0 - hp.lr * hp.weight_decay,
-        step_size=hp.lr / (1.0 - hp.beta1**hp.step),
-        bias_correction2_sqrt=math.sqrt(1.0 - hp.beta2**hp.step),
-    )
-
-
-def _ademamix_scalars(hp: Hyper) -> Scalars:
-    return Scalars(
-        **_moment_rates(hp),
-        beta3=hp.beta3,
-        one_minus_beta3=1.0 - hp.beta3,
-        alpha=hp.alpha,
-        eps=hp.eps,
-        decay_factor=1.0 - hp.lr * hp.weight_decay,
-        step_size=hp.lr,
-        bias_correction1=1.0 - hp.beta1**hp.step,
-        bias_correction2_sqrt=math.sqrt(1.0 - hp.beta2**hp.step),
-    )
-
-
-def _lion_scalars(hp: Hyper) -> Scalars:
-    return Scalars(
-        **_moment_rates(hp),
-        decay_factor=1.0 - hp.lr * hp.weight_decay,
-        step_size=hp.lr,
-    )
-
-
-def _momentum_scalars(hp: Hyper) -> Scalars:
-    return Scalars(beta1=hp.momentum, weight_decay=hp.weight_decay, one_minus_dampening=1.0 - hp.dampening, step_size=hp.lr)
-
-
-def _rmsprop_scalars(hp: Hyper) -> Scalars:
-    return Scalars(beta1=hp.smoothing, one_minus_beta1=1.0 - hp.smoothing, eps=hp.eps, weight_decay=hp.weight_decay, step_size=hp.lr)
-
-
-def _adagrad_scalars(hp: Hyper) -> Scalars:
-    return Scalars(eps=hp.eps, weight_decay=hp.weight_decay, step_size=hp.lr / (1.0 + (hp.step - 1) * hp.lr_decay))
-
-
-def _lamb_scalars(hp: Hyper) -> Scalars:
-    return Scalars(
-        **_moment_rates(hp),
-        eps=hp.eps,
-        weight_decay=hp.weight_decay,
-        bias_correction1=1.0 - hp.beta1**hp.step if hp.bias_correction else 1.0,
-        bias_correction2=1.0 - hp.beta2**hp.step if hp.bias_correction else 1.0,
-    )  # the step size is lr * trust ratio, made on the device (triton_trust)
-
-
-class Family(NamedTuple):
-    """What the host needs to know of a rule to launch it."""
-
-    rule: int  # the RULE switch
-    states: int
-    scalars: Callable[[Hyper], Scalars]
-    decay: str  # which weight decay the rule applies: "l2", "decoupled", or "either" (by Hyper.decoupled)
-    trust: bool = False  # a layer-wise trust ratio (LAMB, LARS), from a norm pre-pass
-
-
-FAMILIES: dict[str, Family] = {
-    "adam": Family(ADAM.value, 2, _adam_scalars, "either"),
-    "ademamix": Family(ADEMAMIX.value, 3, _ademamix_scalars, "decoupled"),
-    "lion": Family(LION.value, 1, _lion_scalars, "decoupled"),
-    "momentum": Family(MOMENTUM.value, 1, _momentum_scalars, "l2"),
-    "lars": Family(MOMENTUM.value, 1, _momentum_scalars, "l2", trust=True),
-    "rmsprop": Family(RMSPROP.value, 1, _rmsprop_scalars, "l2"),
-    "adagrad": Family(ADAGRAD.value, 1, _adagrad_scalars, "l2"),
-    "lamb": Family(LAMB.value, 2, _lamb_scalars, "either", trust=True),
-}
-
-
-def switches(family: Family, hp: Hyper) -> dict[str, int | bool]:
-    """The rule's compile-time switches for this step. Momentum's first-step and Nesterov
-    switches are set for momentum only, so that no other rule compiles twice."""
-    decay = NO_DECAY
-    if hp.weight_decay:
-        decoupled = family.decay == "decoupled" or (family.decay == "either" and hp.decoupled)
-        decay = DECOUPLED_DECAY if decoupled else L2_DECAY
-    momentum = family.rule == MOMENTUM.value
-    return dict(
-        RULE=family.rule,
-        DECAY=decay.value,
-        TRUST=family.trust,
-        NESTEROV=momentum and bool(hp.nesterov),
-        FIRST_STEP=momentum and hp.step == 1,
-    )
