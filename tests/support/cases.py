@@ -29,7 +29,9 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def fresh(rule: str, n: int, layout: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[StateSlot]]:
+def fresh(
+    rule: str, n: int, layout: str, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, list[StateSlot]]:
     """A random parameter of ``n`` elements and zero states of ``rule`` in ``layout``."""
     p = (torch.randn(n, device=device) * 0.1).to(dtype)
     signed = rules.RULES[rule].signed
@@ -77,8 +79,9 @@ def _lion(step: int, common: dict) -> Hyper:
     return Hyper(lr=1e-4, beta1=0.9, beta2=0.99, **common)
 
 
-def _momentum(step: int, common: dict) -> Hyper:  # SGD: dampening on odd steps (the first must ignore it), Nesterov on even ones
-    return Hyper(lr=1e-2, beta1=0.0, beta2=0.0, momentum=0.9, nesterov=step % 2 == 0, dampening=0.1 if step % 2 else 0.0, **common)
+def _momentum(step: int, common: dict) -> Hyper:  # SGD: dampening on odd steps (the first must ignore it), Nesterov on even
+    dampening = 0.1 if step % 2 else 0.0
+    return Hyper(lr=1e-2, beta1=0.0, beta2=0.0, momentum=0.9, nesterov=step % 2 == 0, dampening=dampening, **common)
 
 
 def _lars(step: int, common: dict) -> Hyper:  # dampening, and a trust coefficient
@@ -93,7 +96,7 @@ def _adagrad(step: int, common: dict) -> Hyper:
     return Hyper(lr=1e-2, beta1=0.0, beta2=0.0, lr_decay=0.01, **common)
 
 
-def _lamb(step: int, common: dict) -> Hyper:  # decoupled decay on odd steps; no bias correction on step 2; a cap that binds on 3 and 5
+def _lamb(step: int, common: dict) -> Hyper:  # decoupled decay on odd steps; no bias correction on step 2; a cap binding on 3, 5
     caps = {3: 0.05, 4: 10.0, 5: 0.05}
     return Hyper(lr=1e-3, beta1=0.9, beta2=0.999, bias_correction=step != 2, max_unorm=caps.get(step, 0.0),
                  **{**common, "decoupled": step % 2 == 1})  # fmt: skip

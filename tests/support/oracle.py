@@ -30,10 +30,13 @@ def assert_same(ours: torch.Tensor, theirs: torch.Tensor, where: str = "") -> No
     bits = _BITS[ours.element_size()]
     ours, theirs = ours[~nan], theirs[~nan]
     different = ours.view(bits) != theirs.view(bits)
-    assert not bool(different.any()), f"{where}: {int(different.sum())} differ, e.g. {ours[different][:3]} vs {theirs[different][:3]}"
+    examples = f"e.g. {ours[different][:3]} vs {theirs[different][:3]}"
+    assert not bool(different.any()), f"{where}: {int(different.sum())} differ, {examples}"
 
 
-def assert_same_state(p: torch.Tensor, slots: list[StateSlot], p_ref: torch.Tensor, slots_ref: list[StateSlot], where: str = "") -> None:
+def assert_same_state(
+    p: torch.Tensor, slots: list[StateSlot], p_ref: torch.Tensor, slots_ref: list[StateSlot], where: str = ""
+) -> None:
     """A parameter and its states, bit for bit: the parameter, each state's values, and the
     scales of the 8-bit ones."""
     assert_same(p, p_ref, f"{where} parameter")
