@@ -6,12 +6,10 @@ The modules, one idea each (what a rule is, its states, decay and float constant
 ``kernels.rules``', shared with every backend):
   * ``rules``: each rule's per-element math on the device, and ``apply_rule``;
   * ``block``: the one block kernel that dequantizes, applies a rule, requantizes;
-  * ``launch``: what a launch of it takes (layouts, pointers, a step's floats and switches, tile
-    height, the quantizer's search tables);
+  * ``launch``: what a launch takes: layouts, pointers, a step's floats and switches, search tables;
   * ``trust``: LAMB's and LARS's trust ratio, made on the device;
   * ``batch``: many small parameters in one launch;
-  * here: the seam (``supports``, ``update``, ``update_many``, ``grad_norm_sq``, ``trust_ratio``)
-    and ``Step``, the passes of one step.
+  * here: the seam (``supports``, ``update``, ``update_many``, ...) and ``Step``, a step's passes.
 
 Exactness against the reference (same IEEE float32 result for every element):
   * division and square root use the correctly rounded ``div_rn`` / ``sqrt_rn`` (plain ``/`` and
