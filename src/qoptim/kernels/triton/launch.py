@@ -9,7 +9,6 @@ rule's ``RULE`` (``rules.MATH_SWITCH``), compile-time constants.
 
 from __future__ import annotations
 
-import enum
 import math
 import os
 import weakref
@@ -18,7 +17,7 @@ import torch
 import triton
 
 from ...quant.maps import midpoints
-from ..rules import MAX_STATES, RuleSpec, switches
+from ..rules import MAX_STATES, RuleSpec, Switches, switches
 from ..types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
 from .block import BLOCKWISE_8BIT, FP32_STATES, WHOLE_TENSOR_8BIT
 from .rules import MATH_SWITCH
@@ -75,11 +74,16 @@ def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip
     return scalars, flags
 
 
+# The kernel's constexpr argument of each field of rules.Switches (checked in ``block``).
+SWITCH_ARGS = tuple(name.upper() for name in Switches._fields)
+
+
 def switch_flags(spec: RuleSpec, hp: Hyper) -> dict[str, int | bool]:
-    """``rules.switches`` as the kernel's constexpr arguments: each field upper-cased (checked
-    in ``block``), the decay mode as its int."""
-    chosen = switches(spec, hp)._asdict().items()
-    return {name.upper(): int(value) if isinstance(value, enum.IntEnum) else value for name, value in chosen}
+    """``rules.switches`` as the kernel's constexpr arguments, the decay mode as its int."""
+    chosen = switches(spec, hp)
+    flags = dict(zip(SWITCH_ARGS, chosen))
+    flags["DECAY"] = int(chosen.decay)
+    return flags
 
 
 def rows_per_program(n_blocks: int) -> int:
