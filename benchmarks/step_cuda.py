@@ -19,10 +19,11 @@ norms: not counted, so their GB/s is what one pass would need.
 
 The many-tensor rows time what a training loop sees: wall-clock ms of a step between two
 synchronizations, launches (host time) included. qoptim runs its 8-bit AdamW twice, as it does
-(small tensors of like kind in one launch: ``kernels.triton_batch``) and with one launch per
-tensor, to show what the batching saves; "us/tensor" is the step's time beyond that of the
+(small tensors of like kind in one launch: ``qoptim.kernels.triton.batch``) and with one launch
+per tensor, to show what the batching saves; "us/tensor" is the step's time beyond that of the
 same elements in one tensor (fused AdamW's time for one tensor of the model's size), per tensor.
 
+``--record FILE`` also writes every row as JSON (``scripts/gpu-check.sh`` summarizes them).
 Without CUDA it prints why and exits with status 0.
 """
 
@@ -30,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
 import time
 
 import torch
+
+from qoptim.kernels.rules import RULES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {"16.7M": 4096 * 4096, "268M": 16384 * 16384}
@@ -74,12 +78,13 @@ def torch_fused(params):
     return torch.optim.AdamW(params, lr=1e-3, fused=True)
 
 
-def states_8bit(count: int) -> float:
-    return count * (1 + 4 / 256)
+def states_8bit(rule: str) -> float:
+    """Bytes per parameter of ``rule``'s states, 8-bit: a code each, and an fp32 scale per 256."""
+    return RULES[rule].states * (1 + 4 / 256)
 
 
-def states_32bit(count: int) -> float:
-    return count * 4.0
+def states_32bit(rule: str) -> float:
+    return RULES[rule].states * 4.0
 
 
 YARDSTICK = "torch AdamW fused (fp32 states)"
@@ -88,47 +93,47 @@ MOMENTUM = dict(momentum=0.9)
 # family -> its contestants; each family's rows: qoptim 8-bit and 32-bit (Triton), bitsandbytes 8-bit
 FAMILIES = {
     "adamw": {
-        "qoptim AdamW8bit (Triton)": (qoptim_opt("AdamW8bit"), states_8bit(2)),
-        "qoptim PagedAdamW8bit (Triton)": (qoptim_opt("PagedAdamW8bit"), states_8bit(2)),
-        "qoptim AdamW32bit (Triton)": (qoptim_opt("AdamW32bit"), states_32bit(2)),
-        "qoptim PagedAdamW32bit (Triton)": (qoptim_opt("PagedAdamW32bit"), states_32bit(2)),
-        "bitsandbytes AdamW8bit": (bnb_opt("AdamW8bit"), states_8bit(2)),
-        "bitsandbytes PagedAdamW8bit": (bnb_opt("PagedAdamW8bit"), states_8bit(2)),
+        "qoptim AdamW8bit (Triton)": (qoptim_opt("AdamW8bit"), states_8bit("adam")),
+        "qoptim PagedAdamW8bit (Triton)": (qoptim_opt("PagedAdamW8bit"), states_8bit("adam")),
+        "qoptim AdamW32bit (Triton)": (qoptim_opt("AdamW32bit"), states_32bit("adam")),
+        "qoptim PagedAdamW32bit (Triton)": (qoptim_opt("PagedAdamW32bit"), states_32bit("adam")),
+        "bitsandbytes AdamW8bit": (bnb_opt("AdamW8bit"), states_8bit("adam")),
+        "bitsandbytes PagedAdamW8bit": (bnb_opt("PagedAdamW8bit"), states_8bit("adam")),
     },
     "ademamix": {
-        "qoptim AdEMAMix8bit (Triton)": (qoptim_opt("AdEMAMix8bit"), states_8bit(3)),
-        "qoptim AdEMAMix32bit (Triton)": (qoptim_opt("AdEMAMix32bit"), states_32bit(3)),
-        "bitsandbytes AdEMAMix8bit": (bnb_opt("AdEMAMix8bit"), states_8bit(3)),
+        "qoptim AdEMAMix8bit (Triton)": (qoptim_opt("AdEMAMix8bit"), states_8bit("ademamix")),
+        "qoptim AdEMAMix32bit (Triton)": (qoptim_opt("AdEMAMix32bit"), states_32bit("ademamix")),
+        "bitsandbytes AdEMAMix8bit": (bnb_opt("AdEMAMix8bit"), states_8bit("ademamix")),
     },
     "lion": {
-        "qoptim Lion8bit (Triton)": (qoptim_opt("Lion8bit", lr=1e-4), states_8bit(1)),
-        "qoptim Lion32bit (Triton)": (qoptim_opt("Lion32bit", lr=1e-4), states_32bit(1)),
-        "bitsandbytes Lion8bit": (bnb_opt("Lion8bit", lr=1e-4), states_8bit(1)),
+        "qoptim Lion8bit (Triton)": (qoptim_opt("Lion8bit", lr=1e-4), states_8bit("lion")),
+        "qoptim Lion32bit (Triton)": (qoptim_opt("Lion32bit", lr=1e-4), states_32bit("lion")),
+        "bitsandbytes Lion8bit": (bnb_opt("Lion8bit", lr=1e-4), states_8bit("lion")),
     },
     "sgd": {
-        "qoptim SGD8bit (Triton)": (qoptim_opt("SGD8bit", **MOMENTUM), states_8bit(1)),
-        "qoptim SGD32bit (Triton)": (qoptim_opt("SGD32bit", **MOMENTUM), states_32bit(1)),
-        "bitsandbytes SGD8bit": (bnb_opt("SGD8bit", **MOMENTUM), states_8bit(1)),
+        "qoptim SGD8bit (Triton)": (qoptim_opt("SGD8bit", **MOMENTUM), states_8bit("momentum")),
+        "qoptim SGD32bit (Triton)": (qoptim_opt("SGD32bit", **MOMENTUM), states_32bit("momentum")),
+        "bitsandbytes SGD8bit": (bnb_opt("SGD8bit", **MOMENTUM), states_8bit("momentum")),
     },
     "lars": {
-        "qoptim LARS8bit (Triton)": (qoptim_opt("LARS8bit", **MOMENTUM), states_8bit(1)),
-        "qoptim LARS32bit (Triton)": (qoptim_opt("LARS32bit", **MOMENTUM), states_32bit(1)),
-        "bitsandbytes LARS8bit": (bnb_opt("LARS8bit", **MOMENTUM), states_8bit(1)),
+        "qoptim LARS8bit (Triton)": (qoptim_opt("LARS8bit", **MOMENTUM), states_8bit("lars")),
+        "qoptim LARS32bit (Triton)": (qoptim_opt("LARS32bit", **MOMENTUM), states_32bit("lars")),
+        "bitsandbytes LARS8bit": (bnb_opt("LARS8bit", **MOMENTUM), states_8bit("lars")),
     },
     "rmsprop": {
-        "qoptim RMSprop8bit (Triton)": (qoptim_opt("RMSprop8bit"), states_8bit(1)),
-        "qoptim RMSprop32bit (Triton)": (qoptim_opt("RMSprop32bit"), states_32bit(1)),
-        "bitsandbytes RMSprop8bit": (bnb_opt("RMSprop8bit"), states_8bit(1)),
+        "qoptim RMSprop8bit (Triton)": (qoptim_opt("RMSprop8bit"), states_8bit("rmsprop")),
+        "qoptim RMSprop32bit (Triton)": (qoptim_opt("RMSprop32bit"), states_32bit("rmsprop")),
+        "bitsandbytes RMSprop8bit": (bnb_opt("RMSprop8bit"), states_8bit("rmsprop")),
     },
     "adagrad": {
-        "qoptim Adagrad8bit (Triton)": (qoptim_opt("Adagrad8bit"), states_8bit(1)),
-        "qoptim Adagrad32bit (Triton)": (qoptim_opt("Adagrad32bit"), states_32bit(1)),
-        "bitsandbytes Adagrad8bit": (bnb_opt("Adagrad8bit"), states_8bit(1)),
+        "qoptim Adagrad8bit (Triton)": (qoptim_opt("Adagrad8bit"), states_8bit("adagrad")),
+        "qoptim Adagrad32bit (Triton)": (qoptim_opt("Adagrad32bit"), states_32bit("adagrad")),
+        "bitsandbytes Adagrad8bit": (bnb_opt("Adagrad8bit"), states_8bit("adagrad")),
     },
     "lamb": {
-        "qoptim LAMB8bit (Triton)": (qoptim_opt("LAMB8bit"), states_8bit(2)),
-        "qoptim LAMB32bit (Triton)": (qoptim_opt("LAMB32bit"), states_32bit(2)),
-        "bitsandbytes LAMB8bit": (bnb_opt("LAMB8bit"), states_8bit(2)),
+        "qoptim LAMB8bit (Triton)": (qoptim_opt("LAMB8bit"), states_8bit("lamb")),
+        "qoptim LAMB32bit (Triton)": (qoptim_opt("LAMB32bit"), states_32bit("lamb")),
+        "bitsandbytes LAMB8bit": (bnb_opt("LAMB8bit"), states_8bit("lamb")),
     },
 }
 UNPAGED_TWIN = {"qoptim PagedAdamW8bit (Triton)": "qoptim AdamW8bit (Triton)",
@@ -185,11 +190,19 @@ def time_steps(make, shapes: list[tuple[int, ...]], dtype: torch.dtype, steps: i
         torch.cuda.empty_cache()
 
 
-def run(sizes: list[int], dtypes: list[str], families: list[str], steps: int, warmup: int) -> None:
+def record(records: list[dict], name: str, shape: str, dtype_name: str, ms: float | str, fused: float | None) -> None:
+    """One row for ``--record``: ms per step and the ratio to the yardstick, or why it did not run."""
+    measured = isinstance(ms, float)
+    ratio = ms / fused if measured and fused else None
+    records.append(dict(optimizer=name, shape=shape, dtype=dtype_name, ms=ms if measured else None, vs_fused=ratio,
+                        note=None if measured else ms))  # fmt: skip
+
+
+def run(sizes: list[int], dtypes: list[str], families: list[str], steps: int, warmup: int, records: list[dict]) -> None:
     header = f"{'optimizer':34} {'size':>6} {'dtype':>5} {'ms/step':>9} {'vs fused':>9} {'GB/s':>8} {'paging':>9}"
     print(header)
     print("-" * len(header))
-    contestants = {YARDSTICK: (torch_fused, states_32bit(2))}
+    contestants = {YARDSTICK: (torch_fused, states_32bit("adam"))}
     for family in families:
         contestants.update(FAMILIES[family])
     for n in sizes:
@@ -201,6 +214,7 @@ def run(sizes: list[int], dtypes: list[str], families: list[str], steps: int, wa
                 if isinstance(ms, float):
                     results[name] = ms
                 print(row(name, n, dtype_name, ms, results, state_bytes, dtype), flush=True)
+                record(records, name, f"{n / 1e6:.1f}M", dtype_name, ms, results.get(YARDSTICK))
             print()
 
 
@@ -231,17 +245,26 @@ def gpt2_shapes(width: int = 768, layers: int = 12, vocab: int = 50257, context:
 MODELS = {"gpt2-small": gpt2_shapes()}
 
 
+class OneLaunchPerTensor:
+    """An optimizer whose steps launch one kernel per tensor: for the step's duration the Triton
+    backend batches nothing (no tensor is below a batch limit of 0)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def step(self):
+        from qoptim.kernels.triton import batch  # (triton: an optional dependency)
+
+        limit, batch.BATCH_LIMIT = batch.BATCH_LIMIT, 0
+        try:
+            self.opt.step()
+        finally:
+            batch.BATCH_LIMIT = limit
+
+
 def one_launch_per_tensor(make):
     """The optimizer ``make`` builds, updating its tensors one launch each (no batching)."""
-
-    def make_unbatched(params):
-        from qoptim.optim.optimizer import Optimizer8bit
-
-        opt = make(params)
-        opt._update_all = lambda work: Optimizer8bit._update_all(opt, work)
-        return opt
-
-    return make_unbatched
+    return lambda params: OneLaunchPerTensor(make(params))
 
 
 MANY_CONTESTANTS = {
@@ -253,7 +276,7 @@ MANY_CONTESTANTS = {
 }
 
 
-def run_model(model: str, dtypes: list[str], steps: int, warmup: int) -> None:
+def run_model(model: str, dtypes: list[str], steps: int, warmup: int, records: list[dict]) -> None:
     shapes = MODELS[model]
     n = sum(torch.Size(s).numel() for s in shapes)
     header = f"{'optimizer':34} {'model':>10} {'dtype':>5} {'ms/step':>9} {'vs fused':>9} {'us/tensor':>10}"
@@ -267,6 +290,7 @@ def run_model(model: str, dtypes: list[str], steps: int, warmup: int) -> None:
         for name, make in MANY_CONTESTANTS.items():
             ms = time_steps(make, shapes, dtype, steps, warmup, wall_ms)
             label = f"{name:34} {model:>10} {dtype_name:>5}"
+            record(records, name, model, dtype_name, ms, fused or (ms if isinstance(ms, float) else None))
             if isinstance(ms, str):
                 print(f"{label} {'n/a':>9}  {ms}", flush=True)
                 continue
@@ -284,15 +308,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", nargs="*", default=list(MODELS), choices=list(MODELS), help="many-tensor rows; none: skip")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--record", metavar="FILE", help="also write every row to FILE as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("step_cuda.py: no CUDA device here; nothing to measure.")
         return 0
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    if args.sizes:
-        run([parse_size(s) for s in args.sizes], args.dtypes, args.families, args.steps, args.warmup)
-    for model in args.model:
-        run_model(model, args.dtypes, args.steps, args.warmup)
+    records: list[dict] = []
+    try:
+        if args.sizes:
+            run([parse_size(s) for s in args.sizes], args.dtypes, args.families, args.steps, args.warmup, records)
+        for model in args.model:
+            run_model(model, args.dtypes, args.steps, args.warmup, records)
+    finally:  # the rows so far, even if a later one fails or time runs out
+        if args.record:
+            with open(args.record, "w") as out:
+                json.dump(dict(device=torch.cuda.get_device_name(), rows=records), out, indent=1)
     return 0
 
 

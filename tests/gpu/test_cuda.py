@@ -1,5 +1,6 @@
 """The CUDA backend on a real GPU: Triton kernels against the reference on the same device, and
-paged states in CUDA managed memory. Skipped without CUDA."""
+paged states in CUDA managed memory. Skipped without CUDA; ``bash scripts/gpu-check.sh`` runs it
+(and ``test_whole_gpu.py``, which needs the GPU to itself, alone after it)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,17 @@ import math
 
 import pytest
 import torch
+from support import RULES, copy_state, fresh
 
-from qoptim.kernels import rules as rule_table
 import qoptim
 from qoptim import kernels, paging
+from qoptim.kernels import reference, rules
+from qoptim.kernels.types import Hyper, Job
 from qoptim.paging import cuda as paging_cuda
-from qoptim.kernels import reference
-from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot
-from qoptim.quant.maps import signed_map, unsigned_map
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture
-def triton_backend():
-    pytest.importorskip("triton")
-    from qoptim.kernels import triton as tk
-
-    assert not tk.INTERPRETED, "TRITON_INTERPRET is set: these tests need compiled kernels"
-    return tk
 
 
 def test_cuda_tensors_use_the_triton_backend(triton_backend):
@@ -37,8 +28,6 @@ def test_cuda_tensors_use_the_triton_backend(triton_backend):
 
 
 # ---- kernels against the reference, on the GPU --------------------------------------------
-
-RULES = ("adam", "ademamix", "lion", "momentum", "lars", "rmsprop", "adagrad", "lamb")
 
 # Each rule's hyperparameters, its options on (the Hyper fields beyond eps, decay and step).
 RULE_HYPER = {
@@ -51,9 +40,7 @@ RULE_HYPER = {
     "adagrad": dict(lr=1e-2, beta1=0.0, beta2=0.0, lr_decay=0.01),
     "lamb": dict(lr=1e-3, beta1=0.9, beta2=0.999, max_unorm=1.0),
 }
-
-# Non-negative states take the unsigned map, as the optimizer classes do.
-UNSIGNED = {"adam": (1,), "rmsprop": (0,), "adagrad": (0,), "ademamix": (2,), "lamb": (1,)}
+assert set(RULE_HYPER) == set(rules.RULES)
 
 
 def _hyper(rule, step):
@@ -61,26 +48,6 @@ def _hyper(rule, step):
     clipping's gradient scale on odd steps."""
     return Hyper(eps=1e-8, weight_decay=0.01, step=step, decoupled=step % 2 == 1, gnorm_scale=0.5 if step % 2 else 1.0,
                  **RULE_HYPER[rule])  # fmt: skip
-
-
-def _fresh(rule, n, layout, dtype):
-    p = (torch.randn(n, device=CUDA) * 0.1).to(dtype)
-    count = rule_table.RULES[rule].states
-    if layout == "fp32":
-        return p, [StateSlot(torch.zeros(n, device=CUDA)) for _ in range(count)]
-    blocksize, scales = (BLOCK, math.ceil(n / BLOCK)) if layout == "blockwise" else (WHOLE_TENSOR, 1)
-    slots = []
-    for i in range(count):
-        code = unsigned_map(CUDA) if i in UNSIGNED.get(rule, ()) else signed_map(CUDA)
-        zero = int(torch.searchsorted(code, torch.tensor(0.0, device=CUDA)))
-        values = torch.full((n,), zero, dtype=torch.uint8, device=CUDA)
-        slots.append(StateSlot(values, code, torch.zeros(scales, device=CUDA), blocksize))
-    return p, slots
-
-
-def _copy(p, slots):
-    cloned = [StateSlot(s.values.clone(), s.code, None if s.absmax is None else s.absmax.clone(), s.blocksize) for s in slots]
-    return p.clone(), cloned
 
 
 def _assert_close_to_reference(p, p_ref, before, slots, slots_ref, n):
@@ -104,12 +71,12 @@ def _assert_close_to_reference(p, p_ref, before, slots, slots_ref, n):
 @pytest.mark.parametrize("rule", RULES)
 def test_kernel_matches_reference_on_device(triton_backend, rule, layout, dtype):
     for n in (1, 257, 4097, 1_000_003):
-        p_ref, slots_ref = _fresh(rule, n, layout, dtype)
+        p_ref, slots_ref = fresh(rule, n, layout, dtype, CUDA)
         for step in range(1, 6):
             g = (torch.randn(n, device=CUDA) * 0.01).to(dtype)
             g[(step * 997) % n] = math.nan
             hp = _hyper(rule, step)
-            p, slots = _copy(p_ref, slots_ref)
+            p, slots = copy_state(p_ref, slots_ref)
             before = p.clone()
             got = triton_backend.update(rule, p, g, slots, hp, True).skipped_blocks
             assert got == reference.update(rule, p_ref, g, slots_ref, hp, True).skipped_blocks == 1
@@ -121,11 +88,11 @@ def test_trust_ratio_on_device_matches_reference(triton_backend, rule, rel):
     """LARS's norms (of p and g) differ only in the order of their float64 sums; LAMB's direction
     also differs by an ulp here and there (torch's reciprocal-multiply division on CUDA)."""
     for layout in ("blockwise", "fp32"):
-        p, slots = _fresh(rule, 1_000_003, layout, torch.bfloat16)
+        p, slots = fresh(rule, 1_000_003, layout, torch.bfloat16, CUDA)
         for step in range(1, 4):
             g = (torch.randn(p.numel(), device=CUDA) * 0.01).bfloat16()
             hp = _hyper(rule, step)
-            expected = reference._trust_ratio(rule, p, g, slots, hp, True)
+            expected = reference.trust_ratio(rule, p, g, slots, hp, True)
             got = triton_backend.trust_ratio(rule, p, g, slots, hp, True)
             assert float(got.ratio) == pytest.approx(expected, rel=rel, abs=0)
             triton_backend.update(rule, p, g, slots, hp, True)
@@ -133,7 +100,7 @@ def test_trust_ratio_on_device_matches_reference(triton_backend, rule, rel):
 
 # ---- many small tensors in one launch --------------------------------------------------
 
-BATCHED_RULES = ("adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad")
+BATCHED_RULES = tuple(rule for rule in RULES if not rules.RULES[rule].trust)  # a trust ratio takes launches of its own
 
 
 def _small_tensors_step(rule, tensors, step):
@@ -149,7 +116,7 @@ def _small_tensors_step(rule, tensors, step):
 
 
 def _twin(job):
-    p, slots = _copy(job.p, job.slots)
+    p, slots = copy_state(job.p, job.slots)
     return job._replace(p=p, slots=slots)
 
 
@@ -162,12 +129,13 @@ def _bits(t):
 @pytest.mark.parametrize("rule", BATCHED_RULES)
 def test_batched_launch_matches_a_launch_per_tensor(triton_backend, monkeypatch, rule, layout, dtype):
     """The same tile code with the pointers from a table: bit for bit, skip counts included.
-    Each 8-bit state has a map of its own, as the optimizers give each CUDA parameter."""
-    from qoptim.kernels import triton_batch
+    Each 8-bit state has a map of its own (the optimizers share one per kind and device; other
+    callers may not): a batch reads each tensor's map from its table row."""
+    from qoptim.kernels.triton import batch
 
     launches = []
-    monkeypatch.setattr(triton_batch, "run", lambda jobs, run=triton_batch.run: launches.append(len(jobs)) or run(jobs))
-    tensors = [_fresh(rule, n, layout, dtype) for n in (1, 255, 257, 4097, 100_003)]
+    monkeypatch.setattr(batch, "run", lambda jobs, run=batch.run: launches.append(len(jobs)) or run(jobs))
+    tensors = [fresh(rule, n, layout, dtype, CUDA) for n in (1, 255, 257, 4097, 100_003)]
     for _, slots in tensors:
         for slot in slots:
             slot.code = None if slot.code is None else slot.code.clone()
@@ -188,7 +156,7 @@ def test_batched_launch_matches_a_launch_per_tensor(triton_backend, monkeypatch,
 def test_batched_step_does_not_synchronize(triton_backend):
     """The tables go to the device from pinned memory, the skip counts stay there: a warm
     step queues its work without waiting for the GPU."""
-    tensors = [_fresh("adam", n, "blockwise", torch.bfloat16) for n in (768, 2304, 3072, 768)]
+    tensors = [fresh("adam", n, "blockwise", torch.bfloat16, CUDA) for n in (768, 2304, 3072, 768)]
     triton_backend.update_many(_small_tensors_step("adam", tensors, 1))  # warm: compiled, search tables made
     jobs = _small_tensors_step("adam", tensors, 2)
     torch.cuda.synchronize()
@@ -319,28 +287,3 @@ def test_the_registered_cuda_pager_pages_large_states():
     p = torch.nn.Parameter(torch.zeros(paging.PAGED_MIN_NUMEL, device=CUDA))
     assert getattr(paging.state_buffer(p, torch.uint8, True), "is_paged", False)
     assert not getattr(paging.state_buffer(p[:10], torch.uint8, True), "is_paged", False)
-
-
-def test_paged_states_beyond_free_gpu_memory_still_step(triton_backend):
-    """Fill the GPU so that the paged states do not fit next to the parameter: the driver must
-    evict them to the host and page them back for each step."""
-    n = 1 << 26  # 64M elements: 256 MB fp32 parameter, 256 MB gradient, 2 x 256 MB fp32 states
-    p = torch.nn.Parameter(torch.randn(n, device=CUDA) * 0.1)
-    p.grad = torch.randn(n, device=CUDA) * 0.01
-    torch.cuda.synchronize()
-    free, _ = torch.cuda.mem_get_info()
-    headroom = 64 << 20  # room for the kernels' small buffers, not for the states
-    blocker = torch.empty(max(0, free - headroom), dtype=torch.uint8, device=CUDA)
-    before = p.detach().cpu()
-    try:
-        opt = qoptim.optim.PagedAdamW32bit([p], lr=1e-3)
-        for _ in range(2):
-            opt.step()
-        torch.cuda.synchronize()
-        assert opt.state[p]["state1"].is_paged and opt.state[p]["state2"].is_paged
-    finally:
-        del blocker
-        torch.cuda.empty_cache()
-    after = p.detach().cpu()
-    assert bool(torch.isfinite(after).all()) and not torch.equal(after, before)
-    assert float(opt.state[p]["state2"].abs().max()) > 0

@@ -2,11 +2,24 @@
 
 - ``params``: parameters, gradients, dtypes and shapes to test with;
 - ``states``: an optimizer state's values, dequantized; a checkpoint round trip;
-- ``numerics``: spacing of floats, a correctly rounded sqrt for the reference.
+- ``numerics``: spacing of floats, a correctly rounded sqrt for the reference;
+- ``cases``: the fused backends' cases from ``kernels.rules.RULES``: rules, layouts, dtypes, fresh
+  states, gradients, each rule's hyperparameters;
+- ``oracle``: a backend's update against the reference's, bit for bit, step by step;
+- ``spy``: counting the calls of a function;
+- ``interpreter``: the marks of the tests that run in Triton's interpreter.
 """
 
+from .cases import LAYOUTS, PARAM_DTYPES, RULES, TRUST_RULES, copy_state, dtype_id, fresh, gradient, hyper
+from .interpreter import INTERPRETER_MARKS, INTERPRETING
 from .numerics import exact_sqrt, ulp
+from .oracle import assert_backend_matches_reference, assert_same, assert_same_state
 from .params import DTYPES, SHAPES, clone_params, gradients, make_params
+from .spy import count_calls
 from .states import dequantized, round_trip
 
-__all__ = ["DTYPES", "SHAPES", "clone_params", "dequantized", "exact_sqrt", "gradients", "make_params", "round_trip", "ulp"]
+__all__ = [
+    "DTYPES", "INTERPRETER_MARKS", "INTERPRETING", "LAYOUTS", "PARAM_DTYPES", "RULES", "SHAPES", "TRUST_RULES",
+    "assert_backend_matches_reference", "assert_same", "assert_same_state", "clone_params", "copy_state", "count_calls",
+    "dequantized", "dtype_id", "exact_sqrt", "fresh", "gradient", "gradients", "hyper", "make_params", "round_trip", "ulp",
+]  # fmt: skip

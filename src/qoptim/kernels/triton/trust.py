@@ -7,7 +7,7 @@ parameter and of its update direction, LARS's of the parameter and of the gradie
   1. the block kernel's ``NORMS_PASS`` writes, per program, the two float64 sums of squares of
      its tile (skipped blocks left out, as in the reference);
   2. torch sums those partial sums (a deterministic reduction);
-  3. ``_ratio_kernel`` (one program) turns the two sums into the reference's ratio, in float64,
+  3. ``ratio_kernel`` (one program) turns the two sums into the reference's ratio, in float64,
      and into the float32 factor that the update multiplies by: the ratio itself for LARS (it
      scales the gradient), ``lr * ratio`` for LAMB (its step size), rounded as the reference
      rounds the Python double it computes.
@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_rules import LAMB
+from ..types import Hyper
+from .rules import LAMB
 
 
 class TrustRatio(NamedTuple):
@@ -43,29 +44,32 @@ def _safe_div(a, b):
 
 
 @triton.jit
-def _ratio_kernel(sums_ptr, ratio_ptr, factor_ptr, lr: tl.float64, weight_decay: tl.float64, max_unorm: tl.float64,
-                  RULE: tl.constexpr):  # fmt: skip
+def ratio_kernel(sums_ptr, ratio_ptr, factor_ptr, lr: tl.float64, weight_decay: tl.float64, coefficient: tl.float64,
+                 RULE: tl.constexpr):  # fmt: skip
     """reference.lamb_trust_ratio / lars_trust_ratio on float64 device scalars (float64 division
-    and square root are correctly rounded on the GPU, as on the host)."""
+    and square root are correctly rounded on the GPU, as on the host). ``coefficient``: LAMB's
+    cap of the ratio, ``max_unorm`` (0: none); LARS's eta, ``trust_coefficient``."""
     a = tl.sqrt(tl.load(sums_ptr))  # |p|
     b = tl.sqrt(tl.load(sums_ptr + 1))  # |direction| (LAMB), |g| (LARS)
     if RULE == LAMB:
         ratio = tl.where((a > 0) & (b > 0), _safe_div(a, b), 1.0)
-        ratio = tl.where((max_unorm > 0) & (max_unorm < ratio), max_unorm, ratio)  # Python's min(ratio, max_unorm)
+        ratio = tl.where((coefficient > 0) & (coefficient < ratio), coefficient, ratio)  # Python's min(ratio, max_unorm)
         factor = lr * ratio
-    else:  # LARS: eta * |p| / (|g| + weight_decay * |p|), eta = max_unorm
+    else:  # LARS: eta * |p| / (|g| + weight_decay * |p|), eta = coefficient
         denominator = b + weight_decay * a
-        ratio = tl.where((a > 0) & (denominator > 0), _safe_div(max_unorm * a, denominator), 1.0)
+        ratio = tl.where((a > 0) & (denominator > 0), _safe_div(coefficient * a, denominator), 1.0)
         factor = ratio
     tl.store(ratio_ptr, ratio)
     tl.store(factor_ptr, factor.to(tl.float32))
 
 
-def ratio_from_sums(rule: int, partial_sums: torch.Tensor, lr: float, weight_decay: float, max_unorm: float,
-                    launch_options: dict) -> TrustRatio:  # fmt: skip
-    """The trust ratio of a NORMS_PASS's partial sums ([programs, 2] float64), on their device."""
+def ratio_from_sums(rule: int, partial_sums: torch.Tensor, hp: Hyper, launch_options: dict) -> TrustRatio:
+    """The trust ratio of a NORMS_PASS's partial sums ([programs, 2] float64), on their device;
+    ``rule``: the RULE switch (``rules.LAMB``, or LARS's ``rules.MOMENTUM``)."""
     sums = partial_sums.view(-1, 2).sum(dim=0)
     ratio = torch.empty(1, dtype=torch.float64, device=sums.device)
     factor = torch.empty(1, dtype=torch.float32, device=sums.device)
-    _ratio_kernel[(1,)](sums, ratio, factor, lr, weight_decay, max_unorm, RULE=rule, **launch_options)
+    coefficient = hp.max_unorm if rule == LAMB.value else hp.trust_coefficient
+    args = float(hp.lr), float(hp.weight_decay), float(coefficient)
+    ratio_kernel[(1,)](sums, ratio, factor, *args, RULE=rule, **launch_options)
     return TrustRatio(ratio, factor)

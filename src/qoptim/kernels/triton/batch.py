@@ -7,7 +7,7 @@ share a rule, a dtype, a state layout, and the kernel's float arguments and swit
 tensor's gradient scale aside) go in one launch of the block kernel in its ``BATCHED`` mode.
 
 A batch's one int64 buffer, built on the host and copied to the device in one transfer:
-  * the table, a row per tensor (``triton_block.TABLE_COLUMNS``): the kernel's pointer arguments
+  * the table, a row per tensor (``block.TABLE_COLUMNS``): the kernel's pointer arguments
     (param, grad, each state's values, code map, midpoints and scales), the element count, the
     tensor's first program, and its gradient scale (percentile clipping's, per tensor);
   * the owner of each program (a row of the table): every tensor gets whole programs of ``ROWS``
@@ -15,11 +15,12 @@ A batch's one int64 buffer, built on the host and copied to the device in one tr
     own: the same result, bit for bit;
   * a zeroed skipped-block counter per tensor: the results are 0-d views of them, read by the
     optimizer once per step.
-Code maps travel per tensor rather than being something a batch shares: the optimizers give
-every CUDA parameter a copy of its own.
+Code maps travel per tensor rather than being something a batch shares: the optimizers share
+one map per kind and device, but the seam does not promise it (each ``StateSlot`` carries its
+own map, and other callers may give each tensor a map of its own).
 
 Batched: fp32 and block-wise 8-bit states of parameters below ``BATCH_LIMIT`` elements. The rest
-takes launches of its own (``triton.update``): large tensors (their launch costs little next to
+takes launches of its own (``qoptim.kernels.triton.update``): large tensors (their launch costs little next to
 their work), the whole-tensor 8-bit layout (a pass for the peaks, then each tensor's new scale),
 LAMB and LARS (a pass for the norms, then each tensor's trust ratio).
 """
@@ -29,13 +30,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .triton_block import (BLOCKWISE_8BIT, FIRST_PROGRAM_COLUMN, FP32_STATES, GNORM_SCALE_COLUMN, LAUNCH_OPTIONS, N_COLUMN,
-                           POINTERS, STEP_PASS, TABLE_COLUMNS, block_kernel, layout_of, pointer_args, rows_per_program,
-                           step_arguments)  # fmt: skip
-from .triton_rules import FAMILIES
-from .types import BLOCK, Job
+from ..rules import RULES
+from ..types import BLOCK, Job
+from .block import (BLOCKWISE_8BIT, FIRST_PROGRAM_COLUMN, FP32_STATES, GNORM_SCALE_COLUMN, N_COLUMN, POINTERS, STEP_PASS,
+                    TABLE_COLUMNS, block_kernel)  # fmt: skip
+from .launch import LAUNCH_OPTIONS, layout_of, pointer_args, rows_per_program, step_arguments
 
-__all__ = ["BATCH_LIMIT", "batch_key", "run"]
+__all__ = ["BATCH_LIMIT", "batch_key", "run", "upload"]
 
 # Parameters below this many elements are batched: ~10 MB of traffic for a larger one, a few
 # microseconds of GPU time, is enough to hide the host time of its own launch.
@@ -49,7 +50,7 @@ def batch_key(job: Job) -> tuple | None:
     arguments), or None for launches of their own (``job`` is one the backend supports)."""
     rule, p, _, slots, hp, skip_nonfinite = job
     layout = layout_of(slots[0])
-    if FAMILIES[rule].trust or layout not in _BATCHED_LAYOUTS or not 0 < p.numel() < BATCH_LIMIT:
+    if RULES[rule].trust or layout not in _BATCHED_LAYOUTS or not 0 < p.numel() < BATCH_LIMIT:
         return None
     # the gradient scale travels per tensor (percentile clipping scales each gradient on its own)
     return rule, p.device, p.dtype, layout, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
@@ -60,7 +61,7 @@ def run(jobs: list[Job]) -> tuple[torch.Tensor, ...]:
     device tensor."""
     first = jobs[0]
     layout = layout_of(first.slots[0])
-    scalars, flags = step_arguments(FAMILIES[first.rule], first.p, layout, first.hp, first.skip_nonfinite)
+    scalars, flags = step_arguments(RULES[first.rule], first.p, layout, first.hp, first.skip_nonfinite)
     flags["SCALE_GRAD"] = any(job.hp.gnorm_scale != 1.0 for job in jobs)  # x * 1.0 is x: the others lose nothing
     sizes = np.array([job.p.numel() for job in jobs], dtype=np.int64)
     rows = rows_per_program(-(-int(sizes.max()) // BLOCK))
@@ -69,7 +70,7 @@ def run(jobs: list[Job]) -> tuple[torch.Tensor, ...]:
     # after that is reused only by work queued later): among them are cached search tables,
     # which the cache clearing itself while the table is built would otherwise free
     tensors = [pointer_args(job.p, job.g, job.slots) for job in jobs]
-    table, owner, skipped = _upload(jobs, tensors, sizes, programs, first.p.device)
+    table, owner, skipped = upload(jobs, tensors, sizes, programs, first.p.device)
     types_only = tensors[0]  # the kernel reads each tensor's pointers from the table
     other_passes = [skipped] * 4  # new scales, peaks, sums, trust factor: unread placeholders
     grid = (int(programs.sum()),)
@@ -78,7 +79,7 @@ def run(jobs: list[Job]) -> tuple[torch.Tensor, ...]:
     return skipped.unbind()
 
 
-def _upload(jobs: list[Job], tensors: list, sizes: np.ndarray, programs: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+def upload(jobs: list[Job], tensors: list, sizes: np.ndarray, programs: np.ndarray, device: torch.device) -> list[torch.Tensor]:
     """The batch's table (the addresses of each job's ``tensors``), program owners and zeroed
     skip counters on ``device``: views of one int64 buffer, copied there in one transfer."""
     table = np.empty((len(jobs), TABLE_COLUMNS.value), dtype=np.int64)

@@ -1,11 +1,10 @@
 """The Triton backend's ``update_many``: small tensors of like jobs in one launch, against one
-launch per tensor, bit for bit, under Triton's interpreter.
+launch per tensor, bit for bit, under Triton's interpreter (``TRITON_INTERPRET=1``, see
+``support.interpreter``).
 
-As test_triton_kernel.py (whose cases and helpers this file builds on) this file has two faces:
-in a normal pytest run it holds ``test_interpreted``, which runs the cases below in a child
-pytest process with ``TRITON_INTERPRET=1``; in that child it holds the cases. One launch per
-tensor is checked against the reference there, so here a batch only has to match it: every bit
-of parameters, 8-bit codes, block scales and fp32 states, and each tensor's skipped-block count.
+One launch per tensor is checked against the reference in ``test_rules.py``, so here a batch only
+has to match it: every bit of parameters, 8-bit codes, block scales and fp32 states, and each
+tensor's skipped-block count.
 """
 
 from __future__ import annotations
@@ -14,33 +13,29 @@ import math
 
 import pytest
 import torch
-from test_triton_kernel import INTERPRETING, assert_same, copy, count_calls, fresh, gradient, hyper, run_interpreted
+from support import (INTERPRETER_MARKS, INTERPRETING, RULES, assert_same_state, copy_state, count_calls, dtype_id, fresh,
+                     gradient, hyper)  # fmt: skip
 
+from qoptim.kernels import reference, rules
 from qoptim.kernels.types import BLOCK, Job, StateSlot
 from qoptim.quant.maps import signed_map
 
-BATCHED_RULES = ("adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad")
+pytestmark = INTERPRETER_MARKS
+pytest.importorskip("triton")
+
+from qoptim.kernels import triton as tk  # noqa: E402  (after the skip: triton is optional)
+from qoptim.kernels.triton import batch, launch  # noqa: E402
+
+assert tk.INTERPRETED or not INTERPRETING, "triton was imported before TRITON_INTERPRET was set"
+
+BATCHED_RULES = tuple(rule for rule in RULES if not rules.RULES[rule].trust)  # a trust ratio takes launches of its own
 SIZES = (1, 255, 257, 1000, 3000)  # a partial block, one past a block, several blocks
 STEPS = 3
 
-if INTERPRETING:
-    from test_triton_kernel import pytestmark  # noqa: F401  the same expected numpy warnings, on NaN / Inf lanes
-
-    from qoptim.kernels import reference, triton_batch
-    from qoptim.kernels import triton as tk
-
-
-def interpreted():
-    """This file's cases in a child pytest process that interprets Triton."""
-    run_interpreted(__file__)
-
-
-# ---- the cases ------------------------------------------------------------------------
-
 
 def own_maps(p: torch.Tensor, slots: list[StateSlot]) -> tuple[torch.Tensor, list[StateSlot]]:
-    """Every 8-bit state with a copy of its map of its own, as the optimizers give each CUDA
-    parameter: a batch must read each tensor's map from its table row."""
+    """Every 8-bit state with a copy of its map of its own (the optimizers share one map per
+    kind and device; other callers may not): a batch must read each tensor's map from its table row."""
     for slot in slots:
         if slot.quantized:
             slot.code = slot.code.clone()
@@ -70,7 +65,7 @@ def job(rule, p, slots, step, index=0, skip_nonfinite=True, **changes) -> Job:
 
 def twin(job_: Job) -> Job:
     """The same job on copies of its parameter and states."""
-    p, slots = copy(job_.p, job_.slots)
+    p, slots = copy_state(job_.p, job_.slots)
     return job_._replace(p=p, slots=slots)
 
 
@@ -80,22 +75,18 @@ def one_at_a_time(job_: Job):
 
 
 def assert_same_update(batched: list[Job], single: list[Job], batched_results, single_results) -> None:
-    for ours, theirs, ours_result, their_result in zip(batched, single, batched_results, single_results):
+    for ours, theirs, ours_result, their_result in zip(batched, single, batched_results, single_results, strict=True):
         assert int(ours_result.skipped_blocks) == int(their_result.skipped_blocks)
-        assert_same(ours.p, theirs.p)
-        for mine, other in zip(ours.slots, theirs.slots):
-            assert_same(mine.values, other.values)
-            if mine.quantized:
-                assert_same(mine.absmax, other.absmax)
+        assert_same_state(ours.p, ours.slots, theirs.p, theirs.slots, f"{ours.rule} of {ours.p.numel()}:")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("layout", ["blockwise", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["blockwise", "fp32"])  # the batched layouts
 @pytest.mark.parametrize("rule", BATCHED_RULES)
-def batch_matches_one_launch_per_tensor(monkeypatch, rule, layout, dtype):
+def test_batch_matches_one_launch_per_tensor(monkeypatch, rule, layout, dtype):
     """A step of tensors of several sizes in one launch, with per-tensor gradient scales and
     skipped blocks, gives what a launch per tensor gives."""
-    batches = count_calls(monkeypatch, triton_batch, "run")
+    batches = count_calls(monkeypatch, batch, "run")
     tensors = [own_maps(*fresh(rule, n, layout, dtype)) for n in SIZES]
     for step in range(1, STEPS + 1):
         jobs = [job(rule, p, slots, step, i) for i, (p, slots) in enumerate(tensors)]
@@ -135,9 +126,9 @@ def a_mixed_step() -> list[Job]:
     ]
 
 
-def mixed_jobs_split_into_batches_and_launches_of_their_own(monkeypatch):
-    monkeypatch.setattr(triton_batch, "BATCH_LIMIT", 2048)
-    batches = count_calls(monkeypatch, triton_batch, "run")
+def test_mixed_jobs_split_into_batches_and_launches_of_their_own(monkeypatch):
+    monkeypatch.setattr(batch, "BATCH_LIMIT", 2048)
+    batches = count_calls(monkeypatch, batch, "run")
     jobs = a_mixed_step()
     single = [twin(j) for j in jobs]
     results = tk.update_many(jobs)
@@ -151,7 +142,7 @@ def mixed_jobs_split_into_batches_and_launches_of_their_own(monkeypatch):
             assert result.skipped_blocks == 0
 
 
-def skipped_blocks_are_counted_per_tensor():
+def test_skipped_blocks_are_counted_per_tensor():
     tensors = [fresh("adam", n, "blockwise", torch.float32) for n in (4 * BLOCK, 3 * BLOCK, 10)]
     grads = [torch.randn(p.numel()) * 0.01 for p, _ in tensors]
     grads[0][[5, 3 * BLOCK + 1]] = math.nan  # two blocks
@@ -162,35 +153,23 @@ def skipped_blocks_are_counted_per_tensor():
     assert all(r.skipped_blocks.dtype == torch.int64 for r in results)
 
 
-def a_batch_keeps_the_search_tables_it_points_to(monkeypatch):
+def test_a_batch_keeps_the_search_tables_it_points_to(monkeypatch):
     """The batch table holds raw addresses of cached search tables; a cache that clears itself
     while the table is built (here: at every new map) must not free one before the launch
     (memory taken by other tensors in between would be read as midpoints)."""
-    from qoptim.kernels import triton_block
-
-    monkeypatch.setattr(triton_block, "_SEARCH_TABLES_MAX", 2)
+    monkeypatch.setattr(launch, "SEARCH_TABLES_MAX", 2)
     litter = []
-    upload = triton_batch._upload
+    upload = batch.upload
 
     def upload_then_take_freed_memory(*args):
         uploaded = upload(*args)
         litter.extend(torch.full((256,), math.nan) for _ in range(64))  # the size of a search table
         return uploaded
 
-    monkeypatch.setattr(triton_batch, "_upload", upload_then_take_freed_memory)
+    monkeypatch.setattr(batch, "upload", upload_then_take_freed_memory)
     tensors = [own_maps(*started("adam", n, "blockwise", torch.float32)) for n in SIZES]
     jobs = [job("adam", p, slots, 1, i) for i, (p, slots) in enumerate(tensors)]
     single = [twin(j) for j in jobs]
     results = tk.update_many(jobs)
-    assert litter  # the batch went through _upload
+    assert litter  # the batch went through upload
     assert_same_update(jobs, single, results, [tk.update(*j) for j in single])
-
-
-# Which face this file shows to pytest (see the module docstring).
-if INTERPRETING:
-    test_batch_matches_one_launch_per_tensor = batch_matches_one_launch_per_tensor
-    test_mixed_jobs_split_into_batches_and_launches_of_their_own = mixed_jobs_split_into_batches_and_launches_of_their_own
-    test_skipped_blocks_are_counted_per_tensor = skipped_blocks_are_counted_per_tensor
-    test_a_batch_keeps_the_search_tables_it_points_to = a_batch_keeps_the_search_tables_it_points_to
-else:
-    test_interpreted = interpreted

@@ -2,7 +2,7 @@
 
 Each program owns ``ROWS`` 256-blocks as a [ROWS, 256] tile and does, per block, what the
 reference does per chunk and in the same float-op order: dequantize each state with its old
-scale, apply the rule in fp32 (``triton_rules.apply_rule``), take the block's new scale,
+scale, apply the rule in fp32 (``rules.apply_rule``), take the block's new scale,
 requantize by the count of midpoints below ``x * (1 / scale)``, round the parameter back to its
 dtype (round to nearest even). Blocks whose gradient holds a NaN or Inf keep their parameter and
 states (``SKIP``).
@@ -12,29 +12,23 @@ Three passes over the same tile code, a compile-time switch:
   * ``PEAKS_PASS`` (whole-tensor 8-bit layout) writes only each program's peak of each updated
     state: the new global scales must be known before any element is requantized;
   * ``NORMS_PASS`` (LAMB, LARS) writes only each program's two float64 sums of squares whose
-    square roots make the trust ratio (see ``triton_trust``).
+    square roots make the trust ratio (see ``trust``).
 
 One launch covers one flat parameter, or (``BATCHED``) many: each program then finds its tensor's
-pointers, size, gradient scale and skip counter in a row of an int64 table (``triton_batch``)
+pointers, size, gradient scale and skip counter in a row of an int64 table (``batch``)
 and runs the same tile code on them.
 
-The host side at the end: what a launch takes (the layout of a state, its kernel arguments,
-the quantizer's search table, the float arguments and switches of a step, the tile height).
+What a launch takes (the layout of a state, its kernel arguments, the float arguments and
+switches of a step, the tile height) is made in ``launch``.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import weakref
-
-import torch
 import triton
 import triton.language as tl
 
-from ..quant.maps import midpoints
-from .triton_rules import FAMILIES, LAMB, MOMENTUM, Family, Scalars, apply_rule, lamb_direction, switches
-from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from ..rules import MAX_STATES, Scalars, Switches
+from .rules import LAMB, MOMENTUM, apply_rule, lamb_direction
 
 # State layouts, a compile-time switch.
 FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT = (tl.constexpr(i) for i in range(3))
@@ -42,9 +36,7 @@ FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT = (tl.constexpr(i) for i in range
 # Passes, a compile-time switch (see the module docstring).
 STEP_PASS, PEAKS_PASS, NORMS_PASS = (tl.constexpr(i) for i in range(3))
 
-# The kernel takes three states whatever the rule; a rule with fewer gets placeholders.
-MAX_STATES = 3
-
+# The kernel takes MAX_STATES (3) states whatever the rule; a rule with fewer gets placeholders.
 # A batch table's row (int64): the kernel's pointer arguments in its order (param, grad, then
 # values, code, midpoints, scales of each state), then the tensor's element count, its first
 # program, and its gradient scale (float32 bits).
@@ -192,16 +184,17 @@ def block_kernel(
     new_scales_ptr,  # whole-tensor layout, STEP_PASS: the new global scale of each state
     peaks_ptr,  # PEAKS_PASS: N_STATES float32 peaks per program
     sums_ptr,  # NORMS_PASS: two float64 sums of squares per program
-    trust_ptr,  # LARS, LAMB: the float32 factor made of the trust ratio (see triton_trust)
+    trust_ptr,  # LARS, LAMB: the float32 factor made of the trust ratio (see trust.py)
     skipped_ptr,  # int64 counter of skipped blocks (BATCHED: one per tensor)
     table_ptr,  # BATCHED: a row of TABLE_COLUMNS int64 per tensor
     owner_ptr,  # BATCHED: the table row of each program
     n, n_blocks,
-    # triton_rules.Scalars, in its order
+    # kernels.rules.Scalars, in its order
     beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, alpha, eps, weight_decay, decay_factor,
     step_size, bias_correction1, bias_correction2, bias_correction2_sqrt, one_minus_dampening, gnorm_scale,
-    RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr, DECAY: tl.constexpr,
-    TRUST: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr,
+    RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr,
+    DECAY: tl.constexpr, TRUST: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,  # kernels.rules.Switches
+    SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr,
     PARAM_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BATCHED: tl.constexpr,
 ):  # fmt: skip
     """One pass of one rule over ``ROWS`` blocks of a flat parameter (the states past
@@ -281,100 +274,11 @@ def block_kernel(
                                  LAYOUT)  # fmt: skip
 
 
-# ---- host side: what a launch takes ----------------------------------------------------------
-
-# Whether the kernels were built for Triton's CPU interpreter (decided when triton.jit ran).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 4}
-
-
-def layout_of(slot: StateSlot) -> int | None:
-    """The state layout switch of a slot, or None where no kernel covers it."""
-    if not slot.quantized:
-        return FP32_STATES.value if slot.values.dtype == torch.float32 else None
-    if slot.code is None or slot.code.numel() != 256 or slot.absmax is None:
-        return None
-    if slot.blocksize == BLOCK:
-        return BLOCKWISE_8BIT.value
-    if slot.blocksize == WHOLE_TENSOR:
-        return WHOLE_TENSOR_8BIT.value
-    return None
-
-
-def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot]) -> list[torch.Tensor]:
-    """The kernel's first ``POINTERS`` arguments: param, grad, then each state's values, code,
-    midpoints and scales; what a rule or layout does not read gets an unread placeholder."""
-    padded = slots + slots[:1] * (MAX_STATES - len(slots))
-    return [p, g, *(arg for slot in padded for arg in _state_args(slot))]
-
-
-def _state_args(slot: StateSlot) -> tuple[torch.Tensor, ...]:
-    if not slot.quantized:
-        return slot.values, slot.values, slot.values, slot.values
-    return slot.values, slot.code, search_table(slot.code), slot.absmax
-
-
-def step_arguments(family: Family, p: torch.Tensor, layout: int, hp: Hyper, skip_nonfinite: bool) -> tuple[list[float], dict]:
-    """The kernel's float arguments (``Scalars``) and compile-time switches for one step of a
-    parameter like ``p``, all but the tile height ``ROWS`` and ``BATCHED``."""
-    # floats, all of them: an int argument would make the kernel take (and specialize on) an int
-    scalars = [float(x) for x in family.scalars(hp)._replace(gnorm_scale=hp.gnorm_scale)]
-    flags = dict(
-        N_STATES=family.states,
-        LAYOUT=layout,
-        SCALE_GRAD=hp.gnorm_scale != 1.0,
-        SKIP=bool(skip_nonfinite),
-        PARAM_BF16=p.dtype == torch.bfloat16,
-        BLOCK_SIZE=BLOCK,
-        **switches(family, hp),
-    )
-    return scalars, flags
-
-
-def rows_per_program(n_blocks: int) -> int:
-    """GPU: 4 blocks (1024 elements) per program, 4 warps, 8 elements per thread. Interpreter:
-    tiles of up to 64 blocks, since its cost is mostly per program and per op, hardly per
-    element; no bigger than the parameter needs (a power of two)."""
-    if not INTERPRETED:
-        return 4
-    return min(64, triton.next_power_of_2(n_blocks))
-
-
-# id(code map) -> (weak reference to it, its version and address then, its search table): the
-# optimizers pass the same map tensor every step, so its table is built once, not every step.
-# (On a GPU every parameter has a copy of its own: the cache holds hundreds of small tables.)
-_SEARCH_TABLES: dict[int, tuple] = {}
-_SEARCH_TABLES_MAX = 16384
-
-
-def search_table(code: torch.Tensor) -> torch.Tensor:
-    """The 255 midpoints of ``code`` and an unread +inf sentinel (256 floats for the 8-step
-    search), cached by the map tensor itself while it is unchanged in place."""
-    seen = _SEARCH_TABLES.get(id(code))
-    stamp = (code._version, code.data_ptr())
-    if seen is not None and seen[0]() is code and seen[1] == stamp:
-        return seen[2]
-    sentinel = torch.full((1,), math.inf, dtype=torch.float32, device=code.device)
-    table = torch.cat([midpoints(code), sentinel])
-    if len(_SEARCH_TABLES) >= _SEARCH_TABLES_MAX:
-        _forget_dead_maps()
-    _SEARCH_TABLES[id(code)] = (weakref.ref(code), stamp, table)
-    return table
-
-
-def _forget_dead_maps() -> None:
-    """Drop the tables of maps gone; all of them if that frees too little."""
-    for key in [key for key, (ref, _, _) in _SEARCH_TABLES.items() if ref() is None]:
-        del _SEARCH_TABLES[key]
-    if len(_SEARCH_TABLES) >= _SEARCH_TABLES_MAX // 2:
-        _SEARCH_TABLES.clear()
-
-
-# The kernel's float arguments are triton_rules.Scalars, passed positionally in its order.
+# The kernel's float arguments are kernels.rules.Scalars, passed positionally in its order; its
+# switches include every field of kernels.rules.Switches, upper-cased (launch.step_arguments).
 _first_scalar = block_kernel.arg_names.index(Scalars._fields[0])
 assert tuple(block_kernel.arg_names[_first_scalar : _first_scalar + len(Scalars._fields)]) == Scalars._fields
+assert all(name.upper() in block_kernel.arg_names for name in Switches._fields)
 
-# A batch table row holds the kernel's pointer arguments in its order.
+# A batch table row holds the kernel's pointer arguments in its order, MAX_STATES states' worth.
 assert block_kernel.arg_names[POINTERS - 1] == f"absmax{MAX_STATES - 1}_ptr"
-assert all(family.states <= MAX_STATES for family in FAMILIES.values())

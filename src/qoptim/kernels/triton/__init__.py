@@ -2,14 +2,14 @@
 Lion, SGD, LARS, RMSprop, Adagrad, LAMB), with 8-bit states in 256-blocks, 8-bit states with one
 scale per tensor, or fp32 states, on fp32 / fp16 / bf16 parameters.
 
-The modules, one idea each:
-  * ``triton_rules``: each rule's per-element math, and the constants it reads (host side);
-  * ``triton_block``: the one block kernel that dequantizes, applies a rule, requantizes, and
-    what a launch of it takes;
-  * ``triton_trust``: LAMB's and LARS's trust ratio, made on the device;
-  * ``triton_batch``: many small parameters in one launch;
-  * here: the seam (``supports``, ``update``, ``update_many``, ``grad_norm_sq``) and the passes of
-    a step.
+The modules, one idea each (what a rule is, its states, decay and float constants, is
+``kernels.rules``', shared with every backend):
+  * ``rules``: each rule's per-element math on the device, and ``apply_rule``;
+  * ``block``: the one block kernel that dequantizes, applies a rule, requantizes;
+  * ``launch``: what a launch takes: layouts, pointers, a step's floats and switches, search tables;
+  * ``trust``: LAMB's and LARS's trust ratio, made on the device;
+  * ``batch``: many small parameters in one launch;
+  * here: the seam (``supports``, ``update``, ``update_many``, ...) and ``Step``, a step's passes.
 
 Exactness against the reference (same IEEE float32 result for every element):
   * division and square root use the correctly rounded ``div_rn`` / ``sqrt_rn`` (plain ``/`` and
@@ -18,9 +18,9 @@ Exactness against the reference (same IEEE float32 result for every element):
     FMA that torch's separate ops would round twice;
   * every Python-side constant (``1 - beta1``, ``lr / (1 - beta1**step)``, ...) is computed in
     double exactly as the reference writes it and handed to the kernel as float32, as torch does
-    with a Python scalar (``triton_rules.Scalars``).
+    with a Python scalar (``kernels.rules.Scalars``).
 The one exception is the trust ratio of LAMB / LARS, whose float64 sums cannot add in the
-reference's order (see ``triton_trust``).
+reference's order (see ``trust``).
 
 A step is one or more passes of the block kernel, all queued on the device with no host sync:
 a norms pass first for LAMB / LARS, a peaks pass for the whole-tensor 8-bit layout (the new
@@ -36,23 +36,24 @@ import contextlib
 import torch
 import triton
 
-from . import reference, triton_batch
-from .rules import RULES
-from .triton_block import (INTERPRETED, LAUNCH_OPTIONS, NORMS_PASS, PEAKS_PASS, STEP_PASS, WHOLE_TENSOR_8BIT, block_kernel,
-                           layout_of, pointer_args, rows_per_program, step_arguments)  # fmt: skip
-from .triton_rules import FAMILIES
-from .triton_trust import TrustRatio, ratio_from_sums
-from .types import BLOCK, Hyper, Job, StateSlot, UpdateResult
+from .. import reference
+from ..rules import RULES
+from ..types import BLOCK, Hyper, Job, StateSlot, UpdateResult
+from . import batch
+from .block import NORMS_PASS, PEAKS_PASS, STEP_PASS, WHOLE_TENSOR_8BIT, block_kernel
+from .launch import INTERPRETED, LAUNCH_OPTIONS, SCALAR_LAUNCH_OPTIONS, layout_of, pointer_args, rows_per_program, step_arguments
+from .rules import MATH_SWITCH
+from .trust import TrustRatio, ratio_from_sums
 
-__all__ = ["update", "update_many", "grad_norm_sq", "supports", "trust_ratio"]
+__all__ = ["INTERPRETED", "Step", "TrustRatio", "grad_norm_sq", "supports", "trust_ratio", "update", "update_many"]
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
     """A rule of the reference with all its states in one layout this module has a kernel for."""
-    family = FAMILIES.get(rule)
-    if family is None or p.dtype not in PARAM_DTYPES or len(slots) != family.states:
+    spec = RULES.get(rule)
+    if spec is None or p.dtype not in PARAM_DTYPES or len(slots) != spec.states:
         return False
     layouts = {layout_of(slot) for slot in slots}
     return len(layouts) == 1 and None not in layouts
@@ -82,8 +83,8 @@ def _on_device_of(p: torch.Tensor):
 
 
 def _update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult:
-    step = _Step(rule, p, g, slots, hp, skip_nonfinite)
-    if step.family.trust:
+    step = Step(rule, p, g, slots, hp, skip_nonfinite)
+    if step.spec.trust:
         step.trust = step.trust_ratio()
     if step.layout == WHOLE_TENSOR_8BIT.value:
         new_scales = step.peaks()
@@ -97,14 +98,14 @@ def _update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult:
 
 def update_many(jobs: list[Job]) -> list[UpdateResult]:
     """``update(*job)`` for every job (the reference's where this backend has no kernel), the
-    small tensors of like jobs in one launch per kind (``triton_batch``)."""
+    small tensors of like jobs in one launch per kind (``batch``)."""
     results: list[UpdateResult | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         if not supports(job.rule, job.p, job.slots):
             results[i] = reference.update(*job)
             continue
-        key = triton_batch.batch_key(job)
+        key = batch.batch_key(job)
         if key is None:
             results[i] = update(*job)
         else:
@@ -114,7 +115,7 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
             results[indices[0]] = update(*jobs[indices[0]])
             continue
         with _on_device_of(jobs[indices[0]].p):  # the batch key includes the device
-            counts = triton_batch.run([jobs[i] for i in indices])
+            counts = batch.run([jobs[i] for i in indices])
         for i, count in zip(indices, counts):
             results[i] = UpdateResult(skipped_blocks=count if jobs[i].skip_nonfinite else 0)
     return results
@@ -124,17 +125,17 @@ def trust_ratio(
     rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True
 ) -> TrustRatio:
     """LAMB's or LARS's trust ratio for this step, as device scalars (nothing is written):
-    ``reference._trust_ratio`` on the device."""
-    if not supports(rule, p, slots) or not FAMILIES[rule].trust:
+    ``reference.trust_ratio`` on the device."""
+    if not supports(rule, p, slots) or not RULES[rule].trust:
         raise ValueError(f"the Triton backend has no trust ratio for rule {rule!r} with these states")
-    return _Step(rule, p, g, slots, hp, skip_nonfinite).trust_ratio()
+    return Step(rule, p, g, slots, hp, skip_nonfinite).trust_ratio()
 
 
-class _Step:
+class Step:
     """The launches of one step of one parameter: the kernel arguments every pass shares."""
 
     def __init__(self, rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool):
-        self.rule, self.family = rule, FAMILIES[rule]
+        self.rule, self.spec = rule, RULES[rule]
         self.p, self.g, self.slots, self.hp, self.skip_nonfinite = p, g, slots, hp, skip_nonfinite
         self.layout = layout_of(slots[0])
         self.n = p.numel()
@@ -144,7 +145,7 @@ class _Step:
         self.skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
         self.trust = None  # TrustRatio, once made
         self.pointer_args = pointer_args(p, g, slots)
-        self.scalars, self.flags = step_arguments(self.family, p, self.layout, hp, skip_nonfinite)
+        self.scalars, self.flags = step_arguments(self.spec, p, self.layout, hp, skip_nonfinite)
 
     def run(self, pass_, new_scales=None, peaks=None, sums=None) -> None:
         """One pass of the block kernel; the buffers a pass does not read get placeholders."""
@@ -157,19 +158,12 @@ class _Step:
 
     def peaks(self) -> torch.Tensor:
         """The new one-per-tensor scale of each state (NaN-propagating, like the reference's amax)."""
-        peaks = torch.empty((self.programs, self.family.states), dtype=torch.float32, device=self.p.device)
+        peaks = torch.empty((self.programs, self.spec.states), dtype=torch.float32, device=self.p.device)
         self.run(PEAKS_PASS, peaks=peaks)
         return peaks.amax(dim=0)
 
     def trust_ratio(self) -> TrustRatio:
+        """This step's trust ratio (LAMB, LARS), from a norms pass; read by the step pass on the device."""
         sums = torch.empty((self.programs, 2), dtype=torch.float64, device=self.p.device)
         self.run(NORMS_PASS, sums=sums)
-        cap = self.hp.trust_coefficient if self.rule == "lars" else self.hp.max_unorm  # (the ratio kernel's max_unorm: both)
-        lr, weight_decay = float(self.hp.lr), float(self.hp.weight_decay)
-        return ratio_from_sums(self.family.rule, sums, lr, weight_decay, float(cap), _SCALAR_LAUNCH_OPTIONS)
-
-
-_SCALAR_LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 1}  # one-program kernels
-
-# A kernel for every rule of the reference, with its number of states.
-assert set(FAMILIES) == set(RULES) and all(FAMILIES[name].states == spec.states for name, spec in RULES.items())
+        return ratio_from_sums(MATH_SWITCH[self.spec.math], sums, self.hp, SCALAR_LAUNCH_OPTIONS)

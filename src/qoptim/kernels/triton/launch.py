@@ -1,0 +1,126 @@
+"""What a launch of the block kernel takes: the layout switch of a state, the pointer arguments,
+the float arguments and switches of one step, the tile height, and the quantizer's search tables.
+
+Every float argument is a field of ``kernels.rules.Scalars``, computed in double on the host
+exactly as the reference writes it, and rounded to float32 by the launch, as torch rounds a
+Python scalar operand of a float32 tensor. The switches are ``kernels.rules.Switches`` and the
+rule's ``RULE`` (``rules.MATH_SWITCH``), compile-time constants.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import torch
+import triton
+
+from ...quant.maps import midpoints
+from ..rules import MAX_STATES, RuleSpec, Switches, switches
+from ..types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from .block import BLOCKWISE_8BIT, FP32_STATES, WHOLE_TENSOR_8BIT
+from .rules import MATH_SWITCH
+
+# Whether the kernels were built for Triton's CPU interpreter (decided when triton.jit ran).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# No contracted multiply-adds: torch rounds each multiply and add on its own.
+LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 4}
+SCALAR_LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 1}  # one-program kernels
+
+
+def layout_of(slot: StateSlot) -> int | None:
+    """The state layout switch of a slot, or None where no kernel covers it."""
+    if not slot.quantized:
+        return FP32_STATES.value if slot.values.dtype == torch.float32 else None
+    if slot.code is None or slot.code.numel() != 256 or slot.absmax is None:
+        return None
+    if slot.blocksize == BLOCK:
+        return BLOCKWISE_8BIT.value
+    if slot.blocksize == WHOLE_TENSOR:
+        return WHOLE_TENSOR_8BIT.value
+    return None
+
+
+def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot]) -> list[torch.Tensor]:
+    """The kernel's first ``POINTERS`` arguments: param, grad, then each state's values, code,
+    midpoints and scales; what a rule or layout does not read gets an unread placeholder."""
+    padded = slots + slots[:1] * (MAX_STATES - len(slots))
+    return [p, g, *(arg for slot in padded for arg in _state_args(slot))]
+
+
+def _state_args(slot: StateSlot) -> tuple[torch.Tensor, ...]:
+    if not slot.quantized:
+        return slot.values, slot.values, slot.values, slot.values
+    return slot.values, slot.code, search_table(slot.code), slot.absmax
+
+
+def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip_nonfinite: bool) -> tuple[list[float], dict]:
+    """The kernel's float arguments (``rules.Scalars``, in its order) and compile-time switches
+    for one step of a parameter like ``p``, all but the tile height ``ROWS`` and ``BATCHED``."""
+    # floats, all of them: an int argument would make the kernel take (and specialize on) an int
+    scalars = [float(x) for x in spec.scalars(hp)]
+    flags = dict(
+        RULE=MATH_SWITCH[spec.math],
+        N_STATES=spec.states,
+        LAYOUT=layout,
+        SCALE_GRAD=hp.gnorm_scale != 1.0,
+        SKIP=bool(skip_nonfinite),
+        PARAM_BF16=p.dtype == torch.bfloat16,
+        BLOCK_SIZE=BLOCK,
+        **switch_flags(spec, hp),
+    )
+    return scalars, flags
+
+
+# The kernel's constexpr argument of each field of rules.Switches (checked in ``block``).
+SWITCH_ARGS = tuple(name.upper() for name in Switches._fields)
+
+
+def switch_flags(spec: RuleSpec, hp: Hyper) -> dict[str, int | bool]:
+    """``rules.switches`` as the kernel's constexpr arguments, the decay mode as its int."""
+    chosen = switches(spec, hp)
+    flags = dict(zip(SWITCH_ARGS, chosen))
+    flags["DECAY"] = int(chosen.decay)
+    return flags
+
+
+def rows_per_program(n_blocks: int) -> int:
+    """GPU: 4 blocks (1024 elements) per program, 4 warps, 8 elements per thread. Interpreter:
+    tiles of up to 64 blocks, since its cost is mostly per program and per op, hardly per
+    element; no bigger than the parameter needs (a power of two)."""
+    if not INTERPRETED:
+        return 4
+    return min(64, triton.next_power_of_2(n_blocks))
+
+
+# id(code map) -> (weak reference to it, its version and address then, its search table): the
+# optimizers pass the same map tensor every step (one per map kind and device, shared by all the
+# parameters there), so its table is built once, not every step. Bounded for callers that make
+# maps of their own (a copy per parameter would fill it with small tables).
+_SEARCH_TABLES: dict[int, tuple] = {}
+SEARCH_TABLES_MAX = 16384  # a module setting, so that a test can make the cache clear itself
+
+
+def search_table(code: torch.Tensor) -> torch.Tensor:
+    """The 255 midpoints of ``code`` and an unread +inf sentinel (256 floats for the 8-step
+    search), cached by the map tensor itself while it is unchanged in place."""
+    seen = _SEARCH_TABLES.get(id(code))
+    stamp = (code._version, code.data_ptr())
+    if seen is not None and seen[0]() is code and seen[1] == stamp:
+        return seen[2]
+    sentinel = torch.full((1,), math.inf, dtype=torch.float32, device=code.device)
+    table = torch.cat([midpoints(code), sentinel])
+    if len(_SEARCH_TABLES) >= SEARCH_TABLES_MAX:
+        _forget_dead_maps()
+    _SEARCH_TABLES[id(code)] = (weakref.ref(code), stamp, table)
+    return table
+
+
+def _forget_dead_maps() -> None:
+    """Drop the tables of maps gone; all of them if that frees too little."""
+    for key in [key for key, (ref, _, _) in _SEARCH_TABLES.items() if ref() is None]:
+        del _SEARCH_TABLES[key]
+    if len(_SEARCH_TABLES) >= SEARCH_TABLES_MAX // 2:
+        _SEARCH_TABLES.clear()
