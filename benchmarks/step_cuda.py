@@ -235,10 +235,8 @@ def one_launch_per_tensor(make):
     """The optimizer ``make`` builds, updating its tensors one launch each (no batching)."""
 
     def make_unbatched(params):
-        from qoptim.optim.optimizer import Optimizer8bit
-
         opt = make(params)
-        opt._update_all = lambda work: Optimizer8bit._update_all(opt, work)
+        opt.batch_updates = False
         return opt
 
     return make_unbatched

@@ -17,13 +17,12 @@ from torch import nn
 
 import qoptim
 
-from test_distributed import launch
+from support import WORKERS, launch
 
 pytestmark = pytest.mark.integration
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORKERS = Path(__file__).parent / "workers"
 
 
 @pytest.fixture(autouse=True)
