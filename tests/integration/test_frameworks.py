@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
