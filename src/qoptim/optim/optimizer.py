@@ -264,8 +264,9 @@ class _StateOptimizer(Optimizer8bit):
         if isinstance(betas, str):
             betas = [float(b) for b in betas.strip("()[] ").split(",")]
         validation.check_hyper(lr, betas, eps, weight_decay)
-        validation.check_settings(optim_bits, min_8bit_size, percentile_clipping, max_unorm, skip_zeros, block_wise, is_paged,
-                                  nonfinite, layer_wise=name.spec.trust)  # fmt: skip
+        validation.check_settings(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
+                                  max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise, is_paged=is_paged,
+                                  nonfinite=nonfinite, layer_wise=name.spec.trust)  # fmt: skip
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if self.n_states == 2:  # bitsandbytes' two-state groups also carry AdEMAMix's settings
             defaults.update(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)

@@ -31,8 +31,8 @@ def check_hyper(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
-def check_settings(optim_bits, min_8bit_size, percentile_clipping, max_unorm, skip_zeros, block_wise, is_paged, nonfinite,
-                   *, layer_wise: bool) -> None:  # fmt: skip
+def check_settings(*, optim_bits, min_8bit_size, percentile_clipping, max_unorm, skip_zeros, block_wise, is_paged, nonfinite,
+                   layer_wise: bool) -> None:  # fmt: skip
     """The constructor's settings besides the hyperparameters (``layer_wise``: LAMB and LARS take ``max_unorm``)."""
     if optim_bits not in (8, 32):
         raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
