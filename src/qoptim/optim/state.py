@@ -140,15 +140,16 @@ class MapCopies:
     that backends batching parameters see one map, and its tables are built once)."""
 
     def __init__(self) -> None:
-        self._copies: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._copies: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # -> (source, copy)
 
     def on(self, name: str, source: torch.Tensor, device: torch.device) -> torch.Tensor:
         if source.device == device:
             return source
-        cached = self._copies.get((name, device))
-        if cached is None or cached[0] is not source:  # first use, or the optimizer's map was replaced
-            cached = self._copies[(name, device)] = (source, source.to(device))
-        return cached[1]
+        source_then, copy = self._copies.get((name, device), (None, None))
+        if source_then is not source:  # first use, or the optimizer's map was replaced
+            copy = source.to(device)
+            self._copies[(name, device)] = (source, copy)
+        return copy
 
 
 # ---- the kernels' views ---------------------------------------------------------------------
@@ -180,15 +181,22 @@ def slots(state: dict[str, Any], layout) -> list[StateSlot]:
 _VIEWED = tuple(getattr(keys, field) for field in ("values", "absmax", "qmap") for keys in KEYS)
 
 
+class _Entry(NamedTuple):
+    stamp: tuple  # (id, address) of each state tensor the slots view
+    param: weakref.ref  # the parameter (its id may be reused once it is gone)
+    slots: list[StateSlot]
+    token: object  # this entry, to its finalizers
+
+
 class _Entries(dict):
-    """id(param) -> (stamp, weak param, slots, token): a dict subclass, so that finalizers can
-    hold it weakly and keep neither it nor its slots alive."""
+    """id(param) -> _Entry: a dict subclass, so that finalizers can hold it weakly and keep
+    neither it nor its slots alive."""
 
 
 def _drop_entry(entries_ref: weakref.ref, key: int, token: object) -> None:
     """A state tensor behind an entry was freed: forget the entry (unless already replaced)."""
     entries = entries_ref()
-    if entries is not None and key in entries and entries[key][3] is token:
+    if entries is not None and key in entries and entries[key].token is token:
         del entries[key]
 
 
@@ -211,11 +219,11 @@ class SlotCache:
         tensors = [state.get(key) for key in _VIEWED]
         stamp = tuple(None if t is None else (id(t), t.data_ptr()) for t in tensors)  # (a DTensor's address is 0: its id decides)
         seen = self._entries.get(id(p))
-        if seen is not None and seen[0] == stamp and seen[1]() is p:
-            return seen[2]
+        if seen is not None and seen.stamp == stamp and seen.param() is p:
+            return seen.slots
         made = slots(state, layout)
         token = object()
-        self._entries[id(p)] = (stamp, weakref.ref(p), made, token)
+        self._entries[id(p)] = _Entry(stamp, weakref.ref(p), made, token)
         for key, t in zip(_VIEWED, tensors):
             if t is not None and key not in QMAP_KEYS:  # (the maps are shared: they outlive states)
                 weakref.finalize(t, _drop_entry, weakref.ref(self._entries), id(p), token).atexit = False
