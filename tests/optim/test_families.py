@@ -334,5 +334,6 @@ def test_state_keys_and_maps_follow_the_rule_table():
         "rmsprop": [("state1", 1, False)],
         "adagrad": [("state1", 1, False)],
     }
-    got = {name: [(kept.keys.values, kept.rows, kept.signed) for kept in layout_of(n.spec)] for name, n in OPTIMIZER_NAMES.items()}
+    got = {name: [(kept.keys.values, kept.rows, kept.signed) for kept in layout_of(spelled.spec)]
+           for name, spelled in OPTIMIZER_NAMES.items()}  # fmt: skip
     assert got == want

@@ -3,6 +3,7 @@
 - ``params``: parameters, gradients, dtypes and shapes to test with;
 - ``states``: an optimizer state's values, dequantized; a checkpoint round trip;
 - ``numerics``: spacing of floats, a correctly rounded sqrt for the reference;
+- ``bnb_fixtures``: bitsandbytes 0.50.2's checkpoints in ``tests/data`` and layout comparisons (``tests/compat``);
 - ``launch``: multi-process runs of the worker scripts in ``tests/workers`` under torch.distributed.
 """
 

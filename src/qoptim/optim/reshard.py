@@ -29,7 +29,9 @@ from . import dtensor
 from .dtensor import is_dtensor
 from .state import KEYS
 
-__all__ = ["DEQUANTIZED_KEY", "SHARDS_KEY", "Export", "dequantized_state", "record_shards", "requested_export", "to_current_layout"]
+__all__ = [
+    "DEQUANTIZED_KEY", "SHARDS_KEY", "Export", "dequantized_state", "record_shards", "requested_export", "to_current_layout",
+]  # fmt: skip
 
 DEQUANTIZED_KEY = "qoptim_dequantized"
 SHARDS_KEY = "shards"
@@ -108,7 +110,10 @@ def dequantized_state(state: dict[str, Any], n_states: int) -> dict[str, Any]:
 # ---- loading: same layout, another layout (requantize), or dequantized (FSDP1) ------------------
 
 
-def to_current_layout(p: torch.Tensor, state: dict[str, Any], layout, map_for: Callable[[str, torch.device], torch.Tensor]) -> dict[str, Any]:
+MapFor = Callable[[str, torch.device], torch.Tensor]  # the optimizer's map of a name, on a device
+
+
+def to_current_layout(p: torch.Tensor, state: dict[str, Any], layout, map_for: MapFor) -> dict[str, Any]:
     """A loaded parameter state in the layout ``p`` needs now (see the module doc); ``map_for``
     gives the optimizer's map of a name on a device (to requantize a dequantized state).
     Collective (``full_tensor``) for DTensor parameters whose layout changed: every rank loads together."""
