@@ -245,26 +245,15 @@ def gpt2_shapes(width: int = 768, layers: int = 12, vocab: int = 50257, context:
 MODELS = {"gpt2-small": gpt2_shapes()}
 
 
-class OneLaunchPerTensor:
-    """An optimizer whose steps launch one kernel per tensor: for the step's duration the Triton
-    backend batches nothing (no tensor is below a batch limit of 0)."""
-
-    def __init__(self, opt):
-        self.opt = opt
-
-    def step(self):
-        from qoptim.kernels.triton import batch  # (triton: an optional dependency)
-
-        limit, batch.BATCH_LIMIT = batch.BATCH_LIMIT, 0
-        try:
-            self.opt.step()
-        finally:
-            batch.BATCH_LIMIT = limit
-
-
 def one_launch_per_tensor(make):
     """The optimizer ``make`` builds, updating its tensors one launch each (no batching)."""
-    return lambda params: OneLaunchPerTensor(make(params))
+
+    def make_unbatched(params):
+        opt = make(params)
+        opt.batch_updates = False
+        return opt
+
+    return make_unbatched
 
 
 MANY_CONTESTANTS = {

@@ -33,11 +33,10 @@ def transformer_shapes(width: int, layers: int, vocab: int) -> list[tuple[int, .
 
 def contestants() -> dict[str, callable]:
     import qoptim
-    from qoptim.optim.optimizer import Optimizer8bit
 
     def one_at_a_time(params):
         opt = qoptim.optim.AdamW8bit(params, lr=1e-3)
-        opt._update_all = lambda work: Optimizer8bit._update_all(opt, work)
+        opt.batch_updates = False
         return opt
 
     found = {

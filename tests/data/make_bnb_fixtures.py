@@ -1,4 +1,4 @@
-"""Write the bitsandbytes checkpoint fixtures used by ``tests/test_bnb_compat.py``.
+"""Write the bitsandbytes checkpoint fixtures used by ``tests/compat/`` (``test_bnb_checkpoints.py`` and the others).
 
 Needs bitsandbytes 0.50.2 (not a qoptim dependency)::
 

@@ -7,11 +7,15 @@
   states, gradients, each rule's hyperparameters;
 - ``oracle``: a backend's update against the reference's, bit for bit, step by step;
 - ``spy``: counting the calls of a function;
-- ``interpreter``: the marks of the tests that run in Triton's interpreter.
+- ``interpreter``: the marks of the tests that run in Triton's interpreter;
+- ``bnb_fixtures``: bitsandbytes 0.50.2's checkpoints in ``tests/data`` and layout comparisons (``tests/compat``);
+- ``launch``: multi-process runs of the worker scripts in ``tests/workers`` under torch.distributed;
+- ``paging``: a fake managed memory, so that paged optimizers are tested on the CPU.
 """
 
 from .cases import LAYOUTS, PARAM_DTYPES, RULES, TRUST_RULES, copy_state, dtype_id, fresh, gradient, hyper
 from .interpreter import INTERPRETER_MARKS, INTERPRETING
+from .launch import WORKERS, free_port, launch
 from .numerics import exact_sqrt, ulp
 from .oracle import assert_backend_matches_reference, assert_same, assert_same_state
 from .params import DTYPES, SHAPES, clone_params, gradients, make_params
@@ -21,5 +25,6 @@ from .states import dequantized, round_trip
 __all__ = [
     "DTYPES", "INTERPRETER_MARKS", "INTERPRETING", "LAYOUTS", "PARAM_DTYPES", "RULES", "SHAPES", "TRUST_RULES",
     "assert_backend_matches_reference", "assert_same", "assert_same_state", "clone_params", "copy_state", "count_calls",
-    "dequantized", "dtype_id", "exact_sqrt", "fresh", "gradient", "gradients", "hyper", "make_params", "round_trip", "ulp",
+    "dequantized", "dtype_id", "exact_sqrt", "free_port", "fresh", "gradient", "gradients", "hyper", "launch", "make_params",
+    "round_trip", "ulp", "WORKERS",
 ]  # fmt: skip

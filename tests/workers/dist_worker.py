@@ -1,6 +1,6 @@
 """Two-process (gloo, CPU) checks of qoptim under DDP, ZeroRedundancyOptimizer, FSDP2 + DCP and FSDP1.
 
-Launched by tests/test_distributed.py with ``python -m torch.distributed.run --nproc_per_node=2``.
+Launched by tests/distributed/test_distributed.py with ``python -m torch.distributed.run --nproc_per_node=2``.
 Every case asserts numbers; rank 0 writes ``results.json`` (and checkpoints for the parent's
 single-process reload) into the directory given as argv[1].
 """

@@ -1,6 +1,6 @@
 """Lightning with a qoptim optimizer from ``configure_optimizers``.
 
-``fit()`` is imported by tests/test_frameworks.py for the single-process case. Run as a script
+``fit()`` is imported by tests/integration/test_frameworks.py for the single-process case. Run as a script
 under ``python -m torch.distributed.run --nproc_per_node=2`` it checks ``strategy="ddp"`` on CPU:
 a 4-epoch run, params and 8-bit state identical on both ranks, and a run resumed from the
 epoch-1 checkpoint equal to it. Rank 0 writes ``results.json`` into argv[1].

@@ -1,4 +1,19 @@
-"""The optimizer classes, with bitsandbytes' names, signatures and defaults."""
+"""The optimizer classes, with bitsandbytes' names, signatures and defaults.
+
+- ``optimizer``: Optimizer8bit (the step loop, config, buffers), Optimizer2State / Optimizer1State
+  (bitsandbytes' module path ``optim.optimizer``);
+- ``names``: bitsandbytes' optimizer names ("adam", "adamw", ...) -> an update rule of ``kernels.rules``;
+- ``validation``: the constructor's, each param group's and each parameter's checks;
+- ``state``: the live per-parameter state: bitsandbytes' key names, shapes, allocation, slot views;
+- ``update``: the update jobs of a step, percentile clipping, the skipped-block total;
+- ``checkpoint``: state_dict / load_state_dict (bitsandbytes' nested layout, checks, placement);
+- ``reshard``: saved state in another layout: across shardings (DTensor), the FSDP1 export;
+- ``dtensor``: state buffers and local views of sharded (DTensor, FSDP2) parameters;
+- ``manager``: GlobalOptimManager, per-parameter overrides;
+- ``variants``: the ``*8bit`` / ``*32bit`` / ``Paged*`` classes made from one family class;
+- one module per family: ``adam``, ``adamw``, ``ademamix``, ``lamb``, ``lars``, ``lion``, ``rmsprop``,
+  ``sgd``, ``adagrad``.
+"""
 
 from .adagrad import Adagrad, Adagrad8bit, Adagrad32bit
 from .adam import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit

@@ -15,7 +15,7 @@ class Adagrad(FixedVariant, Optimizer1State):
             raise ValueError("Initial accumulator value != 0.0 not supported!")
         if not lr_decay >= 0.0:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        super().__init__("adagrad", params, lr, (0.0, 0.0), eps, weight_decay, self._bits(optim_bits), args, min_8bit_size,
+        super().__init__("adagrad", params, lr, (0.0, 0.0), eps, weight_decay, self.state_bits(optim_bits), args, min_8bit_size,
                          percentile_clipping, block_wise, nonfinite=nonfinite)  # fmt: skip
         self.add_group_defaults(lr_decay=lr_decay)
 

@@ -1,7 +1,7 @@
 """AdEMAMix (Pagliardini, Ablin and Grangier, 2024, "The AdEMAMix Optimizer: Better, Faster,
 Older"): Adam plus a slow momentum (``beta3``) weighted by ``alpha``, both optionally warmed up
 over ``t_alpha`` / ``t_beta3`` steps. ``state1`` stacks the fast and the slow momentum, shape
-``(2, *p.shape)``, as bitsandbytes stores it."""
+``(2, *p.shape)``, as bitsandbytes stores it (``state.layout_of``: the rule's three slots in two keys)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class AdEMAMix(FixedVariant, Optimizer2State):
         for name, t in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
             if t is not None and (not isinstance(t, int) or t <= 0):
                 raise ValueError(f"Invalid {name}: {t!r}; expected a positive number of steps or None")
-        super().__init__("ademamix", params, lr, betas, eps, weight_decay, self._bits(optim_bits), None, min_8bit_size,
+        super().__init__("ademamix", params, lr, betas, eps, weight_decay, self.state_bits(optim_bits), None, min_8bit_size,
                          is_paged=is_paged or self.fixed_paged, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
                          nonfinite=nonfinite)  # fmt: skip
 
@@ -33,25 +33,6 @@ class AdEMAMix(FixedVariant, Optimizer2State):
         hp = super().hyper(config, step)
         return hp._replace(alpha=scheduled_alpha(hp.alpha, config["t_alpha"], step),
                            beta3=scheduled_beta3(hp.beta1, hp.beta3, config["t_beta3"], step))  # fmt: skip
-
-    def _check_param(self, gindex, pindex, group, p):
-        super()._check_param(gindex, pindex, group, p)
-        config = self.get_config(gindex, pindex, group)
-        if not self.state[p] and config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"] and not config["block_wise"]:
-            raise ValueError(
-                f"parameter {pindex} of param group {gindex}: AdEMAMix keeps block-wise 8-bit states only "
-                "(block_wise=False is not supported)"
-            )
-
-    def _state_shape(self, p: torch.Tensor, key: str) -> torch.Size:
-        return torch.Size([2, *p.shape]) if key == "state1" else p.shape
-
-    def _absmax_shape(self, p: torch.Tensor, key: str) -> torch.Size:
-        blocks = super()._absmax_shape(p, key)
-        return torch.Size([2, *blocks]) if key == "state1" else blocks
-
-    def _slots(self, state):
-        return [self._slot(state, 1, row=0), self._slot(state, 1, row=1), self._slot(state, 2)]
 
 
 def scheduled_alpha(alpha: float, t_alpha: int | None, step: int) -> float:

@@ -19,7 +19,7 @@ class RMSprop(FixedVariant, Optimizer1State):
         if momentum != 0:  # bitsandbytes accepts and ignores it; a second state would be needed
             raise ValueError(f"{name} does not support momentum (got momentum={momentum}); use momentum=0")
         # bitsandbytes keeps (alpha, momentum) in betas
-        super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, self._bits(optim_bits), args,
+        super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, self.state_bits(optim_bits), args,
                          min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite)  # fmt: skip
 
 

@@ -33,7 +33,7 @@ class SGD(FixedVariant, MomentumSettings, Optimizer1State):
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip"):  # fmt: skip
         check_momentum(type(self).__name__.removesuffix("8bit").removesuffix("32bit"), momentum, dampening, nesterov)
         # bitsandbytes keeps (momentum, dampening) in betas
-        super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, self._bits(optim_bits), args,
+        super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, self.state_bits(optim_bits), args,
                          min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite)  # fmt: skip
         self.add_group_defaults(nesterov=nesterov)
 

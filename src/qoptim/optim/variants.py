@@ -17,7 +17,8 @@ class FixedVariant:
     fixed_paged: bool = False
     default_bits: int = 32  # the optim_bits default an 8-bit class accepts (bitsandbytes' compatibility rule)
 
-    def _bits(self, optim_bits: int = 32, amsgrad: bool = False) -> int:
+    def state_bits(self, optim_bits: int = 32, amsgrad: bool = False) -> int:
+        """The state precision of this class for the constructor's ``optim_bits`` (and ``amsgrad``, refused)."""
         name = type(self).__name__
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")

@@ -264,7 +264,7 @@ def test_a_step_that_fails_in_a_backend_leaves_no_half_open_step(monkeypatch):
     monkeypatch.setattr(kernels, "update_many", broken)
     with pytest.raises(RuntimeError, match="backend failure"):
         opt.step()
-    assert opt._skipped_this_step is None  # later direct update_step calls count their own skips
+    assert not opt.in_step  # later direct update_step calls count their own skips
     monkeypatch.undo()
     p.grad = torch.full_like(p, float("nan"))
     with pytest.warns(RuntimeWarning, match="NaN or Inf"):
@@ -289,14 +289,14 @@ def test_a_step_that_fails_while_preparing_counts_no_parameter():
     opt.add_param_group({"params": [c]})
     c.grad = torch.randn_like(c)
     before = [p.detach().clone() for p in (a, b, c)]
-    real = opt._absmax_buffer
-    opt._absmax_buffer = lambda p, shape: (_ for _ in ()).throw(MemoryError("out of memory")) if p is c else real(p, shape)
+    real = opt.absmax_buffer
+    opt.absmax_buffer = lambda p, shape: (_ for _ in ()).throw(MemoryError("out of memory")) if p is c else real(p, shape)
     with pytest.raises(MemoryError):
         opt.step()
     assert not opt.state[c]  # no half-made state
     assert [opt.state[p]["step"] for p in (a, b)] == [2, 2]
     assert all(torch.equal(p, q) for p, q in zip((a, b, c), before))
-    del opt._absmax_buffer
+    del opt.absmax_buffer
     opt.step()
     assert [opt.state[p]["step"] for p in (a, b, c)] == [3, 3, 1]
 

@@ -65,7 +65,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
                 cases[name] = {"cls": cls, "kwargs": kwargs, "backend": backend}
                 expected[name] = {"model": [p.detach().clone() for p in straight], "optim": opt.state_dict()}
     torch.save(cases, tmp_path / "cases.pt")
-    worker = Path(__file__).with_name("resume_worker.py")
+    worker = Path(__file__).resolve().parents[1] / "workers" / "resume_worker.py"
     done = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(tmp_path / "results.pt", weights_only=True)

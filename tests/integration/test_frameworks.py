@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +16,12 @@ from torch import nn
 
 import qoptim
 
-from test_distributed import launch
+from support import WORKERS, launch
 
 pytestmark = pytest.mark.integration
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORKERS = Path(__file__).parent / "workers"
 
 
 @pytest.fixture(autouse=True)

@@ -10,40 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import qoptim
+from support import WORKERS, launch
 
 pytestmark = pytest.mark.integration
 
-WORKER = Path(__file__).parent / "workers" / "dist_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for attempt in range(2):  # the free port can be taken by another process before the launcher binds it: one retry
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(script), *args]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr and "address already in use" not in proc.stderr:
-            break
-    if proc.returncode != 0:
-        pytest.fail(f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
+WORKER = WORKERS / "dist_worker.py"
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +141,7 @@ def test_fsdp2_checkpoint_reloads_into_one_process(dist_run, source, tmp_path):
 def test_dequantized_layout_round_trip_single_process(cls):
     """The layout qoptim hands FSDP1 (float32 states, flat, no absmax/qmap) loads back into the
     same 8-bit codes; plain ``state_dict()`` keeps bitsandbytes' nested layout."""
-    from qoptim.optim import dtensor
+    from qoptim.optim import reshard
     from qoptim.optim.optimizer import QUANT_STATE_KEY
 
     torch.manual_seed(0)
@@ -175,7 +152,7 @@ def test_dequantized_layout_round_trip_single_process(cls):
         opt.step()
     sd = opt.state_dict()
     assert QUANT_STATE_KEY in sd["state"][0] and "shards" not in sd["state"][0]
-    exported = dtensor.export_state(dict(opt.state[p]), opt.n_states, fsdp1=True)
+    exported = reshard.dequantized_state(dict(opt.state[p]), opt.n_states)  # what FSDP1 is handed
     assert exported["qoptim_dequantized"] == 1 and not any(k.startswith(("absmax", "qmap")) for k in exported)
     assert all(exported[f"state{i}"].dtype == torch.float32 for i in range(1, opt.n_states + 1))
     q = nn.Parameter(p.detach().clone())

@@ -1,7 +1,7 @@
 """Second half of the exact-resume test, run in a fresh process: load each checkpoint the test
 wrote, finish its run, and save the final parameters and optimizer states.
 
-Usage: python resume_worker.py DIR   (DIR holds cases.pt and one checkpoint per case)
+Launched by tests/optim/test_resume.py. Usage: python resume_worker.py DIR   (DIR holds cases.pt and one checkpoint per case)
 """
 
 import os

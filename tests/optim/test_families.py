@@ -315,3 +315,25 @@ def test_ademamix_schedule_matches_the_paper_formula_away_from_zero():
         a, b = math.log(0.9), math.log(0.9999)
         expected = min(math.exp(a * b / ((1 - t / 20) * b + (t / 20) * a)), 0.9999)
         assert scheduled_beta3(0.9, 0.9999, 20, t) == expected
+
+
+def test_state_keys_and_maps_follow_the_rule_table():
+    """bitsandbytes' state keys of each optimizer name, with the map of each (signed or unsigned),
+    as derived from the rule's slots (kernels.rules.RULES): AdEMAMix's m1 and m2 share state1."""
+    from qoptim.optim.names import OPTIMIZER_NAMES
+    from qoptim.optim.state import layout_of
+
+    want = {
+        "adam": [("state1", 1, True), ("state2", 1, False)],
+        "adamw": [("state1", 1, True), ("state2", 1, False)],
+        "ademamix": [("state1", 2, True), ("state2", 1, False)],
+        "lamb": [("state1", 1, True), ("state2", 1, False)],
+        "lion": [("state1", 1, True)],
+        "momentum": [("state1", 1, True)],
+        "lars": [("state1", 1, True)],
+        "rmsprop": [("state1", 1, False)],
+        "adagrad": [("state1", 1, False)],
+    }
+    got = {name: [(kept.keys.values, kept.rows, kept.signed) for kept in layout_of(spelled.spec)]
+           for name, spelled in OPTIMIZER_NAMES.items()}  # fmt: skip
+    assert got == want

@@ -1,0 +1,169 @@
+"""The checkpoint layout: ``Optimizer8bit.state_dict`` / ``load_state_dict``.
+
+torch's optimizer state dict, with each parameter's state tensors nested under
+``"__bnb_optimizer_quant_state__"`` as bitsandbytes >= 0.49.2 writes them (``QUANT_STATE_KEY``);
+bitsandbytes' older flat layout loads as well. A load is checked whole before anything is
+assigned, and places each value as the live state keeps it. Layouts other than the live one
+(another sharding, FSDP1's) are ``reshard``'s.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import torch
+
+from . import dtensor, reshard
+from .reshard import Export
+from .state import GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC, VALUE_KEYS
+
+__all__ = ["QUANT_STATE_KEY", "check_loaded_state", "exported", "loaded", "unnest"]
+
+QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
+
+
+def unnest(state: dict[str, Any]) -> None:
+    """Flatten a nested state put straight into ``opt.state`` (ZeroRedundancyOptimizer.load_state_dict)."""
+    if QUANT_STATE_KEY in state:
+        state.update(state.pop(QUANT_STATE_KEY))
+
+
+# ---- saving ---------------------------------------------------------------------------------
+
+
+def exported(torch_state_dict: dict[str, Any], tensor_keys, n_states: int, export: Export) -> dict[str, Any]:
+    """torch's state dict of an optimizer as qoptim writes it: ``tensor_keys`` (the optimizer's
+    ``non_castable_tensor_keys``) nested under ``QUANT_STATE_KEY``, or for FSDP1 (which gathers
+    only top-level tensors) a flat layout with the 8-bit states as float32."""
+    wrapped = {}
+    for k, v in torch_state_dict["state"].items():
+        v = reshard.dequantized_state(v, n_states) if export is Export.FSDP1 else reshard.record_shards(v)
+        inner = {key: _unpaged(value) for key, value in v.items() if key in tensor_keys}
+        outer = {key: value for key, value in v.items() if key not in tensor_keys}
+        if inner and export is Export.FSDP1:
+            outer.update(inner)
+        elif inner:
+            outer[QUANT_STATE_KEY] = inner
+        wrapped[k] = outer
+    return {"state": wrapped, "param_groups": torch_state_dict["param_groups"]}
+
+
+def _unpaged(value: Any) -> Any:
+    """A paged state buffer as a plain tensor over the same memory (no copy): without the
+    ``is_paged`` tag, which torch.save would otherwise write into checkpoints."""
+    return value.detach() if getattr(value, "is_paged", False) else value
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def loaded(opt, state_dict: dict[str, Any], move_to_device: bool) -> dict[str, Any]:
+    """The optimizer state (``{"state", "param_groups"}``, for ``opt.__setstate__``) that
+    ``state_dict`` (written by qoptim or bitsandbytes, nested or flat) gives ``opt``, an
+    ``Optimizer8bit``. Raises, changing nothing, when it does not fit ``opt``'s parameters."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("an optimizer state dict needs the keys 'state' and 'param_groups'")
+    groups = opt.param_groups
+    saved_groups = deepcopy(state_dict["param_groups"])
+    if len(groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+    id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), chain.from_iterable(g["params"] for g in groups)))
+
+    new_state: dict[Any, dict[str, Any]] = defaultdict(dict)  # as torch keeps it: params without state may step later
+    for k, saved in state_dict["state"].items():
+        if k not in id_map:
+            raise ValueError(f"loaded state dict has state for parameter id {k!r}, which no param group lists")
+        p = id_map[k]
+        flat = dict(saved)
+        flat.update(flat.pop(QUANT_STATE_KEY, {}))
+        flat = reshard.to_current_layout(p, flat, opt.layout, opt.qmap_on)  # resharded / dequantized layouts
+        check_loaded_state(type(opt).__name__, k, p, flat, opt.layout)
+        new_state[p] = {key: _place(opt, p, key, value, move_to_device) for key, value in flat.items()}
+
+    for group, saved in zip(groups, saved_groups):
+        saved["params"] = group["params"]
+        if "param_names" in group and "param_names" not in saved:
+            saved["param_names"] = group["param_names"]
+    return {"state": new_state, "param_groups": saved_groups}
+
+
+def _place(opt, p: torch.Tensor, key: str, value: Any, move_to_device: bool) -> Any:
+    """A loaded value as the live state keeps it: state tensors on the parameter's device
+    (re-paged for paged optimizers), other float tensors cast to the parameter's dtype."""
+    if key == STEP:
+        return int(value.item() if isinstance(value, torch.Tensor) else value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key in VALUE_KEYS and opt.is_paged and move_to_device:
+        return opt.state_buffer(p, value.dtype, value.shape).copy_(value)
+    # always a contiguous copy: the live state must not alias the caller's state dict, and
+    # the kernels update flat views of it
+    if key in opt.non_castable_tensor_keys:
+        device = p.device if move_to_device else value.device
+        if key in QMAP_KEYS:
+            return _shared_map(opt, value.to(device))
+        return value.to(device, memory_format=torch.contiguous_format, copy=True)
+    if value.is_floating_point():
+        return value.to(device=p.device, dtype=p.dtype, copy=True)
+    return value.to(p.device, copy=True)
+
+
+def _shared_map(opt, loaded_map: torch.Tensor) -> torch.Tensor:
+    """A loaded map: the optimizer's own shared one where equal (a checkpoint holds a copy per
+    parameter), else a copy of its own."""
+    if not opt.name2qmap:
+        opt.fill_qmap()
+    for name in list(opt.name2qmap):
+        shared = opt.qmap_on(name, loaded_map.device)
+        if torch.equal(shared, loaded_map):
+            return shared
+    return loaded_map.clone(memory_format=torch.contiguous_format)
+
+
+def check_loaded_state(owner: str, k: Any, p: torch.Tensor, state: dict[str, Any], layout) -> None:
+    """Reject a parameter's loaded state that an optimizer (class ``owner``, keeping ``layout``)
+    could not continue from: another optimizer type's states, wrong shapes or dtypes, a tampered
+    map or scale."""
+    if not state:
+        return
+    name = f"the loaded state of parameter {k!r}"
+    step = state.get(STEP)
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 0 or step != int(step):
+        raise ValueError(f"{name} has step={state.get(STEP)!r}; expected a non-negative int")
+    kept_keys = [kept.keys.values for kept in layout]
+    present = [keys.values for keys in KEYS if keys.values in state]
+    if present != kept_keys:
+        raise ValueError(f"{name} holds {present}, but {owner} keeps {kept_keys}: a state dict of another optimizer type?")
+    for kept in layout:
+        keys = kept.keys
+        _check_tensor(name, keys.values, state[keys.values], kept.shape(p), (torch.uint8, torch.float32))
+        if state[keys.values].dtype != torch.uint8:
+            continue
+        qmap = _check_tensor(name, keys.qmap, state.get(keys.qmap), (256,), (torch.float32,))
+        if not bool(torch.isfinite(qmap).all() and (qmap[1:] > qmap[:-1]).all() and qmap.abs().max() <= 1):
+            raise ValueError(f"{name}: {keys.qmap} must hold 256 finite codes in [-1, 1], sorted ascending")
+        scales = [keys.absmax] if keys.absmax in state else [keys.max, keys.new_max]
+        for scale in scales:
+            shape = kept.absmax_shape(p) if scale == keys.absmax else (1,)
+            values = dtensor.local(_check_tensor(name, scale, state.get(scale), shape, (torch.float32,)))
+            if not bool((torch.isfinite(values) & (values >= 0)).all()):
+                raise ValueError(f"{name}: {scale} must hold finite non-negative scales")
+    if GNORM_VEC in state:
+        _check_tensor(name, GNORM_VEC, state[GNORM_VEC], (100,), (torch.float32,))
+    if UNORM_VEC in state:
+        _check_tensor(name, UNORM_VEC, state[UNORM_VEC], (1,), (torch.float32,))
+
+
+def _check_tensor(name: str, key: str, t: Any, shape, dtypes) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}: {key} must be a {wanted} tensor of shape {tuple(shape)}, got {got}")
+    return t

@@ -1,0 +1,230 @@
+"""The live per-parameter state: bitsandbytes' key names, the shapes of the state tensors, their
+allocation, and the kernels' views of them (``StateSlot``), kept from step to step.
+
+A parameter's state is a dict, as bitsandbytes keeps it (and as its checkpoints hold it):
+
+* ``step``: the number of updates so far;
+* per state ``i`` (1 or 2): ``state{i}``, float32 values or uint8 codes; for codes ``qmap{i}`` (the
+  256 code values) and their scale: ``absmax{i}`` (one float32 per 256-block), or ``max{i}`` and
+  ``new_max{i}`` (one per tensor, ``block_wise=False``);
+* ``gnorm_vec``: the last 100 squared gradient norms (percentile clipping);
+* ``unorm_vec``: the update norm of the layer-wise rules (LAMB, LARS), kept because bitsandbytes'
+  step needs it; qoptim's kernels do not report it, so it stays 0.
+
+An update rule (``qoptim.kernels.rules``) keeps one slot per running average. bitsandbytes has two
+state keys: a rule with more slots stacks its first ones as rows of ``state1`` (AdEMAMix: the fast
+and the slow momentum in ``state1``, shape ``(2, *p.shape)``; the second moment in ``state2``).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from ..kernels import BLOCK, WHOLE_TENSOR, StateSlot
+from ..kernels.rules import RuleSpec
+from . import dtensor
+
+__all__ = [
+    "GNORM_VEC", "KEYS", "QMAP_KEYS", "SIGNED_MAP", "STEP", "TENSOR_KEYS", "UNORM_VEC", "UNSIGNED_MAP", "VALUE_KEYS",
+    "Buffers", "KeptState", "MapCopies", "SlotCache", "StateKeys", "layout_of", "new_state", "slot", "slots",
+]  # fmt: skip
+
+
+class StateKeys(NamedTuple):
+    """The key names of one state (``state1`` or ``state2``) and of its map and scales."""
+
+    values: str  # float32 values, or uint8 codes
+    qmap: str  # the 256 code values (codes only)
+    absmax: str  # one scale per 256-block (block-wise codes)
+    max: str  # one scale per tensor (block_wise=False): the one in use
+    new_max: str  # ... and the previous one, as bitsandbytes keeps it
+
+
+def _keys(i: int) -> StateKeys:
+    return StateKeys(f"state{i}", f"qmap{i}", f"absmax{i}", f"max{i}", f"new_max{i}")
+
+
+KEYS = (_keys(1), _keys(2))  # bitsandbytes keeps at most two states per parameter
+STEP = "step"
+GNORM_VEC = "gnorm_vec"  # the percentile clipping history, 100 squared gradient norms
+UNORM_VEC = "unorm_vec"  # LAMB/LARS: the update norm bitsandbytes' step keeps
+# the tensors that are neither cast to the parameter's dtype on loading (bitsandbytes'
+# ``non_castable_tensor_keys``) nor gathered by FSDP1 as parameter-shaped
+TENSOR_KEYS = frozenset({key for keys in KEYS for key in keys} | {GNORM_VEC, UNORM_VEC})
+VALUE_KEYS = frozenset(keys.values for keys in KEYS)
+QMAP_KEYS = frozenset(keys.qmap for keys in KEYS)
+
+# names of the optimizer's maps (``name2qmap``, as bitsandbytes calls them)
+SIGNED_MAP, UNSIGNED_MAP = "dynamic", "udynamic"
+
+
+class KeptState(NamedTuple):
+    """One state key of a parameter, as an optimizer keeps it."""
+
+    keys: StateKeys
+    rows: int  # 1, or the number of a rule's slots stacked in it (AdEMAMix's state1: 2)
+    signed: bool  # its map: signed, or unsigned for values that are never negative
+
+    @property
+    def map_name(self) -> str:
+        return SIGNED_MAP if self.signed else UNSIGNED_MAP
+
+    def shape(self, p: torch.Tensor) -> torch.Size:
+        return p.shape if self.rows == 1 else torch.Size([self.rows, *p.shape])
+
+    def absmax_shape(self, p: torch.Tensor) -> torch.Size:
+        """The shape of its block scales (a sharded parameter's: see ``dtensor``)."""
+        blocks = dtensor.absmax_shape(p) if dtensor.is_dtensor(p) else torch.Size([math.ceil(p.numel() / BLOCK)])
+        return blocks if self.rows == 1 else torch.Size([self.rows, *blocks])
+
+
+def layout_of(spec: RuleSpec) -> tuple[KeptState, ...]:
+    """The state keys that keep a rule's slots (see the module doc); the slots stacked in one
+    key share its map, so they must agree on their sign."""
+    n = min(spec.states, len(KEYS))
+    rows = [spec.states - n + 1] + [1] * (n - 1)
+    layout, start = [], 0
+    for keys, count in zip(KEYS, rows):
+        signs = set(spec.signed[start : start + count])
+        if len(signs) != 1:
+            raise ValueError(f"slots {start}..{start + count - 1} are stacked in {keys.values} but differ in sign")
+        layout.append(KeptState(keys, count, signs.pop()))
+        start += count
+    return tuple(layout)
+
+
+# ---- allocation -----------------------------------------------------------------------------
+
+
+class Buffers(Protocol):
+    """Where a new state's tensors come from (the optimizer: paged or not, sharded like its parameter)."""
+
+    def state_buffer(self, p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor: ...
+
+    def absmax_buffer(self, p: torch.Tensor, shape) -> torch.Tensor: ...
+
+    def qmap_on(self, name: str, device: torch.device) -> torch.Tensor: ...
+
+
+def new_state(p: torch.Tensor, config: dict[str, Any], layout, buffers: Buffers, *, layer_wise: bool) -> dict[str, Any]:
+    """A parameter's first state: zeros, 8-bit when ``config`` says so and ``p`` is large enough.
+    Built apart and returned whole: an allocation that fails leaves no half state behind."""
+    quantized = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
+    state: dict[str, Any] = {STEP: 0}
+    for kept in layout:
+        if not quantized:
+            state[kept.keys.values] = buffers.state_buffer(p, torch.float32, kept.shape(p))
+            continue
+        state[kept.keys.values] = buffers.state_buffer(p, torch.uint8, kept.shape(p))
+        state[kept.keys.qmap] = buffers.qmap_on(kept.map_name, p.device)
+    if quantized:
+        for kept in layout:
+            if config["block_wise"]:
+                state[kept.keys.absmax] = buffers.absmax_buffer(p, kept.absmax_shape(p))
+            else:
+                for key in (kept.keys.max, kept.keys.new_max):
+                    state[key] = torch.zeros(1, dtype=torch.float32, device=p.device)
+    if config["percentile_clipping"] < 100:
+        state[GNORM_VEC] = torch.zeros(100, dtype=torch.float32, device=p.device)
+    if layer_wise and config["max_unorm"] > 0:
+        state[UNORM_VEC] = torch.zeros(1, dtype=torch.float32, device=p.device)
+    return state
+
+
+class MapCopies:
+    """One copy per device of each of the optimizer's maps, shared by every parameter there (so
+    that backends batching parameters see one map, and its tables are built once)."""
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # -> (source, copy)
+
+    def on(self, name: str, source: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if source.device == device:
+            return source
+        source_then, copy = self._copies.get((name, device), (None, None))
+        if source_then is not source:  # first use, or the optimizer's map was replaced
+            copy = source.to(device)
+            self._copies[(name, device)] = (source, copy)
+        return copy
+
+
+# ---- the kernels' views ---------------------------------------------------------------------
+
+
+def slot(state: dict[str, Any], keys: StateKeys, row: int | None = None) -> StateSlot:
+    """One state as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1).
+    State tensors are contiguous (as created, and as loaded): the flat views alias them."""
+    values = dtensor.local(state[keys.values]).detach()  # (an alias: see SlotCache)
+    values = (values if row is None else values[row]).view(-1)
+    if values.dtype != torch.uint8:
+        return StateSlot(values)
+    absmax = state.get(keys.absmax)
+    if absmax is not None:
+        absmax = absmax.detach() if row is None else absmax.detach()[row]
+        if dtensor.is_dtensor(absmax) or absmax.dim() != 1:  # a shard's blocks within the padded global layout
+            absmax = dtensor.blocks_of(absmax, values.numel())
+        return StateSlot(values, state[keys.qmap], absmax, BLOCK)
+    state[keys.new_max].copy_(state[keys.max])  # the previous scale, as bitsandbytes keeps it
+    return StateSlot(values, state[keys.qmap], state[keys.max], WHOLE_TENSOR)
+
+
+def slots(state: dict[str, Any], layout) -> list[StateSlot]:
+    """The kernels' view of a parameter's states: one slot per slot of the rule, in its order."""
+    return [slot(state, kept.keys, None if kept.rows == 1 else row) for kept in layout for row in range(kept.rows)]
+
+
+# The state entries a parameter's slots are views of.
+_VIEWED = tuple(getattr(keys, field) for field in ("values", "absmax", "qmap") for keys in KEYS)
+
+
+class _Entry(NamedTuple):
+    stamp: tuple  # (id, address) of each state tensor the slots view
+    param: weakref.ref  # the parameter (its id may be reused once it is gone)
+    slots: list[StateSlot]
+    token: object  # this entry, to its finalizers
+
+
+class _Entries(dict):
+    """id(param) -> _Entry: a dict subclass, so that finalizers can hold it weakly and keep
+    neither it nor its slots alive."""
+
+
+def _drop_entry(entries_ref: weakref.ref, key: int, token: object) -> None:
+    """A state tensor behind an entry was freed: forget the entry (unless already replaced)."""
+    entries = entries_ref()
+    if entries is not None and key in entries and entries[key].token is token:
+        del entries[key]
+
+
+class SlotCache:
+    """Each parameter's slots, kept from the last step while its state holds the same tensors at
+    the same addresses: building the flat views costs ~4 us per parameter and step, as much as the
+    update of a small tensor. One-scale states are built anew (their slots copy the previous scale
+    on each build).
+
+    Kept slots must not keep a dropped state's memory: they view detached aliases (``slot``),
+    which hold the storage but not the state tensors, and an entry goes as soon as one of its
+    state tensors is freed (``opt.state.clear()``, a load, a move)."""
+
+    def __init__(self) -> None:
+        self._entries = _Entries()
+
+    def slots_of(self, p: torch.Tensor, state: dict[str, Any], layout) -> list[StateSlot]:
+        if KEYS[0].max in state:
+            return slots(state, layout)
+        tensors = [state.get(key) for key in _VIEWED]
+        stamp = tuple(None if t is None else (id(t), t.data_ptr()) for t in tensors)  # (a DTensor's address is 0: its id decides)
+        seen = self._entries.get(id(p))
+        if seen is not None and seen.stamp == stamp and seen.param() is p:
+            return seen.slots
+        made = slots(state, layout)
+        token = object()
+        self._entries[id(p)] = _Entry(stamp, weakref.ref(p), made, token)
+        for key, t in zip(_VIEWED, tensors):
+            if t is not None and key not in QMAP_KEYS:  # (the maps are shared: they outlive states)
+                weakref.finalize(t, _drop_entry, weakref.ref(self._entries), id(p), token).atexit = False
+        return made
