@@ -1,4 +1,4 @@
-"""A first guess of a code index from a small table, for the AVX-512 quantizer (cpu_avx512).
+"""A first guess of a code index from a small table, for the AVX-512 quantizer (``avx512``).
 
 The quantizer's answer for a float ``u`` is ``T(u) = #{midpoints < u}``, a step function. The
 guess reads it from a table of bins, each a run of floats that share their sign, exponent and
