@@ -2,7 +2,8 @@
 
 - ``params``: parameters, gradients, dtypes and shapes to test with;
 - ``states``: an optimizer state's values, dequantized; a checkpoint round trip;
-- ``numerics``: spacing of floats, a correctly rounded sqrt for the reference.
+- ``numerics``: spacing of floats, a correctly rounded sqrt for the reference;
+- ``cpu_states``: parameters, states, gradients and checks of the CPU kernel's tests (imported as ``support.cpu_states``).
 """
 
 from .numerics import exact_sqrt, ulp

@@ -27,7 +27,6 @@ A map's register tables are built once, in numpy, and laid out in one byte array
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils

@@ -22,7 +22,6 @@ from typing import Callable
 
 import numba
 import numpy as np
-import torch
 from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
