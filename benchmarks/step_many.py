@@ -36,9 +36,8 @@ def contestants() -> dict[str, callable]:
 
     def one_at_a_time(params):
         # on a CPU the paged optimizer is AdamW8bit taking one tensor per kernel call (no batching)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Paged optimizers are not supported on CPU"
-            return qoptim.optim.PagedAdamW8bit(params, lr=1e-3)
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        return qoptim.optim.PagedAdamW8bit(params, lr=1e-3)
 
     found = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),

@@ -64,7 +64,7 @@ def _inverse(scale: np.float32) -> np.float32:
 
 
 def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool, ntasks: int) -> float:
-    """reference._trust_ratio from one fused pass over the blocks (``tasks.trust_task``): each
+    """reference.trust_ratio from one fused pass over the blocks (``tasks.trust_task``): each
     block's float64 sums of squares, added up by numpy (pairwise) in an order that does not
     depend on the thread count. torch sums in another order in the reference: the norms
     differ by ~1e-16 relative."""
