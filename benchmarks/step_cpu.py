@@ -25,6 +25,7 @@ over minutes on a shared machine, so the line gives the ratio's median and every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -62,34 +63,32 @@ def qoptim_opt(backend: str, path: str | None = None):
     return make
 
 
-# the CPU kernel's own choice of path, (_VECTOR, VECTORIZE), saved when a contestant first overrides it
-_CPU_DEFAULTS: tuple | None = None
+# the CPU kernel's path forced by a contestant (paths.force, entered and left by use_cpu_path)
+_FORCED: contextlib.ExitStack | None = None
 
 
 def use_cpu_path(path: str | None) -> None:
     """Steps from now on take the CPU kernel's ``path`` ("avx512", "avx2", "portable"), or
-    (None) the one it picks itself: its module flags are read on every step."""
-    global _CPU_DEFAULTS
-    if path is None and _CPU_DEFAULTS is None:
-        return  # nothing changed yet (and an older qoptim has no such paths)
-    from qoptim.kernels import cpu
+    (None) the one it picks itself: the path is read on every step."""
+    global _FORCED
+    if _FORCED is not None:
+        _FORCED.close()
+        _FORCED = None
+    if path is None:
+        return
+    from qoptim.kernels.cpu import paths
 
-    if _CPU_DEFAULTS is None:
-        _CPU_DEFAULTS = (cpu._VECTOR, cpu.VECTORIZE)
-    cpu._VECTOR, cpu.VECTORIZE = {
-        None: _CPU_DEFAULTS,
-        "avx512": (cpu._AVX512, True),
-        "avx2": (cpu._AVX2, True),
-        "portable": (_CPU_DEFAULTS[0], False),
-    }[path]
+    _FORCED = contextlib.ExitStack()
+    _FORCED.enter_context(paths.force({"avx512": paths.AVX512, "avx2": paths.AVX2, "portable": paths.PORTABLE}[path]))
 
 
 def cpu_paths_below_the_best() -> list[str]:
     """The CPU kernel's paths slower than the one it takes on this machine."""
-    from qoptim.kernels import cpu
+    from qoptim.kernels.cpu import paths
 
-    paths = ["avx512", "avx2", "portable"] if cpu.HAS_AVX512 else ["avx2", "portable"]
-    return paths[1:] if cpu.VECTORIZE else []
+    names = {paths.AVX512: "avx512", paths.AVX2: "avx2", paths.PORTABLE: "portable"}
+    order = ["avx512", "avx2", "portable"]
+    return order[order.index(names[paths.current()]) + 1 :]
 
 
 def torch_opt(**kwargs):

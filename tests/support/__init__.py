@@ -10,7 +10,8 @@
 - ``interpreter``: the marks of the tests that run in Triton's interpreter;
 - ``bnb_fixtures``: bitsandbytes 0.50.2's checkpoints in ``tests/data`` and layout comparisons (``tests/compat``);
 - ``launch``: multi-process runs of the worker scripts in ``tests/workers`` under torch.distributed;
-- ``paging``: a fake managed memory, so that paged optimizers are tested on the CPU.
+- ``paging``: a fake managed memory, so that paged optimizers are tested on the CPU;
+- ``cpu_states``: parameters, states, gradients and checks of the CPU kernel's tests (imported as ``support.cpu_states``).
 """
 
 from .cases import LAYOUTS, PARAM_DTYPES, RULES, TRUST_RULES, copy_state, dtype_id, fresh, gradient, hyper

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (qoptim.kernels.cpu) against the reference backend, its oracle.
+"""The fused CPU kernel (qoptim.kernels.cpu) on Adam against the reference backend, its oracle.
 
 torch's float32 ``sqrt`` on CPU is not correctly rounded on every build (on ours it is one
 ulp off for about a fifth of inputs), while the kernel's is. So the main tests give the
@@ -7,22 +7,21 @@ codes, same scales, same fp32 states, same parameter bits. One test runs the ref
 is and bounds the difference that torch's sqrt alone makes.
 """
 
-import contextlib
-
 import numba
-import numpy as np
 import pytest
 import torch
 from support import exact_sqrt
+from support.cpu_states import LAYOUTS, assert_same, copy_state, gradient, make_state, torch_threads
+from support.cpu_states import adam_hyper as hyper
 
 from qoptim import kernels
-from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, cpu_avx512, reference
-from qoptim.kernels.cpu_tables import tables_for
-from qoptim.quant.maps import midpoints, signed_map, unsigned_map
+from qoptim.kernels import StateSlot, cpu, reference
+from qoptim.kernels.cpu import launch
+from qoptim.kernels.cpu.tables import tables_for
+from qoptim.quant.maps import signed_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [1, 255, 256, 257, 4097, 65537]
-LAYOUTS = ["block", "whole", "fp32"]
 STEPS = 20
 
 
@@ -33,73 +32,10 @@ def exact_sqrt_fixture():
         yield
 
 
-PATHS = {"avx512": cpu._AVX512, "avx2": cpu._AVX2, "portable": cpu._PORTABLE}
-
-
-@pytest.fixture(params=list(PATHS))
-def path(request, monkeypatch):
-    """Run a test on each path: AVX-512 permutes (where the CPU has them: it would not run
-    elsewhere), AVX2 gathers (forced on here, which is still correct where the CPU lacks
-    gathers, only slower), and the portable scalar loops."""
-    marker = PATHS[request.param]
-    if marker is cpu._AVX512 and not cpu.HAS_AVX512:
-        pytest.skip("this CPU lacks AVX-512 VBMI")
-    monkeypatch.setattr(cpu, "VECTORIZE", marker is not cpu._PORTABLE)
-    if marker is not cpu._PORTABLE:
-        monkeypatch.setattr(cpu, "_VECTOR", marker)
-    return marker
-
-
-def kernel_tables(code):
-    """A map's tables as the kernels' ``_lookup`` and ``_quantize`` take them."""
-    return cpu._kernel_tables(tables_for(code))
-
-
-def make_state(n, dtype, layout, seed=0, code=None):
-    gen = torch.Generator().manual_seed(seed)
-    p = (torch.randn(n, generator=gen) * 0.1).to(dtype)
-    if layout == "fp32":
-        return p, [StateSlot(torch.zeros(n)), StateSlot(torch.zeros(n))]
-    blocksize, scales = (BLOCK, -(-n // BLOCK)) if layout == "block" else (WHOLE_TENSOR, 1)
-    codes = (signed_map(), unsigned_map()) if code is None else (code, code)
-    return p, [StateSlot(torch.zeros(n, dtype=torch.uint8), c, torch.zeros(scales), blocksize) for c in codes]
-
-
-def copy_state(p, slots):
-    return p.clone(), [StateSlot(s.values.clone(), s.code, None if s.absmax is None else s.absmax.clone(), s.blocksize) for s in slots]
-
-
-def gradient(n, dtype, step, gen, nonfinite):
-    g = torch.randn(n, generator=gen) * 0.01
-    if nonfinite and step in (4, 11, 17):  # a NaN, an Inf and a -Inf in one or two blocks
-        g[(step * 7919) % n] = (float("nan"), float("inf"), -float("inf"))[step % 3]
-    return g.to(dtype)
-
-
-def hyper(step, decoupled):
-    # percentile clipping's gradient scale kicks in on some steps
-    return Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step, decoupled=decoupled,
-                 gnorm_scale=0.37 if step % 3 == 0 else 1.0)  # fmt: skip
-
-
-def assert_same(a, b):
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _parallel_from_4096(monkeypatch):
     """Sizes 4097 and 65537 take the parallel drivers, the smaller ones run as one task on the calling thread."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN", 4096)
+    monkeypatch.setattr(launch, "PARALLEL_MIN", 4096)
 
 
 @pytest.fixture(autouse=True)
@@ -190,73 +126,6 @@ def test_with_torchs_own_sqrt_only_last_bits_differ(layout, decoupled):
         assert (off <= 0.05 * 1e-3 * step).all()
 
 
-def test_quantizer_matches_bucketize_on_every_kind_of_float(path):
-    """The table quantizer itself, on random bit patterns (NaN, inf, subnormals, -0 included),
-    on every midpoint and its float neighbours; sizes that leave every kind of remainder to
-    the scalar tail of a vectorized path."""
-    rng = np.random.default_rng(0)
-    crowded = torch.cat([torch.linspace(-1, 1, 200), 0.5 + torch.linspace(1e-5, 5e-4, 56)]).sort().values
-    infinite = torch.cat([torch.full((2,), -float("inf")), torch.linspace(-1, 1, 252), torch.full((2,), float("inf"))])
-    zeros = torch.cat([torch.full((3,), -0.0), torch.zeros(1), torch.linspace(1e-3, 1, 252)])  # midpoints -0.0 and 0.0
-    for code in (signed_map(), unsigned_map(), torch.linspace(-1, 1, 256), crowded, infinite, zeros):
-        tables = kernel_tables(code)
-        mids = midpoints(code).numpy()
-        edges = np.concatenate([mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)]).astype(np.float32)
-        specials = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45], dtype=np.float32)
-        noise = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
-        values = np.concatenate([edges, specials, noise, rng.standard_normal(50_000).astype(np.float32)])
-        for inv, size in ((1.0, values.size), (3.7, values.size), (1.0, 255), (1.0, 7)):
-            inv = np.float32(inv)
-            out = np.empty(size, dtype=np.uint8)
-            cpu._quantize(values[:size], inv, False, tables, out, path)
-            with np.errstate(over="ignore", invalid="ignore"):
-                scaled = values[:size] * inv
-            expected = torch.bucketize(torch.from_numpy(scaled), midpoints(code)).numpy()
-            assert np.array_equal(out, expected)
-
-
-def test_lookup_matches_the_map(path):
-    """Dequantizing: every code, in runs that leave every kind of remainder to the scalar tail."""
-    rng = np.random.default_rng(0)
-    for code in (signed_map(), unsigned_map()):
-        tables = kernel_tables(code)
-        q = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, 5000).astype(np.uint8)])
-        for size in (q.size, 256, 255, 63, 1):
-            out = np.empty(size, dtype=np.float32)
-            cpu._lookup(q[:size], tables, out, path)
-            assert np.array_equal(out.view(np.uint32), tables[0][q[:size]].view(np.uint32))
-
-
-@numba.njit
-def _round_trip(x, bf16, f16, back_bf16, back_f16):
-    for i in range(x.size):
-        bf16[i] = cpu._f32_to_bf16(x[i])
-        f16[i] = cpu._f32_to_f16(x[i])
-    for i in range(1 << 16):
-        back_bf16[i] = cpu._bf16_to_f32(np.uint16(i))
-        back_f16[i] = cpu._f16_to_f32(np.uint16(i))
-
-
-def test_16_bit_conversions_match_torch():
-    """float32 -> bf16/fp16 rounds to nearest-even as torch does (NaN stays NaN), and every
-    16-bit pattern widens exactly."""
-    rng = np.random.default_rng(1)
-    x = np.concatenate([
-        rng.integers(0, 2**32, 500_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
-        (rng.standard_normal(100_000) * 1e-5).astype(np.float32),  # fp16 subnormals
-        np.array([65504, 65519.99, 65520, 65536, 6e-8, 3e-8, 2.98e-8, -0.0], dtype=np.float32),
-    ])  # fmt: skip
-    bf16, f16 = np.empty(x.size, np.int64), np.empty(x.size, np.int64)
-    back_bf16, back_f16 = np.empty(1 << 16, np.float32), np.empty(1 << 16, np.float32)
-    _round_trip(x, bf16, f16, back_bf16, back_f16)
-    for got, dtype in [(bf16, torch.bfloat16), (f16, torch.float16)]:
-        expected = torch.from_numpy(x).to(dtype)
-        assert_same(torch.from_numpy(got.astype(np.int16)).view(dtype), expected)
-    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
-    assert_same(torch.from_numpy(back_bf16), every.view(torch.bfloat16).float())
-    assert_same(torch.from_numpy(back_f16), every.view(torch.float16).float())
-
-
 @pytest.mark.usefixtures("exact_sqrt")
 @pytest.mark.parametrize("name", ["AdamW8bit", "Adam8bit", "AdamW"])
 @pytest.mark.parametrize("block_wise", [True, False])
@@ -311,47 +180,16 @@ def test_unsupported_cases_fall_back_to_the_reference():
     assert result.skipped_blocks == 0 and not torch.equal(p2, p)
 
 
-@pytest.mark.parametrize("working", ["avx2", "portable"])
-def test_a_vector_kernel_that_does_not_compile_leaves_the_next_one(working, monkeypatch):
-    """Another numba/llvmlite may not lower the permute or gather intrinsics: the step still
-    runs, on the next path down that compiles (AVX-512, then AVX2, then portable), with a
-    warning for each that did not, and later steps go there directly."""
-    real = cpu._8bit_task  # a small tensor: the task is called directly
-    failing = (cpu.PermutePath,) if working == "avx2" else (cpu.PermutePath, cpu.VectorPath)
-
-    def vector_fails_to_compile(*args):
-        if any(isinstance(a, failing) for a in args):
-            raise numba.core.errors.LoweringError("no such intrinsic here")
-        return real(*args)
-
-    monkeypatch.setattr(cpu, "_8bit_task", vector_fails_to_compile)
-    monkeypatch.setattr(cpu, "VECTORIZE", True)
-    monkeypatch.setattr(cpu, "_VECTOR", cpu._AVX512)
-    p, slots = make_state(1000, torch.float32, "whole")
-    p_ref, slots_ref = copy_state(p, slots)
-    g = torch.randn(1000)
-    with pytest.warns(RuntimeWarning) as warned:
-        cpu.update("adam", p, g, slots, hyper(1, True), True)
-    assert [str(w.message).split("; ")[-1] for w in warned] == ["using the AVX2 one", "using the portable one"][: len(failing)]
-    assert (cpu.VECTORIZE, cpu._VECTOR) == ((True, cpu._AVX2) if working == "avx2" else (False, cpu._AVX2))
-    with torch_threads(1), exact_sqrt():
-        reference.update("adam", p_ref, g, slots_ref, hyper(1, True), True)
-    assert_same(p, p_ref)
-    for ours, theirs in zip(slots, slots_ref):
-        assert_same(ours.values, theirs.values)
-        assert_same(ours.absmax, theirs.absmax)
-
-
 def test_a_step_splits_into_tasks_by_torchs_thread_count(monkeypatch):
     """A large tensor is split into TASKS_PER_THREAD tasks per thread of torch's, which the
     calling thread and worker threads share; with one thread, or a small tensor, one task
     runs on the calling thread alone. Whatever the split, the result is the same."""
     seen = []
-    plain = cpu._launch
-    monkeypatch.setattr(cpu, "_launch", lambda task, ntasks, *rest: seen.append(ntasks) or plain(task, ntasks, *rest))
+    plain = launch.run
+    monkeypatch.setattr(launch, "run", lambda task, ntasks, *rest: seen.append(ntasks) or plain(task, ntasks, *rest))
     two = min(2, numba.config.NUMBA_NUM_THREADS)
     results = []
-    for n, threads, expected in [(1 << 16, 1, 1), (1 << 16, 2, 1 if two == 1 else two * cpu.TASKS_PER_THREAD), (1000, 2, 1)]:
+    for n, threads, expected in [(1 << 16, 1, 1), (1 << 16, 2, 1 if two == 1 else two * launch.TASKS_PER_THREAD), (1000, 2, 1)]:
         p, slots = make_state(n, torch.float32, "block")
         seen.clear()
         with torch_threads(threads):

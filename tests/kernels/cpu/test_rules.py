@@ -1,7 +1,8 @@
-"""The fused CPU kernel on every rule but Adam (Lion, SGD momentum, LARS, RMSprop, Adagrad,
-AdEMAMix, LAMB) against the reference backend, bit for bit over 20 steps.
+"""The fused CPU kernel on every rule of kernels.rules.RULES but Adam (Lion, SGD momentum, LARS,
+RMSprop, Adagrad, AdEMAMix, LAMB; Adam: test_adam.py) against the reference backend, bit for bit
+over 20 steps.
 
-As in test_cpu_kernel.py the reference gets a correctly rounded sqrt; LAMB's direction takes
+As in test_adam.py the reference gets a correctly rounded sqrt; LAMB's direction takes
 it in place (``sqrt_``), so both are patched here. Numba compiles each rule once per parameter
 dtype, state kind (8-bit or fp32), driver (one task or parallel) and path, so the full dtype
 cross runs on a few rules only, and the paths other than the best on fewer still, to keep a
@@ -18,16 +19,19 @@ import math
 import pytest
 import torch
 from support import exact_sqrt
-from test_cpu_kernel import assert_same, copy_state, path, torch_threads  # noqa: F401  (path: a fixture)
+from support.cpu_states import LAYOUTS, assert_same, copy_state, gradient, torch_threads
+from support.cpu_states import make_rule_state as make_state
 
+from qoptim.kernels import Hyper, cpu, reference
 from qoptim.kernels import rules as rule_table
-from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, cpu, reference
-from qoptim.quant.maps import signed_map, unsigned_map
+from qoptim.kernels.cpu import launch
+from qoptim.kernels.cpu import layout as cpu_layout
+from qoptim.kernels.cpu import step as cpu_step
+from qoptim.kernels.cpu import rules as cpu_rules
 
 STEPS = 20
 SIZES = [1, 257, 4097, 65537]  # the last one takes the parallel drivers (PARALLEL_MIN below)
-RULES = ["lion", "momentum", "lars", "rmsprop", "adagrad", "ademamix", "lamb"]
-LAYOUTS = ["block", "whole", "fp32"]
+RULES = [rule for rule in rule_table.RULES if rule != "adam"]  # (Adam: test_adam.py)
 
 # each rule on fp32 parameters in every layout; bf16 / fp16 parameters on a few
 CASES = [(rule, torch.float32, layout) for rule in RULES for layout in LAYOUTS]
@@ -35,11 +39,7 @@ CASES += [("lion", torch.bfloat16, "block"), ("ademamix", torch.float16, "whole"
 # the other paths (the best one takes all of the above): rules with one, two and three 8-bit states
 PATH_CASES = [(rule, layout, path) for path in ("avx2", "portable") for rule, layout in [("lion", "block"), ("lamb", "whole"), ("ademamix", "block")]]
 
-# non-negative states take the unsigned map, as the optimizer classes do
-UNSIGNED = {"rmsprop": [1], "adagrad": [1], "ademamix": [0, 0, 1], "lamb": [0, 1]}
-
-
-REFERENCE_RATIO = reference._trust_ratio  # before _setup stands in for it
+REFERENCE_RATIO = reference.trust_ratio  # before _setup stands in for it
 
 
 def same_ratio(ours, theirs):
@@ -52,32 +52,20 @@ def _setup(monkeypatch):
     The reference's LAMB / LARS ratio is checked against the kernel's fused pass (one task
     here, several in the kernel's own step: the sums do not depend on the split), and the
     kernel's is what the reference then steps with (see the module's docstring)."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1 << 16)
+    monkeypatch.setattr(launch, "PARALLEL_MIN", 1 << 16)
 
     def checked_ratio(rule, p, g, slots, hp, skip):
         ours = kernel_ratio(rule, p, g, slots, hp, skip, 1)
         assert same_ratio(ours, REFERENCE_RATIO(rule, p, g, slots, hp, skip))
         return ours
 
-    monkeypatch.setattr(reference, "_trust_ratio", checked_ratio)
+    monkeypatch.setattr(reference, "trust_ratio", checked_ratio)
     with torch_threads(1), exact_sqrt():
         yield
 
 
 def kernel_ratio(rule, p, g, slots, hp, skip, tasks):
-    return cpu._trust_ratio(rule, cpu._FAMILIES[rule], cpu._layout(p.numel(), slots), p, g, slots, hp, skip, tasks)
-
-
-def make_state(rule, n, dtype, layout):
-    gen = torch.Generator().manual_seed(0)
-    p = (torch.randn(n, generator=gen) * 0.1).to(dtype)
-    count = rule_table.RULES[rule].states
-    if layout == "fp32":
-        return p, [StateSlot(torch.zeros(n)) for _ in range(count)]
-    blocksize, scales = (BLOCK, -(-n // BLOCK)) if layout == "block" else (WHOLE_TENSOR, 1)
-    unsigned = UNSIGNED.get(rule, [0] * count)
-    codes = [unsigned_map() if u else signed_map() for u in unsigned]
-    return p, [StateSlot(torch.zeros(n, dtype=torch.uint8), c, torch.zeros(scales), blocksize) for c in codes]
+    return cpu_step.trust_ratio(rule, cpu_layout.plan(rule, p, slots), p, g, slots, hp, skip, tasks)
 
 
 def hyper(rule, step):
@@ -100,13 +88,6 @@ def hyper(rule, step):
         common.update(decoupled=step % 2 == 0)
         return Hyper(lr=1e-3, beta1=0.9, beta2=0.999, bias_correction=step % 5 != 0, max_unorm=0.05 if step > 10 else 0.0, **common)
     raise ValueError(rule)
-
-
-def gradient(n, dtype, step, gen, nonfinite):
-    g = torch.randn(n, generator=gen) * 0.01
-    if nonfinite and step in (4, 11, 17):  # a NaN, an Inf and a -Inf in one or two blocks
-        g[(step * 7919) % n] = (float("nan"), float("inf"), -float("inf"))[step % 3]
-    return g.to(dtype)
 
 
 def check_steps(rule, n, dtype, layout, skip):
@@ -177,3 +158,10 @@ def test_every_rule_and_layout_is_covered():
             assert cpu.supports(rule, p, slots)
             assert not cpu.supports(rule, p, slots + slots[:1])  # a state too many
     assert not cpu.supports("no-such-rule", *make_state("lion", 300, torch.float32, "block"))
+
+
+def test_the_math_table_covers_every_rule():
+    """One math function and marker per name of kernels.rules.MATHS; every rule finds its own."""
+    assert set(cpu_rules.MARKERS) == set(rule_table.MATHS)
+    for rule, spec in rule_table.RULES.items():
+        assert cpu_rules.marker_of(rule).states == spec.states <= cpu_rules.KERNEL_STATES

@@ -24,22 +24,37 @@ ordered (inverted for negative floats), or ``0xFFFF`` when no midpoint lies insi
 
 is the same exact index from one read.
 
+The AVX-512 path reads its tables from vector registers instead (``avx512``): the code map
+and the midpoints as byte planes, a search tree and the first guess's bins (``guess``), laid
+out in one byte array by ``register_tables`` (the offsets below).
+
 Any map works (a checkpoint may carry its own): tables are built from the map's contents and
-cached by them.
+cached by them (``tables_for``), and by the map tensor itself while it is unchanged
+(``tables_of``: the optimizers pass the same map every step).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..quant.maps import midpoints
+from ...quant.maps import midpoints
+from . import guess
+
+__all__ = ["NAN_INDEX", "QuantTables", "REGISTERS", "register_tables", "tables_for", "tables_of"]
 
 # torch.bucketize's answer for a NaN input (it orders NaN after every boundary)
 NAN_INDEX = 255
+
+# A map's register tables, one byte array: byte planes of the codes and of the midpoints
+# (+inf after the last, so a guess of 255 compares false), the search tree (node 0: the index
+# of +inf), the guess's rows (shifts and offsets, 64 words each) and bins.
+CODE_PLANES, MID_PLANES, SEARCH, SHIFTS, OFFSETS, BINS = 0, 1024, 2048, 3072, 3200, 3328
+REGISTERS = BINS + guess.MAX_BINS
 
 
 class QuantTables(NamedTuple):
@@ -48,7 +63,7 @@ class QuantTables(NamedTuple):
     mids: np.ndarray  # float32[256], the 255 midpoints then +inf, so a fix-up never runs past the end
     fixups: int  # comparisons that make a guess from `first` exact
     packed: np.ndarray  # int32[65536] (see above), or empty where some bucket holds 2+ midpoints
-    registers: np.ndarray  # uint8[cpu_avx512.REGISTERS], the AVX-512 path's tables
+    registers: np.ndarray  # uint8[REGISTERS], the AVX-512 path's tables (register_tables)
     guessed: bool  # whether the AVX-512 path quantizes from a first guess (else it searches)
 
 
@@ -71,10 +86,50 @@ def _tables(code_bytes: bytes) -> QuantTables | None:
     padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
     packed = _packed(first, inside, mids)
     first = np.append(first.astype(np.uint8), np.zeros(4, np.uint8))
-    from .cpu_avx512 import register_tables  # (which builds on this module)
-
     registers, guessed = register_tables(code.numpy(), mids)
     return QuantTables(code.numpy().copy(), first, padded, int(inside.max()), packed, registers, guessed)
+
+
+def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A map's register tables (float32 ``code``, sorted float32 ``mids``), and whether it has
+    a guess table (else the kernel searches)."""
+    tables = np.zeros(REGISTERS, dtype=np.uint8)
+    padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
+    for offset, values in ((CODE_PLANES, code), (MID_PLANES, padded)):
+        bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+        for k in range(4):
+            tables[offset + 256 * k : offset + 256 * (k + 1)] = (bits >> (8 * k)) & 0xFF
+    search = tables[SEARCH:SHIFTS].view(np.float32)
+    search[0] = np.count_nonzero(mids < np.inf)  # the index of +inf (node 0 is not part of the tree)
+    for n in range(1, 256):
+        level = n.bit_length() - 1
+        step = 128 >> level  # node n splits [j * 2 * step, (j + 1) * 2 * step)
+        search[n] = mids[(2 * (n - (1 << level)) + 1) * step - 1] + np.float32(0.0)  # -0 as +0: see avx512._searched
+    bins = guess.bin_table(mids)
+    if bins is not None:
+        shifts, offsets, table = bins
+        tables[SHIFTS:OFFSETS] = shifts.view(np.uint8)
+        tables[OFFSETS:BINS] = offsets.view(np.uint8)
+        tables[BINS:REGISTERS] = table
+    return tables, bins is not None
+
+
+# id(code map) -> (weak reference to it, its version and address then, its tables): the
+# optimizers pass the same map tensor every step, so its tables are found without reading it.
+_BY_TENSOR: dict[int, tuple] = {}
+
+
+def tables_of(code: torch.Tensor) -> QuantTables | None:
+    """``tables_for(code)``, cached by the map tensor itself (while unchanged in place)."""
+    seen = _BY_TENSOR.get(id(code))
+    stamp = (code._version, code.data_ptr())
+    if seen is not None and seen[0]() is code and seen[1] == stamp:
+        return seen[2]
+    tables = tables_for(code)
+    if len(_BY_TENSOR) >= 64:
+        _BY_TENSOR.clear()
+    _BY_TENSOR[id(code)] = (weakref.ref(code), stamp, tables)
+    return tables
 
 
 def _packed(first: np.ndarray, inside: np.ndarray, mids: np.ndarray) -> np.ndarray:

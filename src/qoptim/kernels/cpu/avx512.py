@@ -10,7 +10,7 @@ are small enough to sit in vector registers instead, where AVX-512 permutes inde
   back together as floats (``_plane_floats``). About 0.5 instructions per element, against
   one 4-byte gather.
 
-* Quantizing, ``T(u) = #{midpoints < u}``: a first guess from a table of 512 bins (cpu_guess),
+* Quantizing, ``T(u) = #{midpoints < u}``: a first guess from a table of 512 bins (``guess``),
   indexed by u's top 16 bits in 16-bit lanes and read with ``vpermi2b``, exact after one
   comparison with ``midpoints[guess]``, looked up in byte planes like the codes
   (``quantize_guessed``, ~1.5 instructions per element). For a map whose bins do not fit,
@@ -21,58 +21,27 @@ are small enough to sit in vector registers instead, where AVX-512 permutes inde
   index is exact by construction, as ``torch.bucketize``'s. NaN and infinite u are settled
   apart on both.
 
-A map's tables (``register_tables``) are built once, in numpy, and laid out in one byte array
-(the offsets below). Numba's on-disk cache knows the source files of the kernels (cpu.py),
-not of this module: after editing this file, touch cpu.py or clear the cache.
+A map's register tables are built once, in numpy, and laid out in one byte array
+(``tables.register_tables``, which owns the offsets).
 """
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import cpu_guess
-from .cpu_tables import NAN_INDEX
+from . import guess
+from .tables import BINS, CODE_PLANES, MID_PLANES, NAN_INDEX, OFFSETS, SEARCH, SHIFTS
 
-FEATURES = ("avx512f", "avx512bw", "avx512vbmi")  # what the path needs of the CPU
+__all__ = ["lookup_planes", "quantize_guessed", "quantize_search"]
 
-# A map's register tables, one byte array: byte planes of the codes and of the midpoints
-# (+inf after the last, so a guess of 255 compares false), the search tree (node 0: the index
-# of +inf), the guess's rows (shifts and offsets, 64 words each) and bins.
-CODE_PLANES, MID_PLANES, SEARCH, SHIFTS, OFFSETS, BINS = 0, 1024, 2048, 3072, 3200, 3328
-REGISTERS = BINS + cpu_guess.MAX_BINS
 SEARCH_GROUP = 16  # vectors of 16 searched side by side, to hide a level's latency
 GUESS_UNITS = 4  # units of 64 guessed side by side (a 256-block), to hide a fix-up's latency
 
 _F32, _I32, _I16, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(8)
 _BYTES, _WORDS, _FLOATS, _INTS = ir.VectorType(_I8, 64), ir.VectorType(_I16, 32), ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
-
-
-def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, bool]:
-    """A map's register tables (float32 ``code``, sorted float32 ``mids``), and whether it has
-    a guess table (else the kernel searches)."""
-    tables = np.zeros(REGISTERS, dtype=np.uint8)
-    padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
-    for offset, values in ((CODE_PLANES, code), (MID_PLANES, padded)):
-        bits = np.asarray(values, dtype=np.float32).view(np.uint32)
-        for k in range(4):
-            tables[offset + 256 * k : offset + 256 * (k + 1)] = (bits >> (8 * k)) & 0xFF
-    search = tables[SEARCH:SHIFTS].view(np.float32)
-    search[0] = np.count_nonzero(mids < np.inf)  # the index of +inf (node 0 is not part of the tree)
-    for n in range(1, 256):
-        level = n.bit_length() - 1
-        step = 128 >> level  # node n splits [j * 2 * step, (j + 1) * 2 * step)
-        search[n] = mids[(2 * (n - (1 << level)) + 1) * step - 1] + np.float32(0.0)  # -0 as +0: see _search
-    guess = cpu_guess.bin_table(mids)
-    if guess is not None:
-        shifts, offsets, bins = guess
-        tables[SHIFTS:OFFSETS] = shifts.view(np.uint8)
-        tables[OFFSETS:BINS] = offsets.view(np.uint8)
-        tables[BINS:REGISTERS] = bins
-    return tables, guess is not None
 
 
 # ---- IR helpers ---------------------------------------------------------------------------------
@@ -309,24 +278,24 @@ def _permute2_words(builder, low, index, high):
 
 
 def _bin_indices(builder, shifts, offsets, pair):
-    """cpu_guess's bin of each u of two vectors, as 32 words (the top halves of u's bits)."""
+    """The bin (``guess``) of each u of two vectors, as 32 words (the top halves of u's bits)."""
     w = _shuffle(builder, _words(builder, pair[0]), _words(builder, pair[1]), [2 * k + 1 for k in range(32)])
 
     def words(x):
         return ir.Constant(_WORDS, [x] * 32)
 
     m = builder.and_(w, words(0x7FFF))
-    m = _call(builder, "llvm.umin.v32i16", _WORDS, [_call(builder, "llvm.umax.v32i16", _WORDS, [m, words(cpu_guess.LOW)]), words(cpu_guess.HIGH)])
+    m = _call(builder, "llvm.umin.v32i16", _WORDS, [_call(builder, "llvm.umax.v32i16", _WORDS, [m, words(guess.LOW)]), words(guess.HIGH)])
     # the row, sign << 5 | exponent - 96: the exponent's low 5 bits are that difference (the
     # clamp keeps it within 96..127), and its bit 5, always set, is swapped for the sign
-    exponent = builder.lshr(m, words(cpu_guess.MANTISSA_BITS))
+    exponent = builder.lshr(m, words(guess.MANTISSA_BITS))
     row = builder.bitcast(_ternary(builder, builder.bitcast(exponent, _INTS), builder.bitcast(builder.lshr(w, words(10)), _INTS), _ints(0x00200020), lambda e, s, k: (e & ~k) | (s & k)), _WORDS)
     shift = _permute2_words(builder, shifts[0], row, shifts[1])
     return builder.add(builder.lshr(m, shift), _permute2_words(builder, offsets[0], row, offsets[1]))
 
 
 def _binned(builder, state, us):
-    """T(u) for 64 u at a time: a guess from cpu_guess's bins, fixed up by one comparison
+    """T(u) for 64 u at a time: a guess from the bins of ``guess``, fixed up by one comparison
     with its midpoint (a guess is T(u) or T(u) - 1: one more where its midpoint is below u).
 
     A fix-up waits on its guess through a long chain of permutes (~30 cycles), so all the
@@ -336,9 +305,9 @@ def _binned(builder, state, us):
     groups = [us[i : i + 4] for i in range(0, len(us), 4)]
     guesses = [_bin_guesses(builder, shifts, offsets, bins, group) for group in groups]
     codes = []
-    for group, guess in zip(groups, guesses):
-        below = _concat(builder, [builder.fcmp_ordered("<", mid, u) for mid, u in zip(_plane_floats(builder, mid_planes, guess), group)])
-        codes.append(builder.add(guess, builder.zext(below, _BYTES)))
+    for group, first in zip(groups, guesses):
+        below = _concat(builder, [builder.fcmp_ordered("<", mid, u) for mid, u in zip(_plane_floats(builder, mid_planes, first), group)])
+        codes.append(builder.add(first, builder.zext(below, _BYTES)))
     return codes
 
 

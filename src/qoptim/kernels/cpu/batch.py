@@ -1,4 +1,4 @@
-"""Many small parameters in one CPU kernel call: the CPU backend's ``update_many``.
+"""Many small parameters in one kernel call: the CPU backend's ``update_many``.
 
 A model's small tensors (biases, norms, small projections) each cost a Numba call of their own
 on the one-at-a-time path: argument unboxing and the host-side preparation come to tens of
@@ -18,17 +18,25 @@ the parts out evenly: a model's mid-size matrices go in the same call as its bia
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numba
 import numpy as np
-import torch
 from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
-from . import cpu, reference
-from .types import BLOCK, Job, UpdateResult
+from ..rules import RULES
+from ..types import BLOCK, Job, UpdateResult
+from . import launch, paths
+from .bits import ZERO
+from .jit import JIT
+from .layout import Layout, as_numpy, flat_cpu, kernel_tables, padded, plan
+from .rules import KERNEL_STATES, constants, marker_of
+from .tables import tables_of
+from .tasks import Pass, eight_bit_task, fp32_task
 
-__all__ = ["update_many"]
+__all__ = ["BATCH_LIMIT", "PART", "parts", "task_bounds", "update_many"]
 
 # Tensors below this many elements are batched; larger ones are worth a launch of their own.
 BATCH_LIMIT = 1 << 22
@@ -40,39 +48,41 @@ PART = 1 << 17
 _P, _G, _STATES = 0, 1, 2
 
 
-def update_many(jobs: list[Job]) -> list[UpdateResult]:
-    """``cpu.update(*job)`` for every job, small tensors of like jobs in one call."""
+def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResult]) -> list[UpdateResult]:
+    """``one(job, its layout)`` for every job (the one-at-a-time path, the layout from
+    ``layout.plan``), but small tensors of like jobs in one call."""
     results: list[UpdateResult | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
+    layouts: dict[int, Layout | None] = {}
     tables_seen: list = []  # the keys name tables by id(): alive until the end, no id is reused
     for i, job in enumerate(jobs):
-        key = _batch_key(job, tables_seen)
+        layouts[i] = layout = plan(job.rule, job.p, job.slots)
+        key = _batch_key(job, layout, tables_seen)
         if key is None:
-            results[i] = cpu.update(*job)
+            results[i] = one(job, layout)
         else:
             batches.setdefault(key, []).append(i)
     for key, indices in batches.items():
         if len(indices) == 1:
-            results[indices[0]] = cpu.update(*jobs[indices[0]])
+            results[indices[0]] = one(jobs[indices[0]], layouts[indices[0]])
             continue
         for i, count in zip(indices, _run(key, [jobs[i] for i in indices])):
             results[i] = UpdateResult(skipped_blocks=int(count))
     return results
 
 
-def _batch_key(job: Job, tables_seen: list) -> tuple | None:
+def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | None:
     """What jobs must share to run in one call, or None for the one-at-a-time path: a layout
-    the kernels cover (``cpu._supported_layout``, which leaves out empty tensors: a rank's
-    shard of a small parameter can be one), fp32 or 8-bit in 256-blocks, and the same maps."""
+    the kernels cover (``layout.plan``, which leaves out empty tensors: a rank's shard of a
+    small parameter can be one), fp32 or 8-bit in 256-blocks, and the same maps."""
     rule, p, g, slots, hp, skip_nonfinite = job
-    if p.numel() >= BATCH_LIMIT or rule in reference.TRUST_RATIOS:
+    if p.numel() >= BATCH_LIMIT or RULES[rule].trust:
         return None
-    layout = cpu._supported_layout(rule, p, slots)
-    if layout not in ("fp32", "block") or not cpu._flat_cpu(g, p.dtype, p.numel()):
+    if layout not in (Layout.FP32, Layout.BLOCK) or not flat_cpu(g, p.dtype, p.numel()):
         return None
     states = (layout,)
-    if layout == "block":  # and the maps, by their tables
-        tables = [cpu._tables_of(s.code) for s in slots]
+    if layout == Layout.BLOCK:  # and the maps, by their tables
+        tables = [tables_of(s.code) for s in slots]
         tables_seen += tables  # the key names them by id(): alive until the batches ran
         states += tuple(id(t) for t in tables)
     # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
@@ -82,23 +92,22 @@ def _batch_key(job: Job, tables_seen: list) -> tuple | None:
 def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
     """One call for the jobs of one batch key; returns each job's skipped-block count."""
     rule, _, (layout, *_), hp, skip = key
-    family = cpu._FAMILIES[rule]
     addresses = np.array([_addresses(job) for job in jobs], dtype=np.int64)
     sizes = np.array([job.p.numel() for job in jobs], dtype=np.int64)
     gscales = np.array([job.hp.gnorm_scale for job in jobs], dtype=np.float32)
-    parts = _parts(sizes)
-    ntasks = min(cpu._tasks_for(int(sizes.sum())), len(parts))
-    like = cpu._as_numpy(jobs[0].p[:0])  # an empty array of the kernels' view of the parameter dtype
-    args = (_task_bounds(parts[:, _PART_SIZE], ntasks), parts, family.marker, like, addresses, sizes, gscales, family.constants(hp), skip)
+    table = parts(sizes)
+    ntasks = min(launch.tasks_for(int(sizes.sum())), len(table))
+    like = as_numpy(jobs[0].p[:0])  # an empty array of the kernels' view of the parameter dtype
+    args = (task_bounds(table[:, _PART_SIZE], ntasks), table, marker_of(rule), like, addresses, sizes, gscales, constants(rule, hp), skip)
     per_task = np.zeros(ntasks, dtype=np.int64)
-    per_part = np.zeros(len(parts), dtype=np.int64)
-    if layout == "fp32":
-        cpu._launch(_fp32_batch_task, ntasks, per_task, (*args, per_part))
+    per_part = np.zeros(len(table), dtype=np.int64)
+    if layout == Layout.FP32:
+        launch.run(fp32_batch_task, ntasks, per_task, (*args, per_part))
     else:
-        tables = cpu._padded(tuple(_tables_tuple(s.code) for s in jobs[0].slots))
-        cpu._on_best_path(lambda path: cpu._launch(_8bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
+        tables = padded(tuple(kernel_tables(tables_of(s.code)) for s in jobs[0].slots))
+        paths.on_best_path(lambda path: launch.run(eight_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
     skipped = np.zeros(len(jobs), dtype=np.int64)
-    np.add.at(skipped, parts[:, _PART_JOB], per_part)
+    np.add.at(skipped, table[:, _PART_JOB], per_part)
     return skipped
 
 
@@ -106,7 +115,7 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
 _PART_JOB, _PART_INDEX, _PART_COUNT, _PART_SIZE = range(4)
 
 
-def _parts(sizes: np.ndarray) -> np.ndarray:
+def parts(sizes: np.ndarray) -> np.ndarray:
     """The parts of a batch (``PART``): a row (job, part, parts, elements) each."""
     counts = -(-sizes // PART)
     job = np.repeat(np.arange(len(sizes)), counts)
@@ -121,16 +130,12 @@ def _addresses(job: Job) -> list[int]:
     row = [job.p.data_ptr(), job.g.data_ptr()]
     for slot in job.slots:
         row += [slot.values.data_ptr(), slot.absmax.data_ptr() if slot.absmax is not None else 0]
-    while len(row) < _STATES + 2 * cpu._MAX_STATES:
+    while len(row) < _STATES + 2 * KERNEL_STATES:
         row += row[_STATES : _STATES + 2]
     return row
 
 
-def _tables_tuple(code: torch.Tensor) -> tuple:
-    return cpu._kernel_tables(cpu._tables_of(code))
-
-
-def _task_bounds(sizes: np.ndarray, ntasks: int) -> np.ndarray:
+def task_bounds(sizes: np.ndarray, ntasks: int) -> np.ndarray:
     """Split a batch's parts (of ``sizes`` elements) into ``ntasks`` runs with about equal
     element counts."""
     if ntasks == 1:
@@ -156,24 +161,27 @@ def _pointer(typingctx, address, like):
     return pointer(address, like), codegen
 
 
-@njit(**cpu._JIT)
+@njit(**JIT)
 def _view(address, n, like):
     return numba.carray(_pointer(address, like), n)
 
 
-@njit(**cpu._JIT)
+@njit(**JIT)
 def _8bit_state(row, k, n, tables):
     """State ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it."""
     values = _view(row[_STATES + 2 * k], n, np.uint8)
     absmax = _view(row[_STATES + 2 * k + 1], (n + BLOCK - 1) // BLOCK, np.float32)
-    return (values, absmax) + tables
+    return values, absmax, tables
 
 
-# The batch tasks run on the CPU backend's worker threads (``cpu._launch``): without the GIL.
-_TASK = dict(nogil=True, **cpu._JIT)
+# The layout and pass of a batch's 8-bit tasks (ints: see ``layout.Layout``)
+_BLOCK, _STEP = int(Layout.BLOCK), int(Pass.STEP)
+
+# The batch tasks run on the CPU backend's worker threads (``launch.run``): without the GIL.
+_TASK = dict(nogil=True, **JIT)
 
 
-@njit(**cpu._JIT)
+@njit(**JIT)
 def _part(k, parts, addresses, sizes, like):
     """Part ``k`` of a batch: its tensor's index, address row and size, which part of how
     many it is, and the tensor's parameter and gradient."""
@@ -183,27 +191,27 @@ def _part(k, parts, addresses, sizes, like):
 
 
 @njit(**_TASK)
-def _8bit_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, c, skip, t0, t1, t2, path, skipped):
+def eight_bit_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, k, skip, t0, t1, t2, path, skipped):
     """The parts of task ``t``, one after the other (each a task of the one-at-a-time path
     on its tensor); skipped[part] = the blocks it skipped; returns their sum."""
-    inverse = (cpu._ZERO, cpu._ZERO, cpu._ZERO)  # unused: block-wise scales are computed per block
+    inverse = (ZERO, ZERO, ZERO)  # unused: block-wise scales are computed per block
     peaks = np.zeros((1, 3), np.float32)  # unused: written by a one-scale first pass only
     total = 0
-    for k in range(bounds[t], bounds[t + 1]):
-        i, row, n, part, count, p, g = _part(k, parts, addresses, sizes, like)
+    for j in range(bounds[t], bounds[t + 1]):
+        i, row, n, part, count, p, g = _part(j, parts, addresses, sizes, like)
         s0, s1, s2 = _8bit_state(row, 0, n, t0), _8bit_state(row, 1, n, t1), _8bit_state(row, 2, n, t2)
-        skipped[k] = cpu._8bit_task(part, count, rule, p, g, s0, s1, s2, gscales[i], c, skip, False, False, inverse, path, peaks)
-        total += skipped[k]
+        skipped[j] = eight_bit_task(part, count, rule, p, g, s0, s1, s2, gscales[i], k, skip, _BLOCK, _STEP, inverse, path, peaks)
+        total += skipped[j]
     return total
 
 
 @njit(**_TASK)
-def _fp32_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, c, skip, skipped):
-    """``_8bit_batch_task`` for fp32 states."""
+def fp32_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, k, skip, skipped):
+    """``eight_bit_batch_task`` for fp32 states."""
     total = 0
-    for k in range(bounds[t], bounds[t + 1]):
-        i, row, n, part, count, p, g = _part(k, parts, addresses, sizes, like)
+    for j in range(bounds[t], bounds[t + 1]):
+        i, row, n, part, count, p, g = _part(j, parts, addresses, sizes, like)
         s0, s1, s2 = _view(row[_STATES], n, np.float32), _view(row[_STATES + 2], n, np.float32), _view(row[_STATES + 4], n, np.float32)
-        skipped[k] = cpu._fp32_task(part, count, rule, p, g, s0, s1, s2, gscales[i], c, skip)
-        total += skipped[k]
+        skipped[j] = fp32_task(part, count, rule, p, g, s0, s1, s2, gscales[i], k, skip)
+        total += skipped[j]
     return total

@@ -1,4 +1,4 @@
-"""Small tensors batched into one CPU kernel call (kernels.cpu_batch) against the one-at-a-time
+"""Small tensors batched into one CPU kernel call (kernels.cpu.batch) against the one-at-a-time
 path: the same task functions run on the same memory, so results must be identical bit for bit,
 whatever mix of rules, dtypes, layouts, sizes, steps and gradient scales a step brings."""
 
@@ -8,33 +8,40 @@ import torch
 
 import qoptim as bnb
 from qoptim import kernels
-from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot, cpu, cpu_batch
+from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot, cpu
+from qoptim.kernels.cpu import batch, launch, paths
+from qoptim.kernels.rules import RULES
 from qoptim.quant.maps import signed_map, unsigned_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [1, 255, 256, 257, 4097, 3000, 65537, 700]
 
-# each rule with its options switched on, and whether its states are signed
-RULES = {
-    "adam": (dict(beta1=0.9, beta2=0.999, decoupled=True, weight_decay=0.1), (True, False)),
-    "ademamix": (dict(beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0, decoupled=True, weight_decay=0.01), (True, True, False)),
-    "lion": (dict(beta1=0.9, beta2=0.99, decoupled=True, weight_decay=0.1), (True,)),
-    "momentum": (dict(beta1=0.0, beta2=0.0, momentum=0.9, dampening=0.1, weight_decay=1e-4), (True,)),
-    "rmsprop": (dict(beta1=0.0, beta2=0.0, smoothing=0.99, weight_decay=1e-4), (False,)),
-    "adagrad": (dict(beta1=0.0, beta2=0.0, lr_decay=0.01), (False,)),
-    "lamb": (dict(beta1=0.9, beta2=0.999, decoupled=True, weight_decay=0.01, max_unorm=1.0), (True, False)),
+# each rule of kernels.rules.RULES with its options switched on
+OPTIONS = {
+    "adam": dict(beta1=0.9, beta2=0.999, decoupled=True, weight_decay=0.1),
+    "ademamix": dict(beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0, decoupled=True, weight_decay=0.01),
+    "lion": dict(beta1=0.9, beta2=0.99, decoupled=True, weight_decay=0.1),
+    "momentum": dict(beta1=0.0, beta2=0.0, momentum=0.9, dampening=0.1, weight_decay=1e-4),
+    "lars": dict(beta1=0.0, beta2=0.0, momentum=0.9, dampening=0.1, weight_decay=1e-4, trust_coefficient=0.02),
+    "rmsprop": dict(beta1=0.0, beta2=0.0, smoothing=0.99, weight_decay=1e-4),
+    "adagrad": dict(beta1=0.0, beta2=0.0, lr_decay=0.01),
+    "lamb": dict(beta1=0.9, beta2=0.999, decoupled=True, weight_decay=0.01, max_unorm=1.0),
 }
+assert set(OPTIONS) == set(RULES)
 
 
 @pytest.fixture(params=["vector", "portable"])
-def path(request, monkeypatch):
-    monkeypatch.setattr(cpu, "VECTORIZE", request.param == "vector")
+def path(request):
+    """The best vector path of this CPU, or the portable one."""
+    vector = paths.AVX512 if paths.HAS_AVX512 else paths.AVX2
+    with paths.force(vector if request.param == "vector" else paths.PORTABLE):
+        yield
 
 
 def make_job(rule, n, dtype, layout, seed):
     gen = torch.Generator().manual_seed(seed)
     p = (torch.randn(n, generator=gen) * 0.1).to(dtype)
-    signed = RULES[rule][1]
+    signed = RULES[rule].signed
     if layout == "fp32":
         slots = [StateSlot(torch.zeros(n)) for _ in signed]
     else:
@@ -53,7 +60,7 @@ def step_jobs(jobs, step, grads):
     own batch), a gradient scale on some tensors (per tensor within a batch)."""
     out = []
     for k, ((rule, p, slots, _), g) in enumerate(zip(jobs, grads)):
-        hp = Hyper(lr=1e-3, eps=1e-8, step=step + 1 + (k % 3 == 0), gnorm_scale=0.5 if k % 4 == 1 else 1.0, **{"weight_decay": 0.0, "decoupled": False, **RULES[rule][0]})
+        hp = Hyper(lr=1e-3, eps=1e-8, step=step + 1 + (k % 3 == 0), gnorm_scale=0.5 if k % 4 == 1 else 1.0, **{"weight_decay": 0.0, "decoupled": False, **OPTIONS[rule]})
         out.append(Job(rule, p, g, slots, hp, True))
     return out
 
@@ -82,7 +89,7 @@ def run_both(jobs, steps=6):
     single = copies(jobs)
     for step in range(steps):
         grads = gradients(jobs, step)
-        batched_results = cpu_batch.update_many(step_jobs(jobs, step, grads))
+        batched_results = cpu.update_many(step_jobs(jobs, step, grads))
         single_results = [cpu.update(*job) for job in step_jobs(single, step, grads)]
         assert [r.skipped_blocks for r in batched_results] == [r.skipped_blocks for r in single_results]
     assert_same(jobs, single)
@@ -119,13 +126,13 @@ def test_a_batch_large_enough_runs_on_all_threads(path, monkeypatch):
     torch.set_num_threads(2)
     try:
         jobs = [make_job("adam", 20_000 + 37 * k, torch.float32, "block", k) for k in range(30)]  # 600K elements
-        assert sum(p.numel() for _, p, _, _ in jobs) >= cpu.PARALLEL_MIN
+        assert sum(p.numel() for _, p, _, _ in jobs) >= launch.PARALLEL_MIN
         launched = []
-        launch = cpu._launch
-        monkeypatch.setattr(cpu, "_launch", lambda task, ntasks, *rest: launched.append((task, ntasks)) or launch(task, ntasks, *rest))
+        run = launch.run
+        monkeypatch.setattr(launch, "run", lambda task, ntasks, *rest: launched.append((task, ntasks)) or run(task, ntasks, *rest))
         run_both(jobs, steps=3)
-        batched = [ntasks for task, ntasks in launched if task is cpu_batch._8bit_batch_task]
-        assert batched and max(batched) == 2 * cpu.TASKS_PER_THREAD  # (a batch below PARALLEL_MIN runs as one task)
+        batched = [ntasks for task, ntasks in launched if task is batch.eight_bit_batch_task]
+        assert batched and max(batched) == 2 * launch.TASKS_PER_THREAD  # (a batch below PARALLEL_MIN runs as one task)
     finally:
         torch.set_num_threads(threads)
 
@@ -135,33 +142,33 @@ def test_tensors_cut_into_parts_across_tasks_give_the_one_call_result(layout, pa
     """Tensors of many parts (``PART`` lowered to 16 blocks) shared out over the tasks of two
     threads, parts of one tensor on both, NaN gradients in some blocks: the same bits and the
     same skipped-block counts, summed over a tensor's parts."""
-    monkeypatch.setattr(cpu_batch, "PART", 16 * BLOCK)
-    monkeypatch.setattr(cpu_batch, "BATCH_LIMIT", 1 << 20)
+    monkeypatch.setattr(batch, "PART", 16 * BLOCK)
+    monkeypatch.setattr(batch, "BATCH_LIMIT", 1 << 20)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         sizes = [300_000, 16 * BLOCK, 16 * BLOCK + 1, 5, 70_001]
         jobs = [make_job("adam", n, torch.float32, layout, seed) for seed, n in enumerate(sizes)]
-        assert len(cpu_batch._parts(np.array(sizes))) == 74 + 1 + 2 + 1 + 18
+        assert len(batch.parts(np.array(sizes))) == 74 + 1 + 2 + 1 + 18
         launched = []
-        launch = cpu._launch
-        monkeypatch.setattr(cpu, "_launch", lambda task, ntasks, *rest: launched.append((task, ntasks)) or launch(task, ntasks, *rest))
+        run = launch.run
+        monkeypatch.setattr(launch, "run", lambda task, ntasks, *rest: launched.append((task, ntasks)) or run(task, ntasks, *rest))
         run_both(jobs, steps=4)
-        batch_tasks = (cpu_batch._8bit_batch_task, cpu_batch._fp32_batch_task)
+        batch_tasks = (batch.eight_bit_batch_task, batch.fp32_batch_task)
         # the batch of the 300,000-element tensor (its key-mates: every third job is a step ahead) on both threads
-        assert max(ntasks for task, ntasks in launched if task in batch_tasks) == 2 * cpu.TASKS_PER_THREAD
+        assert max(ntasks for task, ntasks in launched if task in batch_tasks) == 2 * launch.TASKS_PER_THREAD
     finally:
         torch.set_num_threads(threads)
 
 
 def test_parts_cover_each_tensor_once():
-    sizes = np.array([1, BLOCK, 5 * cpu_batch.PART + 3, cpu_batch.PART], dtype=np.int64)
-    parts = cpu_batch._parts(sizes)
+    sizes = np.array([1, BLOCK, 5 * batch.PART + 3, batch.PART], dtype=np.int64)
+    parts = batch.parts(sizes)
     for i, n in enumerate(sizes):
         mine = parts[parts[:, 0] == i]
-        count = -(-n // cpu_batch.PART)
+        count = -(-n // batch.PART)
         assert list(mine[:, 1]) == list(range(count)) and set(mine[:, 2]) == {count}
-        assert mine[:, 3].sum() >= n and (mine[:, 3] <= cpu_batch.PART).all()
+        assert mine[:, 3].sum() >= n and (mine[:, 3] <= batch.PART).all()
 
 
 def test_empty_tensors_are_left_to_the_one_at_a_time_path():
@@ -173,7 +180,7 @@ def test_empty_tensors_are_left_to_the_one_at_a_time_path():
 def test_task_bounds_split_parts_evenly():
     sizes = np.array([10, 10, 10, 10, 100, 1, 1, 1], dtype=np.int64)
     for ntasks in (1, 2, 3, 8):
-        bounds = cpu_batch._task_bounds(sizes, ntasks)
+        bounds = batch.task_bounds(sizes, ntasks)
         assert len(bounds) == ntasks + 1 and bounds[0] == 0 and bounds[-1] == len(sizes)
         assert (np.diff(bounds) >= 0).all()
 

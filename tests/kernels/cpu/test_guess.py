@@ -1,4 +1,4 @@
-"""The AVX-512 quantizer's first guess (qoptim.kernels.cpu_guess): which maps get a bin table,
+"""The AVX-512 quantizer's first guess (qoptim.kernels.cpu.guess): which maps get a bin table,
 that its guess is T(u) or T(u) - 1 for floats of every bin, and that the guessing kernel agrees
 with ``torch.bucketize`` where a wrong guess would show: around every midpoint and every bin
 edge."""
@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from qoptim.kernels import cpu, cpu_guess
-from qoptim.kernels.cpu_tables import tables_for
+from qoptim.kernels.cpu import guess as cpu_guess
+from qoptim.kernels.cpu import paths
+from qoptim.kernels.cpu.quantize import quantize
+from qoptim.kernels.cpu.tables import tables_for
 from qoptim.quant.maps import create_dynamic_map, midpoints, signed_map, unsigned_map
 
 CROWDED = torch.cat([torch.linspace(-1, 1, 200), 0.5 + torch.linspace(1e-5, 5e-4, 56)]).sort().values
@@ -67,7 +69,7 @@ def test_a_coarser_row_would_hold_two_midpoints():
     top_row = cpu_guess.ROWS - 2  # exponent 126: |u| in [0.5, 1)
     bits = cpu_guess.MANTISSA_BITS - int(shift[top_row])
     assert bits == 6
-    low, high = cpu_guess._bin_counts(mids, top_row, bits - 1)
+    low, high = cpu_guess.bin_counts(mids, top_row, bits - 1)
     assert (high - low).max() == 2
 
 
@@ -80,7 +82,7 @@ def neighbourhoods(points, ulps):
     return near[np.isfinite(near)]
 
 
-@pytest.mark.skipif(not cpu.HAS_AVX512, reason="this CPU lacks AVX-512 VBMI")
+@pytest.mark.skipif(not paths.HAS_AVX512, reason="this CPU lacks AVX-512 VBMI")
 @pytest.mark.parametrize("code", GUESSED, ids=GUESSED_IDS)
 @pytest.mark.parametrize("finite", [True, False], ids=["promised-finite", "checked"])
 def test_the_guessing_kernel_matches_bucketize_near_every_edge(code, finite):
@@ -89,9 +91,9 @@ def test_the_guessing_kernel_matches_bucketize_near_every_edge(code, finite):
     by 1 (the values are u)."""
     mids = mids_of(code)
     values = np.concatenate([neighbourhoods(np.concatenate([mids[np.isfinite(mids)], [0.0, 1.0, -1.0]]), 300), neighbourhoods(bin_ends(), 2)])
-    tables = cpu._kernel_tables(tables_for(code))
-    assert tables[6]
+    tables = tables_for(code)
+    assert tables.guessed
     out = np.empty(values.size, dtype=np.uint8)
-    cpu._quantize(values, np.float32(1.0), finite, tables, out, cpu._AVX512)
+    quantize(values, np.float32(1.0), finite, tables, out, paths.AVX512)
     expected = torch.bucketize(torch.from_numpy(values), midpoints(code)).numpy()
     assert np.array_equal(out, expected)

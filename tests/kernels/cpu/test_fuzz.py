@@ -1,13 +1,13 @@
 """Property test: the fused CPU kernel equals the reference on random shapes, dtypes, layouts,
 hyperparameters and gradients (including NaN/Inf), bit for bit (given a correctly rounded sqrt
-in the reference, see test_cpu_kernel.py)."""
+in the reference, see test_adam.py)."""
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import exact_sqrt
-from test_cpu_kernel import copy_state, make_state
+from support.cpu_states import copy_state, make_state
 
 from qoptim.kernels import Hyper, cpu, reference
 

@@ -1,4 +1,4 @@
-"""A first guess of a code index from a small table, for the AVX-512 quantizer (cpu_avx512).
+"""A first guess of a code index from a small table, for the AVX-512 quantizer (``avx512``).
 
 The quantizer's answer for a float ``u`` is ``T(u) = #{midpoints < u}``, a step function. The
 guess reads it from a table of bins, each a run of floats that share their sign, exponent and
@@ -46,7 +46,7 @@ def bin_table(mids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     used = 0
     for row in range(2 * ROWS):
         for bits in range(MANTISSA_BITS + 1):
-            low, high = _bin_counts(mids, row, bits)
+            low, high = bin_counts(mids, row, bits)
             if (high - low <= 1).all():
                 break
         else:
@@ -72,7 +72,7 @@ def guess(tables: tuple[np.ndarray, np.ndarray, np.ndarray], u: np.ndarray) -> n
     return table[(offset[row].astype(np.uint32) + (m >> shift[row])) % (1 << 16)]
 
 
-def _bin_counts(mids: np.ndarray, row: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def bin_counts(mids: np.ndarray, row: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """T at the lowest and at the highest float of each bin of a row split by ``bits``
     mantissa bits (the clamped ends reach 0 and the largest float)."""
     exponent = FIRST_EXPONENT + row % ROWS

@@ -1,0 +1,100 @@
+"""Which parameters and states the kernels take, and how they see their memory.
+
+The kernels cover a rule's states all fp32, all 8-bit in 256-blocks, or all 8-bit with one
+scale per tensor, of a flat contiguous CPU parameter (fp32, bf16 or fp16), with maps of 256
+sorted float32 codes; ``plan`` says which of these a parameter's states are, or None (then
+the reference backend takes the step). numpy has no bf16: the kernels see 16-bit parameters
+as 16-bit integers, told apart by signedness (bf16 int16, fp16 uint16).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import torch
+
+from ..rules import RULES
+from ..types import BLOCK, WHOLE_TENSOR, StateSlot
+from .rules import KERNEL_STATES
+from .tables import QuantTables, tables_of
+
+__all__ = ["Layout", "as_numpy", "flat_cpu", "kernel_state", "padded", "plan"]
+
+
+class Layout(enum.IntEnum):
+    """How a parameter's states are kept (the 8-bit kernels take it as an int: Numba types an
+    IntEnum argument in Python, ~8 us per task call)."""
+
+    FP32 = 0  # float32 values
+    BLOCK = 1  # 8-bit codes, a scale per 256-block
+    WHOLE = 2  # 8-bit codes, one scale per tensor
+
+
+# How the kernels see a parameter's memory: bf16 and fp16 both as 16-bit integers, told apart by signedness.
+_VIEWS = {torch.float32: (torch.float32, np.float32), torch.bfloat16: (torch.int16, np.int16), torch.float16: (torch.int16, np.uint16)}
+
+
+def plan(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> Layout | None:
+    """The layout of ``rule``'s states on ``p`` where the kernels cover it, else None: a rule of
+    kernels.rules.RULES with all its states fp32, all 8-bit in 256-blocks, or all 8-bit with one
+    scale, on a flat contiguous non-empty CPU parameter."""
+    spec = RULES.get(rule)
+    if spec is None or len(slots) != spec.states or not p.is_cpu or p.dtype not in _VIEWS:
+        return None
+    if p.dim() != 1 or not p.is_contiguous() or p.numel() == 0:
+        return None
+    return _layout(p.numel(), slots)
+
+
+def _layout(n: int, slots: list[StateSlot]) -> Layout | None:
+    """The states' layout where they share one the kernels cover: flat contiguous CPU tensors;
+    8-bit ones with the scales of their block size and a map of 256 float32 codes on the CPU
+    that has tables (``tables_of``: a sorted one)."""
+    if not any(s.quantized for s in slots):
+        return Layout.FP32 if all(flat_cpu(s.values, torch.float32, n) for s in slots) else None
+    blocksize = slots[0].blocksize
+    if blocksize not in (BLOCK, WHOLE_TENSOR):
+        return None
+    scales = -(-n // BLOCK) if blocksize == BLOCK else 1
+    for s in slots:
+        if not (s.quantized and s.blocksize == blocksize and flat_cpu(s.values, torch.uint8, n) and flat_cpu(s.absmax, torch.float32, scales)):
+            return None
+        code = s.code
+        if code is None or not (code.is_cpu and code.dtype == torch.float32 and code.dim() == 1 and code.numel() == 256):
+            return None
+        if tables_of(code) is None:  # (an unsorted map)
+            return None
+    return Layout.BLOCK if blocksize == BLOCK else Layout.WHOLE
+
+
+def flat_cpu(t: torch.Tensor | None, dtype: torch.dtype, n: int) -> bool:
+    """Whether ``t`` is a contiguous CPU tensor of ``n`` elements of ``dtype``."""
+    return t is not None and t.dtype == dtype and t.numel() == n and t.is_cpu and t.is_contiguous()
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A parameter-dtype tensor's memory as the kernels see it."""
+    if t.dtype == torch.float32:
+        return t.detach().numpy()
+    view_dtype, np_dtype = _VIEWS[t.dtype]
+    return t.detach().view(view_dtype).numpy().view(np_dtype)
+
+
+def kernel_state(slot: StateSlot, layout: Layout):
+    """A state as the kernels take it: an fp32 state's values; an 8-bit state's codes, scales
+    and its map's tables as plain tuples (``quantize.state_view``)."""
+    if layout == Layout.FP32:
+        return slot.values.detach().numpy()
+    return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), kernel_tables(tables_of(slot.code))
+
+
+def kernel_tables(tables: QuantTables) -> tuple:
+    """A map's tables as the kernels take them: a plain tuple (``quantize.state_view``)."""
+    return tuple(tables)
+
+
+def padded(states: tuple) -> tuple:
+    """A rule's states, padded to ``KERNEL_STATES`` with stand-ins (the first state again)
+    that the kernels never touch; the rule's marker tells how many are real."""
+    return states + states[:1] * (KERNEL_STATES - len(states))

@@ -1,0 +1,115 @@
+"""The three paths of the table lookups, the CPU features that pick one, and the fall-back.
+
+Dequantizing and quantizing look entries up in small tables, which LLVM's own vectorizer leaves
+scalar. On CPUs with AVX-512 VBMI the kernels look them up in tables held in registers, 64 and
+16 lanes at a time (``avx512``); on CPUs with AVX2, with ``llvm.masked.gather`` intrinsics, 8
+lanes at a time (``gather``); elsewhere, or with ``QOPTIM_CPU_PORTABLE=1`` (read at import),
+with plain scalar loops. The rules' math is auto-vectorized on all of them.
+
+A path is a marker argument of the kernels, told apart by its type, so each path is its own
+compiled (and cached) specialization and the portable one never contains an intrinsic: if a
+vectorized one fails to compile (another numba/llvmlite), ``on_best_path`` hands over to the
+next path down, for good, with a warning. Tests and benchmarks pick a path with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Callable, Iterator, NamedTuple, TypeVar
+
+import numba
+from llvmlite import binding as llvm_binding
+from numba.core import types
+
+from .gather import LANES
+
+__all__ = ["AVX2", "AVX512", "HAS_AVX2", "HAS_AVX512", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "on_best_path"]
+
+
+class PermutePath(NamedTuple):
+    """Marker argument: compile the kernels with the register-permute lookups (AVX-512 VBMI, ``avx512``)."""
+
+    lanes: int
+
+
+class VectorPath(NamedTuple):
+    """Marker argument: compile the kernels with the gather intrinsics (AVX2, ``gather``)."""
+
+    lanes: int
+
+
+class PortablePath(NamedTuple):
+    """Marker argument: compile the kernels from plain scalar loops only."""
+
+    lanes: int
+
+
+AVX512, AVX2, PORTABLE = PermutePath(16), VectorPath(LANES), PortablePath(1)
+
+AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vbmi")  # what the permute path needs of the CPU
+_FEATURES = llvm_binding.get_host_cpu_features()
+HAS_AVX512 = all(_FEATURES.get(f) for f in AVX512_FEATURES)
+# the hardware gathers of AVX2 (elsewhere LLVM would emulate them, and the portable scalar loops run instead)
+HAS_AVX2 = bool(_FEATURES.get("avx2"))
+PORTABLE_ONLY = os.environ.get("QOPTIM_CPU_PORTABLE", "") not in ("", "0")
+
+
+class _Selection:
+    """The path steps take now: the best this CPU has, until a fall-back or ``force`` moves it."""
+
+    path: NamedTuple = PORTABLE if PORTABLE_ONLY or not HAS_AVX2 else AVX512 if HAS_AVX512 else AVX2
+
+
+def current() -> NamedTuple:
+    """The path the next step takes (read on every step)."""
+    return _Selection.path
+
+
+@contextlib.contextmanager
+def force(path: NamedTuple) -> Iterator[NamedTuple]:
+    """Steps in the block take ``path`` (AVX512, AVX2 or PORTABLE), for tests and benchmarks;
+    the path before is back afterwards. AVX2 runs on any x86 CPU (LLVM emulates gathers where
+    the hardware has none: slower, still correct); AVX512 only where ``HAS_AVX512``."""
+    before = _Selection.path
+    _Selection.path = path
+    try:
+        yield path
+    finally:
+        _Selection.path = before
+
+
+R = TypeVar("R")
+
+
+def on_best_path(run: Callable[[NamedTuple], R]) -> R:
+    """``run(path)`` on the best path that compiles (a kernel that fails to compile has
+    written nothing)."""
+    while True:
+        path = _Selection.path
+        try:
+            return run(path)
+        except (numba.core.errors.NumbaError, RuntimeError) as e:
+            if path is PORTABLE:
+                raise
+            _give_up(path, e)
+
+
+def _give_up(path: NamedTuple, error: Exception) -> None:
+    """After a vectorized kernel failed to compile: the AVX-512 path hands over to the AVX2
+    one, the AVX2 one to the portable one."""
+    if path is AVX512:
+        _Selection.path, failed, instead = AVX2, "AVX-512", "the AVX2 one"
+    else:
+        _Selection.path, failed, instead = PORTABLE, "AVX2", "the portable one"
+    warnings.warn(
+        f"qoptim: the {failed} CPU kernel failed to compile ({type(error).__name__}: {str(error)[:200]}); using {instead}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def is_path(path, marker: type) -> bool:
+    """Whether the Numba type ``path`` is that of the path marker class ``marker`` (in overloads)."""
+    return isinstance(path, types.BaseNamedTuple) and path.instance_class is marker
