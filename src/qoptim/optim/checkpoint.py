@@ -20,7 +20,7 @@ from . import dtensor, reshard
 from .reshard import Export
 from .state import GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC, VALUE_KEYS
 
-__all__ = ["QUANT_STATE_KEY", "check_loaded_state", "exported", "loaded", "unnest"]
+__all__ = ["QUANT_STATE_KEY", "check_loaded_state", "exported", "loaded", "packed", "unnest"]
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 
@@ -34,12 +34,30 @@ def unnest(state: dict[str, Any]) -> None:
 # ---- saving ---------------------------------------------------------------------------------
 
 
+def packed(opt) -> dict[str, Any]:
+    """torch's ``Optimizer.state_dict`` of ``opt`` without its hooks (``Optimizer8bit.state_dict``
+    runs them around the layout it writes): parameters as their index in the groups' order;
+    entries of ``opt.state`` that are not parameters as they are, under their own key."""
+    index: dict[int, int] = {}  # id(param) -> its first position in the groups, as torch numbers them
+    groups, start = [], 0
+    for group in opt.param_groups:
+        index.update({id(p): i for i, p in enumerate(group["params"], start) if id(p) not in index})
+        groups.append({**{key: value for key, value in group.items() if key != "params"},
+                       "params": [index[id(p)] for p in group["params"]]})  # fmt: skip
+        start += len(group["params"])
+    state = {index[id(k)] if isinstance(k, torch.Tensor) else k: v for k, v in opt.state.items()}
+    return {"state": state, "param_groups": groups}
+
+
 def exported(torch_state_dict: dict[str, Any], tensor_keys, n_states: int, export: Export) -> dict[str, Any]:
     """torch's state dict of an optimizer as qoptim writes it: ``tensor_keys`` (the optimizer's
     ``non_castable_tensor_keys``) nested under ``QUANT_STATE_KEY``, or for FSDP1 (which gathers
     only top-level tensors) a flat layout with the 8-bit states as float32."""
     wrapped = {}
     for k, v in torch_state_dict["state"].items():
+        if not isinstance(k, int) or not isinstance(v, dict):  # not a parameter's: the user's own entry, as torch keeps it
+            wrapped[k] = v
+            continue
         v = reshard.dequantized_state(v, n_states) if export is Export.FSDP1 else reshard.record_shards(v)
         inner = {key: _unpaged(value) for key, value in v.items() if key in tensor_keys}
         outer = {key: value for key, value in v.items() if key not in tensor_keys}
@@ -48,7 +66,7 @@ def exported(torch_state_dict: dict[str, Any], tensor_keys, n_states: int, expor
         elif inner:
             outer[QUANT_STATE_KEY] = inner
         wrapped[k] = outer
-    return {"state": wrapped, "param_groups": torch_state_dict["param_groups"]}
+    return {**torch_state_dict, "state": wrapped}
 
 
 def _unpaged(value: Any) -> Any:
@@ -76,6 +94,9 @@ def loaded(opt, state_dict: dict[str, Any], move_to_device: bool) -> dict[str, A
 
     new_state: dict[Any, dict[str, Any]] = defaultdict(dict)  # as torch keeps it: params without state may step later
     for k, saved in state_dict["state"].items():
+        if not isinstance(k, int):  # not a parameter's (torch numbers them): the user's own entry, kept as torch keeps it
+            new_state[k] = saved
+            continue
         if k not in id_map:
             raise ValueError(f"loaded state dict has state for parameter id {k!r}, which no param group lists")
         p = id_map[k]
@@ -149,6 +170,9 @@ def check_loaded_state(owner: str, k: Any, p: torch.Tensor, state: dict[str, Any
         qmap = _check_tensor(name, keys.qmap, state.get(keys.qmap), (256,), (torch.float32,))
         if not bool(torch.isfinite(qmap).all() and (qmap[1:] > qmap[:-1]).all() and qmap.abs().max() <= 1):
             raise ValueError(f"{name}: {keys.qmap} must hold 256 finite codes in [-1, 1], sorted ascending")
+        if keys.absmax not in state and keys.max not in state:
+            raise ValueError(f"{name}: {keys.values} holds 8-bit codes without their scales: expected {keys.absmax} "
+                             f"(block-wise) or {keys.max} and {keys.new_max} (one scale per tensor)")  # fmt: skip
         scales = [keys.absmax] if keys.absmax in state else [keys.max, keys.new_max]
         for scale in scales:
             shape = kept.absmax_shape(p) if scale == keys.absmax else (1,)

@@ -20,7 +20,7 @@ class LARS(FixedVariant, MomentumSettings, Optimizer1State):
         check_momentum("LARS", momentum, dampening, nesterov)
         super().__init__("lars", params, lr, (momentum, dampening), 0.0, weight_decay, self.state_bits(optim_bits), args,
                          min_8bit_size, percentile_clipping, block_wise, max_unorm=max_unorm, nonfinite=nonfinite)  # fmt: skip
-        self.add_group_defaults(nesterov=nesterov)
+        self.add_group_defaults(nesterov=nesterov, momentum=momentum, dampening=dampening)
 
     def hyper(self, config, step):
         """bitsandbytes passes LARS's trust coefficient as ``max_unorm``."""

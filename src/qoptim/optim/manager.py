@@ -13,7 +13,10 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["GlobalOptimManager"]
+__all__ = ["ARGS_KEYS", "GlobalOptimManager"]
+
+# settings every parameter takes from its optimizer's ``args`` (bitsandbytes' MockArgs), unless overridden
+ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise")
 
 
 class GlobalOptimManager:
@@ -47,6 +50,18 @@ class GlobalOptimManager:
             for pindex, p in enumerate(group["params"]):
                 if id(p) in self.pid2config:
                     self.index2config[(gindex, pindex)] = self.pid2config[id(p)]
+
+    def config_of(self, group: dict[str, Any], gindex: int, pindex: int, args: Any) -> dict[str, Any]:
+        """Settings for parameter ``pindex`` of ``group`` (number ``gindex``): its group's, then
+        ``args`` (its optimizer's), then overrides, which win (by position, then by tensor)."""
+        config = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}
+        config.update(group)
+        del config["params"]
+        config.update({key: getattr(args, key) for key in ARGS_KEYS})
+        for overrides in (self.index2config.get((gindex, pindex)), self.pid2config.get(id(group["params"][pindex]))):
+            if overrides:
+                config.update(overrides)
+        return config
 
     def override_config(
         self,

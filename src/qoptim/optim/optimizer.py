@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .. import kernels, paging
+from .. import paging
 from ..kernels import Hyper, Job
 from ..quant.maps import signed_map, unsigned_map
 from . import checkpoint, dtensor, reshard, validation
@@ -24,12 +24,9 @@ from .checkpoint import QUANT_STATE_KEY
 from .manager import GlobalOptimManager
 from .names import OPTIMIZER_NAMES
 from .state import KEYS, SIGNED_MAP, STEP, TENSOR_KEYS, UNSIGNED_MAP, KeptState, MapCopies, SlotCache, layout_of, new_state
-from .update import ParamUpdate, clip_gradient, total_skipped
+from .update import ParamUpdate, clip_gradient, hyper_of, run_jobs, total_skipped
 
 __all__ = ["Optimizer8bit", "Optimizer2State", "Optimizer1State", "GlobalOptimManager", "QUANT_STATE_KEY"]
-
-# settings every parameter takes from ``self.args`` (bitsandbytes' MockArgs), unless overridden
-ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise")
 
 
 class Optimizer8bit(torch.optim.Optimizer):
@@ -50,14 +47,28 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.initialized = False
         self.name2qmap: dict[str, torch.Tensor] = {}
         self.is_paged = is_paged
-        self.mng = GlobalOptimManager.get_instance()
         self.non_castable_tensor_keys = set(TENSOR_KEYS)
         self.nonfinite_skipped_blocks = 0  # 256-blocks left untouched because of NaN/Inf gradients
-        self._map_copies = MapCopies()
-        self._slot_cache = SlotCache()
-        self._step_skips: list[int | torch.Tensor] | None = None  # the skipped-block counts of the step under way
+        self._attach()
         if optim_bits == 8:
             self.fill_qmap()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling and ``copy.deepcopy`` keep: torch's entries and every public setting, not
+        torch's hooks (as torch), the caches nor the manager (a process-wide singleton)."""
+        return {key: value for key, value in self.__dict__.items() if not key.startswith("_") and key != "mng"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch's (also how ``load_state_dict`` assigns), then what ``__getstate__`` left out."""
+        super().__setstate__(state)
+        self._attach()
+
+    def _attach(self) -> None:
+        """The manager and the caches, where missing (a new or an unpickled optimizer)."""
+        self.mng = GlobalOptimManager.get_instance()
+        self.__dict__.setdefault("_map_copies", MapCopies())
+        self.__dict__.setdefault("_slot_cache", SlotCache())
+        self.__dict__.setdefault("_step_skips", None)  # the skipped-block counts of the step under way
 
     def fill_qmap(self) -> None:
         self.name2qmap[SIGNED_MAP] = signed_map()
@@ -72,30 +83,18 @@ class Optimizer8bit(torch.optim.Optimizer):
     # ---- configuration -------------------------------------------------------------
 
     def check_overrides(self) -> None:
-        """Resolve ``GlobalOptimManager.register_module_override`` entries against our params."""
+        """Resolve ``GlobalOptimManager.register_module_override`` entries against our params: by
+        the tensor itself, never by position (an optimizer built later for another model must
+        not inherit them; bitsandbytes also keys them by position)."""
+        ours = {id(p) for group in self.param_groups for p in group["params"]}
         for module, attr, config in self.mng.module_weight_config_triple:
             target = getattr(module, attr)
-            for gindex, group in enumerate(self.param_groups):
-                for pindex, p in enumerate(group["params"]):
-                    if p is target:
-                        self.mng.pid2config[id(p)] = dict(config)
-                        self.mng.index2config[(gindex, pindex)] = self.mng.pid2config[id(p)]
+            if id(target) in ours and config:
+                self.mng.override_config(target, key_value_dict=config)
 
     def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
         """Settings for one parameter: its group, then ``args``, then overrides (which win)."""
-        config = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}
-        config.update(group)
-        del config["params"]
-        args = self.args
-        for key in ARGS_KEYS:
-            config[key] = getattr(args, key)
-        overrides = self.mng.index2config.get((gindex, pindex))
-        if overrides:
-            config.update(overrides)
-        overrides = self.mng.pid2config.get(id(group["params"][pindex]))
-        if overrides:
-            config.update(overrides)
-        return config
+        return self.mng.config_of(group, gindex, pindex, self.args)
 
     # ---- the step ------------------------------------------------------------------
 
@@ -122,7 +121,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.to_gpu()
             self.initialized = True
         for gindex, group in enumerate(self.param_groups):
-            validation.check_group(gindex, group)
+            self.check_group(gindex, group)
         for gindex, pindex, group, p in work:
             checkpoint.unnest(self.state[p])
             validation.check_param(self, gindex, pindex, group, p)
@@ -138,6 +137,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         if skipped:
             self._note_skipped(skipped)
         return loss
+
+    def check_group(self, gindex: int, group: dict[str, Any]) -> None:
+        """A param group before a step (its options may have changed since the last one)."""
+        validation.check_group(gindex, group)
 
     @property
     def in_step(self) -> bool:
@@ -218,9 +221,17 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict, with each parameter's state tensors nested under
-        ``"__bnb_optimizer_quant_state__"`` as bitsandbytes >= 0.49.2 writes them."""
+        ``"__bnb_optimizer_quant_state__"`` as bitsandbytes >= 0.49.2 writes them; torch's hooks
+        run around it (the post hooks get the dict as written, and may extend or replace it)."""
         export = reshard.requested_export()  # (first: it looks at who called us)
-        return checkpoint.exported(super().state_dict(), self.non_castable_tensor_keys, len(self.layout), export)
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = checkpoint.exported(checkpoint.packed(self), self.non_castable_tensor_keys, len(self.layout), export)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any], move_to_device: bool = True) -> None:
         """Load a state dict written by qoptim or bitsandbytes (nested or flat layout).
@@ -277,18 +288,11 @@ class _StateOptimizer(Optimizer8bit):
         self.layout = layout_of(name.spec)
         self.layer_wise = name.spec.trust
         self.nonfinite = nonfinite
+        settings = dict(percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros)
         if args is None:
-            args = SimpleNamespace(
-                optim_bits=optim_bits,
-                min_8bit_size=min_8bit_size,
-                percentile_clipping=percentile_clipping,
-                block_wise=block_wise,
-                max_unorm=max_unorm,
-                skip_zeros=skip_zeros,
-            )
-        else:
-            defaults_args = dict(percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros)
-            for key, value in defaults_args.items():
+            args = SimpleNamespace(optim_bits=optim_bits, min_8bit_size=min_8bit_size, **settings)
+        else:  # bitsandbytes' args object: what it lacks, from the arguments
+            for key, value in settings.items():
                 if not hasattr(args, key):
                     setattr(args, key, value)
         self.args = args
@@ -324,7 +328,7 @@ class _StateOptimizer(Optimizer8bit):
                 self.init_state(group, p, gindex, pindex)
         updates = [self._param_update(group, p, gindex, pindex) for gindex, pindex, group, p in work]
         try:
-            results = kernels.update_many([u.job for u in updates])
+            results = run_jobs([u.job for u in updates])
         finally:  # a parameter updated as a contiguous copy gets it back, whatever happened
             for u in updates:
                 u.write_back()
@@ -336,7 +340,7 @@ class _StateOptimizer(Optimizer8bit):
     def update_step(self, group, p, gindex, pindex):
         u = self._param_update(group, p, gindex, pindex)
         try:
-            result = kernels.update(*u.job)
+            (result,) = run_jobs([u.job])
         finally:
             u.write_back()
         u.commit_state()
@@ -357,22 +361,8 @@ class _StateOptimizer(Optimizer8bit):
         return ParamUpdate(Job(self.rule, flat_p, flat_g, slots, hp, self.nonfinite == "skip"), params, state, commit)
 
     def hyper(self, config: dict[str, Any], step: int) -> Hyper:
-        """A step's hyperparameters for the kernels: the moment decays from ``betas``; families
-        whose ``betas`` mean something else (momentum, smoothing) or that have settings of their
-        own extend it."""
-        betas = config["betas"]
-        return Hyper(
-            lr=float(config["lr"]),
-            beta1=float(betas[0]),
-            beta2=float(betas[1]) if len(betas) > 1 else 0.0,
-            eps=float(config["eps"]),
-            weight_decay=float(config["weight_decay"]),
-            step=step,
-            decoupled=self.decoupled,
-            beta3=float(betas[2]) if len(betas) > 2 else 0.0,
-            alpha=float(config["alpha"]),
-            max_unorm=float(config["max_unorm"]),
-        )
+        """A step's hyperparameters for the kernels (``update.hyper_of``; families extend it)."""
+        return hyper_of(config, step, self.decoupled)
 
 
 class Optimizer2State(_StateOptimizer):

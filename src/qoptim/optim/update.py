@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..kernels import Hyper, Job
+from ..kernels import Hyper, Job, UpdateResult
 from .state import GNORM_VEC
 
-__all__ = ["ParamUpdate", "clip_gradient", "percentile_clip", "total_skipped"]
+__all__ = ["ParamUpdate", "clip_gradient", "hyper_of", "percentile_clip", "run_jobs", "total_skipped"]
 
 
 @dataclass
@@ -35,6 +35,31 @@ class ParamUpdate:
     def commit_state(self) -> None:
         """Count the update in the parameter's state (once the kernels ran)."""
         self.state.update(self.commit)
+
+
+def run_jobs(jobs: list[Job]) -> list[UpdateResult]:
+    """``kernels.update_many(jobs)``, where a parameter without elements has nothing to update
+    (the kernels' one-scale-per-tensor layout has no scale to take of nothing); its step counts."""
+    results = iter(kernels.update_many([job for job in jobs if job.p.numel()]))
+    return [next(results) if job.p.numel() else UpdateResult(0) for job in jobs]
+
+
+def hyper_of(config: dict[str, Any], step: int, decoupled: bool) -> Hyper:
+    """A step's hyperparameters from a parameter's config: the moment decays from ``betas``
+    (families whose ``betas`` mean something else, or with settings of their own, extend it)."""
+    betas = config["betas"]
+    return Hyper(
+        lr=float(config["lr"]),
+        beta1=float(betas[0]),
+        beta2=float(betas[1]) if len(betas) > 1 else 0.0,
+        eps=float(config["eps"]),
+        weight_decay=float(config["weight_decay"]),
+        step=step,
+        decoupled=decoupled,
+        beta3=float(betas[2]) if len(betas) > 2 else 0.0,
+        alpha=float(config["alpha"]),
+        max_unorm=float(config["max_unorm"]),
+    )
 
 
 def clip_gradient(hp: Hyper, state: dict[str, Any], flat_g: torch.Tensor, percentile: int, commit: dict[str, Any]) -> Hyper:

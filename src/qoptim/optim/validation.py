@@ -17,7 +17,9 @@ PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_hyper(lr, betas, eps, weight_decay) -> None:
-    lr_value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")  # torch's text (bitsandbytes fails on it with a RuntimeError)
+    lr_value = float(lr) if isinstance(lr, torch.Tensor) else lr
     if not isinstance(lr_value, numbers.Real) or not 0.0 <= lr_value:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not isinstance(eps, numbers.Real) or not 0.0 <= eps:
