@@ -284,3 +284,69 @@ def _saved(state_dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     return buffer.getvalue()
+
+
+# ---- issue #16: as torch.optim --------------------------------------------------------------
+
+
+def _torch_and_ours():
+    """(torch.optim.Adam, qoptim Adam8bit), each stepped twice on its own copy of the parameters."""
+    params = _params(torch.float32)
+    pairs = []
+    for make in (lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda ps: bnb.optim.Adam8bit(ps, lr=1e-3)):
+        ps = clone_params(params)
+        opt = make(ps)
+        _train(opt, ps, 2)
+        pairs.append((opt, ps))
+    return pairs
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_steps_like_the_original(how):
+    import copy
+    import pickle
+
+    def copied(opt):
+        if how == "deepcopy":
+            return copy.deepcopy(opt)
+        if how == "pickle":
+            return pickle.loads(pickle.dumps(opt))
+        buffer = io.BytesIO()
+        torch.save(opt, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    for opt, params in _torch_and_ours():
+        other = copied(opt)
+        other_params = [p for group in other.param_groups for p in group["params"]]
+        assert {k for k in vars(other) if not k.startswith("_")} == {k for k in vars(opt) if not k.startswith("_")}
+        _train(opt, params, 1, start=2)
+        _train(other, other_params, 1, start=2)
+        assert all(torch.equal(a, b) for a, b in zip(params, other_params))
+        _assert_same_state(other.state[other_params[0]], opt.state[params[0]])
+
+
+def test_a_key_added_by_a_state_dict_post_hook_is_kept():
+    for opt, _ in _torch_and_ours():
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+        assert opt.state_dict()["extra"] == 1
+
+
+def test_a_state_entry_that_is_no_parameter_is_kept_as_torch_keeps_it():
+    for opt, params in _torch_and_ours():
+        opt.state["note"] = 1
+        sd = round_trip(opt.state_dict())
+        assert sd["state"]["note"] == 1
+        fresh = type(opt)(clone_params(params), lr=1e-3)
+        fresh.load_state_dict(sd)
+        assert fresh.state["note"] == 1
+
+
+def test_a_checkpoint_without_absmax1_names_absmax1():
+    params, opt = _trained_state_dict(bnb.optim.AdamW8bit)
+    sd = round_trip(opt.state_dict())
+    del sd["state"][0]["__bnb_optimizer_quant_state__"]["absmax1"]
+    fresh = bnb.optim.AdamW8bit(clone_params(params))
+    with pytest.raises(ValueError, match=r"state1 holds 8-bit codes without their scales: expected absmax1 \(block-wise\)"):
+        fresh.load_state_dict(sd)
+    assert not fresh.state

@@ -326,3 +326,59 @@ def test_an_update_step_patched_on_the_instance_is_called():
     p.grad = torch.randn_like(p)
     opt.step()
     assert calls == [p]
+
+
+# ---- issue #16: as torch.optim --------------------------------------------------------------
+
+
+def _message(make) -> tuple[type, str]:
+    with pytest.raises(Exception) as caught:
+        make()
+    return caught.type, str(caught.value)
+
+
+def test_a_tensor_lr_of_two_elements_is_refused_in_torchs_words():
+    lr = torch.tensor([1e-3, 1e-3])
+    for make in (lambda ps: bnb.optim.Adam8bit(ps, lr=lr), lambda ps: bnb.optim.PytorchLARS(ps, lr=lr)):
+        assert _message(lambda: make(make_params((4, 4), torch.float32))) == _message(
+            lambda: torch.optim.Adam(make_params((4, 4), torch.float32), lr=lr)
+        )
+
+
+@pytest.mark.parametrize("cls", [bnb.optim.SGD8bit, bnb.optim.SGD, bnb.optim.LARS32bit])
+def test_a_negative_momentum_is_refused_in_torchs_words(cls):
+    """torch's text, followed by bitsandbytes' (which checks momentum as betas[0])."""
+    error, text = _message(lambda: torch.optim.SGD(make_params((4, 4), torch.float32), lr=0.1, momentum=-0.5))
+    with pytest.raises(error) as caught:
+        cls(make_params((4, 4), torch.float32), lr=0.1, momentum=-0.5)
+    assert str(caught.value).startswith(text) and "Invalid beta parameter at index 0: -0.5" in str(caught.value)
+
+
+def test_an_empty_parameter_with_one_scale_per_tensor_steps():
+    """torch.optim steps zero-element parameters; so does the 8-bit per-tensor layout, and the
+    parameters beside it are updated once."""
+    params = make_params((64, 81), torch.float32) + [torch.nn.Parameter(torch.zeros(0))] + make_params((8, 8), torch.float32)
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = bnb.optim.Adam8bit(params, lr=1e-3, block_wise=False, min_8bit_size=0)
+    torch_opt = torch.optim.Adam(reference, lr=1e-3)
+    for _ in range(2):
+        for p, r in zip(params, reference):
+            p.grad = torch.full_like(p, 0.01)
+            r.grad = torch.full_like(r, 0.01)
+        opt.step()
+        torch_opt.step()
+    assert opt.state[params[1]]["step"] == 2 and opt.state[params[1]]["state1"].shape == (0,)
+    for p, r in zip(params, reference):  # Adam's first steps on a constant gradient move by lr, 8-bit or not
+        torch.testing.assert_close(p, r, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [bnb.optim.Adam8bit, bnb.optim.AdamW32bit, bnb.optim.Lion8bit])
+def test_a_sparse_gradient_raises_runtime_error_as_torch_does(cls):
+    p, = make_params((64, 81), torch.float32)
+    p.grad = torch.ones_like(p).to_sparse()
+    torch_error, _ = _message(lambda: torch.optim.Adam([p]).step())
+    before = p.detach().clone()
+    opt = cls([p])
+    with pytest.raises(torch_error, match="does not support sparse gradients"):
+        opt.step()
+    assert torch_error is RuntimeError and torch.equal(p, before) and not opt.state[p]

@@ -337,3 +337,75 @@ def test_state_keys_and_maps_follow_the_rule_table():
     got = {name: [(kept.keys.values, kept.rows, kept.signed) for kept in layout_of(spelled.spec)]
            for name, spelled in OPTIMIZER_NAMES.items()}  # fmt: skip
     assert got == want
+
+
+# ---- issue #16: per-group momentum, in torch's and in bitsandbytes' spelling ---------------------
+
+
+def _momentum_run(make, groups_of, steps=6, edit=None):
+    """Parameters after ``steps`` steps of the optimizer ``make`` builds on two groups (``groups_of``
+    gives their options); ``edit(opt)`` runs after the third step."""
+    params = [p for i in range(2) for p in make_params((16, 16), torch.float32, seed=i)]
+    opt = make([{"params": [p], **options} for p, options in zip(params, groups_of)])
+    for step, g in enumerate(gradients((16, 16), steps), start=1):
+        for i, p in enumerate(params):
+            p.grad = g * (i + 1)
+        opt.step()
+        if step == 3 and edit:
+            edit(opt)
+    return params, opt
+
+
+def _assert_close(params, reference):
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("spelling", ["torch", "bitsandbytes"])
+def test_sgd_honours_per_group_momentum_and_dampening(spelling):
+    """A group with momentum 0.1 moves as torch.optim.SGD's does, not as the default 0.9."""
+    torch_groups = [{"momentum": 0.1, "dampening": 0.5}, {}]
+    groups = torch_groups if spelling == "torch" else [{"betas": (0.1, 0.5)}, {}]
+    reference, _ = _momentum_run(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), torch_groups)
+    params, opt = _momentum_run(lambda g: bnb.optim.SGD32bit(g, lr=0.1, momentum=0.9), groups)
+    _assert_close(params, reference)
+    assert opt.param_groups[0]["betas"][:2] == (0.1, 0.5) and opt.param_groups[0]["momentum"] == 0.1
+
+
+@pytest.mark.parametrize("key", ["momentum", "betas"])
+def test_sgd_follows_momentum_edited_between_steps_in_either_spelling(key):
+    """User code (torch's spelling) and schedulers (CyclicLR edits betas where the defaults have
+    them) may change momentum between steps: the spelling that changed wins."""
+
+    def edit(opt):
+        opt.param_groups[0][key] = 0.3 if key == "momentum" else (0.3, 0.0)
+
+    reference, _ = _momentum_run(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), [{}, {}],
+                                 edit=lambda o: o.param_groups[0].update(momentum=0.3))  # fmt: skip
+    params, opt = _momentum_run(lambda g: bnb.optim.SGD32bit(g, lr=0.1, momentum=0.9), [{}, {}], edit=edit)
+    _assert_close(params, reference)
+    assert opt.param_groups[0]["momentum"] == 0.3 and opt.param_groups[0]["betas"][0] == 0.3
+
+
+def test_lars_honours_per_group_momentum():
+    alone, _ = _momentum_run(lambda g: bnb.optim.LARS32bit(g, lr=0.1, momentum=0.1), [{}, {}])
+    grouped, _ = _momentum_run(lambda g: bnb.optim.LARS32bit(g, lr=0.1, momentum=0.9), [{"momentum": 0.1}, {}])
+    assert torch.equal(grouped[0], alone[0]) and not torch.equal(grouped[1], alone[1])
+
+
+def test_momentum_given_in_both_spellings_must_agree():
+    params = make_params((4, 4), torch.float32, n=2)
+    with pytest.raises(ValueError, match=r"sets momentum=0.1, dampening=0 and betas=\(0.5, 0\), which disagree"):
+        bnb.optim.SGD([{"params": params, "momentum": 0.1, "betas": (0.5, 0)}], lr=0.1, momentum=0.9)
+    opt = bnb.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0].update(momentum=0.2, betas=(0.4, 0))
+    with pytest.raises(ValueError, match=r"param group 0: momentum=0.2, dampening=0 disagree with betas=\(0.4, 0\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and opt.state[params[0]]["step"] == 1
+    opt.param_groups[0].update(momentum=-0.5, betas=(0.9, 0))  # betas as at the last step: the momentum changed
+    with pytest.raises(ValueError, match="param group 0: Invalid momentum value: -0.5"):
+        opt.step()

@@ -96,3 +96,17 @@ def test_an_override_dies_with_its_tensor():
 def test_override_needs_something_to_set():
     with pytest.raises(ValueError, match="key and value"):
         Manager.get_instance().override_config(torch.randn(3))
+
+
+def test_a_module_override_stays_with_its_tensor():
+    """An override of one model's weight does not reach the weight at the same place of a model
+    built later (bitsandbytes keyed it by position: the second model never trained)."""
+    first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    Manager.get_instance().register_module_override(first, "weight", {"lr": 0.0})
+    for model, frozen in ((first, True), (second, False)):
+        opt = bnb.optim.Adam8bit(model.parameters(), lr=1e-2)
+        before = model.weight.detach().clone()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        assert torch.equal(model.weight, before) == frozen
+        assert not torch.equal(model.bias, torch.zeros(8))  # (bias: no override, moved)

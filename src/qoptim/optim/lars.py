@@ -39,6 +39,8 @@ class PytorchLARS(torch.optim.Optimizer):
     has no trust ratio, and momentum 0 is allowed (the update is then the gradient)."""
 
     def __init__(self, params, lr=0.01, momentum=0, dampening=0, weight_decay=0, nesterov=False, max_unorm=0.02):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")  # torch's text (bitsandbytes fails on it with a RuntimeError)
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if momentum < 0.0:
