@@ -32,8 +32,11 @@ STEPS = 3
 # Classes of qoptim.optim.__all__ that cannot step on their own, and why.
 ABSTRACT = {"Optimizer8bit": "the step loop without an update rule (init_state and update_step are a subclass's)"}
 # Constructor arguments a class needs besides the parameters: lr is required by the momentum
-# families, which also refuse momentum=0 (bitsandbytes); the base classes take an update rule's name.
-NEEDED: dict[str, dict[str, Any]] = {"SGD": {"lr": 0.01, "momentum": 0.9}, "LARS": {"lr": 0.01, "momentum": 0.9}}
+# families, which also refuse momentum=0 (bitsandbytes); PytorchLARS keeps a state with momentum
+# only; the base classes take an update rule's name.
+NEEDED: dict[str, dict[str, Any]] = {
+    "SGD": {"lr": 0.01, "momentum": 0.9}, "LARS": {"lr": 0.01, "momentum": 0.9}, "PytorchLARS": {"momentum": 0.9},
+}  # fmt: skip
 RULE_NAMES = {"Optimizer2State": "adam", "Optimizer1State": "momentum"}
 
 
@@ -343,7 +346,8 @@ def torch_save_of_the_optimizer_gives_a_working_one(case: Case) -> None:
 def _loaded_copy(case: Case, opt, ps, state_dict=None):
     other_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     other = case.make(other_ps)
-    other.load_state_dict(opt.state_dict() if state_dict is None else state_dict)
+    # a deep copy, as torch's tests load: torch's load_state_dict keeps tensors that need no cast
+    other.load_state_dict(copy.deepcopy(opt.state_dict() if state_dict is None else state_dict))
     return other, other_ps
 
 
@@ -394,6 +398,41 @@ def load_tensor_or_float_step(case: Case) -> None:
         other, other_ps = _loaded_copy(case, opt, ps, state_dict)
         take_steps(other, other_ps, 1, first_seed=700)
         assert_same_tensors(copies(other_ps), copies(reference_ps))
+
+
+@contract
+def older_state_dict_loads_with_defaults(case: Case) -> None:
+    """torch's test_can_load_older_state_dict: a state dict whose groups lack settings that came
+    later (here: all but bitsandbytes' lr, betas and eps, or torch SGD's nesterov) loads with
+    their defaults and steps like the optimizer it came from."""
+    ps = params()
+    opt = case.make(ps)
+    take_steps(opt, ps)
+    state_dict = opt.state_dict()
+    kept = {"params", "lr", "betas", "eps", "weight_decay", "momentum", "dampening", "max_unorm"}
+    if issubclass(case.cls, qoptim.optim.Optimizer8bit):
+        kept -= {"momentum", "dampening"}  # bitsandbytes' SGD and LARS groups hold betas only
+    for group in state_dict["param_groups"]:
+        for key in set(group) - kept:
+            del group[key]
+    other, other_ps = _loaded_copy(case, opt, ps, state_dict)
+    assert sorted(other.param_groups[0]) == sorted(opt.param_groups[0])
+    take_steps(opt, ps, 2, first_seed=750)
+    take_steps(other, other_ps, 2, first_seed=750)
+    assert_same_tensors(copies(other_ps), copies(ps))
+
+
+@contract
+def tensor_lr_steps_like_a_float_lr(case: Case) -> None:
+    lr = 2.0**-9  # exact in a float32 tensor (torch's "tensor lr" input)
+    results = []
+    for spelled in (lr, torch.tensor(lr)):
+        ps = params()
+        opt = case.make(ps, lr=spelled)
+        take_steps(opt, ps)
+        assert all(opt.state[p] for p in ps)  # torch's test_non_empty_state
+        results.append(copies(ps))
+    assert_same_tensors(*results)
 
 
 @contract

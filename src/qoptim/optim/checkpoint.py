@@ -20,7 +20,7 @@ from . import dtensor, reshard
 from .reshard import Export
 from .state import GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC, VALUE_KEYS
 
-__all__ = ["QUANT_STATE_KEY", "check_loaded_state", "exported", "loaded", "packed", "unnest"]
+__all__ = ["QUANT_STATE_KEY", "check_loaded_state", "exported", "fill_defaults", "loaded", "packed", "unnest"]
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 
@@ -73,6 +73,15 @@ def _unpaged(value: Any) -> Any:
     """A paged state buffer as a plain tensor over the same memory (no copy): without the
     ``is_paged`` tag, which torch.save would otherwise write into checkpoints."""
     return value.detach() if getattr(value, "is_paged", False) else value
+
+
+def fill_defaults(groups, defaults: dict[str, Any]) -> None:
+    """A loaded or unpickled group's missing settings from the optimizer's ``defaults``: a group
+    saved before a setting existed, or by bitsandbytes (which lacks qoptim's own: ``nesterov``,
+    ``lr_decay``, ...) takes its default, as torch's optimizers' ``__setstate__`` fill theirs."""
+    for group in groups:
+        for key, value in defaults.items():
+            group.setdefault(key, value)
 
 
 # ---- loading --------------------------------------------------------------------------------

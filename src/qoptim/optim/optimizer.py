@@ -32,9 +32,8 @@ __all__ = ["Optimizer8bit", "Optimizer2State", "Optimizer1State", "GlobalOptimMa
 class Optimizer8bit(torch.optim.Optimizer):
     """The step loop and checkpoint layout shared by every qoptim optimizer.
 
-    Every attribute is made in ``__init__``; ``load_state_dict`` replaces only ``state`` and
-    ``param_groups`` (torch's ``__setstate__``), so the caches below outlive a load and check
-    themselves against the state they are asked about."""
+    ``load_state_dict`` replaces only ``state`` and ``param_groups`` (``__setstate__``), so the
+    caches outlive a load and check themselves against the state they are asked about."""
 
     # What the step loop and the checkpoint layout read of a subclass; _StateOptimizer sets them
     # from its update rule. Alone, Optimizer8bit keeps bitsandbytes' two states.
@@ -59,8 +58,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         return {key: value for key, value in self.__dict__.items() if not key.startswith("_") and key != "mng"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """torch's (also how ``load_state_dict`` assigns), then what ``__getstate__`` left out."""
+        """torch's (also how ``load_state_dict`` assigns), each group's missing settings from the
+        defaults (as torch's optimizers fill theirs), then what ``__getstate__`` left out."""
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        ours = "differentiable" in defaults
+        checkpoint.fill_defaults(state.get("param_groups", ()), defaults)
         super().__setstate__(state)
+        if not ours:  # torch's __setstate__ adds its own flag, which no qoptim step reads
+            self.defaults.pop("differentiable", None)
         self._attach()
 
     def _attach(self) -> None:

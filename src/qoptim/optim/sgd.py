@@ -64,6 +64,15 @@ class MomentumSettings:
     kept in agreement (``synced_momentum``: the one set or changed wins). ``nesterov`` is a group
     setting of their own."""
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A loaded group in one spelling (bitsandbytes': betas only) gets the other from it, not
+        from the defaults."""
+        for group in state.get("param_groups", ()):
+            if "betas" in group:
+                group.setdefault("momentum", group["betas"][0])
+                group.setdefault("dampening", group["betas"][1])
+        super().__setstate__(state)
+
     def add_param_group(self, param_group) -> None:
         given = set(param_group) if isinstance(param_group, dict) else set()
         super().add_param_group(param_group)
