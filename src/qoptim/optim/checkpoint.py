@@ -103,7 +103,7 @@ def loaded(opt, state_dict: dict[str, Any], move_to_device: bool) -> dict[str, A
 
     new_state: dict[Any, dict[str, Any]] = defaultdict(dict)  # as torch keeps it: params without state may step later
     for k, saved in state_dict["state"].items():
-        if not isinstance(k, int):  # not a parameter's (torch numbers them): the user's own entry, kept as torch keeps it
+        if k not in id_map and not isinstance(k, int):  # not a parameter's: the user's own entry, kept as torch keeps it
             new_state[k] = saved
             continue
         if k not in id_map:
