@@ -293,7 +293,8 @@ class _StateOptimizer(Optimizer8bit):
         self.layout = layout_of(name.spec)
         self.layer_wise = name.spec.trust
         self.nonfinite = nonfinite
-        settings = dict(percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros)
+        settings = dict(percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm,
+                        skip_zeros=skip_zeros)  # fmt: skip
         if args is None:
             args = SimpleNamespace(optim_bits=optim_bits, min_8bit_size=min_8bit_size, **settings)
         else:  # bitsandbytes' args object: what it lacks, from the arguments

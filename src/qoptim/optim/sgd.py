@@ -92,7 +92,8 @@ class MomentumSettings:
     def hyper(self, config, step):
         momentum, dampening = config["betas"][:2]
         hp = super().hyper(config, step)
-        return hp._replace(beta1=0.0, beta2=0.0, momentum=float(momentum), dampening=float(dampening), nesterov=bool(config.get("nesterov")))
+        return hp._replace(beta1=0.0, beta2=0.0, momentum=float(momentum), dampening=float(dampening),
+                           nesterov=bool(config.get("nesterov")))  # fmt: skip
 
 
 class SGD(FixedVariant, MomentumSettings, Optimizer1State):
