@@ -350,3 +350,28 @@ def test_a_checkpoint_without_absmax1_names_absmax1():
     with pytest.raises(ValueError, match=r"state1 holds 8-bit codes without their scales: expected absmax1 \(block-wise\)"):
         fresh.load_state_dict(sd)
     assert not fresh.state
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_paged_optimizer_pages_a_state_of_its_own(how):
+    """Under a (fake) managed memory: the copy's large state is paged in buffers of its own, not
+    plain memory tagged as paged (which the pager's prefetch would be handed), and both step."""
+    import copy
+    import pickle
+
+    from support.paging import is_paged, paged_cpu, paging_params, train
+
+    with paged_cpu() as managed:
+        params = paging_params()
+        opt = bnb.optim.PagedAdamW8bit(params)
+        train(opt, params, 2)
+        other = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+        other_params = other.param_groups[0]["params"]
+        for p, q in zip(params, other_params):
+            mine, theirs = opt.state[p]["state1"], other.state[q]["state1"]
+            assert is_paged(theirs) == is_paged(mine) == (p is params[0])
+            in_managed = any(start <= theirs.data_ptr() < start + len(m) for start, m in managed.live.items())
+            assert in_managed == is_paged(theirs)
+            assert torch.equal(mine, theirs) and mine.data_ptr() != theirs.data_ptr()
+        train(other, other_params, 1)
+        train(opt, params, 1)

@@ -20,7 +20,8 @@ from . import dtensor, reshard
 from .reshard import Export
 from .state import GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC, VALUE_KEYS
 
-__all__ = ["QUANT_STATE_KEY", "check_loaded_state", "exported", "fill_defaults", "loaded", "packed", "unnest"]
+__all__ = ["QUANT_STATE_KEY", "check_loaded_state", "copied_state", "exported", "fill_defaults", "loaded", "packed",
+           "repage", "unnest"]  # fmt: skip
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 
@@ -82,6 +83,25 @@ def fill_defaults(groups, defaults: dict[str, Any]) -> None:
     for group in groups:
         for key, value in defaults.items():
             group.setdefault(key, value)
+
+
+def copied_state(opt) -> dict[Any, Any]:
+    """``opt.state`` for pickling or ``copy.deepcopy``: paged buffers as plain tensors over the
+    same memory (a copy must not carry the tag onto memory no pager manages; ``repage`` pages
+    the copy's anew)."""
+    if not opt.is_paged:
+        return opt.state
+    copied = defaultdict(dict)
+    copied.update({k: {key: _unpaged(v) for key, v in s.items()} if isinstance(s, dict) else s for k, s in opt.state.items()})
+    return copied
+
+
+def repage(opt) -> None:
+    """An unpickled (or deep-copied) paged optimizer's state values in paged buffers of its own."""
+    for p, state in opt.state.items():
+        if opt.is_paged and isinstance(p, torch.Tensor) and isinstance(state, dict):
+            for key in VALUE_KEYS & state.keys():
+                state[key] = opt.state_buffer(p, state[key].dtype, state[key].shape).copy_(state[key])
 
 
 # ---- loading --------------------------------------------------------------------------------

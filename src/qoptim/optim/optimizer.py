@@ -55,7 +55,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """What pickling and ``copy.deepcopy`` keep: torch's entries and every public setting, not
         torch's hooks (as torch), the caches nor the manager (a process-wide singleton)."""
-        return {key: value for key, value in self.__dict__.items() if not key.startswith("_") and key != "mng"}
+        kept = {key: value for key, value in self.__dict__.items() if not key.startswith("_") and key != "mng"}
+        return {**kept, "state": checkpoint.copied_state(self)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """torch's (also how ``load_state_dict`` assigns), each group's missing settings from the
@@ -67,6 +68,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         if not ours:  # torch's __setstate__ adds its own flag, which no qoptim step reads
             self.defaults.pop("differentiable", None)
         self._attach()
+        if "defaults" in state:  # unpickled (a load places its values itself)
+            checkpoint.repage(self)
 
     def _attach(self) -> None:
         """The manager and the caches, where missing (a new or an unpickled optimizer)."""
