@@ -40,7 +40,7 @@ def exported(torch_state_dict: dict[str, Any], tensor_keys, n_states: int, expor
     only top-level tensors) a flat layout with the 8-bit states as float32."""
     wrapped = {}
     for k, v in torch_state_dict["state"].items():
-        v = reshard.dequantized_state(v, n_states) if export is Export.FSDP1 else reshard.record_shards(v)
+        v = reshard.exported_state(v, n_states, export)
         inner = {key: _unpaged(value) for key, value in v.items() if key in tensor_keys}
         outer = {key: value for key, value in v.items() if key not in tensor_keys}
         if inner and export is Export.FSDP1:
