@@ -311,7 +311,8 @@ def check_fsdp2_to_plain(rank, world, ref, ref_opt):
             opt.zero_grad()
             opt_ref.zero_grad()
         continued = [i for i, (a, b) in enumerate(zip(model.parameters(), model_ref.parameters())) if torch.equal(a, b)]
-        out[label] = dict(exact=exact, steps=sorted(steps), continued_exact=continued, same_on_ranks=all_ranks(all(same_on_all_ranks(p) for p in model.parameters())))
+        same = all_ranks(all(same_on_all_ranks(p) for p in model.parameters()))
+        out[label] = dict(exact=exact, steps=sorted(steps), continued_exact=continued, same_on_ranks=same)
     RESULTS["fsdp2_to_plain"] = out
 
 
@@ -344,20 +345,22 @@ def check_plain_to_fsdp2(rank, world):
         rel = max(float((got[k] - dense[k]).abs().max() / dense[k].abs().max().clamp_min(1e-30)) for k in dense)
         uint8 = sorted(i for i, p in enumerate(model.parameters()) if opt.state[p]["state1"].dtype == torch.uint8)
         same = {}
-        for label, options in (("full", StateDictOptions(full_state_dict=True)), ("broadcast", None)):
+        full = StateDictOptions(full_state_dict=True)
+        for label in ("full", "broadcast"):
             model2 = fsdp2_model(mesh)
             opt2 = cls(model2.parameters(), lr=LR, **case["fsdp2_kw"])
             if label == "full":
                 full_sd = torch.load(full_path, weights_only=True)
-                set_state_dict(model2, opt2, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=options)
+                set_state_dict(model2, opt2, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=full)
             else:
                 load_broadcast(model2, opt2, torch.load(full_path, weights_only=True) if rank == 0 else {})
             where = mismatch(local_states(opt), local_states(opt2))
-            same[label] = all_ranks(where is None and all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), model2.parameters())))
+            params_same = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), model2.parameters()))
+            same[label] = all_ranks(where is None and params_same)
         ref = make_model()
         ref_opt = cls(ref.parameters(), lr=LR, **case["plain_kw"])
         full_sd = torch.load(full_path, weights_only=True)
-        set_state_dict(ref, ref_opt, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=StateDictOptions(full_state_dict=True))
+        set_state_dict(ref, ref_opt, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=full)
         losses = []
         for step in range(start, start + 4):
             x, y = batch(step, rank, world)

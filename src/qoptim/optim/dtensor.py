@@ -182,7 +182,8 @@ def distribute_absmax(whole: torch.Tensor, p: torch.Tensor, prefix: tuple) -> to
 def like(t: torch.Tensor, local_t: torch.Tensor, shape) -> torch.Tensor:
     """``local_t`` as this rank's part of a DTensor of global ``shape`` with ``t``'s mesh and placements."""
     shape = torch.Size(shape)
-    return DTensor.from_local(local_t, t.device_mesh, t.placements, run_check=False, shape=shape, stride=_contiguous_stride(shape))
+    stride = _contiguous_stride(shape)
+    return DTensor.from_local(local_t, t.device_mesh, t.placements, run_check=False, shape=shape, stride=stride)
 
 
 def mesh_shards(t: torch.Tensor) -> int | None:

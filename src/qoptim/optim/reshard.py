@@ -37,8 +37,8 @@ from .dtensor import is_dtensor
 from .state import KEYS, StateKeys
 
 __all__ = [
-    "DEQUANTIZED_KEY", "ONE_SCALE", "SHARDS_KEY", "Export", "dequantized_state", "exported_state", "portable_state", "record_shards",
-    "requested_export", "to_current_layout",
+    "DEQUANTIZED_KEY", "ONE_SCALE", "SHARDS_KEY", "Export", "dequantized_state", "exported_state", "portable_state",
+    "record_shards", "requested_export", "to_current_layout",
 ]  # fmt: skip
 
 DEQUANTIZED_KEY = "qoptim_dequantized"
@@ -266,7 +266,8 @@ def _local_codes(values: torch.Tensor, p: torch.Tensor, nprefix: int) -> torch.T
     """This rank's part of loaded codes shaped like ``p`` (whole for a plain ``p``), gathered only
     where they are not already distributed the way ``p`` is."""
     if is_dtensor(values):
-        if is_dtensor(p) and tuple(values.placements) == dtensor.shift(p.placements, nprefix) and values.device_mesh == p.device_mesh:
+        same_placements = is_dtensor(p) and tuple(values.placements) == dtensor.shift(p.placements, nprefix)
+        if same_placements and values.device_mesh == p.device_mesh:
             return dtensor.local(values).to(p.device).contiguous()
         values = values.full_tensor()
     values = values.to(p.device)
