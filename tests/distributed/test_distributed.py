@@ -146,7 +146,8 @@ PLAIN_STEPS = 5
 
 def _write_plain_checkpoints(root: Path) -> None:
     """For each plain case: PLAIN_STEPS steps in this process, then a DCP checkpoint (README's
-    recipe), a full state dict from ``get_state_dict`` and the states' values."""
+    recipe), a full state dict from ``get_state_dict``, ``optimizer.state_dict()`` keyed by name
+    (bitsandbytes' layout) and the states' values."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -161,6 +162,11 @@ def _write_plain_checkpoints(root: Path) -> None:
         fmsd, fosd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
         torch.save({"model": fmsd, "optim": fosd}, root / f"{name}_full.pt")
         torch.save(_values(opt), root / f"{name}_dense.pt")
+        names = [n for n, _ in model.named_parameters()]  # optimizer.state_dict(), bitsandbytes' layout, keyed by name
+        bnb = opt.state_dict()
+        groups = [dict(g, params=[names[i] for i in g["params"]]) for g in bnb["param_groups"]]
+        bnb = {"state": {names[i]: v for i, v in bnb["state"].items()}, "param_groups": groups}
+        torch.save({"model": model.state_dict(), "optim": bnb}, root / f"{name}_bnb.pt")
         cases[name] = {"cls": cls_name, "plain_kw": plain_kw, "fsdp2_kw": fsdp2_kw, "steps": PLAIN_STEPS}
     (root / "cases.json").write_text(json.dumps(cases))
 
@@ -172,14 +178,14 @@ EIGHT_BIT, SAME_BLOCKS_BOTH_WAYS, WITHIN_ONE_BLOCK = [0, 1, 2, 4], [0, 2], [0, 1
 
 
 def test_plain_checkpoint_resumes_on_fsdp2(dist_run):
-    """One device -> 2 FSDP2 ranks, by DCP (README's recipe) and by full state dicts (plain and
-    broadcast from rank 0): exact wherever a new block lies within one saved block, else within the
+    """One device -> 2 FSDP2 ranks, by DCP (README's recipe) and by full state dicts (from
+    get_state_dict, also broadcast from rank 0, and optimizer.state_dict()'s layout): exact wherever a new block lies within one saved block, else within the
     8-bit rounding; the same state all three ways; exact continuation where the blocks are the same."""
     r = dist_run[1]["plain_to_fsdp2"]
     states = {f"{i}.state{s}" for i in range(6) for s in (1, 2)}
     for name, case in r.items():
         assert case["steps"] == [PLAIN_STEPS], name
-        assert case["full_same"] and case["broadcast_same"], name
+        assert case["full_same"] and case["bnb_same"] and case["broadcast_same"], name
         assert case["loss_last"] < case["loss_first"], name
     blockwise = r["blockwise"]
     assert blockwise["uint8"] == EIGHT_BIT

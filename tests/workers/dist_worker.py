@@ -346,11 +346,11 @@ def check_plain_to_fsdp2(rank, world):
         uint8 = sorted(i for i, p in enumerate(model.parameters()) if opt.state[p]["state1"].dtype == torch.uint8)
         same = {}
         full = StateDictOptions(full_state_dict=True)
-        for label in ("full", "broadcast"):
+        for label in ("full", "bitsandbytes", "broadcast"):  # bitsandbytes: optimizer.state_dict()'s layout, keyed by name
             model2 = fsdp2_model(mesh)
             opt2 = cls(model2.parameters(), lr=LR, **case["fsdp2_kw"])
-            if label == "full":
-                full_sd = torch.load(full_path, weights_only=True)
+            if label != "broadcast":
+                full_sd = torch.load(full_path if label == "full" else os.path.join(root, f"{name}_bnb.pt"), weights_only=True)
                 set_state_dict(model2, opt2, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=full)
             else:
                 load_broadcast(model2, opt2, torch.load(full_path, weights_only=True) if rank == 0 else {})
@@ -374,7 +374,7 @@ def check_plain_to_fsdp2(rank, world):
             ref_opt.zero_grad()
             losses.append(loss.item())
         continued = [i for i, (p, r) in enumerate(zip(model.parameters(), ref.parameters())) if torch.equal(p.full_tensor(), r)]
-        out[name] = dict(exact=exact, max_rel=max_all(rel), uint8=uint8, full_same=same["full"], broadcast_same=same["broadcast"],
+        out[name] = dict(exact=exact, max_rel=max_all(rel), uint8=uint8, full_same=same["full"], bnb_same=same["bitsandbytes"], broadcast_same=same["broadcast"],
                          continued_exact=continued, steps=steps, loss_first=losses[0], loss_last=losses[-1])  # fmt: skip
     RESULTS["plain_to_fsdp2"] = out
 
