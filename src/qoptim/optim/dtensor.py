@@ -12,13 +12,14 @@ DTensor:
   DTensor of global shape ``(size_d, k)``, sharded along its dim 0 exactly like the parameter
   along its sharded dim ``d``, with ``k = ceil(numel / size_d / 256)``. A shard with ``r`` rows of
   the parameter has at most ``r * k`` blocks; it keeps them in the first entries of its ``(r, k)``
-  rows, the rest stays zero. That global shape does not depend on the world size, so DCP can load
-  a checkpoint onto another world size without a size mismatch (``reshard`` requantizes then).
+  rows, the rest stays zero (the rows form of ``blocks``). That global shape does not depend on the
+  world size, so DCP can load a checkpoint onto another world size, or from a plain run, without a
+  size mismatch (``reshard`` moves the blocks then).
 
 Replicated placements (e.g. HSDP's replicate dim) keep the whole-tensor layout. Limits: one
 sharded mesh dimension per parameter, and no features that need a norm over the whole
 parameter (``percentile_clipping``, LAMB/LARS, ``block_wise=False``) on sharded parameters.
-See ``docs/distributed.md``.
+See README's FSDP2 section.
 """
 
 from __future__ import annotations
