@@ -84,20 +84,6 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 255), nn.ReLU(), nn.Linear(255, 8))
 
 
-def _dense(opt) -> dict[str, torch.Tensor]:
-    out = {}
-    for index, p in enumerate(opt.param_groups[0]["params"]):
-        state = opt.state[p]
-        for i in (1, 2):
-            v = state[f"state{i}"]
-            if v.dtype == torch.uint8:
-                n = v.numel()
-                scales = state[f"absmax{i}"].reshape(-1)[: math.ceil(n / 256)]
-                v = (state[f"qmap{i}"][v.reshape(-1).long()] * scales.repeat_interleave(256)[:n]).view(v.shape)
-            out[f"{index}.state{i}"] = v
-    return out
-
-
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The worker's batches, whole (both ranks' halves)."""
     target = torch.randn(64, 8, generator=torch.Generator().manual_seed(7)) / 8
@@ -235,7 +221,7 @@ def test_fsdp2_checkpoint_reloads_into_one_process(dist_run, source, tmp_path):
     set_state_dict(model, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
     assert all(s["step"] == 10 for s in opt.state.values())
     expected = torch.load(out / "fsdp2_dense.pt", weights_only=True)
-    got = _dense(opt)
+    got = _values(opt)
     for key, want in expected.items():
         index = int(key.split(".")[0])
         err = float((got[key] - want).abs().max())
