@@ -189,3 +189,30 @@ def test_a_state_saved_over_two_shards_loads_into_one_process():
         want = torch.cat([dense[(i, 0)], dense[(i, 1)]])
         assert torch.equal(got[:768], want[:768]), "blocks 0-2 lie within shard 0's blocks 0-2"
         assert float((got - want).abs().max()) <= 0.01 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("record", [-1, "2", 1.5, True])
+def test_a_bad_layout_record_is_refused_and_changes_nothing(record):
+    p = nn.Parameter(torch.randn(8, 255))
+    opt = qoptim.AdamW8bit([p], min_8bit_size=256)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+    sd["state"][0]["shards"] = record
+    with pytest.raises(ValueError, match="'shards' record"):
+        opt.load_state_dict(sd)
+    after = opt.state[p]
+    assert all(torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v for k, v in before.items())
+
+
+def test_scales_of_another_shape_in_the_rows_form_are_refused():
+    p = nn.Parameter(torch.randn(8, 255))
+    opt = qoptim.AdamW8bit([p], min_8bit_size=256)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["shards"] = 2
+    sd["state"][0][QUANT_STATE_KEY]["absmax1"] = torch.ones(8, 2)  # rows form of (8, 255): (8, 1)
+    with pytest.raises(ValueError, match="absmax1 must be a float32 tensor of shape"):
+        opt.load_state_dict(sd)

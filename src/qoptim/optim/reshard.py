@@ -176,6 +176,8 @@ def to_current_layout(p: torch.Tensor, state: dict[str, Any], layout, map_for: M
     state = dict(state)
     dequantized = bool(state.pop(DEQUANTIZED_KEY, 0))
     record = state.pop(SHARDS_KEY, None)
+    if record is not None and (isinstance(record, bool) or not isinstance(record, int) or record < 0):
+        raise ValueError(f"the loaded '{SHARDS_KEY}' record is {record!r}; expected a shard count (an int >= 1) or 0 (one scale)")
     for kept in layout:
         keys = kept.keys
         values = state.get(keys.values)
@@ -244,10 +246,12 @@ def _move_blocks(p: torch.Tensor, state: dict[str, Any], keys: StateKeys, record
         if not is_dtensor(scales) and tuple(scales.shape) == (*prefix, *dtensor.absmax_shape(p)):
             state[keys.absmax] = dtensor.distribute_absmax(scales.to(p.device), p, prefix)
         return
+    d = dtensor.sharding(p)[1] if sharded_now else 0
+    if rows_form and tuple(scales.shape) != (*prefix, *blocks.rows_shape(p.shape, d)):
+        return  # let the checks report it
     # other blocks: each element keeps its code, each new block the scale of the saved block it lies in, if one
     table = dtensor.full(scales).to(p.device, torch.float32)
     table = table.reshape(-1)[:1] if one_scale else table.reshape(*prefix, -1)
-    d = dtensor.sharding(p)[1] if sharded_now else 0
     ids = blocks.block_ids(p.shape, d, saved, dtensor.local_rows(p), device=p.device).reshape(-1)
     codes = _local_codes(values, p, nprefix)
     qmap = state[keys.qmap].to(p.device)
