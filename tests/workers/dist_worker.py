@@ -256,6 +256,7 @@ def check_fsdp2(rank, world):
     set_state_dict(model3, opt3, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=full)
     full_ok = all_ranks(states_equal(before, local_states(opt3)))
 
+    check_fsdp2_to_plain(rank, world, ref, ref_opt)
     train(model, opt, 3, rank, world, start=10)
     train(model2, opt2, 3, rank, world, start=10)
     train(model3, opt3, 3, rank, world, start=10)
@@ -263,6 +264,119 @@ def check_fsdp2(rank, world):
                             for a, b, c in zip(model.parameters(), model2.parameters(), model3.parameters())))  # fmt: skip
     RESULTS["fsdp2"] = dict(loss_first=losses[0], loss_last=losses[-1], layout_ok=all_ranks(layout_ok), vs_single_rel=vs_single, aligned_exact=ref_exact,
                             dcp_sharded_equal=sharded_ok, dcp_full_equal=full_ok, resumed_equal=resumed)  # fmt: skip
+
+
+def load_broadcast(model, opt, full: dict) -> None:
+    """A full state dict that only rank 0 holds (the others pass {}), broadcast from rank 0. Model and
+    optimizer apart: ``set_state_dict`` takes an empty model state dict to mean "optimizer only"."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full.get("model", {}), options=options)
+    set_optimizer_state_dict(model, opt, full.get("optim", {}), options=options)
+
+
+def check_fsdp2_to_plain(rank, world, ref, ref_opt):
+    """The FSDP2 run's checkpoints (step 10) resumed by plain (unsharded) models on each rank: by
+    DCP (README's recipe) and by a full state dict broadcast from rank 0. ``ref_opt`` took the
+    same steps in one process, fed the FSDP2 run's gradients; where the shard boundaries fall on
+    256-block boundaries (params 0 and 2) and for 32-bit states (3, 5) the loaded state is the
+    same bit for bit, and so is the continuation with the same gradients."""
+    out = {}
+    for label in ("dcp", "broadcast"):
+        model = make_model()
+        opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256)
+        if label == "dcp":
+            msd, osd = get_state_dict(model, opt)
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, checkpoint_id=os.path.join(OUT, "fsdp2_dcp"))
+            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            full = torch.load(os.path.join(OUT, "fsdp2_full.pt"), weights_only=True) if rank == 0 else {}
+            load_broadcast(model, opt, full)
+        got, want = local_states(opt), local_states(ref_opt)
+        exact = [i for i in range(len(want)) if mismatch([got[i]], [want[i]]) is None]
+        steps = {int(s["step"]) for s in got}
+        model_ref = make_model()
+        model_ref.load_state_dict(ref.state_dict())
+        opt_ref = qoptim.AdamW8bit(model_ref.parameters(), lr=LR, min_8bit_size=256)
+        opt_ref.load_state_dict(ref_opt.state_dict())
+        for step in range(10, 13):  # the same gradients for both: those of the loaded model
+            x, y = batch(step, rank, world, full=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            for p, r in zip(model.parameters(), model_ref.parameters()):
+                r.grad = p.grad.clone()
+            opt.step()
+            opt_ref.step()
+            opt.zero_grad()
+            opt_ref.zero_grad()
+        continued = [i for i, (a, b) in enumerate(zip(model.parameters(), model_ref.parameters())) if torch.equal(a, b)]
+        same = all_ranks(all(same_on_all_ranks(p) for p in model.parameters()))
+        out[label] = dict(exact=exact, steps=sorted(steps), continued_exact=continued, same_on_ranks=same)
+    RESULTS["fsdp2_to_plain"] = out
+
+
+def check_plain_to_fsdp2(rank, world):
+    """Checkpoints of a plain one-process run (written by the parent: ``plain/cases.json``) resumed
+    on FSDP2 ranks, by DCP (README's recipe) and by full state dicts (distributed, and broadcast
+    from rank 0). Reports which states come back exactly and how far the others moved, whether
+    the full state dicts give the same state as DCP, and which parameters continue bit for bit
+    like one process resumed from the same checkpoint and fed the FSDP2 run's gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    root = os.path.join(OUT, "plain")
+    with open(os.path.join(root, "cases.json")) as f:
+        cases = json.load(f)
+    out = {}
+    for name, case in cases.items():
+        cls, start = getattr(qoptim, case["cls"]), case["steps"]
+        dense = torch.load(os.path.join(root, f"{name}_dense.pt"), weights_only=True)
+        full_path = os.path.join(root, f"{name}_full.pt")  # (loaded anew for each use: set_state_dict changes what it is given)
+        model = fsdp2_model(mesh)
+        opt = cls(model.parameters(), lr=LR, **case["fsdp2_kw"])
+        msd, osd = get_state_dict(model, opt)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=os.path.join(root, f"{name}_dcp"))
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        steps = sorted({int(s["step"]) for s in opt.state.values()})
+        got = dequantized_full(opt)
+        exact = sorted(k for k in dense if torch.equal(got[k], dense[k]))
+        rel = max(float((got[k] - dense[k]).abs().max() / dense[k].abs().max().clamp_min(1e-30)) for k in dense)
+        uint8 = sorted(i for i, p in enumerate(model.parameters()) if opt.state[p]["state1"].dtype == torch.uint8)
+        same = {}
+        full = StateDictOptions(full_state_dict=True)
+        for label in ("full", "bitsandbytes", "broadcast"):  # bitsandbytes: optimizer.state_dict()'s layout, keyed by name
+            model2 = fsdp2_model(mesh)
+            opt2 = cls(model2.parameters(), lr=LR, **case["fsdp2_kw"])
+            if label != "broadcast":
+                full_sd = torch.load(full_path if label == "full" else os.path.join(root, f"{name}_bnb.pt"), weights_only=True)
+                set_state_dict(model2, opt2, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=full)
+            else:
+                load_broadcast(model2, opt2, torch.load(full_path, weights_only=True) if rank == 0 else {})
+            where = mismatch(local_states(opt), local_states(opt2))
+            params_same = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), model2.parameters()))
+            same[label] = all_ranks(where is None and params_same)
+        ref = make_model()
+        ref_opt = cls(ref.parameters(), lr=LR, **case["plain_kw"])
+        full_sd = torch.load(full_path, weights_only=True)
+        set_state_dict(ref, ref_opt, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=full)
+        losses = []
+        for step in range(start, start + 4):
+            x, y = batch(step, rank, world)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            for p, r in zip(model.parameters(), ref.parameters()):
+                r.grad = p.grad.full_tensor()
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            losses.append(loss.item())
+        continued = [i for i, (p, r) in enumerate(zip(model.parameters(), ref.parameters())) if torch.equal(p.full_tensor(), r)]
+        out[name] = dict(exact=exact, max_rel=max_all(rel), uint8=uint8, full_same=same["full"], bnb_same=same["bitsandbytes"], broadcast_same=same["broadcast"],
+                         continued_exact=continued, steps=steps, loss_first=losses[0], loss_last=losses[-1])  # fmt: skip
+    RESULTS["plain_to_fsdp2"] = out
 
 
 def check_fsdp2_families(rank, world):
@@ -287,6 +401,10 @@ def check_fsdp2_families(rank, world):
         dcp.load(sd2, checkpoint_id=path)
         set_state_dict(model2, opt2, model_state_dict=sd2["model"], optim_state_dict=sd2["optim"])
         where = mismatch(local_states(opt), local_states(opt2))
+        if cls is qoptim.AdamW32bit:  # the whole states, for the parent's reload into one process
+            dense = dequantized_full(opt)
+            if rank == 0:
+                torch.save(dense, os.path.join(OUT, "fam_AdamW32bit_dense.pt"))
         train(model, opt, 2, rank, world, start=8)
         train(model2, opt2, 2, rank, world, start=8)
         resumed = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), model2.parameters()))
@@ -371,6 +489,7 @@ def main():
     if "fsdp2" in cases:
         check_fsdp2(rank, world)
         check_fsdp2_families(rank, world)
+        check_plain_to_fsdp2(rank, world)
     if "fsdp1" in cases:
         check_fsdp1(rank, world, use_orig_params=False)
         check_fsdp1(rank, world, use_orig_params=True)

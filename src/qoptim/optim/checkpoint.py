@@ -59,7 +59,7 @@ def exported(torch_state_dict: dict[str, Any], tensor_keys, n_states: int, expor
         if not isinstance(k, int) or not isinstance(v, dict):  # not a parameter's: the user's own entry, as torch keeps it
             wrapped[k] = v
             continue
-        v = reshard.dequantized_state(v, n_states) if export is Export.FSDP1 else reshard.record_shards(v)
+        v = reshard.exported_state(v, n_states, export)
         inner = {key: _unpaged(value) for key, value in v.items() if key in tensor_keys}
         outer = {key: value for key, value in v.items() if key not in tensor_keys}
         if inner and export is Export.FSDP1:

@@ -12,13 +12,14 @@ DTensor:
   DTensor of global shape ``(size_d, k)``, sharded along its dim 0 exactly like the parameter
   along its sharded dim ``d``, with ``k = ceil(numel / size_d / 256)``. A shard with ``r`` rows of
   the parameter has at most ``r * k`` blocks; it keeps them in the first entries of its ``(r, k)``
-  rows, the rest stays zero. That global shape does not depend on the world size, so DCP can load
-  a checkpoint onto another world size without a size mismatch (``reshard`` requantizes then).
+  rows, the rest stays zero (the rows form of ``blocks``). That global shape does not depend on the
+  world size, so DCP can load a checkpoint onto another world size, or from a plain run, without a
+  size mismatch (``reshard`` moves the blocks then).
 
 Replicated placements (e.g. HSDP's replicate dim) keep the whole-tensor layout. Limits: one
 sharded mesh dimension per parameter, and no features that need a norm over the whole
 parameter (``percentile_clipping``, LAMB/LARS, ``block_wise=False``) on sharded parameters.
-See ``docs/distributed.md``.
+See README's FSDP2 section.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from ..kernels import BLOCK
+from .blocks import chunk_bounds, rows_shape
 
 try:  # torch.distributed may be compiled out
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -122,8 +124,7 @@ def absmax_shape(p: torch.Tensor) -> torch.Size:
     found = sharding(p)
     if found is None:
         return torch.Size([math.ceil(p.numel() / BLOCK)])
-    size_d = p.shape[found[1]]
-    return torch.Size([size_d, math.ceil(p.numel() // max(size_d, 1) / BLOCK)])
+    return rows_shape(p.shape, found[1])
 
 
 def absmax_buffer(p: torch.Tensor, shape) -> torch.Tensor:
@@ -134,9 +135,9 @@ def absmax_buffer(p: torch.Tensor, shape) -> torch.Tensor:
         return wrap(torch.zeros(shape, device=p.device), p, replicated(p), shape)
     mesh_dim, d = found
     prefix = shape[:-2]
-    local_rows = local(p).shape[d]
+    n_rows = local(p).shape[d]
     placements = tuple(Shard(len(prefix)) if i == mesh_dim else Replicate() for i in range(p.device_mesh.ndim))
-    return wrap(torch.zeros((*prefix, local_rows, shape[-1]), device=p.device), p, placements, shape)
+    return wrap(torch.zeros((*prefix, n_rows, shape[-1]), device=p.device), p, placements, shape)
 
 
 def blocks_of(absmax: torch.Tensor, n: int) -> torch.Tensor:
@@ -149,11 +150,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def chunk_bounds(size: int, n: int, index: int) -> tuple[int, int]:
-    """Rows [start, stop) of chunk ``index`` of ``size`` rows in ``n`` shards (DTensor's chunk rule)."""
-    c = math.ceil(size / n) if n else size
-    start = min(index * c, size)
-    return start, min(start + c, size)
+def local_rows(p: torch.Tensor) -> tuple[int, int]:
+    """Rows [start, stop) along its sharded dim that this rank holds of ``p`` (all of dim 0 when not sharded)."""
+    found = sharding(p) if is_dtensor(p) else None
+    if found is None:
+        return 0, (p.shape[0] if p.dim() else 1)
+    mesh_dim, d = found
+    return chunk_bounds(p.shape[d], p.device_mesh.size(mesh_dim), p.device_mesh.get_local_rank(mesh_dim))
 
 
 def local_part(whole: torch.Tensor, p: torch.Tensor, nprefix: int) -> torch.Tensor:
@@ -161,9 +164,8 @@ def local_part(whole: torch.Tensor, p: torch.Tensor, nprefix: int) -> torch.Tens
     found = sharding(p)
     if found is None:
         return whole.clone()
-    mesh_dim, d = found
-    start, stop = chunk_bounds(p.shape[d], p.device_mesh.size(mesh_dim), p.device_mesh.get_local_rank(mesh_dim))
-    return whole.narrow(nprefix + d, start, stop - start).contiguous()
+    start, stop = local_rows(p)
+    return whole.narrow(nprefix + found[1], start, stop - start).contiguous()
 
 
 def distribute_like(whole: torch.Tensor, p: torch.Tensor, nprefix: int) -> torch.Tensor:
@@ -176,6 +178,13 @@ def distribute_absmax(whole: torch.Tensor, p: torch.Tensor, prefix: tuple) -> to
     out = absmax_buffer(p, (*prefix, *absmax_shape(p)))
     local(out).copy_(whole if sharding(p) is None else local_part(whole, p, len(prefix)))
     return out
+
+
+def like(t: torch.Tensor, local_t: torch.Tensor, shape) -> torch.Tensor:
+    """``local_t`` as this rank's part of a DTensor of global ``shape`` with ``t``'s mesh and placements."""
+    shape = torch.Size(shape)
+    stride = _contiguous_stride(shape)
+    return DTensor.from_local(local_t, t.device_mesh, t.placements, run_check=False, shape=shape, stride=stride)
 
 
 def mesh_shards(t: torch.Tensor) -> int | None:

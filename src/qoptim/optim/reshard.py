@@ -1,17 +1,23 @@
-"""Saved state in another layout than the live one: loading across shardings, and the FSDP1 export.
+"""Saved state in another layout than the live one: loading across shardings, and the exports.
 
-* ``state["shards"]`` (``SHARDS_KEY``) records how many shards a sharded parameter's 8-bit blocks
-  were laid out over (``dtensor``'s module doc). After loading (``load_state_dict``, which DCP's
-  ``set_state_dict`` calls) a state saved with another layout (another world size, or the plain
-  layout of an unsharded run) is dequantized with its own layout and requantized block-wise for
-  the current shards. That is the one non-bit-exact path: values move by at most the 8-bit
-  quantization error. Same layout: bit-exact.
+* ``state["shards"]`` (``SHARDS_KEY``) records the layout of a parameter's 8-bit blocks in a saved
+  state: the number of shards (along the sharded dim) they were laid out over, or ``ONE_SCALE``
+  (``blocks``' module doc). After loading (``load_state_dict``, which DCP's ``set_state_dict``
+  calls) a state saved with another layout (another world size, or a plain run's) is moved to the
+  current one: codes move as they are, each block keeps its codes and scale where it lay within one
+  saved block (bit-exact where the blocks are the same), and only blocks cut by a new shard
+  boundary are requantized (values move by at most the 8-bit rounding). Same layout: bit-exact.
+* DCP's ``get_state_dict`` gets the portable layout (``Export.PORTABLE``): block scales in the
+  rows form for every 8-bit state, sharded or not (a plain one as one shard, a one-scale state as
+  one shard of equal scales), with the layout recorded. The shapes then depend only on the
+  parameter's shape, so DCP loads and reshards a checkpoint of one device into FSDP2 ranks and
+  back, like any tensor, and full state dicts distribute the same way.
 * FSDP1 (``FullyShardedDataParallel``) gathers and reshards only the tensors it finds directly in a
   parameter's state and compares everything else across ranks. Its flat-parameter shards also cut
   8-bit blocks at arbitrary places. So when FSDP1 asks for the state dict (``requested_export``)
   the quantized states are exported dequantized, as float32 tensors shaped like the parameter
   (what ``torch.optim.AdamW`` would hold) plus ``"qoptim_dequantized": 1`` (``DEQUANTIZED_KEY``);
-  loading requantizes them. See ``docs/distributed.md``.
+  loading requantizes them. See README's "Distributed training" section.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ from typing import Any, Callable
 import torch
 
 from ..kernels import BLOCK
-from ..quant.blockwise import block_absmax, dequantize_flat, quantize_with_absmax
-from . import dtensor
+from ..quant.blockwise import dequantize_flat
+from . import blocks, dtensor
+from .blocks import ONE_SCALE
 from .dtensor import is_dtensor
-from .state import KEYS
+from .state import KEYS, StateKeys
 
 __all__ = [
-    "DEQUANTIZED_KEY", "SHARDS_KEY", "Export", "dequantized_state", "record_shards", "requested_export", "to_current_layout",
+    "DEQUANTIZED_KEY", "ONE_SCALE", "SHARDS_KEY", "Export", "dequantized_state", "exported_state", "portable_state",
+    "record_shards", "requested_export", "to_current_layout",
 ]  # fmt: skip
 
 DEQUANTIZED_KEY = "qoptim_dequantized"
@@ -41,13 +49,15 @@ class Export(enum.Enum):
     """Which layout a state dict is written in."""
 
     BITSANDBYTES = "bitsandbytes"  # bitsandbytes' nested layout (with the shard count of a sharded layout)
+    PORTABLE = "portable"  # DCP's get_state_dict: scales in the rows form whether sharded or not, layout recorded
     FSDP1 = "fsdp1"  # flat, 8-bit states dequantized to float32: what FSDP1 can gather and reshard
 
 
 def requested_export() -> Export:
     """FSDP1 when FSDP1's optimizer state dict code (``FSDP.optim_state_dict``,
     ``full_optim_state_dict``, or DCP's ``get_state_dict`` on an FSDP1 model) is asking for the
-    optimizer's state dict (called from ``Optimizer8bit.state_dict``).
+    optimizer's state dict (called from ``Optimizer8bit.state_dict``); PORTABLE when DCP's
+    ``get_state_dict`` / ``set_state_dict`` asks on any other model; else BITSANDBYTES.
 
     Why the caller's frames: torch gives the optimizer no other signal. DCP's
     ``_get_optim_state_dict`` calls ``optim.state_dict()`` before it enters its FSDP context, and
@@ -64,12 +74,21 @@ def requested_export() -> Export:
             return Export.FSDP1
         if name == "torch.distributed.checkpoint.state_dict":
             info = frame.f_locals.get("info")
-            return Export.FSDP1 if getattr(info, "fsdp_modules", None) else Export.BITSANDBYTES
+            return Export.FSDP1 if getattr(info, "fsdp_modules", None) else Export.PORTABLE
         frame = frame.f_back
     return Export.BITSANDBYTES
 
 
 # ---- saving ---------------------------------------------------------------------------------
+
+
+def exported_state(state: dict[str, Any], n_states: int, export: Export) -> dict[str, Any]:
+    """One parameter's state (``n_states`` state keys) as ``export`` writes it (flat, not yet nested)."""
+    if export is Export.FSDP1:
+        return dequantized_state(state, n_states)
+    if export is Export.PORTABLE:
+        return portable_state(state, n_states)
+    return record_shards(state)
 
 
 def record_shards(state: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +101,41 @@ def record_shards(state: dict[str, Any]) -> dict[str, Any]:
             state = dict(state)
             state[SHARDS_KEY] = shards
     return state
+
+
+def portable_state(state: dict[str, Any], n_states: int) -> dict[str, Any]:
+    """One parameter's state in the portable layout (see the module doc): a sharded state as it
+    is, with its shard count; a plain one's block scales in the rows form of one shard; a
+    one-scale state as one shard of equal scales (``ONE_SCALE`` recorded; its ``new_max``, the
+    previous step's scale that the update does not read, is not written)."""
+    out = dict(record_shards(state))  # (a copy: torch's state dict holds the live state's dicts)
+    for keys in KEYS[:n_states]:
+        values = state.get(keys.values)
+        if not isinstance(values, torch.Tensor) or values.dtype != torch.uint8:
+            continue
+        nprefix = _stacked(state, keys)
+        shape = values.shape[nprefix:]
+        absmax = state.get(keys.absmax)
+        if isinstance(absmax, torch.Tensor) and absmax.dim() == nprefix + 1:  # flat: blocks over the whole tensor
+            rows = blocks.rows_of_flat(dtensor.local(absmax), shape)
+            out[keys.absmax] = dtensor.like(absmax, rows, rows.shape) if is_dtensor(absmax) else rows
+            out[SHARDS_KEY] = 1
+        elif isinstance(state.get(keys.max), torch.Tensor):
+            scale = state[keys.max].reshape(-1)[:1].to(torch.float32)
+            flat = scale.expand(*values.shape[:nprefix], math.ceil(math.prod(shape) / BLOCK))
+            out[keys.absmax] = blocks.rows_of_flat(flat, shape)
+            del out[keys.max]
+            out.pop(keys.new_max, None)
+            out[SHARDS_KEY] = ONE_SCALE
+    return out
+
+
+def _stacked(state: dict[str, Any], keys: StateKeys) -> int:
+    """How many leading dims a state has over its parameter: 1 for a stacked ``state1`` (AdEMAMix's
+    fast and slow momentum, ``state.py``), else 0."""
+    if keys is not KEYS[0] or not isinstance(state.get(KEYS[1].values), torch.Tensor):
+        return 0
+    return max(state[keys.values].dim() - state[KEYS[1].values].dim(), 0)
 
 
 def dequantized_state(state: dict[str, Any], n_states: int) -> dict[str, Any]:
@@ -107,7 +161,7 @@ def dequantized_state(state: dict[str, Any], n_states: int) -> dict[str, Any]:
     return out
 
 
-# ---- loading: same layout, another layout (requantize), or dequantized (FSDP1) ------------------
+# ---- loading: same layout, another layout, or dequantized (FSDP1) -----------------------------
 
 
 MapFor = Callable[[str, torch.device], torch.Tensor]  # the optimizer's map of a name, on a device
@@ -121,101 +175,118 @@ def to_current_layout(p: torch.Tensor, state: dict[str, Any], layout, map_for: M
         return state
     state = dict(state)
     dequantized = bool(state.pop(DEQUANTIZED_KEY, 0))
-    saved_shards = state.pop(SHARDS_KEY, None)
-    target = dtensor.shards(p)
+    record = state.pop(SHARDS_KEY, None)
+    if record is not None and (isinstance(record, bool) or not isinstance(record, int) or record < 0):
+        raise ValueError(f"the loaded '{SHARDS_KEY}' record is {record!r}; expected a shard count (an int >= 1) or 0 (one scale)")
     for kept in layout:
         keys = kept.keys
         values = state.get(keys.values)
         if not isinstance(values, torch.Tensor):
             continue
-        prefix = tuple(values.shape[: values.dim() - p.dim()])
+        prefix = tuple(values.shape[: max(values.dim() - p.dim(), 0)])
         whole_shape = (*prefix, *p.shape)
         if dequantized and values.dtype == torch.float32 and keys.qmap not in state:
             whole = dtensor.full(values)
             if whole.shape != whole_shape:
                 continue  # let the checks report it
             qmap = map_for(kept.map_name, p.device)
-            state[keys.values], state[keys.absmax] = _quantize(whole.float(), p, qmap, prefix)
+            part = dtensor.local_part(whole.to(p.device), p, len(prefix)) if is_dtensor(p) else whole.to(p.device)
+            codes = torch.zeros(part.shape, dtype=torch.uint8, device=p.device)
+            scales = torch.zeros((*prefix, math.ceil(part[(0,) * len(prefix)].numel() / BLOCK)), device=p.device)
+            for idx in _prefix_indices(prefix):
+                if part[idx].numel():
+                    new_codes, scales[idx] = blocks.requantized(part[idx].reshape(-1).float(), qmap)
+                    codes[idx].view(-1).copy_(new_codes)
+            state[keys.values], state[keys.absmax] = _placed(p, prefix, codes, scales)
             state[keys.qmap] = qmap
             continue
-        if values.dtype != torch.uint8 or keys.absmax not in state:
+        if values.dtype != torch.uint8:
             if is_dtensor(p) and not is_dtensor(values) and tuple(values.shape) == whole_shape:
                 state[keys.values] = dtensor.distribute_like(values, p, len(prefix))
             continue
-        absmax = state[keys.absmax]
-        saved_rows = absmax.dim() == len(prefix) + 2
-        if saved_rows:  # without a record, assume the layout of the current sharding
-            saved_shards = target if saved_shards is None else int(saved_shards)
-        now_rows = is_dtensor(p) and dtensor.sharding(p) is not None
-        same = saved_rows == now_rows and (not now_rows or saved_shards == target)
-        if same:
-            if is_dtensor(p):  # a whole (plain) tensor for a DTensor parameter: distribute it the way we shard it
-                if not is_dtensor(values) and tuple(values.shape) == whole_shape:
-                    state[keys.values] = dtensor.distribute_like(values, p, len(prefix))
-                if not is_dtensor(absmax) and tuple(absmax.shape) == (*prefix, *dtensor.absmax_shape(p)):
-                    state[keys.absmax] = dtensor.distribute_absmax(absmax.to(p.device), p, prefix)
-            continue
-        whole_codes, whole_absmax = dtensor.full(values), dtensor.full(absmax)
-        if whole_codes.shape != whole_shape:
-            continue  # let the checks report it
-        qmap = state[keys.qmap].to(whole_codes.device)
-        d = dtensor.sharding(p)[1] if now_rows else 0
-        dense = _dequantize(whole_codes, whole_absmax, qmap, prefix, saved_shards if saved_rows else 0, d, p.shape)
-        state[keys.values], state[keys.absmax] = _quantize(dense, p, qmap, prefix)
+        _move_blocks(p, state, keys, record, prefix)
     return state
 
 
-def _dequantize(codes, absmax, qmap, prefix, saved_shards: int, d: int, shape) -> torch.Tensor:
-    """float32 values of whole codes laid out in blocks over ``saved_shards`` shards along dim ``d``
-    (0: blocks over the whole tensor)."""
-    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+def _move_blocks(p: torch.Tensor, state: dict[str, Any], keys: StateKeys, record: Any, prefix: tuple) -> None:
+    """One loaded 8-bit state (codes and scales under ``keys``, saved in the layout ``record``
+    says, or bitsandbytes' flat or one-scale layout) moved, in ``state``, to ``p``'s layout now."""
+    values, nprefix = state[keys.values], len(prefix)
+    one_scale = isinstance(state.get(keys.max), torch.Tensor)
+    if one_scale:  # (an absmax beside it is the destination's own, left by set_state_dict's merge of a full state dict)
+        state.pop(keys.absmax, None)
+    scales = state.get(keys.max if one_scale else keys.absmax)
+    if not isinstance(scales, torch.Tensor) or tuple(values.shape) != (*prefix, *p.shape):
+        return  # let the checks report it
+    sharded_now = is_dtensor(p) and dtensor.sharding(p) is not None
+    target = dtensor.shards(p)
+    rows_form = not one_scale and scales.dim() == nprefix + 2
+    if one_scale:
+        saved = ONE_SCALE
+    elif not rows_form:
+        saved = 1  # bitsandbytes' flat layout (a shard count beside it is the destination's own)
+    else:  # without a record (not written by qoptim before the record), assume the layout of the current sharding
+        saved = target if record is None else int(record)
+    if not sharded_now and (saved == 1 or saved == ONE_SCALE):  # the same blocks: place the codes, reshape the scales
+        if is_dtensor(p) and not is_dtensor(values):
+            state[keys.values] = dtensor.distribute_like(values, p, nprefix)
+        if rows_form and saved == ONE_SCALE:  # the one scale, written as equal block scales
+            scale = dtensor.full(scales).reshape(-1)[:1].to(p.device, torch.float32)
+            state[keys.max], state[keys.new_max] = scale.clone(), scale.clone()
+            del state[keys.absmax]
+        elif rows_form:
+            flat = blocks.flat_of_rows(dtensor.full(scales).to(p.device), p.shape)
+            state[keys.absmax] = dtensor.distribute_absmax(flat, p, prefix) if is_dtensor(p) else flat
+        elif is_dtensor(p) and not one_scale and not is_dtensor(scales):
+            state[keys.absmax] = dtensor.distribute_absmax(scales.to(p.device), p, prefix)
+        return
+    if sharded_now and rows_form and saved == target:  # the same blocks and form: distribute whole tensors
+        if not is_dtensor(values):
+            state[keys.values] = dtensor.distribute_like(values, p, nprefix)
+        if not is_dtensor(scales) and tuple(scales.shape) == (*prefix, *dtensor.absmax_shape(p)):
+            state[keys.absmax] = dtensor.distribute_absmax(scales.to(p.device), p, prefix)
+        return
+    d = dtensor.sharding(p)[1] if sharded_now else 0
+    if rows_form and tuple(scales.shape) != (*prefix, *blocks.rows_shape(p.shape, d)):
+        return  # let the checks report it
+    # other blocks: each element keeps its code, each new block the scale of the saved block it lies in, if one
+    table = dtensor.full(scales).to(p.device, torch.float32)
+    table = table.reshape(-1)[:1] if one_scale else table.reshape(*prefix, -1)
+    ids = blocks.block_ids(p.shape, d, saved, dtensor.local_rows(p), device=p.device).reshape(-1)
+    codes = _local_codes(values, p, nprefix)
+    qmap = state[keys.qmap].to(p.device)
+    out_codes = torch.empty_like(codes)
+    out_scales = torch.zeros((*prefix, math.ceil(ids.numel() / BLOCK)), device=p.device)
     for idx in _prefix_indices(prefix):
-        c, a, o = codes[idx], absmax[idx], out[idx]
-        if saved_shards == 0:
-            o.view(-1).copy_(dequantize_flat(c.reshape(-1), a.reshape(-1), qmap, BLOCK))
-            continue
-        for s in range(saved_shards):
-            start, stop = dtensor.chunk_bounds(shape[d], saved_shards, s)
-            if stop <= start:
-                continue
-            part = c.narrow(d, start, stop - start).contiguous().reshape(-1)
-            blocks = a[start:stop].reshape(-1)[: math.ceil(part.numel() / BLOCK)]
-            o.narrow(d, start, stop - start).copy_(dequantize_flat(part, blocks, qmap, BLOCK).view(c.narrow(d, start, stop - start).shape))
-    return out
+        if ids.numel():
+            new_codes, out_scales[idx] = blocks.moved(codes[idx].reshape(-1), ids, table if one_scale else table[idx], qmap)
+            out_codes[idx].view(-1).copy_(new_codes)
+    state[keys.values], state[keys.absmax] = _placed(p, prefix, out_codes, out_scales)
+    state.pop(keys.max, None)
+    state.pop(keys.new_max, None)
 
 
-def _quantize(dense: torch.Tensor, p: torch.Tensor, qmap: torch.Tensor, prefix: tuple):
-    """(codes, absmax) of whole float32 values, laid out for ``p`` as it is sharded now."""
-    sharded = is_dtensor(p)
-    part = dtensor.local_part(dense, p, len(prefix)) if sharded else dense
-    if sharded and dtensor.sharding(p) is not None:
-        absmax = dtensor.absmax_buffer(p, (*prefix, *dtensor.absmax_shape(p)))
-        absmax_local = dtensor.local(absmax)
-    else:
-        absmax = absmax_local = torch.zeros((*prefix, math.ceil(p.numel() / BLOCK)), device=p.device)
-    codes = torch.zeros(part.shape, dtype=torch.uint8, device=p.device)
-    for idx in _prefix_indices(prefix):
-        x = part[idx].reshape(-1).to(p.device)
-        if not x.numel():
-            continue
-        blocks = absmax_local[idx].reshape(-1)[: math.ceil(x.numel() / BLOCK)]
-        blocks.copy_(_block_scales(x, qmap.to(p.device)))
-        codes[idx].view(-1).copy_(quantize_with_absmax(x, blocks, qmap.to(p.device), BLOCK))
-    if sharded:
-        codes = dtensor.wrap(codes, p, dtensor.shift(p.placements, len(prefix)), dense.shape)
-        if dtensor.sharding(p) is None:
-            absmax = dtensor.wrap(absmax, p, dtensor.replicated(p), absmax.shape)
-    return codes, absmax
+def _local_codes(values: torch.Tensor, p: torch.Tensor, nprefix: int) -> torch.Tensor:
+    """This rank's part of loaded codes shaped like ``p`` (whole for a plain ``p``), gathered only
+    where they are not already distributed the way ``p`` is."""
+    if is_dtensor(values):
+        same_placements = is_dtensor(p) and tuple(values.placements) == dtensor.shift(p.placements, nprefix)
+        if same_placements and values.device_mesh == p.device_mesh:
+            return dtensor.local(values).to(p.device).contiguous()
+        values = values.full_tensor()
+    values = values.to(p.device)
+    return dtensor.local_part(values, p, nprefix) if is_dtensor(p) else values.contiguous()
 
 
-def _block_scales(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """Each block's scale for values that came from dequantizing codes. The kernels set a block's
-    scale to its largest magnitude, which gets an end code of the map (1.0, or the signed map's
-    -0.99297 for a negative one); every other element's code is at most the end code of its sign.
-    So the largest ``|x| / end(sign x)`` gives the original scale back (to an ulp)."""
-    low, high = float(qmap.min()), float(qmap.max())
-    end = torch.where(x < 0, torch.full_like(x, abs(low) if low < 0 else high), torch.full_like(x, high))
-    return block_absmax(x.abs() / end, BLOCK)
+def _placed(p: torch.Tensor, prefix: tuple, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) as ``p``'s state keeps them, from this rank's codes and flat block scales
+    (``(*prefix, n_blocks)``)."""
+    if not is_dtensor(p):
+        return codes, scales
+    whole = dtensor.wrap(codes, p, dtensor.shift(p.placements, len(prefix)), (*prefix, *p.shape))
+    absmax = dtensor.absmax_buffer(p, (*prefix, *dtensor.absmax_shape(p)))
+    dtensor.local(absmax).view(*prefix, -1)[..., : scales.shape[-1]].copy_(scales)
+    return whole, absmax
 
 
 def _prefix_indices(prefix: tuple):
