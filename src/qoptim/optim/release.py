@@ -99,7 +99,7 @@ class ReleaseHandle:
         self.repeated = False  # one of them was updated twice
         self.step_seen = False  # the loop calls step(): a second gradient before it is an error at once
         self.where: dict[int, tuple[int, int]] = {}  # id(param) -> (gindex, pindex)
-        self.plain = False  # a parameter is not a DTensor
+        self.plain = any(not dtensor.is_dtensor(p) for group in optimizer.param_groups for p in group["params"])
         self.hooks: list[Any] = []
         self.amp_flag: Any = None  # the optimizer's own _step_supports_amp_scaling, restored by remove()
 
@@ -108,7 +108,6 @@ class ReleaseHandle:
         for gindex, group in enumerate(opt.param_groups):
             for pindex, p in enumerate(group["params"]):
                 self.where[id(p)] = (gindex, pindex)
-                self.plain = self.plain or not dtensor.is_dtensor(p)
                 if p.requires_grad:  # one that does not has no gradient; if it gets one, step() updates it
                     self.hooks.append(p.register_post_accumulate_grad_hook(self.grad_ready))
         self.hooks.append(opt.register_step_pre_hook(self.before_step))
