@@ -17,6 +17,12 @@ and the flushed gradients are set to None. Each backward is one step of the norm
 parameters, states, step counts, percentile-clipping histories and NaN/Inf counts bit for bit, the
 skipped blocks noted once per backward as step() notes them once per step.
 
+Under FSDP2 (``fully_shard``) the hooks are called by FSDP after its reduce-scatter, on the
+sharded (DTensor) parameter and its local gradient. On CUDA (read from torch 2.13's code, not run
+here: tested on CPU with gloo) they run in FSDP's post-reduce stream context, so a flush there is
+ordered after the reduction, and the final flush runs after FSDP's own final callback (queued
+before any gradient is reduced) has made the current stream wait for the reductions.
+
 What cannot work is refused, never silently wrong:
 
 - gradient accumulation over micro-batches: a parameter's second gradient before ``step()`` raises
