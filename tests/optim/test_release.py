@@ -4,8 +4,10 @@ states bit for bit, for every family; what cannot work is refused with a clear e
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -355,3 +357,15 @@ def test_a_failing_flush_raises_from_backward_and_leaves_the_rest():
     opt.zero_grad()
     model(batch(1)).square().mean().backward()
     assert_no_grads(model)
+
+
+def test_nothing_keeps_a_released_optimizer_alive():
+    model = make_model()
+    opt = qoptim.AdamW8bit(model.parameters(), lr=1e-2)
+    qoptim.release_gradients(opt)  # the handle is not kept: the optimizer holds it
+    model(batch(0)).square().mean().backward()
+    assert opt.state[model[0].weight]["step"] == 1
+    gone = weakref.ref(opt)
+    del model, opt
+    gc.collect()
+    assert gone() is None

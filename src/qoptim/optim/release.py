@@ -55,7 +55,9 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "ReleaseHandle", "release_gradients"]
 
 DEFAULT_BUCKET_BYTES = 16 << 20  # queued gradient bytes that trigger a flush (small tensors share a kernel call)
 
-_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its ReleaseHandle
+# id(optimizer) -> its ReleaseHandle, which holds the optimizer (so the id stays its own) and is held
+# by it: nothing here keeps a handle, or its optimizer, alive
+_ACTIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def release_gradients(optimizer: Optimizer8bit, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> ReleaseHandle:
@@ -66,7 +68,7 @@ def release_gradients(optimizer: Optimizer8bit, *, bucket_bytes: int = DEFAULT_B
         raise TypeError(f"release_gradients takes a qoptim optimizer, got {type(optimizer).__name__}")
     if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
         raise ValueError(f"bucket_bytes must be a non-negative int, got {bucket_bytes!r}")
-    if optimizer in _ACTIVE:
+    if id(optimizer) in _ACTIVE:
         raise RuntimeError(f"{type(optimizer).__name__}: gradient release is already on (remove its handle first)")
     if optimizer.nonfinite == "raise":
         raise ValueError(
@@ -87,8 +89,19 @@ def release_gradients(optimizer: Optimizer8bit, *, bucket_bytes: int = DEFAULT_B
     handle = ReleaseHandle(optimizer, bucket_bytes)
     handle.check_reduction()
     handle.attach()
-    _ACTIVE[optimizer] = handle
+    _ACTIVE[id(optimizer)] = handle
     return handle
+
+
+def weak_hook(handle: weakref.ref):
+    """A post-accumulate-grad hook calling ``handle().grad_ready`` while the handle lives."""
+
+    def hook(p: torch.Tensor) -> None:
+        alive = handle()
+        if alive is not None:
+            alive.grad_ready(p)
+
+    return hook
 
 
 class ReleaseHandle:
@@ -111,11 +124,15 @@ class ReleaseHandle:
 
     def attach(self) -> None:
         opt = self.optimizer
+        # The parameters' hooks hold the handle weakly: a tensor's hooks are held from C++, where the
+        # garbage collector does not see them, so a strong reference would keep the optimizer (and its
+        # states) alive for good. The optimizer holds the handle (its step pre-hook).
+        grad_ready = weak_hook(weakref.ref(self))
         for gindex, group in enumerate(opt.param_groups):
             for pindex, p in enumerate(group["params"]):
                 self.where[id(p)] = (gindex, pindex)
                 if p.requires_grad:  # one that does not has no gradient; if it gets one, step() updates it
-                    self.hooks.append(p.register_post_accumulate_grad_hook(self.grad_ready))
+                    self.hooks.append(p.register_post_accumulate_grad_hook(grad_ready))
         self.hooks.append(opt.register_step_pre_hook(self.before_step))
         # GradScaler.step then calls step() with the scale set on the optimizer (torch's protocol for
         # optimizers that unscale themselves), where before_step refuses it, instead of asserting
@@ -133,8 +150,8 @@ class ReleaseHandle:
             vars(opt).pop("_step_supports_amp_scaling", None)
         else:
             opt._step_supports_amp_scaling = self.amp_flag
-        if _ACTIVE.get(opt) is self:
-            del _ACTIVE[opt]
+        if _ACTIVE.get(id(opt)) is self:
+            del _ACTIVE[id(opt)]
 
     @property
     def active(self) -> bool:
