@@ -7,7 +7,8 @@
 from . import functional, optim, utils
 from .optim import *  # noqa: F403
 from .optim import __all__ as _optim_all
+from .optim import release_gradients
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "optim", "utils", "__version__", *_optim_all]
+__all__ = ["functional", "optim", "utils", "__version__", "release_gradients", *_optim_all]

@@ -10,6 +10,7 @@
 - ``reshard``: saved state in another layout: across shardings (DTensor), the FSDP1 export;
 - ``dtensor``: state buffers and local views of sharded (DTensor, FSDP2) parameters;
 - ``manager``: GlobalOptimManager, per-parameter overrides;
+- ``release``: gradient release, each parameter updated in backward as its gradient completes;
 - ``variants``: the ``*8bit`` / ``*32bit`` / ``Paged*`` classes made from one family class;
 - one module per family: ``adam``, ``adamw``, ``ademamix``, ``lamb``, ``lars``, ``lion``, ``rmsprop``,
   ``sgd``, ``adagrad``.
@@ -24,6 +25,7 @@ from .lars import LARS, LARS8bit, LARS32bit, PytorchLARS
 from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
 from .manager import GlobalOptimManager
 from .optimizer import Optimizer1State, Optimizer2State, Optimizer8bit
+from .release import release_gradients
 from .rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
 from .sgd import SGD, SGD8bit, SGD32bit
 
@@ -36,3 +38,6 @@ __all__ = [
     "RMSprop", "RMSprop8bit", "RMSprop32bit", "Adagrad", "Adagrad8bit", "Adagrad32bit", "SGD", "SGD8bit", "SGD32bit",
     "GlobalOptimManager", "Optimizer8bit", "Optimizer2State", "Optimizer1State",
 ]  # fmt: skip
+# bitsandbytes' names only (tests/compat compares each with bitsandbytes'); qoptim's own names are
+# imported above (release_gradients) and listed in the package's __all__
+

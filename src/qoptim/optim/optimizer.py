@@ -118,12 +118,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [
-            (gindex, pindex, group, p)
-            for gindex, group in enumerate(self.param_groups)
-            for pindex, p in enumerate(group["params"])
-            if p.grad is not None
-        ]
+        self.update_params([(gindex, pindex, group, p) for gindex, group in enumerate(self.param_groups)
+                            for pindex, p in enumerate(group["params"]) if p.grad is not None])  # fmt: skip
+        return loss
+
+    @torch.no_grad()
+    def update_params(self, work: list[tuple[int, int, dict[str, Any], torch.Tensor]], *, ends_step: bool = True) -> None:
+        """step() for the (gindex, pindex, group, param) items of ``work`` only, each with a gradient.
+        A step can span calls (gradient release updates parameters as backward completes their
+        gradients): the calls before its last pass ``ends_step=False``, and the last notes the
+        NaN/Inf blocks skipped by them all once, as step() does; ``in_step`` holds in between."""
         if not self.initialized:
             self.check_overrides()
             self.to_gpu()
@@ -133,18 +137,18 @@ class Optimizer8bit(torch.optim.Optimizer):
         for gindex, pindex, group, p in work:
             checkpoint.unnest(self.state[p])
             validation.check_param(self, gindex, pindex, group, p)
-        self._step_skips = []
+        self._step_skips, skipped, step_open = self._step_skips or [], 0, False
         try:
             self._update_params(work)
             if self.is_paged:
                 for device in {p.device for *_, p in work}:
                     paging.synchronize(device)
-            skipped = total_skipped(self._step_skips)  # the step's one read of device counters
+            skipped = total_skipped(self._step_skips) if ends_step else 0  # the step's one read of device counters
+            step_open = not ends_step
         finally:  # also after a failure deep in a backend: later direct update_step calls count themselves
-            self._step_skips = None
+            self._step_skips = self._step_skips if step_open else None
         if skipped:
             self._note_skipped(skipped)
-        return loss
 
     def check_group(self, gindex: int, group: dict[str, Any]) -> None:
         """A param group before a step (its options may have changed since the last one)."""
