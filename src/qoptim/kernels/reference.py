@@ -9,8 +9,13 @@ Per chunk, in this order (bitsandbytes' order):
   1. dequantize each state with its old scale,
   2. update parameter and states in fp32 (the rule),
   3. take each block's new scale from the updated fp32 state,
-  4. requantize.
+  4. requantize (a never-negative state: a positive value never to code 0, see
+     ``quant.blockwise.raise_positive_from_zero``).
 The parameter update uses the unquantized fp32 states of step 2.
+
+A squared gradient scaled by a constant is computed as ``(g * c) * g``, torch's order in
+``addcmul_(g, g, value=c)`` (and bitsandbytes' CUDA kernel's): ``g * g`` first would overflow
+float32 for |g| > 1.8e19, where torch's order holds up to |g| ~ 5e20 at c = 1e-3.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..quant.blockwise import block_absmax, dequantize_flat, quantize_with_absmax
+from ..quant.blockwise import block_absmax, dequantize_flat, quantize_with_absmax, raise_positive_from_zero
 from . import rules
 from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
 
@@ -36,7 +41,7 @@ def adam(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper
     if hp.weight_decay and not hp.decoupled:
         g = g + p * hp.weight_decay
     m.mul_(hp.beta1).add_(g * (1.0 - hp.beta1))
-    v.mul_(hp.beta2).add_((g * g).mul_(1.0 - hp.beta2))
+    v.mul_(hp.beta2).add_((g * (1.0 - hp.beta2)).mul_(g))
     if hp.weight_decay and hp.decoupled:
         p.mul_(1.0 - hp.lr * hp.weight_decay)
     step_size = hp.lr / (1.0 - hp.beta1**hp.step)
@@ -50,7 +55,7 @@ def ademamix(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: H
     m1, m2, nu = states
     m1.mul_(hp.beta1).add_(g * (1.0 - hp.beta1))
     m2.mul_(hp.beta3).add_(g * (1.0 - hp.beta3))
-    nu.mul_(hp.beta2).add_((g * g).mul_(1.0 - hp.beta2))
+    nu.mul_(hp.beta2).add_((g * (1.0 - hp.beta2)).mul_(g))
     if hp.weight_decay:
         p.mul_(1.0 - hp.lr * hp.weight_decay)
     bias_correction1 = 1.0 - hp.beta1**hp.step
@@ -89,7 +94,7 @@ def rmsprop(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hy
     (square_avg,) = states
     if hp.weight_decay:
         g = g + p * hp.weight_decay
-    square_avg.mul_(hp.smoothing).add_((g * g).mul_(1.0 - hp.smoothing))
+    square_avg.mul_(hp.smoothing).add_((g * (1.0 - hp.smoothing)).mul_(g))
     p.sub_((g / square_avg.sqrt().add_(hp.eps)).mul_(hp.lr))
 
 
@@ -110,7 +115,7 @@ def lamb_direction(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor],
     if hp.weight_decay and not hp.decoupled:
         g = g + p * hp.weight_decay
     m.mul_(hp.beta1).add_(g * (1.0 - hp.beta1))
-    v.mul_(hp.beta2).add_((g * g).mul_(1.0 - hp.beta2))
+    v.mul_(hp.beta2).add_((g * (1.0 - hp.beta2)).mul_(g))
     bias_correction1 = 1.0 - hp.beta1**hp.step if hp.bias_correction else 1.0
     bias_correction2 = 1.0 - hp.beta2**hp.step if hp.bias_correction else 1.0
     direction = (m / bias_correction1).div_((v / bias_correction2).sqrt_().add_(hp.eps))
@@ -205,7 +210,7 @@ def update(
         p32, states, bad = _step_chunk(math_fn, p, g, slots, hp, start, end, skip_nonfinite)
         p[start:end].copy_(p32)
         for i, (slot, values) in enumerate(zip(slots, states)):
-            _store(slot, values, start, end, bad, new_scales.get(i))
+            _store(slot, values, start, end, bad, new_scales.get(i), signed=spec.signed[i])
         if bad is not None:
             skipped += int(bad.sum())
     for i, scale in new_scales.items():
@@ -266,19 +271,23 @@ def _load(slot: StateSlot, start: int, end: int) -> torch.Tensor:
     return dequantize_flat(values, slot.absmax[blocks], slot.code, slot.blocksize)
 
 
-def _store(slot: StateSlot, new: torch.Tensor, start: int, end: int, bad, whole_scale) -> None:
+def _store(slot: StateSlot, new: torch.Tensor, start: int, end: int, bad, whole_scale, *, signed: bool) -> None:
     """Write fp32 values back into a state's elements [start, end); skipped blocks keep
-    their bytes and scales."""
+    their bytes and scales. ``signed``: the rule's state may be negative (``RuleSpec.signed``);
+    a never-negative one never rounds a positive value to code 0."""
     target = slot.values[start:end]
     if not slot.quantized:
         target.copy_(new)
         return
     if slot.blocksize == WHOLE_TENSOR:
-        target.copy_(quantize_with_absmax(new, whole_scale, slot.code, end - start))
+        codes = quantize_with_absmax(new, whole_scale, slot.code, end - start)
+        target.copy_(codes if signed else raise_positive_from_zero(codes, new))
         return
     blocks = slice(start // slot.blocksize, -(-end // slot.blocksize))
     scales = block_absmax(new, slot.blocksize)
     codes = quantize_with_absmax(new, scales, slot.code, slot.blocksize)
+    if not signed:
+        codes = raise_positive_from_zero(codes, new)
     if bad is not None:
         scales = torch.where(bad, slot.absmax[blocks], scales)
         codes = torch.where(_per_element(bad, end - start), target, codes)

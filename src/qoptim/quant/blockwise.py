@@ -7,6 +7,15 @@ the last block may be shorter. Each block keeps one float32 scale, its largest m
 Rounding is exact and the same everywhere: ``u = x * (1 / absmax)`` in float32 (0 for an
 all-zero block), and the code index is the number of float32 midpoints between neighbouring
 codes that lie strictly below ``u``. Zero therefore stays exactly zero.
+
+The optimizers' states that are never negative (the divisors: second moments, RMSprop's and
+Adagrad's sums; ``kernels.rules.RuleSpec.signed``) add one rule when they are requantized
+(``raise_positive_from_zero``): a positive value never takes code 0, the unsigned map's zero, but
+at least code 1, its smallest positive code. Rounded to zero, a small second moment next to a
+block's large one would make the step ``lr * m / eps`` (the "zero-point problem", Li et al. 2023);
+code 1 overestimates it, which can only shrink the step. An exact zero stays code 0, and the maps
+and the checkpoint layout are unchanged. The public ``quantize_blockwise`` keeps plain
+round-to-nearest, as bitsandbytes' ``quantize_blockwise``.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ __all__ = [
     "num_blocks",
     "block_absmax",
     "quantize_with_absmax",
+    "raise_positive_from_zero",
+    "SMALLEST_POSITIVE_CODE",
     "dequantize_flat",
     "VALID_BLOCKSIZES",
     "BLOCK",
@@ -37,6 +48,10 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # The block size of 8-bit optimizer states (one absmax per 256 elements, as in bitsandbytes), and
 # so the granularity of non-finite gradient skipping.
 BLOCK = 256
+
+# The code a positive value of a never-negative optimizer state takes at least (the unsigned
+# map's smallest positive code; code 0 is its zero): see the module docstring.
+SMALLEST_POSITIVE_CODE = 1
 
 
 @dataclass
@@ -84,6 +99,12 @@ def quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     u = x * inv.repeat_interleave(blocksize)[: x.numel()]
     return torch.bucketize(u, midpoints(code)).to(torch.uint8)
+
+
+def raise_positive_from_zero(codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The codes of a never-negative optimizer state's values ``x`` (unsigned map), where a
+    positive value that rounded to code 0 takes ``SMALLEST_POSITIVE_CODE`` (module docstring)."""
+    return torch.where((codes < SMALLEST_POSITIVE_CODE) & (x > 0), SMALLEST_POSITIVE_CODE, codes).to(torch.uint8)
 
 
 def dequantize_flat(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:

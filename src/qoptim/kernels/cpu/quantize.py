@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from ...quant.blockwise import SMALLEST_POSITIVE_CODE
 from . import avx512
 from .bits import ONE, ZERO, bits_of, float_of, magnitude
 from .gather import LANES, lookup_lanes, quantize_lanes, quantize_packed_lanes
@@ -22,7 +23,11 @@ from .jit import INLINE
 from .paths import PermutePath, VectorPath, is_path
 from .tables import NAN_INDEX, QuantTables
 
-__all__ = ["Quantized", "block_peak", "dequantize", "lookup", "quantize", "reciprocal", "requantize", "state_view"]
+__all__ = ["Quantized", "block_peak", "dequantize", "lookup", "quantize", "raise_positive_from_zero", "reciprocal", "requantize", "state_view"]
+
+# quant.blockwise.SMALLEST_POSITIVE_CODE as the codes' type
+_SMALLEST_POSITIVE = np.uint8(SMALLEST_POSITIVE_CODE)
+_ZERO_CODE = np.uint8(0)
 
 
 class Quantized(NamedTuple):
@@ -169,6 +174,19 @@ def dequantize(state, lo, hi, s, buf, path):
 
 
 @njit(**INLINE)
-def requantize(state, values, peak, inv, lo, hi, path):
-    """A block's new codes from its new values, their peak and the scale's reciprocal."""
-    quantize(values, inv, peak * inv < np.inf, state.tables, state.codes[lo:hi], path)
+def requantize(state, values, peak, inv, lo, hi, signed, path):
+    """A block's new codes from its new values, their peak and the scale's reciprocal;
+    ``signed`` (a compile-time constant): whether the state may be negative, else a positive
+    value never takes code 0 (``raise_positive_from_zero``)."""
+    codes = state.codes[lo:hi]
+    quantize(values, inv, peak * inv < np.inf, state.tables, codes, path)
+    if not signed:
+        raise_positive_from_zero(values, codes)
+
+
+@njit(**INLINE)
+def raise_positive_from_zero(values, codes):
+    """quant.blockwise.raise_positive_from_zero in place: a positive value's code 0 becomes
+    the smallest positive code (one vectorized pass over the block, on every path)."""
+    for j in range(values.size):
+        codes[j] = max(codes[j], _SMALLEST_POSITIVE if values[j] > ZERO else _ZERO_CODE)

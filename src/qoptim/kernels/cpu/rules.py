@@ -23,7 +23,7 @@ from ..types import Hyper
 from .bits import ONE, ZERO
 from .jit import KERNEL
 
-__all__ = ["KERNEL_STATES", "MARKERS", "Constants", "constants", "marker_of", "math", "state_count", "trust_term", "unpack"]
+__all__ = ["KERNEL_STATES", "MARKERS", "Constants", "constants", "marker_of", "math", "signed_states", "state_count", "trust_term", "unpack"]
 
 # The kernels take three states whatever the rule (stand-ins past its count, which they never
 # touch): Numba's drivers cannot take a tuple of them of varying length.
@@ -63,7 +63,7 @@ def adam(p, g, m, v, unused, k):
     if sw.decay == Decay.L2:
         g = g + p * c.weight_decay
     m = m * c.beta1 + g * c.one_minus_beta1
-    v = v * c.beta2 + (g * g) * c.one_minus_beta2
+    v = v * c.beta2 + (g * c.one_minus_beta2) * g
     if sw.decay == Decay.DECOUPLED:
         p = p * c.decay_factor
     denom = np.sqrt(v) / c.bias_correction2_sqrt + c.eps
@@ -77,7 +77,7 @@ def ademamix(p, g, m1, m2, nu, k):
     c, sw = k.scalars, k.switches
     m1 = m1 * c.beta1 + g * c.one_minus_beta1
     m2 = m2 * c.beta3 + g * c.one_minus_beta3
-    nu = nu * c.beta2 + (g * g) * c.one_minus_beta2
+    nu = nu * c.beta2 + (g * c.one_minus_beta2) * g
     if sw.decay == Decay.DECOUPLED:
         p = p * c.decay_factor
     denom = np.sqrt(nu) / c.bias_correction2_sqrt + c.eps
@@ -123,7 +123,7 @@ def rmsprop(p, g, square_avg, unused1, unused2, k):
     c, sw = k.scalars, k.switches
     if sw.decay == Decay.L2:
         g = g + p * c.weight_decay
-    square_avg = square_avg * c.beta1 + (g * g) * c.one_minus_beta1
+    square_avg = square_avg * c.beta1 + (g * c.one_minus_beta1) * g
     p = p - (g / (np.sqrt(square_avg) + c.eps)) * c.step_size
     return p, square_avg, unused1, unused2
 
@@ -154,7 +154,7 @@ def lamb_direction(p, g, m, v, k):
     if sw.decay == Decay.L2:
         g = g + p * c.weight_decay
     m = m * c.beta1 + g * c.one_minus_beta1
-    v = v * c.beta2 + (g * g) * c.one_minus_beta2
+    v = v * c.beta2 + (g * c.one_minus_beta2) * g
     direction = (m / c.bias_correction1) / (np.sqrt(v / c.bias_correction2) + c.eps)
     if sw.decay == Decay.DECOUPLED:
         direction = direction + p * c.weight_decay
@@ -209,6 +209,10 @@ assert set(_TABLE) == set(MATHS), "the CPU kernels must cover kernels.rules.MATH
 assert MAX_STATES <= KERNEL_STATES
 _STATES = {spec.math: spec.states for spec in RULES.values()}
 assert all(RULES[name].states == _STATES[spec.math] for name, spec in RULES.items()), "rules that share a math keep as many states"
+# per kernel state slot: may the state be negative (kernels.rules.RuleSpec.signed); stand-ins past
+# the rule's count are never written, and count as signed
+_SIGNED = {spec.math: spec.signed + (True,) * (KERNEL_STATES - spec.states) for spec in RULES.values()}
+assert all(spec.signed == _SIGNED[spec.math][: spec.states] for spec in RULES.values()), "rules that share a math share their maps"
 
 MARKERS: dict[str, NamedTuple] = {name: marker(_STATES[name]) for name, (marker, _) in _TABLE.items()}
 _FUNCTIONS = {marker: fn for marker, fn in _TABLE.values()}
@@ -227,6 +231,12 @@ def state_count(rule):
     """How many states ``rule`` (a marker) keeps, as a compile-time constant."""
 
 
+def signed_states(rule):
+    """Per kernel state slot, whether ``rule``'s (a marker) state there may be negative
+    (``kernels.rules.RuleSpec.signed``), as compile-time constants: a never-negative state
+    never rounds a positive value to code 0 (``quant.blockwise.raise_positive_from_zero``)."""
+
+
 def trust_term(rule, p, g, s0, s1, k):
     """The second trust term of an element (the first is the parameter): LAMB's direction,
     LARS's gradient (reference.TRUST_RATIOS)."""
@@ -239,6 +249,15 @@ def _state_count_impl(rule):
         return None
     count = _STATES[next(name for name, (marker, _) in _TABLE.items() if marker is kind)]
     return lambda rule: count
+
+
+@overload(signed_states)
+def _signed_states_impl(rule):
+    kind = getattr(rule, "instance_class", None)
+    if kind not in _FUNCTIONS:
+        return None
+    signed = _SIGNED[next(name for name, (marker, _) in _TABLE.items() if marker is kind)]
+    return lambda rule: signed
 
 
 @overload(math)

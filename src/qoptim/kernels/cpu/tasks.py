@@ -29,7 +29,7 @@ from .jit import INLINE, KERNEL
 from .layout import Layout
 from .paths import PortablePath, is_path
 from .quantize import block_peak, dequantize, reciprocal, requantize, state_view
-from .rules import math, state_count, trust_term, unpack
+from .rules import math, signed_states, state_count, trust_term, unpack
 
 __all__ = ["AHEAD", "Pass", "eight_bit_task", "fp32_task", "trust_task"]
 
@@ -258,6 +258,7 @@ def eight_bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, layout, p
     reference. ``Pass.PEAKS`` (first pass of a ``WHOLE`` step): only the peaks of the task's
     new states, into ``peaks[t]``; nothing else is written."""
     ns = state_count(rule)
+    signed = signed_states(rule)
     k = unpack(k)
     whole = layout == Layout.WHOLE
     measure = pass_ == Pass.PEAKS
@@ -296,11 +297,11 @@ def eight_bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, layout, p
             if ns > 2:
                 states[2].scales[b] = peak2
                 inv2 = reciprocal(peak2)
-        requantize(states[0], b0[:size], peak0, inv0, lo, hi, path)
+        requantize(states[0], b0[:size], peak0, inv0, lo, hi, signed[0], path)
         if ns > 1:
-            requantize(states[1], b1[:size], peak1, inv1, lo, hi, path)
+            requantize(states[1], b1[:size], peak1, inv1, lo, hi, signed[1], path)
         if ns > 2:
-            requantize(states[2], b2[:size], peak2, inv2, lo, hi, path)
+            requantize(states[2], b2[:size], peak2, inv2, lo, hi, signed[2], path)
     if measure:
         peaks[t, 0] = acc0
         peaks[t, 1] = acc1

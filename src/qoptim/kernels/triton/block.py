@@ -27,8 +27,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...quant import blockwise
 from ..rules import MAX_STATES, Scalars, Switches
 from .rules import LAMB, MOMENTUM, apply_rule, lamb_direction
+
+# quant.blockwise.SMALLEST_POSITIVE_CODE, as the kernel reads a global
+SMALLEST_POSITIVE_CODE = tl.constexpr(blockwise.SMALLEST_POSITIVE_CODE)
 
 # State layouts, a compile-time switch.
 FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT = (tl.constexpr(i) for i in range(3))
@@ -59,6 +63,13 @@ def _quantize(x, inv_scale, mids_ptr):
         mid = tl.load(mids_ptr + index + ((128 >> k) - 1))
         index += tl.where(mid >= u, 0, 128 >> k)
     return index.to(tl.uint8)
+
+
+@triton.jit
+def _raise_positive_from_zero(codes, x):
+    """quant.blockwise.raise_positive_from_zero: a positive value of a never-negative state
+    never takes code 0, but at least the smallest positive code."""
+    return tl.where((codes < SMALLEST_POSITIVE_CODE) & (x > 0), SMALLEST_POSITIVE_CODE, codes).to(tl.uint8)
 
 
 @triton.jit
@@ -119,9 +130,11 @@ def _load_state(ptr, code_ptr, absmax_ptr, offs, mask, rows, row_mask, LAYOUT: t
 
 
 @triton.jit
-def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, row_mask, bad, LAYOUT: tl.constexpr):
+def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, row_mask, bad, LAYOUT: tl.constexpr,
+                 SIGNED: tl.constexpr):  # fmt: skip
     """Write one state's updated tile; blocks in ``bad`` keep their bytes and scale, except in the
-    whole-tensor layout, where every element is recoded with the new global scale (as the reference)."""
+    whole-tensor layout, where every element is recoded with the new global scale (as the reference).
+    Not ``SIGNED`` (a never-negative state): a positive value never takes code 0."""
     if LAYOUT == FP32_STATES:
         tl.store(ptr + offs, x, mask=mask & (bad[:, None] == 0))
     elif LAYOUT == BLOCKWISE_8BIT:
@@ -129,9 +142,13 @@ def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, 
         keep = row_mask & (bad == 0)
         tl.store(absmax_ptr + rows, scale, mask=keep)
         codes = _quantize(x, _inverse(scale)[:, None], mids_ptr)
+        if not SIGNED:
+            codes = _raise_positive_from_zero(codes, x)
         tl.store(ptr + offs, codes, mask=mask & keep[:, None])
     else:
         codes = _quantize(x, _inverse(tl.load(new_scale_ptr)), mids_ptr)
+        if not SIGNED:
+            codes = _raise_positive_from_zero(codes, x)
         tl.store(ptr + offs, codes, mask=mask)
 
 
@@ -192,13 +209,14 @@ def block_kernel(
     # kernels.rules.Scalars, in its order
     beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, alpha, eps, weight_decay, decay_factor,
     step_size, bias_correction1, bias_correction2, bias_correction2_sqrt, one_minus_dampening, gnorm_scale,
-    RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr,
+    RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr, NEVER_NEGATIVE: tl.constexpr,
     DECAY: tl.constexpr, TRUST: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,  # kernels.rules.Switches
     SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr,
     PARAM_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BATCHED: tl.constexpr,
 ):  # fmt: skip
     """One pass of one rule over ``ROWS`` blocks of a flat parameter (the states past
-    ``N_STATES`` are placeholders, never read). ``BATCHED``: the parameter is the one of this
+    ``N_STATES`` are placeholders, never read). ``NEVER_NEGATIVE``: bit i set where the rule's
+    state i is never negative (``kernels.rules.RuleSpec.signed``). ``BATCHED``: the parameter is the one of this
     program's table row, and the pointer arguments are placeholders that only give the types."""
     pid = tl.program_id(0).to(tl.int64)
     if BATCHED:  # columns: param, grad, then four per state (see POINTERS)
@@ -265,13 +283,14 @@ def block_kernel(
                 _store_peaks(peaks_ptr + N_STATES * pid, s0, s1, s2, mask, N_STATES)
             else:
                 _store_param(p_ptr, p, offs, mask & (keep == 0), PARAM_BF16)
-                _store_state(s0_ptr, mids0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT)
+                _store_state(s0_ptr, mids0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT,
+                             (NEVER_NEGATIVE & 1) == 0)  # fmt: skip
                 if N_STATES > 1:
                     _store_state(s1_ptr, mids1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask, bad,
-                                 LAYOUT)  # fmt: skip
+                                 LAYOUT, (NEVER_NEGATIVE & 2) == 0)  # fmt: skip
                 if N_STATES > 2:
                     _store_state(s2_ptr, mids2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad,
-                                 LAYOUT)  # fmt: skip
+                                 LAYOUT, (NEVER_NEGATIVE & 4) == 0)  # fmt: skip
 
 
 # The kernel's float arguments are kernels.rules.Scalars, passed positionally in its order; its

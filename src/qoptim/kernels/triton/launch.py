@@ -64,6 +64,7 @@ def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip
     flags = dict(
         RULE=MATH_SWITCH[spec.math],
         N_STATES=spec.states,
+        NEVER_NEGATIVE=never_negative_mask(spec),
         LAYOUT=layout,
         SCALE_GRAD=hp.gnorm_scale != 1.0,
         SKIP=bool(skip_nonfinite),
@@ -72,6 +73,11 @@ def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip
         **switch_flags(spec, hp),
     )
     return scalars, flags
+
+
+def never_negative_mask(spec: RuleSpec) -> int:
+    """The kernel's ``NEVER_NEGATIVE``: bit i set where the rule's state i is never negative."""
+    return sum(1 << i for i, signed in enumerate(spec.signed) if not signed)
 
 
 # The kernel's constexpr argument of each field of rules.Switches (checked in ``block``).

@@ -44,7 +44,7 @@ def _adam(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weigh
     if DECAY == L2_DECAY:
         g = g + p * weight_decay
     m = m * beta1 + g * one_minus_beta1
-    v = v * beta2 + (g * g) * one_minus_beta2
+    v = v * beta2 + (g * one_minus_beta2) * g
     if DECAY == DECOUPLED_DECAY:
         p = p * decay_factor
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
@@ -58,7 +58,7 @@ def _ademamix(p, g, m1, m2, nu, beta1, one_minus_beta1, beta2, one_minus_beta2, 
     """reference.ademamix."""
     m1 = m1 * beta1 + g * one_minus_beta1
     m2 = m2 * beta3 + g * one_minus_beta3
-    nu = nu * beta2 + (g * g) * one_minus_beta2
+    nu = nu * beta2 + (g * one_minus_beta2) * g
     if DECAY == DECOUPLED_DECAY:
         p = p * decay_factor
     denom = tl.math.div_rn(tl.sqrt_rn(nu), bias_correction2_sqrt) + eps
@@ -104,7 +104,7 @@ def _rmsprop(p, g, square_avg, beta1, one_minus_beta1, eps, weight_decay, step_s
     """reference.rmsprop (``beta1`` is its alpha)."""
     if DECAY == L2_DECAY:
         g = g + p * weight_decay
-    square_avg = square_avg * beta1 + (g * g) * one_minus_beta1
+    square_avg = square_avg * beta1 + (g * one_minus_beta1) * g
     p = p - tl.math.div_rn(g, tl.sqrt_rn(square_avg) + eps) * step_size
     return p, square_avg
 
@@ -126,7 +126,7 @@ def lamb_direction(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, e
     if DECAY == L2_DECAY:
         g = g + p * weight_decay
     m = m * beta1 + g * one_minus_beta1
-    v = v * beta2 + (g * g) * one_minus_beta2
+    v = v * beta2 + (g * one_minus_beta2) * g
     direction = tl.math.div_rn(tl.math.div_rn(m, bias_correction1), tl.sqrt_rn(tl.math.div_rn(v, bias_correction2)) + eps)
     if DECAY == DECOUPLED_DECAY:
         direction = direction + p * weight_decay
