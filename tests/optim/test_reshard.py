@@ -14,7 +14,8 @@ from torch import nn
 import qoptim
 from qoptim.optim import blocks
 from qoptim.optim.checkpoint import QUANT_STATE_KEY
-from qoptim.quant.blockwise import quantize_blockwise
+from qoptim.quant.blockwise import SMALLEST_POSITIVE_CODE, quantize_blockwise
+from qoptim.quant.maps import signed_map, unsigned_map
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")  # (torch may be built without torch.distributed)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict  # noqa: E402
@@ -216,3 +217,14 @@ def test_scales_of_another_shape_in_the_rows_form_are_refused():
     sd["state"][0][QUANT_STATE_KEY]["absmax1"] = torch.ones(8, 2)  # rows form of (8, 255): (8, 1)
     with pytest.raises(ValueError, match="absmax1 must be a float32 tensor of shape"):
         opt.load_state_dict(sd)
+
+
+def test_requantized_never_negative_state_keeps_positive_values_off_code_zero():
+    """Loading across layouts requantizes as the optimizers do: a tiny positive second moment
+    next to a large one in its block takes the smallest positive code, not zero; zero stays zero."""
+    values = torch.zeros(300)
+    values[0], values[1] = 1.0, 1e-12
+    codes, _ = blocks.requantized(values, unsigned_map())
+    assert codes[1] == SMALLEST_POSITIVE_CODE and codes[2] == 0 and codes[0] == 255
+    signed_codes, _ = blocks.requantized(values, signed_map())
+    assert signed_map()[signed_codes[1].long()] == 0  # a signed state rounds to nearest, as bitsandbytes does

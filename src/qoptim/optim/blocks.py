@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..kernels import BLOCK
-from ..quant.blockwise import block_absmax, quantize_with_absmax
+from ..quant.blockwise import block_absmax, quantize_with_absmax, raise_positive_from_zero
 
 __all__ = ["ONE_SCALE", "block_ids", "chunk_bounds", "flat_of_rows", "moved", "requantized", "rows_of_flat", "rows_shape"]
 
@@ -95,9 +95,14 @@ def block_scales(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
 
 
 def requantized(dense: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, block scales) of flat float32 values, in 256-blocks."""
+    """(codes, block scales) of flat float32 values, in 256-blocks. A never-negative state (its
+    map has no negative code) keeps its positive values off code 0, as the optimizers' own
+    requantizing does (quant.blockwise.raise_positive_from_zero)."""
     scales = block_scales(dense, qmap)
-    return quantize_with_absmax(dense, scales, qmap, BLOCK), scales
+    codes = quantize_with_absmax(dense, scales, qmap, BLOCK)
+    if bool(qmap.min() >= 0):
+        codes = raise_positive_from_zero(codes, dense)
+    return codes, scales
 
 
 def moved(codes: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
