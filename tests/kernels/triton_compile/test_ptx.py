@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402  (after the skip: t
 from triton.compiler import ASTSource  # noqa: E402
 
 from qoptim.kernels.triton.block import block_kernel  # noqa: E402
+from qoptim.kernels.triton.launch import never_negative_mask  # noqa: E402
 from qoptim.kernels.triton.rules import MATH_SWITCH  # noqa: E402
 from qoptim.kernels.triton.trust import ratio_kernel  # noqa: E402
 
@@ -47,7 +48,8 @@ def test_compiles_for_sm90_with_exact_float_ops(rule, layout, param_dtype, pass_
     """No contracted multiply-adds, no approximate division or square root. A batch reads its
     pointers from the table and counts skipped blocks per tensor in int64."""
     spec = rules.RULES[rule]
-    constants = dict(RULE=MATH_SWITCH[spec.math], N_STATES=spec.states, LAYOUT=layout, PASS=pass_, DECAY=1 + (pass_ == 2),
+    constants = dict(RULE=MATH_SWITCH[spec.math], N_STATES=spec.states, LAYOUT=layout, PASS=pass_,
+                     NEVER_NEGATIVE=never_negative_mask(spec), DECAY=1 + (pass_ == 2),
                      TRUST=spec.trust, NESTEROV=True, FIRST_STEP=False, SCALE_GRAD=True, SKIP=True,
                      PARAM_BF16=param_dtype == "bf16", ROWS=4, BLOCK_SIZE=BLOCK, BATCHED=batched)  # fmt: skip
     source = ASTSource(block_kernel, block_kernel_signature(layout, param_dtype, constants), constexprs=constants)
