@@ -11,6 +11,7 @@
 - ``bnb_fixtures``: bitsandbytes 0.50.2's checkpoints in ``tests/data`` and layout comparisons (``tests/compat``);
 - ``launch``: multi-process runs of the worker scripts in ``tests/workers`` under torch.distributed;
 - ``paging``: a fake managed memory, so that paged optimizers are tested on the CPU;
+- ``zero_point``: the cases of the never-negative states' quantizer rule (imported as ``support.zero_point``);
 - ``cpu_states``: parameters, states, gradients and checks of the CPU kernel's tests (imported as ``support.cpu_states``).
 """
 

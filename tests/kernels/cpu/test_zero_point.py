@@ -7,41 +7,12 @@ import torch
 from support import exact_sqrt
 from support.cpu_states import assert_same, copy_state, torch_threads
 from support.cpu_states import make_rule_state as make_state
+from support.zero_point import UNSIGNED_RULES, gradient, hyper
 
-from qoptim.kernels import Hyper, cpu, reference
+from qoptim.kernels import cpu, reference
 from qoptim.kernels.rules import RULES
 
 SIZES = [1, 255, 257, 4097]
-# rules with a never-negative state and no trust ratio (LAMB shares these tasks: test_rules.py)
-UNSIGNED_RULES = ["adam", "ademamix", "rmsprop", "adagrad"]
-
-
-def hyper(rule, step):
-    common = dict(lr=1e-3, eps=1e-8, weight_decay=0.0, step=step, decoupled=True)
-    if rule == "rmsprop":
-        return Hyper(beta1=0.0, beta2=0.0, smoothing=0.99, **common)
-    if rule == "adagrad":
-        return Hyper(beta1=0.0, beta2=0.0, **common)
-    return Hyper(beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0, **common)
-
-
-def gradient(n, step):
-    """Per block one large value; tiny positive and negative ones whose squares round to codes
-    below the unsigned map's smallest (1e-4 .. 1e-9 of it), exact zeros, subnormals (squares 0),
-    on places that move with the step."""
-    gen = torch.Generator().manual_seed(step)
-    tiny = torch.logspace(-4, -9, 6)[torch.randint(0, 6, (n,), generator=gen)]
-    g = tiny * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    kind = torch.randint(0, 8, (n,), generator=gen)
-    g[kind == 0] = 0.0
-    g[kind == 1] = 1e-40  # subnormal
-    g[kind == 2] = -3e-39
-    g[::256] = 1.0
-    if step % 2 == 0:
-        g[kind == 3] = 0.0  # a unit gone dead after a step with a gradient
-    return g
-
-
 @pytest.mark.parametrize("layout", ["block", "whole"])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("rule", UNSIGNED_RULES)
