@@ -55,6 +55,24 @@ def train(model, opt, steps, rank, world, start=0):
     return losses
 
 
+def train_alongside(model, opt, ref, ref_opt, steps, rank, world, start=0, full=False):
+    """``train``, with ``ref`` (a one-process model) stepped by ``ref_opt`` on the very gradients
+    ``model`` got (gathered where they are sharded): the run a checkpoint must continue exactly."""
+    losses = []
+    for step in range(start, start + steps):
+        x, y = batch(step, rank, world, full=full)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        for p, r in zip(model.parameters(), ref.parameters()):
+            r.grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def same_on_all_ranks(t: torch.Tensor) -> bool:
     t = qdt.local(t).detach().contiguous()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
@@ -201,18 +219,7 @@ def check_fsdp2(rank, world):
     # 256-block boundaries the 8-bit update is the same bit for bit; elsewhere blocks differ (small differences)
     ref = make_model()
     ref_opt = qoptim.AdamW8bit(ref.parameters(), lr=LR, min_8bit_size=256)
-    losses = []
-    for step in range(10):
-        x, y = batch(step, rank, world)
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        for p, r in zip(model.parameters(), ref.parameters()):
-            r.grad = p.grad.full_tensor()
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_alongside(model, opt, ref, ref_opt, 10, rank, world)
     aligned = [0, 2]  # weight 256x64: 128*64 per shard; weight 255x256: 128*256 per shard
     ref_exact = all(torch.equal(p.full_tensor(), r) for i, (p, r) in enumerate(zip(model.parameters(), ref.parameters())) if i in aligned)
     # elsewhere: the difference relative to how far the parameter moved
@@ -301,15 +308,8 @@ def check_fsdp2_to_plain(rank, world, ref, ref_opt):
         model_ref.load_state_dict(ref.state_dict())
         opt_ref = qoptim.AdamW8bit(model_ref.parameters(), lr=LR, min_8bit_size=256)
         opt_ref.load_state_dict(ref_opt.state_dict())
-        for step in range(10, 13):  # the same gradients for both: those of the loaded model
-            x, y = batch(step, rank, world, full=True)
-            nn.functional.mse_loss(model(x), y).backward()
-            for p, r in zip(model.parameters(), model_ref.parameters()):
-                r.grad = p.grad.clone()
-            opt.step()
-            opt_ref.step()
-            opt.zero_grad()
-            opt_ref.zero_grad()
+        # the same gradients for both: those of the loaded model
+        train_alongside(model, opt, model_ref, opt_ref, 3, rank, world, start=10, full=True)
         continued = [i for i, (a, b) in enumerate(zip(model.parameters(), model_ref.parameters())) if torch.equal(a, b)]
         same = all_ranks(all(same_on_all_ranks(p) for p in model.parameters()))
         out[label] = dict(exact=exact, steps=sorted(steps), continued_exact=continued, same_on_ranks=same)
@@ -361,18 +361,7 @@ def check_plain_to_fsdp2(rank, world):
         ref_opt = cls(ref.parameters(), lr=LR, **case["plain_kw"])
         full_sd = torch.load(full_path, weights_only=True)
         set_state_dict(ref, ref_opt, model_state_dict=full_sd["model"], optim_state_dict=full_sd["optim"], options=full)
-        losses = []
-        for step in range(start, start + 4):
-            x, y = batch(step, rank, world)
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            for p, r in zip(model.parameters(), ref.parameters()):
-                r.grad = p.grad.full_tensor()
-            opt.step()
-            ref_opt.step()
-            opt.zero_grad()
-            ref_opt.zero_grad()
-            losses.append(loss.item())
+        losses = train_alongside(model, opt, ref, ref_opt, 4, rank, world, start=start)
         continued = [i for i, (p, r) in enumerate(zip(model.parameters(), ref.parameters())) if torch.equal(p.full_tensor(), r)]
         out[name] = dict(exact=exact, max_rel=max_all(rel), uint8=uint8, full_same=same["full"], bnb_same=same["bitsandbytes"], broadcast_same=same["broadcast"],
                          continued_exact=continued, steps=steps, loss_first=losses[0], loss_last=losses[-1])  # fmt: skip
