@@ -12,6 +12,8 @@
 - ``launch``: multi-process runs of the worker scripts in ``tests/workers`` under torch.distributed;
 - ``paging``: a fake managed memory, so that paged optimizers are tested on the CPU;
 - ``zero_point``: the cases of the never-negative states' quantizer rule (imported as ``support.zero_point``);
+- ``weights``: a 16-bit parameter's weight formats (master corrections, stochastic rounding) as cases
+  (imported as ``support.weights``; the oracle takes one);
 - ``cpu_states``: parameters, states, gradients and checks of the CPU kernel's tests (imported as ``support.cpu_states``).
 """
 

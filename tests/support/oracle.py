@@ -13,8 +13,9 @@ from qoptim.kernels import reference
 from qoptim.kernels.types import Hyper, StateSlot, UpdateResult
 
 from .cases import copy_state
+from .weights import WeightCase
 
-# A backend's ``update(rule, p, g, slots, hp, skip_nonfinite)``.
+# A backend's ``update(rule, p, g, slots, hp, skip_nonfinite[, weights])``.
 UpdateFn = Callable[[str, torch.Tensor, torch.Tensor, list[StateSlot], Hyper, bool], UpdateResult]
 
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -53,16 +54,26 @@ def assert_backend_matches_reference(
     slots: list[StateSlot],
     steps: Iterable[tuple[torch.Tensor, Hyper]],
     skip_nonfinite: bool,
+    weights: WeightCase | None = None,
 ) -> list[int]:
     """``update`` on ``p`` and ``slots``, and ``reference.update`` on copies of them, for each
     (gradient, hyperparameters) of ``steps``: the same skipped-block count and the same bits
-    after every step. The reference's skipped-block counts, step by step."""
+    after every step. The reference's skipped-block counts, step by step.
+
+    With ``weights`` (``support.weights``), 16-bit ``p`` is first given that case's master (a
+    correction, compared too after every step) or stochastic rounding."""
+    correction = weights.start(p) if weights is not None else None
     p_ref, slots_ref = copy_state(p, slots)
+    correction_ref = None if correction is None else correction.clone()
     counts = []
     for number, (g, hp) in enumerate(steps, start=1):
-        got = update(rule, p, g, slots, hp, skip_nonfinite).skipped_blocks
-        expected = reference.update(rule, p_ref, g, slots_ref, hp, skip_nonfinite).skipped_blocks
+        ours = () if weights is None else (weights.at(correction, hp),)
+        theirs = () if weights is None else (weights.at(correction_ref, hp),)
+        got = update(rule, p, g, slots, hp, skip_nonfinite, *ours).skipped_blocks
+        expected = reference.update(rule, p_ref, g, slots_ref, hp, skip_nonfinite, *theirs).skipped_blocks
         assert int(got) == expected, f"step {number}: {int(got)} blocks skipped, the reference {expected}"
         assert_same_state(p, slots, p_ref, slots_ref, f"step {number}:")
+        if correction is not None:
+            assert_same(correction, correction_ref, f"step {number}: master correction")
         counts.append(expected)
     return counts

@@ -2,7 +2,7 @@
 
 A backend is a module (or any object) with two functions:
 
-    update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult
+    update(rule, p, g, slots, hp, skip_nonfinite, weights) -> UpdateResult
     grad_norm_sq(g) -> float
 
 and optionally ``supports(rule, p, slots) -> bool`` when it covers only some cases (the
@@ -24,9 +24,12 @@ from typing import Any
 import torch
 
 from . import reference
-from .types import BLOCK, WHOLE_TENSOR, Hyper, Job, StateSlot, UpdateResult
+from .types import BLOCK, NEAREST, WHOLE_TENSOR, Hyper, Job, StateSlot, UpdateResult, WeightFormat
 
-__all__ = ["BLOCK", "WHOLE_TENSOR", "Hyper", "Job", "StateSlot", "UpdateResult", "backend_for", "register", "unregister", "update", "update_many"]
+__all__ = [
+    "BLOCK", "NEAREST", "WHOLE_TENSOR", "Hyper", "Job", "StateSlot", "UpdateResult", "WeightFormat", "backend_for", "register",
+    "unregister", "update", "update_many",
+]  # fmt: skip
 
 # device type -> module path of its fused backend, imported on first use
 _FUSED: dict[str, str] = {}
@@ -69,14 +72,17 @@ def _import(device_type: str) -> ModuleType:
         return reference
 
 
-def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True) -> UpdateResult:
+def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True,
+           weights: WeightFormat = NEAREST) -> UpdateResult:  # fmt: skip
     """Apply one update through the backend for ``p``'s device (the reference where that
     backend does not cover the case)."""
     backend = backend_for(p.device)
     supports = getattr(backend, "supports", None)
     if supports is not None and not supports(rule, p, slots):
         backend = reference
-    return backend.update(rule, p, g, slots, hp, skip_nonfinite)
+    if weights != NEAREST and not getattr(backend, "WEIGHT_FORMATS", False):
+        backend = reference
+    return backend.update(rule, p, g, slots, hp, skip_nonfinite, weights)
 
 
 def update_many(jobs: list[Job]) -> list[UpdateResult]:
@@ -90,6 +96,8 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
         backend = of_device.get(device)
         if backend is None:
             backend = of_device[device] = backend_for(device)
+        if job.weights != NEAREST and not getattr(backend, "WEIGHT_FORMATS", False):
+            backend = reference
         by_backend.setdefault(id(backend), (backend, []))[1].append(i)
     for backend, indices in by_backend.values():
         many = getattr(backend, "update_many", None)

@@ -11,7 +11,9 @@ Per chunk, in this order (bitsandbytes' order):
   3. take each block's new scale from the updated fp32 state,
   4. requantize (a never-negative state: a positive value never to code 0, see
      ``quant.blockwise.raise_positive_from_zero``).
-The parameter update uses the unquantized fp32 states of step 2.
+The parameter update uses the unquantized fp32 states of step 2. A bf16 / fp16 parameter with a
+master correction is read as its fp32 master and written as the encoded pair; one without is
+written rounded to nearest even, or stochastically (``types.WeightFormat``, ``quant.master``).
 
 A squared gradient scaled by a constant is computed as ``(g * c) * g``, torch's order in
 ``addcmul_(g, g, value=c)`` (and bitsandbytes' CUDA kernel's): ``g * g`` first would overflow
@@ -25,9 +27,10 @@ from typing import Callable
 
 import torch
 
+from ..quant import master
 from ..quant.blockwise import block_absmax, dequantize_flat, quantize_with_absmax, raise_positive_from_zero
 from . import rules
-from .types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult
+from .types import BLOCK, NEAREST, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult, WeightFormat
 
 # Elements per chunk: a multiple of every block size, 4 MB per fp32 temporary.
 CHUNK = 1 << 20
@@ -180,26 +183,28 @@ def update(
     slots: list[StateSlot],
     hp: Hyper,
     skip_nonfinite: bool = True,
+    weights: WeightFormat = NEAREST,
 ) -> UpdateResult:
     """One optimizer step of a flat contiguous parameter ``p`` with gradient ``g``.
 
     With ``skip_nonfinite``, every 256-block whose gradient holds a NaN or Inf keeps its
     parameter values and states exactly as they were.
     """
+    check_weights(p, weights)
     spec = rules.RULES[rule]
     math_fn, n_states = MATHS[spec.math], spec.states
     if len(slots) != n_states:
         raise ValueError(f"rule {rule!r} keeps {n_states} states, got {len(slots)}")
     n = p.numel()
     if rule in TRUST_RATIOS:
-        hp = hp._replace(trust_ratio=trust_ratio(rule, p, g, slots, hp, skip_nonfinite))
+        hp = hp._replace(trust_ratio=trust_ratio(rule, p, g, slots, hp, skip_nonfinite, weights))
     whole = [i for i, s in enumerate(slots) if s.quantized and s.blocksize == WHOLE_TENSOR]
     new_scales: dict[int, torch.Tensor] = {}
     if whole:
         # One scale for the whole tensor: it must be known before any element is requantized.
         peaks = {i: [] for i in whole}
         for start in range(0, n, CHUNK):
-            _, states, _ = _step_chunk(math_fn, p, g, slots, hp, start, min(n, start + CHUNK), skip_nonfinite)
+            _, states, _ = _step_chunk(math_fn, p, g, slots, hp, start, min(n, start + CHUNK), skip_nonfinite, weights)
             for i in whole:
                 peaks[i].append(states[i].abs().amax())
         new_scales = {i: torch.stack(peaks[i]).amax().reshape(1) for i in whole}
@@ -207,8 +212,8 @@ def update(
     skipped = 0
     for start in range(0, n, CHUNK):
         end = min(n, start + CHUNK)
-        p32, states, bad = _step_chunk(math_fn, p, g, slots, hp, start, end, skip_nonfinite)
-        p[start:end].copy_(p32)
+        p32, states, bad = _step_chunk(math_fn, p, g, slots, hp, start, end, skip_nonfinite, weights)
+        _store_param(p, weights, p32, start, end)
         for i, (slot, values) in enumerate(zip(slots, states)):
             _store(slot, values, start, end, bad, new_scales.get(i), signed=spec.signed[i])
         if bad is not None:
@@ -218,14 +223,14 @@ def update(
     return UpdateResult(skipped_blocks=skipped)
 
 
-def trust_ratio(rule: str, p, g, slots, hp: Hyper, skip_nonfinite: bool) -> float:
+def trust_ratio(rule: str, p, g, slots, hp: Hyper, skip_nonfinite: bool, weights: WeightFormat = NEAREST) -> float:
     """The layer-wise ratio of LAMB / LARS from norms over the whole tensor (skipped blocks
     left out); nothing is written."""
     terms_fn, ratio_fn = TRUST_RATIOS[rule]
     sums = torch.zeros(2, dtype=torch.float64, device=p.device)
     for start in range(0, p.numel(), CHUNK):
         end = min(p.numel(), start + CHUNK)
-        p32, g32 = p[start:end].float(), g[start:end].float()
+        p32, g32 = _load_param(p, weights, start, end), g[start:end].float()
         if hp.gnorm_scale != 1.0:
             g32 = g32 * hp.gnorm_scale
         states = [_load(slot, start, end).clone() for slot in slots]  # the rule may update them in place
@@ -238,10 +243,10 @@ def trust_ratio(rule: str, p, g, slots, hp: Hyper, skip_nonfinite: bool) -> floa
     return ratio_fn(a_norm, b_norm, hp)
 
 
-def _step_chunk(math_fn, p, g, slots, hp, start, end, skip_nonfinite):
+def _step_chunk(math_fn, p, g, slots, hp, start, end, skip_nonfinite, weights):
     """Updated fp32 parameter and states of elements [start, end), and the mask of skipped
     256-blocks (None if none). Writes nothing."""
-    p_old = p[start:end].float()
+    p_old = _load_param(p, weights, start, end)
     g32 = g[start:end].float()
     old = [_load(slot, start, end) for slot in slots]
     bad = _nonfinite_blocks(g32) if skip_nonfinite else None
@@ -257,6 +262,41 @@ def _step_chunk(math_fn, p, g, slots, hp, start, end, skip_nonfinite):
         p32 = torch.where(keep, p_old, p32)
         states = [torch.where(keep, o, s) for o, s in zip(old, states)]
     return p32, states, bad
+
+
+def check_weights(p: torch.Tensor, weights: WeightFormat) -> None:
+    """A correction has p's size and a 16-bit p; a master and stochastic rounding exclude each other."""
+    if weights.correction is not None:
+        if p.dtype not in master.HALF_PRECISION:
+            raise ValueError(f"a master correction belongs to a bfloat16 or float16 parameter, not {p.dtype}")
+        if weights.correction.numel() != p.numel() or weights.correction.dtype not in master.CORRECTION_DTYPES.values():
+            raise ValueError(f"a master correction is int8 or int16 of the parameter's {p.numel()} elements, "
+                             f"got {weights.correction.dtype} of {weights.correction.numel()}")  # fmt: skip
+        if weights.draw is not None:
+            raise ValueError("a parameter with a master correction is not rounded stochastically")
+
+
+def _load_param(p: torch.Tensor, weights: WeightFormat, start: int, end: int) -> torch.Tensor:
+    """fp32 values of the parameter's elements [start, end): its master, where it has one."""
+    if weights.correction is None:
+        return p[start:end].float()
+    return master.decode(p[start:end], weights.correction[start:end])
+
+
+def _store_param(p: torch.Tensor, weights: WeightFormat, p32: torch.Tensor, start: int, end: int) -> None:
+    """Write the updated fp32 values of elements [start, end) into the parameter (and its correction)."""
+    if p.dtype == torch.float32:
+        p[start:end].copy_(p32)
+    elif weights.correction is not None:
+        correction = weights.correction[start:end]
+        w, c = master.encode(p32, p.dtype, master.bits_of(correction.dtype))
+        p[start:end].copy_(w)
+        correction.copy_(c)
+    elif weights.draw is not None:
+        draw = weights.draw._replace(first_index=weights.draw.first_index + start)
+        p[start:end].copy_(master.stochastic_round(p32, p.dtype, draw))
+    else:
+        p[start:end].copy_(p32)
 
 
 def _load(slot: StateSlot, start: int, end: int) -> torch.Tensor:

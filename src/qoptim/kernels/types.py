@@ -12,6 +12,7 @@ import torch
 
 # Granularity of non-finite gradient skipping, and the block size of 8-bit optimizer states.
 from ..quant.blockwise import BLOCK  # its home is quant; re-exported here for the kernels
+from ..quant.master import Draw
 
 # Scales per tensor rather than per block: the non-blockwise 8-bit layout (block_wise=False).
 WHOLE_TENSOR = 0
@@ -60,6 +61,20 @@ class Hyper(NamedTuple):
     trust_ratio: float = 1.0  # LAMB, LARS: the layer-wise scale, filled in by the backend
 
 
+class WeightFormat(NamedTuple):
+    """How a step reads and writes a bf16 / fp16 parameter (``quant.master`` defines both).
+
+    With a ``correction`` the parameter and it hold an fp32 master: the step decodes it, updates
+    it and encodes it again. With a ``draw`` the updated value is rounded stochastically. With
+    neither (``NEAREST``), or for an fp32 parameter, the step rounds to nearest even, as torch."""
+
+    correction: torch.Tensor | None = None  # int8 (24-bit master) or int16 (32-bit), flat, p's size
+    draw: Draw | None = None  # stochastic rounding: the step's key and the first element's index
+
+
+NEAREST = WeightFormat()
+
+
 class Job(NamedTuple):
     """One parameter's update, the arguments of ``kernels.update`` as one value (``update_many``)."""
 
@@ -69,6 +84,7 @@ class Job(NamedTuple):
     slots: list[StateSlot]
     hp: Hyper
     skip_nonfinite: bool = True
+    weights: WeightFormat = NEAREST
 
 
 class UpdateResult(NamedTuple):

@@ -54,9 +54,9 @@ def _setup(monkeypatch):
     kernel's is what the reference then steps with (see the module's docstring)."""
     monkeypatch.setattr(launch, "PARALLEL_MIN", 1 << 16)
 
-    def checked_ratio(rule, p, g, slots, hp, skip):
+    def checked_ratio(rule, p, g, slots, hp, skip, weights):
         ours = kernel_ratio(rule, p, g, slots, hp, skip, 1)
-        assert same_ratio(ours, REFERENCE_RATIO(rule, p, g, slots, hp, skip))
+        assert same_ratio(ours, REFERENCE_RATIO(rule, p, g, slots, hp, skip, weights))
         return ours
 
     monkeypatch.setattr(reference, "trust_ratio", checked_ratio)

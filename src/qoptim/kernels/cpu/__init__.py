@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..types import Hyper, Job, StateSlot, UpdateResult
+from ..types import NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
 from . import batch, cache, launch, step
 from .layout import Layout, flat_cpu, plan
 
@@ -56,8 +56,11 @@ def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
     return plan(rule, p, slots) is not None
 
 
-def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True) -> UpdateResult:
+def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True,
+           weights: WeightFormat = NEAREST) -> UpdateResult:  # fmt: skip
     """One step of ``rule`` on ``p`` in place (same result as ``reference.update``)."""
+    if weights != NEAREST:
+        return reference.update(rule, p, g, slots, hp, skip_nonfinite, weights)
     job = Job(rule, p, g, slots, hp, skip_nonfinite)
     return _planned(job, plan(rule, p, slots))
 
@@ -69,7 +72,7 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
 
 def _planned(job: Job, layout: Layout | None) -> UpdateResult:
     """``job`` on the one-at-a-time path, its states laid out as ``layout`` (None: the reference's job)."""
-    rule, p, g, slots, hp, skip_nonfinite = job
+    rule, p, g, slots, hp, skip_nonfinite = job.rule, job.p, job.g, job.slots, job.hp, job.skip_nonfinite
     if layout is None or not flat_cpu(g, p.dtype, p.numel()):
         return reference.update(rule, p, g, slots, hp, skip_nonfinite)
     return UpdateResult(skipped_blocks=step.run(rule, layout, p, g, slots, hp, skip_nonfinite, launch.tasks_for(p.numel())))

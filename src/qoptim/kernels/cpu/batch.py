@@ -75,7 +75,7 @@ def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | No
     """What jobs must share to run in one call, or None for the one-at-a-time path: a layout
     the kernels cover (``layout.plan``, which leaves out empty tensors: a rank's shard of a
     small parameter can be one), fp32 or 8-bit in 256-blocks, and the same maps."""
-    rule, p, g, slots, hp, skip_nonfinite = job
+    rule, p, g, slots, hp, skip_nonfinite = job.rule, job.p, job.g, job.slots, job.hp, job.skip_nonfinite
     if p.numel() >= BATCH_LIMIT or RULES[rule].trust:
         return None
     if layout not in (Layout.FP32, Layout.BLOCK) or not flat_cpu(g, p.dtype, p.numel()):

@@ -38,7 +38,7 @@ import triton
 
 from .. import reference
 from ..rules import RULES
-from ..types import BLOCK, Hyper, Job, StateSlot, UpdateResult
+from ..types import BLOCK, NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
 from . import batch
 from .block import NORMS_PASS, PEAKS_PASS, STEP_PASS, WHOLE_TENSOR_8BIT, block_kernel
 from .launch import INTERPRETED, LAUNCH_OPTIONS, SCALAR_LAUNCH_OPTIONS, layout_of, pointer_args, rows_per_program, step_arguments
@@ -65,9 +65,12 @@ def grad_norm_sq(g: torch.Tensor) -> float:
 
 
 def update(
-    rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True
+    rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True,
+    weights: WeightFormat = NEAREST,
 ) -> UpdateResult:
     """One fused step of ``rule`` on a flat contiguous parameter (see the module docstring)."""
+    if weights != NEAREST:
+        return reference.update(rule, p, g, slots, hp, skip_nonfinite, weights)
     if not supports(rule, p, slots):
         raise ValueError(f"the Triton backend has no kernel for rule {rule!r} with these states")
     if p.numel() == 0:

@@ -48,7 +48,7 @@ _BATCHED_LAYOUTS = (FP32_STATES.value, BLOCKWISE_8BIT.value)
 def batch_key(job: Job) -> tuple | None:
     """What jobs must share to go in one launch (and so the kernel's switches and float
     arguments), or None for launches of their own (``job`` is one the backend supports)."""
-    rule, p, _, slots, hp, skip_nonfinite = job
+    rule, p, slots, hp, skip_nonfinite = job.rule, job.p, job.slots, job.hp, job.skip_nonfinite
     layout = layout_of(slots[0])
     if RULES[rule].trust or layout not in _BATCHED_LAYOUTS or not 0 < p.numel() < BATCH_LIMIT:
         return None
