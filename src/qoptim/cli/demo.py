@@ -1,5 +1,7 @@
 """`qoptim demo`: train one small character-level GPT with several optimizers on the same data
-and seed, and show what 8-bit states save and what they cost.
+and seed, and show what 8-bit states save and what they cost. A row names an optimizer (trained on
+the ``--dtype`` weights) or a set-up of lean.py (its own weights, master weight, rounding and
+gradient release), ``lean`` among them.
 
 The corpus is embedded: source files of Python's own standard library, read from the running
 interpreter, so nothing is downloaded. Each optimizer trains in a fresh child process so that
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import optim
+from . import lean
 
 CORPUS_FILES = ["textwrap.py", "string.py", "difflib.py", "argparse.py", "functools.py", "dataclasses.py", "inspect.py"]
 VOCAB = 128  # ASCII; other bytes become "?"
@@ -45,7 +48,7 @@ class RunConfig:
 class RunResult:
     optimizer: str
     params: int
-    state_bytes: int
+    state_bytes: int  # optimizer state after training (master corrections included)
     peak_bytes: int
     peak_kind: str
     ms_per_step: float
@@ -53,10 +56,16 @@ class RunResult:
     train_losses: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
+    train_bytes: int = 0  # peak of weights + gradients + master corrections + states, counted from live tensors
+    train_parts: dict[str, int] = field(default_factory=dict)  # that peak's parts (lean.TrainingBytes)
 
     @property
     def bytes_per_param(self) -> float:
         return self.state_bytes / self.params
+
+    @property
+    def train_bytes_per_param(self) -> float:
+        return self.train_bytes / self.params
 
 
 # ---- data and model ------------------------------------------------------------------------
@@ -104,16 +113,25 @@ def batches(data: torch.Tensor, batch: int, context: int, generator: torch.Gener
 
 
 def optimizer_names() -> list[str]:
+    """What a row may name: an optimizer, then lean.py's set-ups."""
+    return plain_optimizer_names() + [lean.LEAN.name, *lean.SETUPS]
+
+
+def plain_optimizer_names() -> list[str]:
     return ["torch_adamw"] + sorted(name.lower() for name in optim.__all__ if name[0].isupper() and "Optimizer" not in name and name != "GlobalOptimManager")
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "torch_adamw":
+def make_optimizer(name: str, params, lr: float, **options) -> torch.optim.Optimizer:
+    """Optimizer ``name`` with the demo's settings; ``options`` (a set-up's master weight and
+    rounding) go to a qoptim optimizer."""
+    if name == "torch_adamw" and not options:
         return torch.optim.AdamW(params, lr=lr)
+    if name == "torch_adamw":
+        raise ValueError(f"torch AdamW takes none of {sorted(options)}")
     classes = {cls.lower(): getattr(optim, cls) for cls in optim.__all__}
-    if name not in optimizer_names():
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(optimizer_names())}")
-    return classes[name](params, **demo_settings(name, lr))
+    if name not in plain_optimizer_names():
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(plain_optimizer_names())}")
+    return classes[name](params, **demo_settings(name, lr), **options)
 
 
 def demo_settings(name: str, lr: float) -> dict:
@@ -125,27 +143,22 @@ def demo_settings(name: str, lr: float) -> dict:
     return {"lr": lr}
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer state; shared tensors (qmaps) counted once."""
-    seen, total = set(), 0
-    for state in opt.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                total += value.numel() * value.element_size()
-    return total
-
-
 # ---- one run -------------------------------------------------------------------------------
 
 
-def train(config: RunConfig, progress: bool = True) -> RunResult:
-    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+SAMPLED_STEPS = 3  # live bytes are counted on the first steps (states are made at the first) and the last
+
+
+def train(config: RunConfig, progress: bool = True, make=make_optimizer) -> RunResult:
+    """Train ``config``'s row; ``make(name, params, lr, **options)`` builds its optimizer."""
+    setup = lean.setup_of(config.optimizer, config.dtype)
+    device, dtype = torch.device(config.device), getattr(torch, setup.weights)
     data = load_corpus()
     split = int(0.9 * len(data))
     torch.manual_seed(config.seed)
     model = TinyGPT(config.width, config.layers, config.context).to(device=device, dtype=dtype)
-    opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    opt = make(setup.optimizer, model.parameters(), config.lr, **setup.options())
+    tracker = lean.Tracker(setup, model.parameters(), opt)
     train_batches = batches(data[:split], config.batch, config.context, torch.Generator().manual_seed(config.seed))
     val_batches = list(zip(range(8), batches(data[split:], config.batch, config.context, torch.Generator().manual_seed(1))))
     loss_fn = nn.CrossEntropyLoss()
@@ -157,21 +170,26 @@ def train(config: RunConfig, progress: bool = True) -> RunResult:
 
     result = RunResult(config.optimizer, sum(p.numel() for p in model.parameters()), 0, 0, "", 0.0, 0.0)
     eval_every = max(1, config.steps // config.evals)
-    step_ms, opt_ms = [], []
+    step_ms, opt_ms, timed = [], [], []
     bar = _progress_bar(config.steps, config.optimizer) if progress else None
     for step in range(1, config.steps + 1):
         x, y = next(train_batches)
+        tracker.sampling, tracker.inside = step <= SAMPLED_STEPS or step == config.steps, 0.0
         t0 = time.perf_counter()
         loss = loss_fn(model(x.to(device)).float().view(-1, VOCAB), y.to(device).view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _sync(device)
         t1 = time.perf_counter()
+        tracker.sample()  # gradients complete (without release), states as the last step left them
+        t2 = time.perf_counter()
         opt.step()
         _sync(device)
-        t2 = time.perf_counter()
-        step_ms.append((t2 - t0) * 1e3)
-        opt_ms.append((t2 - t1) * 1e3)
+        t3 = time.perf_counter()
+        tracker.sample()
+        step_ms.append((t1 - t0 + t3 - t2) * 1e3)
+        opt_ms.append((t3 - t2 + tracker.inside) * 1e3)  # under release the update runs inside backward
+        timed.append(not tracker.sampling)  # a counted step's backward also ran the count
         result.train_losses.append(loss.item())
         if step % eval_every == 0 or step == config.steps:
             result.val_steps.append(step)
@@ -181,10 +199,14 @@ def train(config: RunConfig, progress: bool = True) -> RunResult:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()
-    warm = slice(min(10, config.steps - 1), None)  # the first steps pay for compilation and allocation
-    result.ms_per_step = statistics.median(step_ms[warm])
-    result.optimizer_ms_per_step = statistics.median(opt_ms[warm])
-    result.state_bytes = state_bytes(opt)
+    tracker.close()
+    # the first steps pay for compilation and allocation
+    warm = [i for i in range(min(10, config.steps - 1), config.steps) if timed[i]] or list(range(config.steps))
+    result.ms_per_step = statistics.median(step_ms[i] for i in warm)
+    result.optimizer_ms_per_step = statistics.median(opt_ms[i] for i in warm)
+    state = lean.live_bytes([], opt)
+    result.state_bytes = state.states + state.master
+    result.train_bytes, result.train_parts = tracker.peak.total, tracker.peak.as_dict()
     result.peak_bytes, result.peak_kind = _peak_memory(device)
     return result
 
@@ -249,13 +271,13 @@ def wait_for_result(child, queue) -> tuple[str, object]:
 
 def table(results: list[RunResult]) -> str:
     baseline = results[0]
-    header = ["optimizer", "state", "B/param", "vs first", results[0].peak_kind, "ms/step", "opt ms/step", "train loss", "val loss"]
+    header = ["optimizer", "state", "B/param", "vs first", "train B/param", results[0].peak_kind, "ms/step", "opt ms/step", "train loss", "val loss"]
     rows = [header]
     for r in results:
         final_train = sum(r.train_losses[-20:]) / len(r.train_losses[-20:])
         rows.append([
             r.optimizer, _mib(r.state_bytes), f"{r.bytes_per_param:.2f}",
-            f"{r.state_bytes / baseline.state_bytes:.2f}x" if baseline.state_bytes else "-",
+            f"{r.state_bytes / baseline.state_bytes:.2f}x" if baseline.state_bytes else "-", f"{r.train_bytes_per_param:.2f}",
             _mib(r.peak_bytes), f"{r.ms_per_step:.1f}", f"{r.optimizer_ms_per_step:.2f}",
             f"{final_train:.3f}", f"{r.val_losses[-1]:.3f}",
         ])  # fmt: skip
@@ -292,12 +314,16 @@ def plot(results: list[RunResult], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     names = [r.optimizer for r in results]
-    colors = [f"C{i}" for i in range(len(results))]
-    bars.bar(names, [r.bytes_per_param for r in results], color=colors)
+    bottom = [0.0] * len(results)
+    for i, part in enumerate(("weights", "grads", "master", "states")):  # lean.TrainingBytes' parts
+        heights = [r.train_parts.get(part, 0) / r.params for r in results]
+        bars.bar(names, heights, bottom=bottom, color=f"C{i}", label=part)
+        bottom = [b + h for b, h in zip(bottom, heights)]
     for x, r in enumerate(results):
-        bars.text(x, r.bytes_per_param, f"{r.bytes_per_param:.2f}", ha="center", va="bottom", fontsize=9)
-    bars.set_ylabel("optimizer state, bytes per parameter")
-    bars.set_title("Optimizer state memory", fontsize=9)
+        bars.text(x, r.train_bytes_per_param, f"{r.train_bytes_per_param:.2f}", ha="center", va="bottom", fontsize=9)
+    bars.set_ylabel("training state at its peak, bytes per parameter")
+    bars.set_title("Weights + gradients + master + optimizer state", fontsize=9)
+    bars.legend(fontsize=7)
     bars.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(f"TinyGPT ({results[0].params:,} parameters) on Python's standard library sources")
     fig.tight_layout()
@@ -323,8 +349,13 @@ def run_demo(optimizers: list[str], steps: int, device: str, dtype: str, out: Pa
     first = results[0]
     print(f"\nTinyGPT, {first.params:,} parameters, {steps} steps on {device} ({dtype}), threads={torch.get_num_threads()}\n")
     print(table(results))
-    print("\nstate: optimizer state tensors; B/param: state bytes per model parameter; "
-          "ms/step: forward+backward+step (median); opt ms/step: optimizer.step() alone")  # fmt: skip
+    print("\nstate: optimizer state tensors; B/param: state bytes per model parameter; train B/param: the peak of weights + "
+          "gradients + master + states per parameter (live tensors); ms/step: forward+backward+step (median); opt ms/step: "
+          "optimizer.step() alone, and under gradient release its work inside backward")  # fmt: skip
+    for name in optimizers:
+        setup = lean.setup_of(name, dtype)
+        if setup.optimizer != name:
+            print(f"{name}: {setup.description}")
     path = plot(results, out / "loss_curves.png")
     if path is not None:
         print(f"loss curves: {path}")

@@ -1,5 +1,6 @@
 """`qoptim memory`: how much optimizer state a model needs with fp32 Adam, 8-bit Adam and
-paged 8-bit Adam, and on which common GPUs its training state fits.
+paged 8-bit Adam, and on which common GPUs its training state fits; then its whole training
+state (weights, gradients, master corrections, optimizer states) for each set-up of lean.py.
 
 A model is given as a parameter count ("7B", "350M") or as a Hugging Face config.json read
 from disk; a config gives the tensor shapes, so tensors below ``min_8bit_size`` (norms,
@@ -14,11 +15,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..paging import PAGED_MIN_NUMEL
 from ..quant.blockwise import BLOCK
+from ..quant.master import CORRECTION_DTYPES, HALF_PRECISION
+from . import lean
 
 GPUS = [("24 GB (RTX 4090)", 24), ("40 GB (A100)", 40), ("48 GB (L40S)", 48), ("80 GB (H100)", 80), ("141 GB (H200)", 141)]
 SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+QMAP_BYTES = 256 * 4  # one map of an 8-bit state: 256 float32 code values (quant/maps.py), shared by all parameters
 
 
 @dataclass
@@ -31,7 +37,7 @@ class Estimate:
 def tensor_sizes(spec: str) -> tuple[str, list[int]]:
     """(description, element count of every parameter tensor) for a count or a config path."""
     path = Path(spec)
-    if path.suffix == ".json" or path.exists():
+    if names_a_config(spec):
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as e:
@@ -49,6 +55,11 @@ def tensor_sizes(spec: str) -> tuple[str, list[int]]:
     if count <= 0:
         raise ValueError(f"a model needs at least one parameter, got {spec!r}")
     return spec.strip(), [count]
+
+
+def names_a_config(spec: str) -> bool:
+    """Whether MODEL_SPEC is a config path (whose tensor shapes are known), not a bare count."""
+    return Path(spec).suffix == ".json" or Path(spec).exists()
 
 
 def _from_config(c: dict) -> list[int]:
@@ -84,18 +95,66 @@ def _from_config(c: dict) -> list[int]:
     return sizes
 
 
+def eight_bit_state_bytes(sizes: list[int], min_8bit_size: int = 4096) -> int:
+    """State bytes of Adam8bit / AdamW8bit (two states) by qoptim's layout: a tensor of
+    ``min_8bit_size`` elements or more holds per state a uint8 code per element and an fp32 absmax
+    per BLOCK, and the optimizer two qmaps shared by all such tensors; a smaller one two fp32 states."""
+    big = [s for s in sizes if s >= min_8bit_size]
+    quantized = sum(2 * s + 8 * math.ceil(s / BLOCK) for s in big) + (2 * QMAP_BYTES if big else 0)
+    return quantized + 8 * (sum(sizes) - sum(big))
+
+
 def estimate(sizes: list[int], min_8bit_size: int = 4096) -> list[Estimate]:
     n = sum(sizes)
     fp32 = Estimate("Adam / AdamW (fp32 states)", 8 * n, 8 * n)
-    big = [s for s in sizes if s >= min_8bit_size]
-    small = n - sum(big)
-    quantized = sum(2 * s + 8 * math.ceil(s / BLOCK) for s in big)
-    eight = Estimate("Adam8bit / AdamW8bit", quantized + 8 * small, quantized + 8 * small)
+    eight_bit = eight_bit_state_bytes(sizes, min_8bit_size)
+    eight = Estimate("Adam8bit / AdamW8bit", eight_bit, eight_bit)
     # Paged buffers (state1/state2 of tensors of PAGED_MIN_NUMEL elements or more) can be evicted
-    # to host memory; scales and small tensors' states stay on the GPU.
-    pageable = sum(2 * s for s in big if s >= PAGED_MIN_NUMEL)
+    # to host memory; scales, qmaps and small tensors' states stay on the GPU.
+    pageable = sum(2 * s for s in sizes if s >= max(min_8bit_size, PAGED_MIN_NUMEL))
     paged = Estimate("PagedAdamW8bit", eight.state_bytes, eight.state_bytes - pageable)
     return [fp32, eight, paged]
+
+
+def training(sizes: list[int], min_8bit_size: int = 4096, *, largest_tensor: int | None) -> list[tuple[lean.Setup, lean.TrainingBytes]]:
+    """The whole training state of each set-up in lean.SETUPS, activations aside. Under gradient
+    release at most the release bucket and the tensor whose gradient crossed it hold gradients at
+    once; ``largest_tensor`` (elements) bounds that tensor, None where the shapes are unknown (then
+    only the bucket is counted)."""
+    n = sum(sizes)
+    rows = []
+    for setup in lean.SETUPS.values():
+        dtype = getattr(torch, setup.weights)
+        width = dtype.itemsize
+        grads = width * n
+        if setup.release:
+            grads = min(grads, setup.release_bucket_bytes + width * (largest_tensor or 0))
+        master = 0
+        if setup.master_weight_bits is not None and dtype in HALF_PRECISION:  # fp32 weights are their own master
+            master = n * CORRECTION_DTYPES[setup.master_weight_bits].itemsize
+        states = 8 * n if setup.optimizer == "torch_adamw" else eight_bit_state_bytes(sizes, min_8bit_size)
+        rows.append((setup, lean.TrainingBytes(width * n, grads, master, states)))
+    return rows
+
+
+def training_lines(sizes: list[int], min_8bit_size: int, *, largest_tensor: int | None) -> list[str]:
+    n = sum(sizes)
+    lines = [
+        "whole training state, bytes per parameter (activations not counted):",
+        "",
+        f"{'set-up':<22} {'weights':>7} {'grads':>6} {'master':>6} {'states':>6} {'total':>6} {'in all':>11}  fits on",
+    ]
+    for setup, b in training(sizes, min_8bit_size, largest_tensor=largest_tensor):
+        parts = " ".join(f"{x / n:>{w}.2f}" for x, w in ((b.weights, 7), (b.grads, 6), (b.master, 6), (b.states, 6), (b.total, 6)))
+        fits = [name for name, gb in GPUS if b.total <= gb * 1e9] or ["none of these"]
+        lines.append(f"{setup.name:<22} {parts} {_gib(b.total):>11}  {', '.join(fits)}")
+    lines += [""] + [f"{setup.name}: {setup.description}" for setup in lean.SETUPS.values()]
+    lines.append("master: the bf16 weight's int8 (24-bit master) or int16 (32-bit) correction; fp32 weights are their own master.")
+    release = "release: each gradient is applied and freed in backward, so the gradients held are one tensor's"
+    if largest_tensor is None:
+        release += " (a bare parameter count has no shapes: not counted; give a config.json)"
+    lines.append(release + ".")
+    return lines
 
 
 def report(spec: str, dtype_bytes: int = 2, min_8bit_size: int = 4096) -> str:
@@ -111,7 +170,8 @@ def report(spec: str, dtype_bytes: int = 2, min_8bit_size: int = 4096) -> str:
         need = model_bytes + e.resident_bytes
         fits = [name for name, gb in GPUS if need <= gb * 1e9] or ["none of these"]
         lines.append(f"{e.name:<28} {_gib(e.state_bytes):>11} {e.state_bytes / n:>8.3f} {_gib(e.resident_bytes):>11}  {', '.join(fits)}")
-    lines += ["", "on GPU: state that must stay resident; paged state pages to host memory under pressure (at PCIe speed)."]
+    lines += ["", "on GPU: state that must stay resident; paged state pages to host memory under pressure (at PCIe speed).", ""]
+    lines += training_lines(sizes, min_8bit_size, largest_tensor=max(sizes) if names_a_config(spec) else None)
     return "\n".join(lines)
 
 

@@ -1,0 +1,185 @@
+"""Lean training set-ups (issue #17) and the bytes a training run holds.
+
+A set-up is what decides a run's memory: the weights' dtype, the optimizer, its master weight
+(``master_weight_bits``), its weight rounding and gradient release. One table of them serves
+`qoptim demo` (its ``lean`` row, and any set-up by name), `qoptim memory`'s whole-training table
+(the bytes they need, by qoptim's layout rules) and benchmarks/lean.py (one process per set-up,
+the bytes counted from live tensors).
+
+``live_bytes`` counts what a run holds: the parameters, their ``.grad`` and every tensor in the
+optimizer's state (a tensor shared by several parameters, like the 8-bit states' qmaps, once).
+``Tracker`` keeps the peak of that count at the points where it peaks: after backward and after
+``step()``, and under gradient release inside backward, where the gradients are freed as they are
+applied (each parameter's count is taken before release's own hook, with its gradient and the
+queued ones still alive). It also times the optimizer's share of backward under release.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..optim.release import release_gradients
+
+MASTER_KEY = "master_correction"  # the state key of a bf16/fp16 parameter's master correction
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str  # as typed on the command line and shown in tables
+    description: str
+    weights: str = "bfloat16"  # the parameters' dtype
+    optimizer: str = "adamw8bit"  # torch_adamw, or a qoptim optimizer's name in lower case
+    master_weight_bits: int | None = None
+    weight_rounding: str = "nearest"
+    # None: no gradient release. Otherwise qoptim.release_gradients' bucket_bytes; 0 updates and frees
+    # each gradient as soon as it is complete (the least gradient memory: one tensor's at a time).
+    release_bucket_bytes: int | None = None
+
+    @property
+    def release(self) -> bool:
+        return self.release_bucket_bytes is not None
+
+    def options(self) -> dict[str, Any]:
+        """The optimizer's keyword arguments for the master weight and rounding (only those that
+        differ from the defaults, so that a set-up without them builds any optimizer)."""
+        options: dict[str, Any] = {}
+        if self.master_weight_bits is not None:
+            options["master_weight_bits"] = self.master_weight_bits
+        if self.weight_rounding != "nearest":
+            options["weight_rounding"] = self.weight_rounding
+        return options
+
+
+SETUPS: dict[str, Setup] = {
+    s.name: s
+    for s in (
+        Setup("fp32-torch-adamw", "fp32 weights, torch AdamW (the baseline)", "float32", "torch_adamw"),
+        Setup("fp32-adamw8bit", "fp32 weights, AdamW8bit", "float32"),
+        Setup("bf16-adamw8bit", "bf16 weights, AdamW8bit, no master weight"),
+        Setup("bf16-master24", "bf16 weights, AdamW8bit, 24-bit master (int8 correction)", master_weight_bits=24),
+        Setup("bf16-master32", "bf16 weights, AdamW8bit, 32-bit master (int16 correction)", master_weight_bits=32),
+        Setup("bf16-stochastic", "bf16 weights, AdamW8bit, stochastic rounding", weight_rounding="stochastic"),
+        Setup("bf16-master24-release", "bf16 weights, AdamW8bit, 24-bit master, gradient release",
+              master_weight_bits=24, release_bucket_bytes=0),  # fmt: skip
+    )
+}
+LEAN = Setup("lean", "bf16 weights, AdamW8bit, 24-bit master, gradient release", master_weight_bits=24, release_bucket_bytes=0)
+
+
+def setup_of(name: str, dtype: str) -> Setup:
+    """The set-up a demo row or benchmark configuration names: ``lean``, one of SETUPS, or a plain
+    optimizer name trained on ``dtype`` weights."""
+    if name == LEAN.name:
+        return LEAN
+    return SETUPS.get(name) or Setup(name, f"{name} on {dtype} weights", dtype, name)
+
+
+# ---- live bytes ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingBytes:
+    weights: int = 0
+    grads: int = 0
+    master: int = 0  # master corrections
+    states: int = 0  # every other optimizer state tensor
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.master + self.states
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _pieces(t: torch.Tensor):
+    """The plain tensors holding ``t``'s data (a tensor subclass, like torchao's quantized states,
+    through what it flattens to)."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _pieces(getattr(t, name))
+    else:
+        yield t
+
+
+def live_bytes(params, optimizer: torch.optim.Optimizer) -> TrainingBytes:
+    """Bytes held now by ``params``, their gradients and ``optimizer``'s state; storage shared by
+    several tensors counted once."""
+    seen: set[tuple[int, int]] = set()
+    counted = TrainingBytes()
+
+    def add(kind: str, tensor: torch.Tensor) -> None:
+        for t in _pieces(tensor):
+            size = t.numel() * t.element_size()
+            key = (t.data_ptr(), size)
+            if size and key not in seen:
+                seen.add(key)
+                setattr(counted, kind, getattr(counted, kind) + size)
+
+    for p in params:
+        add("weights", p)
+        if p.grad is not None:
+            add("grads", p.grad)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                add("master" if key == MASTER_KEY else "states", value)
+    return counted
+
+
+class Tracker:
+    """Gradient release for a set-up that asks for it, the peak of ``live_bytes`` while
+    ``sampling`` is on, and ``inside``: seconds the optimizer spent inside the last backward
+    (release's hooks and its end-of-backward flush; 0 without release)."""
+
+    def __init__(self, setup: Setup, params, optimizer: torch.optim.Optimizer):
+        self.params, self.optimizer = list(params), optimizer
+        self.peak = TrainingBytes()
+        self.sampling = False
+        self.inside = 0.0
+        self.started = 0.0
+        self.hooks: list[Any] = []
+        self.handle = None
+        if setup.release:
+            # Hooks run in the order registered: ours before release's (the gradient is still there:
+            # the count's peak) and after it (the time between is release's).
+            self.hooks += [p.register_post_accumulate_grad_hook(self.before_release) for p in self.params]
+            self.handle = release_gradients(optimizer, bucket_bytes=setup.release_bucket_bytes)
+            self.hooks += [p.register_post_accumulate_grad_hook(self.after_release) for p in self.params]
+            flush = self.handle.end_of_backward  # queued by release's first hook of each backward: looked up then
+            self.handle.end_of_backward = lambda: self.timed(flush)
+
+    def sample(self) -> None:
+        if self.sampling:
+            now = live_bytes(self.params, self.optimizer)
+            if now.total > self.peak.total:
+                self.peak = now
+
+    def before_release(self, _) -> None:
+        self.sample()
+        self.started = time.perf_counter()
+
+    def after_release(self, _) -> None:
+        self.inside += time.perf_counter() - self.started
+
+    def timed(self, call) -> None:
+        start = time.perf_counter()
+        call()
+        self.inside += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Remove the hooks and gradient release (the hooks hold this tracker, and so the optimizer)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+__all__ = ["LEAN", "MASTER_KEY", "SETUPS", "Setup", "Tracker", "TrainingBytes", "live_bytes", "setup_of"]
