@@ -304,7 +304,7 @@ def plot(results: list[RunResult], path: Path) -> Path | None:
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, gridspec_kw={"width_ratios": [2.2, 1]})
     styles = ["-", "--", ":", "-."]
     for i, r in enumerate(results):
-        smooth = _ema(r.train_losses, 0.9)
+        smooth = ema(r.train_losses, 0.9)
         style = styles[i % len(styles)]
         (line,) = ax.plot(range(1, len(smooth) + 1), smooth, style, label=f"{r.optimizer} train", linewidth=1.6)
         ax.plot(r.val_steps, r.val_losses, "o" + style, color=line.get_color(), label=f"{r.optimizer} val", markersize=4, linewidth=0.8)
@@ -333,7 +333,7 @@ def plot(results: list[RunResult], path: Path) -> Path | None:
     return path
 
 
-def _ema(values: list[float], decay: float) -> list[float]:
+def ema(values: list[float], decay: float) -> list[float]:
     out, avg = [], values[0]
     for v in values:
         avg = decay * avg + (1 - decay) * v

@@ -1,0 +1,223 @@
+"""Lean training (issue #17): a GPT of about 22M parameters trained on the demo's text with each
+set-up of qoptim.cli.lean, one process per set-up, on the same seed and data order.
+
+    python benchmarks/lean.py                      # every set-up without a result yet (2,000 steps each: hours on 2 cores)
+    python benchmarks/lean.py --configs bf16-master24,bf16-master32 --force   # these again
+    python benchmarks/lean.py --steps 20 --width 64 --layers 1 --results /tmp/lean   # a smoke run
+    python benchmarks/lean.py --table              # the table and docs/lean.png from the results there
+
+Per set-up (qoptim.cli.demo.train does the training; lean.Tracker counts): the peak bytes per
+parameter of weights + gradients + master corrections + optimizer states, counted from live
+tensors on the first steps and the last (after backward, after step(), and under gradient release
+inside backward, where the gradients are freed as they are applied); ms per step, whole and the
+optimizer's share (under release, its work inside backward); the validation loss and the loss
+curve. Each result is a JSON file in --results (named after the set-up), with the CPU, torch
+version and threads it ran on, so that set-ups can be run separately, over several sessions; the
+table compares them with fp32 weights + torch AdamW (the baseline) and warns when they differ in
+model, steps or machine. torchao's AdamW8bit with bf16_stochastic_round=True runs when torchao is
+installed (it is skipped with a note otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from qoptim.cli import demo, lean
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHAO = lean.Setup("torchao-bf16-sr", "bf16 weights, torchao AdamW8bit, bf16_stochastic_round=True", optimizer="torchao")
+CONFIGS = {**lean.SETUPS, TORCHAO.name: TORCHAO}
+BASELINE = "fp32-torch-adamw"
+SAME = ("params", "steps", "width", "layers", "context", "batch", "lr", "seed", "cpu", "threads", "torch")  # what a fair table shares
+
+
+def torchao_installed() -> bool:
+    try:
+        import torchao.optim  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_torchao(name: str, params, lr: float, **options) -> torch.optim.Optimizer:
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(params, lr=lr, bf16_stochastic_round=True)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+    return names[0] if names else platform.processor() or "unknown"
+
+
+def run_config(args, name: str) -> dict:
+    """Train set-up ``name`` in this process and return its result with what it ran on."""
+    setup = CONFIGS[name]
+    torch.set_num_threads(args.threads) if args.threads else demo.default_threads()
+    config = demo.RunConfig(optimizer=name, steps=args.steps, dtype=setup.weights, lr=args.lr, batch=args.batch,
+                            context=args.context, width=args.width, layers=args.layers, seed=args.seed, evals=args.evals)  # fmt: skip
+    make = make_torchao if setup is TORCHAO else demo.make_optimizer
+    started = time.time()
+    result = demo.train(config, progress=not args.quiet, make=make)
+    return {
+        "config": name, "description": setup.description, "setup": asdict(setup), "run": asdict(config),
+        "result": asdict(result), "params": result.params, "steps": args.steps, "width": args.width, "layers": args.layers,
+        "context": args.context, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "wall_s": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }  # fmt: skip
+
+
+def run_all(args) -> int:
+    names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        sys.exit(f"unknown configuration {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
+    if TORCHAO.name in names and not torchao_installed():
+        print(f"torchao is not installed: {TORCHAO.name} skipped (pip install torchao to run it)")
+        names.remove(TORCHAO.name)
+    args.results.mkdir(parents=True, exist_ok=True)
+    forwarded = [f"--{k}={getattr(args, k)}" for k in ("steps", "width", "layers", "context", "batch", "lr", "seed", "evals", "threads")]
+    for name in names:
+        path = args.results / f"{name}.json"
+        if path.exists() and not args.force:
+            print(f"{name}: {path} exists (--force to run it again)")
+            continue
+        print(f"== {name}: {CONFIGS[name].description}", flush=True)
+        # One process per set-up: its allocations, threads and compiled kernels are its own.
+        cmd = [sys.executable, __file__, "--run", name, "--results", str(args.results), *forwarded, *(["--quiet"] if args.quiet else [])]
+        done = subprocess.run(cmd)
+        if done.returncode:
+            print(f"{name} failed (exit code {done.returncode})", file=sys.stderr)
+            return done.returncode
+    return print_table(args)
+
+
+def load(folder: Path) -> list[dict]:
+    found = {json.loads(p.read_text())["config"]: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    return [found[name] for name in CONFIGS if name in found] + [r for name, r in found.items() if name not in CONFIGS]
+
+
+def table(results: list[dict]) -> str:
+    base = next((r for r in results if r["config"] == BASELINE), None)
+    header = ["configuration", "B/param", "weights", "grads", "master", "states", "vs base", "ms/step", "vs base", "opt ms",
+              "val loss", "vs base"]  # fmt: skip
+    rows = [header]
+    for r in results:
+        res, n = r["result"], r["params"]
+        parts = [res["train_parts"].get(k, 0) / n for k in ("weights", "grads", "master", "states")]
+        total, val = res["train_bytes"] / n, res["val_losses"][-1]
+
+        def ratio(mine, theirs, as_percent=False):
+            if base is None or not theirs:
+                return "-"
+            return f"{100 * (mine / theirs - 1):+.2f}%" if as_percent else f"{mine / theirs:.2f}x"
+
+        b = base["result"] if base else {}
+        rows.append([r["config"], f"{total:.2f}", *(f"{x:.2f}" for x in parts), ratio(total, b.get("train_bytes", 0) / n),
+                     f"{res['ms_per_step']:.1f}", ratio(res["ms_per_step"], b.get("ms_per_step")),
+                     f"{res['optimizer_ms_per_step']:.2f}", f"{val:.4f}", ratio(val, (b.get("val_losses") or [0])[-1], as_percent=True)])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    first = results[0]
+    lines.insert(0, f"GPT of {first['params']:,} parameters (width {first['width']}, {first['layers']} layers, context "
+                    f"{first['context']}, batch {first['batch']}, lr {first['lr']}), {first['steps']} steps; {first['cpu']}, "
+                    f"{first['threads']} threads, torch {first['torch']}\n")  # fmt: skip
+    for key in SAME:
+        values = {str(r[key]) for r in results}
+        if len(values) > 1:
+            lines.append(f"warning: the results differ in {key}: {', '.join(sorted(values))} (not comparable)")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    fig, (ax, val) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    for i, r in enumerate(results):
+        res = r["result"]
+        smooth = demo.ema(res["train_losses"], 0.98)
+        label = f"{r['config']} ({res['train_bytes'] / r['params']:.2f} B/param)"
+        ax.plot(range(1, len(smooth) + 1), smooth, color=f"C{i}", linewidth=1.2, label=label)
+        val.plot(res["val_steps"], res["val_losses"], "o-", color=f"C{i}", markersize=3, linewidth=1, label=r["config"])
+    ax.set_title("training loss (EMA 0.98)", fontsize=9)
+    val.set_title("validation loss", fontsize=9)
+    for a in (ax, val):
+        a.set_xlabel("step")
+        a.set_ylabel("cross-entropy (nats/char)")
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    first = results[0]
+    fig.suptitle(f"Lean training: GPT of {first['params']:,} parameters, {first['steps']} steps, same data and seed")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def print_table(args) -> int:
+    results = load(args.results)
+    if not results:
+        print(f"no results in {args.results}")
+        return 1
+    print(table(results))
+    path = plot(results, args.png)
+    if path is not None:
+        print(f"loss curves: {path}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="", help=f"comma-separated, from {', '.join(CONFIGS)} (default: all)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=7)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evals", type=int, default=20, help="validation losses along the run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: every core this process may use)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "lean")
+    parser.add_argument("--png", type=Path, default=ROOT / "docs" / "lean.png")
+    parser.add_argument("--force", action="store_true", help="run set-ups that have a result already")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--table", action="store_true", help="only print the table and draw the plot from the results")
+    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # the child: one set-up, in this process
+    args = parser.parse_args()
+    if args.table:
+        return print_table(args)
+    if args.run is None:
+        return run_all(args)
+    out = run_config(args, args.run)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.run}.json").write_text(json.dumps(out, indent=1))
+    r = out["result"]
+    print(f"{args.run}: {r['train_bytes'] / r['params']:.2f} B/param, {r['ms_per_step']:.1f} ms/step, val loss {r['val_losses'][-1]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
