@@ -8,18 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from qoptim.cli.memory import estimate
+from qoptim.cli.demo import TinyGPT
+from qoptim.cli.memory import QMAP_BYTES, estimate
 
 
 def qoptim(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "qoptim", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _table(stdout: str) -> dict[str, list[str]]:
+def _table(stdout: str, header: str = "optimizer") -> dict[str, list[str]]:
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
     rows = {}
-    for line in lines[start + 2 :]:
+    for line in lines[start + 1 :]:
+        if line.startswith("-"):  # the rule under the header
+            continue
         if not line.strip():
             break
         cells = line.split()
@@ -28,14 +31,24 @@ def _table(stdout: str) -> dict[str, list[str]]:
 
 
 def test_demo_prints_a_consistent_table_and_draws_the_plot(tmp_path):
-    result = qoptim("demo", "--steps", "25", "--out", str(tmp_path), "--optimizers", "torch_adamw,adamw8bit,pagedadamw8bit")
+    result = qoptim("demo", "--steps", "25", "--out", str(tmp_path), "--optimizers", "torch_adamw,adamw8bit,pagedadamw8bit,lean")
     assert result.returncode == 0, result.stderr
     rows = _table(result.stdout)
-    assert set(rows) == {"torch_adamw", "adamw8bit", "pagedadamw8bit"}
+    assert set(rows) == {"torch_adamw", "adamw8bit", "pagedadamw8bit", "lean"}
     mib = {name: float(cells[0]) for name, cells in rows.items()}  # "0.87 MiB" -> cells[0] == "0.87"
-    assert float(rows["torch_adamw"][2]) == pytest.approx(8.0)  # bytes per parameter
+    state = {name: float(cells[2]) for name, cells in rows.items()}  # state bytes per parameter
+    train = {name: float(cells[4]) for name, cells in rows.items()}  # peak training bytes per parameter
+    assert state["torch_adamw"] == pytest.approx(8.0)
     for name in ("adamw8bit", "pagedadamw8bit"):
         assert 0.24 < mib[name] / mib["torch_adamw"] < 0.30  # ~2.03-2.1 of 8 bytes per parameter
+        assert train[name] == pytest.approx(8 + state[name], abs=0.011)  # fp32 weights and gradients
+    assert train["torch_adamw"] == pytest.approx(16.0)
+    # lean: bf16 weights, a state with the int8 correction, and one tensor's bf16 gradient at a time
+    model = TinyGPT(128, 2, 64)
+    largest = 2 * max(p.numel() for p in model.parameters()) / sum(p.numel() for p in model.parameters())
+    assert state["lean"] == pytest.approx(state["adamw8bit"] + 1, abs=0.011)
+    assert train["lean"] == pytest.approx(2 + state["lean"] + largest, abs=0.011)
+    assert "lean: bf16 weights, AdamW8bit, 24-bit master, gradient release" in result.stdout
     for cells in rows.values():
         train_loss, val_loss = float(cells[-2]), float(cells[-1])
         assert train_loss < 4.0 and val_loss < 4.0  # from ~4.9 (uniform over 128 characters)
@@ -72,10 +85,14 @@ def test_memory_of_a_parameter_count():
     assert result.returncode == 0, result.stderr
     assert "7B: 7,000,000,000 parameters" in result.stdout
     assert "52.15 GiB" in result.stdout  # fp32 Adam: 8 bytes x 7e9
+    whole = _table(result.stdout, header="set-up")
+    assert whole["fp32-torch-adamw"][:5] == ["4.00", "4.00", "0.00", "8.00", "16.00"]
+    assert whole["bf16-master24"][:5] == ["2.00", "2.00", "1.00", "2.03", "7.03"]
+    assert whole["bf16-master24-release"][:5] == ["2.00", "0.00", "1.00", "2.03", "5.03"]  # the 5.1 B/param
     fp32, eight, paged = estimate([7_000_000_000])
-    assert eight.state_bytes == 2 * 7_000_000_000 + 8 * -(-7_000_000_000 // 256)
-    # paged: only the block scales must stay on the GPU
-    assert paged.state_bytes == eight.state_bytes and paged.resident_bytes == 8 * -(-7_000_000_000 // 256)
+    assert eight.state_bytes == 2 * 7_000_000_000 + 8 * -(-7_000_000_000 // 256) + 2 * QMAP_BYTES
+    # paged: only the block scales and the two qmaps must stay on the GPU
+    assert paged.state_bytes == eight.state_bytes and paged.resident_bytes == 8 * -(-7_000_000_000 // 256) + 2 * QMAP_BYTES
 
 
 def test_the_console_script_is_cli_main(capsys):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from qoptim.cli.memory import estimate, report, tensor_sizes
+from qoptim.cli.memory import QMAP_BYTES, estimate, report, tensor_sizes
 
 
 def test_memory_of_a_hugging_face_config(tmp_path):
@@ -19,7 +19,7 @@ def test_memory_of_a_hugging_face_config(tmp_path):
     _, sizes = tensor_sizes(str(path))
     assert sum(sizes) == 6_738_415_616  # Llama-2-7B's published parameter count
     assert min(sizes) == 4096  # even the norms reach min_8bit_size
-    assert estimate(sizes)[1].state_bytes == sum(2 * s + 8 * -(-s // 256) for s in sizes)
+    assert estimate(sizes)[1].state_bytes == sum(2 * s + 8 * -(-s // 256) for s in sizes) + 2 * QMAP_BYTES
     text = report(str(path))
     assert "6,738,415,616 parameters" in text and "80 GB (H100)" in text
 
@@ -32,7 +32,7 @@ def test_tensors_below_min_8bit_size_count_as_fp32_state(tmp_path):
     small = [s for s in sizes if s < 4096]
     assert small == [1024] * 5  # two norms per layer and the final one; embeddings tied by default
     big = [s for s in sizes if s >= 4096]
-    assert estimate(sizes)[1].state_bytes == 8 * sum(small) + sum(2 * s + 8 * -(-s // 256) for s in big)
+    assert estimate(sizes)[1].state_bytes == 8 * sum(small) + sum(2 * s + 8 * -(-s // 256) for s in big) + 2 * QMAP_BYTES
 
 
 def test_gpt2_config_counts_like_gpt2_small(tmp_path):
