@@ -315,9 +315,10 @@ def plot(results: list[RunResult], path: Path) -> Path | None:
     ax.legend(fontsize=8)
     names = [r.optimizer for r in results]
     bottom = [0.0] * len(results)
-    for i, part in enumerate(("weights", "grads", "master", "states")):  # lean.TrainingBytes' parts
+    # lean.TrainingBytes' parts, in colours other than the runs' (C0, C1, ...)
+    for part, color in (("weights", "0.35"), ("grads", "0.65"), ("master", "tab:purple"), ("states", "tab:olive")):
         heights = [r.train_parts.get(part, 0) / r.params for r in results]
-        bars.bar(names, heights, bottom=bottom, color=f"C{i}", label=part)
+        bars.bar(names, heights, bottom=bottom, color=color, label=part)
         bottom = [b + h for b, h in zip(bottom, heights)]
     for x, r in enumerate(results):
         bars.text(x, r.train_bytes_per_param, f"{r.train_bytes_per_param:.2f}", ha="center", va="bottom", fontsize=9)

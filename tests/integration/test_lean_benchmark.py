@@ -1,0 +1,45 @@
+"""A smoke run of benchmarks/lean.py (its full run: a 22M-parameter GPT, 2,000 steps per set-up):
+one process per set-up, a JSON per set-up, a table against the fp32 AdamW baseline and a PNG."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+LEAN = Path(__file__).resolve().parents[2] / "benchmarks" / "lean.py"
+TINY = ["--steps", "12", "--width", "32", "--layers", "1", "--context", "16", "--batch", "4", "--evals", "2", "--quiet"]
+
+
+def lean(*args):
+    return subprocess.run([sys.executable, str(LEAN), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_lean_benchmark_writes_a_result_per_set_up_and_compares_them(tmp_path):
+    results, png = tmp_path / "results", tmp_path / "lean.png"
+    where = ["--results", str(results), "--png", str(png)]
+    done = lean("--configs", "fp32-torch-adamw,bf16-master24-release", *TINY, *where)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    base, lean_run = (json.loads((results / f"{name}.json").read_text()) for name in ("fp32-torch-adamw", "bf16-master24-release"))
+    for r in (base, lean_run):
+        assert r["cpu"] and r["torch"] and r["threads"] >= 1 and r["steps"] == 12
+        assert len(r["result"]["train_losses"]) == 12 and r["result"]["val_steps"][-1] == 12
+    assert base["params"] == lean_run["params"]
+    assert base["result"]["train_losses"][0] == lean_run["result"]["train_losses"][0]  # same initial model (bf16 of it) and data
+    n = base["params"]
+    assert base["result"]["train_parts"]["weights"] == 4 * n and lean_run["result"]["train_parts"]["weights"] == 2 * n
+    assert lean_run["result"]["train_parts"]["master"] == n  # the int8 correction
+    assert lean_run["result"]["train_parts"]["grads"] < 2 * n  # released: never every gradient at once
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = lean("--configs", "fp32-torch-adamw", *TINY, *where)  # a result already there is kept
+    assert again.returncode == 0 and "exists (--force" in again.stdout
+    table = lean("--table", *where)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines() if line.startswith(("fp32-", "bf16-"))}
+    assert rows["fp32-torch-adamw"][1] == "16.00" and rows["fp32-torch-adamw"][6] == "1.00x"
+    assert float(rows["bf16-master24-release"][1]) < 16 * 0.5
+
+
+def test_an_unknown_set_up_is_refused(tmp_path):
+    done = lean("--configs", "bf16-master16", "--results", str(tmp_path))
+    assert done.returncode != 0 and "unknown configuration bf16-master16" in done.stderr
