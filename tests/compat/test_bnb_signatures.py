@@ -17,7 +17,9 @@ from support.bnb_fixtures import take_steps
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU:UserWarning")
 
 # qoptim's documented additions to bitsandbytes 0.50.2's constructors: (name, default)
-EXTRA_ARGS = {"percentile_clipping": 100, "block_wise": True, "nonfinite": "skip"}
+EXTRA_ARGS = {"percentile_clipping": 100, "block_wise": True, "nonfinite": "skip", "master_weight_bits": None,
+              "weight_rounding": "nearest"}  # fmt: skip
+LAST_ARGS = ["nonfinite", "master_weight_bits", "weight_rounding"]  # qoptim's own, last; the lean-training ones keyword-only
 
 
 def bnb_counterpart(bnb, name: str):
@@ -35,13 +37,14 @@ def test_signature_matches_bnb(bnb, name):
     q_params = comparable(q_sig)
     extras = [(n, d) for n, _, d in q_params if n in EXTRA_ARGS]
     assert all(EXTRA_ARGS[n] == d for n, d in extras), extras
-    if extras:  # the 0.49-era arguments sit where 0.49 had them, right after min_8bit_size; nonfinite last
+    if extras:  # the 0.49-era arguments sit where 0.49 had them, right after min_8bit_size; qoptim's own last
         order = [n for n, _, _ in q_params]
         if "percentile_clipping" in order:
             i = order.index("min_8bit_size")
             assert order[i + 1 : i + 3] == ["percentile_clipping", "block_wise"]
         if "nonfinite" in order:
-            assert order[-1] == "nonfinite"
+            assert order[-3:] == LAST_ARGS
+            assert [kind for n, kind, _ in q_params[-2:]] == [inspect.Parameter.KEYWORD_ONLY] * 2
     assert [t for t in q_params if t[0] not in EXTRA_ARGS] == comparable(b_sig)
 
 

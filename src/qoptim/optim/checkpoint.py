@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from . import dtensor, reshard
+from . import dtensor, reshard, weights
 from .reshard import Export
-from .state import GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC, VALUE_KEYS
+from .state import BUFFER_KEYS, GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC
 
 __all__ = ["QUANT_STATE_KEY", "check_loaded_state", "copied_state", "exported", "fill_defaults", "loaded", "packed",
            "repage", "unnest"]  # fmt: skip
@@ -100,7 +100,7 @@ def repage(opt) -> None:
     """An unpickled (or deep-copied) paged optimizer's state values in paged buffers of its own."""
     for p, state in opt.state.items():
         if opt.is_paged and isinstance(p, torch.Tensor) and isinstance(state, dict):
-            for key in VALUE_KEYS & state.keys():
+            for key in BUFFER_KEYS & state.keys():
                 state[key] = opt.state_buffer(p, state[key].dtype, state[key].shape).copy_(state[key])
 
 
@@ -149,7 +149,7 @@ def _place(opt, p: torch.Tensor, key: str, value: Any, move_to_device: bool) -> 
         return int(value.item() if isinstance(value, torch.Tensor) else value)
     if not isinstance(value, torch.Tensor):
         return value
-    if key in VALUE_KEYS and opt.is_paged and move_to_device:
+    if key in BUFFER_KEYS and opt.is_paged and move_to_device:
         return opt.state_buffer(p, value.dtype, value.shape).copy_(value)
     # always a contiguous copy: the live state must not alias the caller's state dict, and
     # the kernels update flat views of it
@@ -160,7 +160,7 @@ def _place(opt, p: torch.Tensor, key: str, value: Any, move_to_device: bool) -> 
         return value.to(device, memory_format=torch.contiguous_format, copy=True)
     if value.is_floating_point():
         return value.to(device=p.device, dtype=p.dtype, copy=True)
-    return value.to(p.device, copy=True)
+    return value.to(p.device, memory_format=torch.contiguous_format, copy=True)
 
 
 def _shared_map(opt, loaded_map: torch.Tensor) -> torch.Tensor:
@@ -212,6 +212,7 @@ def check_loaded_state(owner: str, k: Any, p: torch.Tensor, state: dict[str, Any
         _check_tensor(name, GNORM_VEC, state[GNORM_VEC], (100,), (torch.float32,))
     if UNORM_VEC in state:
         _check_tensor(name, UNORM_VEC, state[UNORM_VEC], (1,), (torch.float32,))
+    weights.check_loaded(name, p, state)
 
 
 def _check_tensor(name: str, key: str, t: Any, shape, dtypes) -> torch.Tensor:

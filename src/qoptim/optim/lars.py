@@ -16,10 +16,12 @@ __all__ = ["LARS", "LARS8bit", "LARS32bit", "PytorchLARS"]
 
 class LARS(FixedVariant, MomentumSettings, Optimizer1State):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.02, nonfinite="skip"):  # fmt: skip
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.02, nonfinite="skip", *,
+                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
         check_momentum("LARS", momentum, dampening, nesterov)
         super().__init__("lars", params, lr, (momentum, dampening), 0.0, weight_decay, self.state_bits(optim_bits), args,
-                         min_8bit_size, percentile_clipping, block_wise, max_unorm=max_unorm, nonfinite=nonfinite)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, max_unorm=max_unorm, nonfinite=nonfinite,
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
         self.add_group_defaults(nesterov=nesterov, momentum=momentum, dampening=dampening)
 
     def hyper(self, config, step):

@@ -9,14 +9,16 @@ override dict: overriding one parameter later never changes another.
 from __future__ import annotations
 
 import weakref
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import torch
 
-__all__ = ["ARGS_KEYS", "GlobalOptimManager"]
+__all__ = ["ARGS_KEYS", "GlobalOptimManager", "settings_args"]
 
 # settings every parameter takes from its optimizer's ``args`` (bitsandbytes' MockArgs), unless overridden
-ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise")
+ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise", "master_weight_bits",
+             "weight_rounding")  # fmt: skip
 
 
 class GlobalOptimManager:
@@ -92,3 +94,14 @@ class GlobalOptimManager:
     def register_module_override(self, module: torch.nn.Module, param_name: str, config: dict[str, Any]) -> None:
         """Override the config of ``module.<param_name>``, resolved at an optimizer's first step."""
         self.module_weight_config_triple.append((module, param_name, dict(config)))
+
+
+def settings_args(args: Any, *, optim_bits: int, min_8bit_size: int, **settings: Any) -> Any:
+    """An optimizer's ``args`` (bitsandbytes' object of its settings, ``ARGS_KEYS``): a new one from
+    the constructor's arguments, or the one given with what it lacks taken from them."""
+    if args is None:
+        return SimpleNamespace(optim_bits=optim_bits, min_8bit_size=min_8bit_size, **settings)
+    for key, value in settings.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args

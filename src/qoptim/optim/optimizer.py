@@ -11,7 +11,6 @@ update jobs ``update``'s and the checkpoint layout ``checkpoint``'s (and ``resha
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,9 +18,9 @@ import torch
 from .. import paging
 from ..kernels import Hyper, Job
 from ..quant.maps import signed_map, unsigned_map
-from . import checkpoint, dtensor, reshard, validation
+from . import checkpoint, dtensor, reshard, validation, weights
 from .checkpoint import QUANT_STATE_KEY
-from .manager import GlobalOptimManager
+from .manager import GlobalOptimManager, settings_args
 from .names import OPTIMIZER_NAMES
 from .state import KEYS, SIGNED_MAP, STEP, TENSOR_KEYS, UNSIGNED_MAP, KeptState, MapCopies, SlotCache, layout_of, new_state
 from .update import ParamUpdate, clip_gradient, hyper_of, run_jobs, total_skipped
@@ -226,6 +225,11 @@ class Optimizer8bit(torch.optim.Optimizer):
     def init_state(self, group, p, gindex, pindex):
         raise NotImplementedError("init_state method needs to be overridden")
 
+    @torch.no_grad()
+    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """A new fp32 tensor of ``p``'s master weight (an fp32 parameter is its own): ``weights.master_weight``."""
+        return weights.master_weight(p, self.state.get(p, {}))
+
     def update_step(self, group, p, gindex, pindex):
         raise NotImplementedError("The update_step method needs to be overridden")
 
@@ -279,7 +283,8 @@ class _StateOptimizer(Optimizer8bit):
 
     def __init__(self, optimizer_name: str, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.0, skip_zeros=False,
-                 is_paged=False, alpha=0.0, t_alpha=None, t_beta3=None, nonfinite="skip"):  # fmt: skip
+                 is_paged=False, alpha=0.0, t_alpha=None, t_beta3=None, nonfinite="skip", *, master_weight_bits=None,
+                 weight_rounding="nearest"):  # fmt: skip
         name = OPTIMIZER_NAMES.get(optimizer_name)
         if name is None or len(layout_of(name.spec)) != self.n_states:
             known = sorted(k for k, n in OPTIMIZER_NAMES.items() if len(layout_of(n.spec)) == self.n_states)
@@ -290,6 +295,7 @@ class _StateOptimizer(Optimizer8bit):
         validation.check_settings(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                                   max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise, is_paged=is_paged,
                                   nonfinite=nonfinite, layer_wise=name.spec.trust)  # fmt: skip
+        weights.check_settings(master_weight_bits, weight_rounding)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if self.n_states == 2:  # bitsandbytes' two-state groups also carry AdEMAMix's settings
             defaults.update(alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
@@ -300,15 +306,9 @@ class _StateOptimizer(Optimizer8bit):
         self.layout = layout_of(name.spec)
         self.layer_wise = name.spec.trust
         self.nonfinite = nonfinite
-        settings = dict(percentile_clipping=percentile_clipping, block_wise=block_wise, max_unorm=max_unorm,
-                        skip_zeros=skip_zeros)  # fmt: skip
-        if args is None:
-            args = SimpleNamespace(optim_bits=optim_bits, min_8bit_size=min_8bit_size, **settings)
-        else:  # bitsandbytes' args object: what it lacks, from the arguments
-            for key, value in settings.items():
-                if not hasattr(args, key):
-                    setattr(args, key, value)
-        self.args = args
+        self.args = settings_args(args, optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
+                                  block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,
+                                  master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
 
     def add_group_defaults(self, **defaults) -> None:
         """Settings of a family's own (nesterov, lr_decay, ...), kept in every param group."""
@@ -371,7 +371,9 @@ class _StateOptimizer(Optimizer8bit):
         if config["percentile_clipping"] < 100:
             hp = clip_gradient(hp, state, flat_g, config["percentile_clipping"], commit)
         slots = self._slot_cache.slots_of(p, state, self.layout)
-        return ParamUpdate(Job(self.rule, flat_p, flat_g, slots, hp, self.nonfinite == "skip"), params, state, commit)
+        weights.sync_state(p, state, config, self, (gindex, pindex))
+        job = Job(self.rule, flat_p, flat_g, slots, hp, self.nonfinite == "skip", weights.weight_format(p, state, hp.step))
+        return ParamUpdate(job, params, state, commit)
 
     def hyper(self, config: dict[str, Any], step: int) -> Hyper:
         """A step's hyperparameters for the kernels (``update.hyper_of``; families extend it)."""
@@ -392,6 +394,7 @@ class Optimizer1State(_StateOptimizer):
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32, args=None,
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.0, skip_zeros=False, is_paged=False,
-                 nonfinite="skip"):  # fmt: skip
+                 nonfinite="skip", *, master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
         super().__init__(optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size, percentile_clipping,
-                         block_wise, max_unorm, skip_zeros, is_paged, nonfinite=nonfinite)  # fmt: skip
+                         block_wise, max_unorm, skip_zeros, is_paged, nonfinite=nonfinite, master_weight_bits=master_weight_bits,
+                         weight_rounding=weight_rounding)  # fmt: skip

@@ -34,7 +34,7 @@ from ..quant.blockwise import dequantize_flat
 from . import blocks, dtensor
 from .blocks import ONE_SCALE
 from .dtensor import is_dtensor
-from .state import KEYS, StateKeys
+from .state import KEYS, MASTER_CORRECTION, StateKeys
 
 __all__ = [
     "DEQUANTIZED_KEY", "ONE_SCALE", "SHARDS_KEY", "Export", "dequantized_state", "exported_state", "portable_state",
@@ -205,6 +205,9 @@ def to_current_layout(p: torch.Tensor, state: dict[str, Any], layout, map_for: M
                 state[keys.values] = dtensor.distribute_like(values, p, len(prefix))
             continue
         _move_blocks(p, state, keys, record, prefix)
+    correction = state.get(MASTER_CORRECTION)
+    if is_dtensor(p) and isinstance(correction, torch.Tensor) and not is_dtensor(correction) and correction.shape == p.shape:
+        state[MASTER_CORRECTION] = dtensor.distribute_like(correction, p, 0)  # a whole one (a full state dict)
     return state
 
 

@@ -10,7 +10,8 @@ __all__ = ["RMSprop", "RMSprop8bit", "RMSprop32bit"]
 
 class RMSprop(FixedVariant, Optimizer1State):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, optim_bits=32,
-                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip"):  # fmt: skip
+                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip", *,
+                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
         name = type(self).__name__
         if alpha == 0:
             raise NotImplementedError("RMSprop with alpha==0.0 is not supported!")
@@ -20,7 +21,8 @@ class RMSprop(FixedVariant, Optimizer1State):
             raise ValueError(f"{name} does not support momentum (got momentum={momentum}); use momentum=0")
         # bitsandbytes keeps (alpha, momentum) in betas
         super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, self.state_bits(optim_bits), args,
-                         min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite,
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
 
 
     def hyper(self, config, step):

@@ -98,11 +98,13 @@ class MomentumSettings:
 
 class SGD(FixedVariant, MomentumSettings, Optimizer1State):
     def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, optim_bits=32, args=None,
-                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip"):  # fmt: skip
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip", *,
+                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
         check_momentum(type(self).__name__.removesuffix("8bit").removesuffix("32bit"), momentum, dampening, nesterov)
         # bitsandbytes keeps (momentum, dampening) in betas
         super().__init__("momentum", params, lr, (momentum, dampening), 0.0, weight_decay, self.state_bits(optim_bits), args,
-                         min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite)  # fmt: skip
+                         min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite,
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
         self.add_group_defaults(nesterov=nesterov, momentum=momentum, dampening=dampening)
 
 

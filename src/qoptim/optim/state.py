@@ -9,7 +9,10 @@ A parameter's state is a dict, as bitsandbytes keeps it (and as its checkpoints 
   ``new_max{i}`` (one per tensor, ``block_wise=False``);
 * ``gnorm_vec``: the last 100 squared gradient norms (percentile clipping);
 * ``unorm_vec``: the update norm of the layer-wise rules (LAMB, LARS), kept because bitsandbytes'
-  step needs it; qoptim's kernels do not report it, so it stays 0.
+  step needs it; qoptim's kernels do not report it, so it stays 0;
+* qoptim's own, for bf16 / fp16 parameters (``weights``): ``master_correction``, int8 or int16 of
+  the parameter's shape, which with the weight holds its fp32 master (``master_weight_bits``), and
+  ``rounding_seed``, the int that keys its stochastic rounding (``weight_rounding``).
 
 An update rule (``qoptim.kernels.rules``) keeps one slot per running average. bitsandbytes has two
 state keys: a rule with more slots stacks its first ones as rows of ``state1`` (AdEMAMix: the fast
@@ -29,7 +32,8 @@ from ..kernels.rules import RuleSpec
 from . import dtensor
 
 __all__ = [
-    "GNORM_VEC", "KEYS", "QMAP_KEYS", "SIGNED_MAP", "STEP", "TENSOR_KEYS", "UNORM_VEC", "UNSIGNED_MAP", "VALUE_KEYS",
+    "BUFFER_KEYS", "GNORM_VEC", "KEYS", "MASTER_CORRECTION", "QMAP_KEYS", "ROUNDING_SEED", "SIGNED_MAP", "STEP", "TENSOR_KEYS",
+    "UNORM_VEC", "UNSIGNED_MAP", "VALUE_KEYS",
     "Buffers", "KeptState", "MapCopies", "SlotCache", "StateKeys", "layout_of", "new_state", "slot", "slots",
 ]  # fmt: skip
 
@@ -56,6 +60,10 @@ UNORM_VEC = "unorm_vec"  # LAMB/LARS: the update norm bitsandbytes' step keeps
 # ``non_castable_tensor_keys``) nor gathered by FSDP1 as parameter-shaped
 TENSOR_KEYS = frozenset({key for keys in KEYS for key in keys} | {GNORM_VEC, UNORM_VEC})
 VALUE_KEYS = frozenset(keys.values for keys in KEYS)
+MASTER_CORRECTION = "master_correction"  # a 16-bit parameter's master correction (``weights``)
+ROUNDING_SEED = "rounding_seed"  # a 16-bit parameter's stochastic rounding seed (``weights``)
+# the state tensors shaped like their parameter that live in the optimizer's buffers (paged when it is)
+BUFFER_KEYS = VALUE_KEYS | {MASTER_CORRECTION}
 QMAP_KEYS = frozenset(keys.qmap for keys in KEYS)
 
 # names of the optimizer's maps (``name2qmap``, as bitsandbytes calls them)

@@ -1,0 +1,123 @@
+"""A 16-bit parameter's weight format, as the optimizers keep it: ``master_weight_bits`` (a
+correction that, with the bf16 / fp16 weight, holds an fp32 master: ``quant.master``) and
+``weight_rounding`` (stochastic rounding of a weight without a master); their checks, the state
+entries they keep, and the kernels' view of them (``kernels.WeightFormat``).
+
+Both are optimizer settings (the ``args`` of bitsandbytes' optimizers, so a parameter can take its
+own through ``GlobalOptimManager.override_config``). An fp32 parameter is its own master: neither
+setting changes it or keeps anything for it. The state follows the setting at each step: a
+parameter gets a zero correction (its weight is its master) when a width is set, its correction
+re-encoded when the width changes, and dropped when it is unset (the weight stays as it is)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..kernels import NEAREST, WeightFormat
+from ..quant import master
+from . import dtensor
+from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers
+
+__all__ = ["WEIGHT_ROUNDINGS", "check_loaded", "check_settings", "master_weight", "sync_state", "weight_format"]
+
+WEIGHT_ROUNDINGS = ("nearest", "stochastic")
+
+
+def check_settings(master_weight_bits: Any, weight_rounding: Any) -> None:
+    if isinstance(master_weight_bits, bool) or master_weight_bits not in (None, *master.MASTER_BITS):
+        raise ValueError(f"master_weight_bits must be None, 24 or 32, got {master_weight_bits!r}")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}, got {weight_rounding!r}")
+    if master_weight_bits is not None and weight_rounding == "stochastic":
+        raise ValueError(
+            f"weight_rounding='stochastic' rounds weights that have no master; with master_weight_bits={master_weight_bits} "
+            "the master already keeps what rounding loses: choose one"
+        )
+
+
+def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], buffers: Buffers, position: tuple[int, int]) -> None:
+    """Bring a parameter's weight-format entries in line with its settings (see the module doc).
+    ``position`` (group, index) keys a new rounding seed."""
+    check_settings(config["master_weight_bits"], config["weight_rounding"])
+    if p.dtype not in master.HALF_PRECISION:
+        return
+    bits = config["master_weight_bits"]
+    correction = state.get(MASTER_CORRECTION)
+    if bits is None:
+        state.pop(MASTER_CORRECTION, None)
+    elif correction is None:
+        state[MASTER_CORRECTION] = buffers.state_buffer(p, master.correction_dtype(bits), p.shape)
+    elif correction.dtype != master.correction_dtype(bits):  # another width: the same master, encoded anew
+        weight, new = master.encode(_decoded(p, correction), p.dtype, bits)
+        dtensor.local(p.detach()).copy_(weight)
+        state[MASTER_CORRECTION] = buffers.state_buffer(p, new.dtype, p.shape)
+        dtensor.local(state[MASTER_CORRECTION]).copy_(new)
+    if config["weight_rounding"] == "stochastic":
+        state.setdefault(ROUNDING_SEED, _seed(position))
+    else:
+        state.pop(ROUNDING_SEED, None)
+
+
+def _seed(position: tuple[int, int]) -> int:
+    """A parameter's rounding seed: from torch's seed and its place in the groups, so it draws
+    nothing from torch's generator, every rank of a sharded parameter has the same, and a run
+    seeded alike rounds alike. It is kept in the state: a resumed run goes on with it."""
+    gindex, pindex = position
+    return master.lowbias32(master.lowbias32(torch.initial_seed() & 0xFFFFFFFF) ^ master.lowbias32(gindex << 20 ^ pindex))
+
+
+def weight_format(p: torch.Tensor, state: dict[str, Any], step: int) -> WeightFormat:
+    """The kernels' view of a parameter's weight format at ``step``."""
+    correction = state.get(MASTER_CORRECTION)
+    if correction is not None and p.dtype in master.HALF_PRECISION:
+        return WeightFormat(correction=dtensor.local(correction.detach()).view(-1))
+    seed = state.get(ROUNDING_SEED)
+    if seed is not None and p.dtype in master.HALF_PRECISION:
+        return WeightFormat(draw=master.Draw(master.step_key(int(seed), step), _first_index(p)))
+    return NEAREST
+
+
+def _first_index(p: torch.Tensor) -> int:
+    """The flat index in the whole parameter of a shard's first element (0 unsharded): with it a
+    shard draws what the whole tensor would there, so the rounding does not depend on the sharding
+    (for sharding along dim 0, FSDP2's; along another dim, shards still draw apart)."""
+    if not dtensor.is_dtensor(p) or dtensor.sharding(p) is None:
+        return 0
+    _, d = dtensor.sharding(p)
+    start, _ = dtensor.local_rows(p)
+    return start * (p.numel() // max(p.shape[d], 1))
+
+
+def master_weight(p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    """A new fp32 tensor of ``p``'s master (a DTensor like ``p`` for a DTensor)."""
+    correction = state.get(MASTER_CORRECTION)
+    weights = dtensor.local(p.detach())
+    if correction is None or p.dtype not in master.HALF_PRECISION:
+        local = weights.to(torch.float32, copy=True)
+    else:
+        local = master.decode(weights, dtensor.local(correction.detach()))
+    return dtensor.like(p, local, p.shape) if dtensor.is_dtensor(p) else local
+
+
+def _decoded(p: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+    return master.decode(dtensor.local(p.detach()), dtensor.local(correction))
+
+
+def check_loaded(name: str, p: torch.Tensor, state: dict[str, Any]) -> None:
+    """A loaded parameter state's weight-format entries, checked before anything is assigned."""
+    correction = state.get(MASTER_CORRECTION)
+    if correction is not None:
+        dtypes = tuple(master.CORRECTION_DTYPES.values())
+        if not isinstance(correction, torch.Tensor) or correction.dtype not in dtypes or tuple(correction.shape) != tuple(p.shape):
+            got = f"{correction.dtype} {tuple(correction.shape)}" if isinstance(correction, torch.Tensor) else type(correction).__name__
+            raise ValueError(f"{name}: {MASTER_CORRECTION} must be an int8 or int16 tensor of shape {tuple(p.shape)}, got {got}")
+        if p.dtype not in master.HALF_PRECISION:
+            raise ValueError(f"{name}: {MASTER_CORRECTION} belongs to a bfloat16 or float16 parameter, this one is {p.dtype}")
+    seed = state.get(ROUNDING_SEED)
+    if seed is not None:
+        if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point():
+            seed = seed.item()
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 32:
+            raise ValueError(f"{name}: {ROUNDING_SEED} must be an int in [0, 2**32), got {state.get(ROUNDING_SEED)!r}")
