@@ -12,7 +12,7 @@ from qoptim.cli.demo import TinyGPT
 from qoptim.cli.memory import QMAP_BYTES, estimate
 
 
-def qoptim(*args, timeout=300):
+def qoptim(*args, timeout=600):  # the demo trains four rows; a busy machine is slow
     return subprocess.run([sys.executable, "-m", "qoptim", *args], capture_output=True, text=True, timeout=timeout)
 
 

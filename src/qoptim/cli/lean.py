@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from ..optim.release import release_gradients
-
-MASTER_KEY = "master_correction"  # the state key of a bf16/fp16 parameter's master correction
+from ..optim.state import MASTER_CORRECTION
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def live_bytes(params, optimizer: torch.optim.Optimizer) -> TrainingBytes:
     for state in optimizer.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                add("master" if key == MASTER_KEY else "states", value)
+                add("master" if key == MASTER_CORRECTION else "states", value)
     return counted
 
 
@@ -182,4 +181,4 @@ class Tracker:
             self.handle = None
 
 
-__all__ = ["LEAN", "MASTER_KEY", "SETUPS", "Setup", "Tracker", "TrainingBytes", "live_bytes", "setup_of"]
+__all__ = ["LEAN", "SETUPS", "Setup", "Tracker", "TrainingBytes", "live_bytes", "setup_of"]
