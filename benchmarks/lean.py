@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHAO = lean.Setup("torchao-bf16-sr", "bf16 weights, torchao AdamW8bit, bf16_stochastic_round=True", optimizer="torchao")
 CONFIGS = {**lean.SETUPS, TORCHAO.name: TORCHAO}
 BASELINE = "fp32-torch-adamw"
-SAME = ("params", "steps", "width", "layers", "context", "batch", "lr", "seed", "cpu", "threads", "torch")  # what a fair table shares
+SAME = ("params", "steps", "width", "layers", "context", "batch", "lr", "seed", "cpu", "threads", "torch")  # a fair table's
 
 
 def torchao_installed() -> bool:
@@ -90,7 +90,8 @@ def run_all(args) -> int:
         print(f"torchao is not installed: {TORCHAO.name} skipped (pip install torchao to run it)")
         names.remove(TORCHAO.name)
     args.results.mkdir(parents=True, exist_ok=True)
-    forwarded = [f"--{k}={getattr(args, k)}" for k in ("steps", "width", "layers", "context", "batch", "lr", "seed", "evals", "threads")]
+    shared = ("steps", "width", "layers", "context", "batch", "lr", "seed", "evals", "threads")
+    forwarded = [f"--{k}={getattr(args, k)}" for k in shared] + (["--quiet"] if args.quiet else [])
     for name in names:
         path = args.results / f"{name}.json"
         if path.exists() and not args.force:
@@ -98,7 +99,7 @@ def run_all(args) -> int:
             continue
         print(f"== {name}: {CONFIGS[name].description}", flush=True)
         # One process per set-up: its allocations, threads and compiled kernels are its own.
-        cmd = [sys.executable, __file__, "--run", name, "--results", str(args.results), *forwarded, *(["--quiet"] if args.quiet else [])]
+        cmd = [sys.executable, __file__, "--run", name, "--results", str(args.results), *forwarded]
         done = subprocess.run(cmd)
         if done.returncode:
             print(f"{name} failed (exit code {done.returncode})", file=sys.stderr)
@@ -111,25 +112,25 @@ def load(folder: Path) -> list[dict]:
     return [found[name] for name in CONFIGS if name in found] + [r for name, r in found.items() if name not in CONFIGS]
 
 
+def ratio(mine: float, base: float | None) -> str:
+    return f"{mine / base:.2f}x" if base else "-"
+
+
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if r["config"] == BASELINE), None)
+    base = next((r["result"] for r in results if r["config"] == BASELINE), None)
     header = ["configuration", "B/param", "weights", "grads", "master", "states", "vs base", "ms/step", "vs base", "opt ms",
               "val loss", "vs base"]  # fmt: skip
     rows = [header]
     for r in results:
         res, n = r["result"], r["params"]
-        parts = [res["train_parts"].get(k, 0) / n for k in ("weights", "grads", "master", "states")]
-        total, val = res["train_bytes"] / n, res["val_losses"][-1]
-
-        def ratio(mine, theirs, as_percent=False):
-            if base is None or not theirs:
-                return "-"
-            return f"{100 * (mine / theirs - 1):+.2f}%" if as_percent else f"{mine / theirs:.2f}x"
-
-        b = base["result"] if base else {}
-        rows.append([r["config"], f"{total:.2f}", *(f"{x:.2f}" for x in parts), ratio(total, b.get("train_bytes", 0) / n),
-                     f"{res['ms_per_step']:.1f}", ratio(res["ms_per_step"], b.get("ms_per_step")),
-                     f"{res['optimizer_ms_per_step']:.2f}", f"{val:.4f}", ratio(val, (b.get("val_losses") or [0])[-1], as_percent=True)])  # fmt: skip
+        parts = [f"{res['train_parts'].get(k, 0) / n:.2f}" for k in ("weights", "grads", "master", "states")]
+        val = res["val_losses"][-1]
+        rows.append([
+            r["config"], f"{res['train_bytes'] / n:.2f}", *parts, ratio(res["train_bytes"], base and base["train_bytes"]),
+            f"{res['ms_per_step']:.1f}", ratio(res["ms_per_step"], base and base["ms_per_step"]),
+            f"{res['optimizer_ms_per_step']:.2f}", f"{val:.4f}",
+            f"{100 * (val / base['val_losses'][-1] - 1):+.2f}%" if base else "-",
+        ])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -215,7 +216,8 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.run}.json").write_text(json.dumps(out, indent=1))
     r = out["result"]
-    print(f"{args.run}: {r['train_bytes'] / r['params']:.2f} B/param, {r['ms_per_step']:.1f} ms/step, val loss {r['val_losses'][-1]:.4f}")
+    print(f"{args.run}: {r['train_bytes'] / r['params']:.2f} B/param, {r['ms_per_step']:.1f} ms/step, "
+          f"val loss {r['val_losses'][-1]:.4f}")
     return 0
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 LEAN = Path(__file__).resolve().parents[2] / "benchmarks" / "lean.py"
+LEAN_SETUP = "bf16-master24-release"
 TINY = ["--steps", "12", "--width", "32", "--layers", "1", "--context", "16", "--batch", "4", "--evals", "2", "--quiet"]
 
 
@@ -17,9 +18,9 @@ def lean(*args):
 def test_lean_benchmark_writes_a_result_per_set_up_and_compares_them(tmp_path):
     results, png = tmp_path / "results", tmp_path / "lean.png"
     where = ["--results", str(results), "--png", str(png)]
-    done = lean("--configs", "fp32-torch-adamw,bf16-master24-release", *TINY, *where)
+    done = lean("--configs", f"fp32-torch-adamw,{LEAN_SETUP}", *TINY, *where)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    base, lean_run = (json.loads((results / f"{name}.json").read_text()) for name in ("fp32-torch-adamw", "bf16-master24-release"))
+    base, lean_run = (json.loads((results / f"{name}.json").read_text()) for name in ("fp32-torch-adamw", LEAN_SETUP))
     for r in (base, lean_run):
         assert r["cpu"] and r["torch"] and r["threads"] >= 1 and r["steps"] == 12
         assert len(r["result"]["train_losses"]) == 12 and r["result"]["val_steps"][-1] == 12
@@ -37,7 +38,7 @@ def test_lean_benchmark_writes_a_result_per_set_up_and_compares_them(tmp_path):
     assert table.returncode == 0, table.stderr
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines() if line.startswith(("fp32-", "bf16-"))}
     assert rows["fp32-torch-adamw"][1] == "16.00" and rows["fp32-torch-adamw"][6] == "1.00x"
-    assert float(rows["bf16-master24-release"][1]) < 16 * 0.5
+    assert float(rows[LEAN_SETUP][1]) < 16 * 0.5
 
 
 def test_an_unknown_set_up_is_refused(tmp_path):

@@ -271,7 +271,8 @@ def wait_for_result(child, queue) -> tuple[str, object]:
 
 def table(results: list[RunResult]) -> str:
     baseline = results[0]
-    header = ["optimizer", "state", "B/param", "vs first", "train B/param", results[0].peak_kind, "ms/step", "opt ms/step", "train loss", "val loss"]
+    header = ["optimizer", "state", "B/param", "vs first", "train B/param", results[0].peak_kind, "ms/step", "opt ms/step",
+              "train loss", "val loss"]  # fmt: skip
     rows = [header]
     for r in results:
         final_train = sum(r.train_losses[-20:]) / len(r.train_losses[-20:])

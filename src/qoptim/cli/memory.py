@@ -116,7 +116,9 @@ def estimate(sizes: list[int], min_8bit_size: int = 4096) -> list[Estimate]:
     return [fp32, eight, paged]
 
 
-def training(sizes: list[int], min_8bit_size: int = 4096, *, largest_tensor: int | None) -> list[tuple[lean.Setup, lean.TrainingBytes]]:
+def training(
+    sizes: list[int], min_8bit_size: int = 4096, *, largest_tensor: int | None
+) -> list[tuple[lean.Setup, lean.TrainingBytes]]:
     """The whole training state of each set-up in lean.SETUPS, activations aside. Under gradient
     release at most the release bucket and the tensor whose gradient crossed it hold gradients at
     once; ``largest_tensor`` (elements) bounds that tensor, None where the shapes are unknown (then
@@ -145,11 +147,12 @@ def training_lines(sizes: list[int], min_8bit_size: int, *, largest_tensor: int 
         f"{'set-up':<22} {'weights':>7} {'grads':>6} {'master':>6} {'states':>6} {'total':>6} {'in all':>11}  fits on",
     ]
     for setup, b in training(sizes, min_8bit_size, largest_tensor=largest_tensor):
-        parts = " ".join(f"{x / n:>{w}.2f}" for x, w in ((b.weights, 7), (b.grads, 6), (b.master, 6), (b.states, 6), (b.total, 6)))
+        columns = ((b.weights, 7), (b.grads, 6), (b.master, 6), (b.states, 6), (b.total, 6))
+        parts = " ".join(f"{x / n:>{width}.2f}" for x, width in columns)
         fits = [name for name, gb in GPUS if b.total <= gb * 1e9] or ["none of these"]
         lines.append(f"{setup.name:<22} {parts} {_gib(b.total):>11}  {', '.join(fits)}")
     lines += [""] + [f"{setup.name}: {setup.description}" for setup in lean.SETUPS.values()]
-    lines.append("master: the bf16 weight's int8 (24-bit master) or int16 (32-bit) correction; fp32 weights are their own master.")
+    lines.append("master: the bf16 weight's int8 (24-bit master) or int16 (32-bit) correction; fp32 weights are their own.")
     release = "release: each gradient is applied and freed in backward, so the gradients held are one tensor's"
     if largest_tensor is None:
         release += " (a bare parameter count has no shapes: not counted; give a config.json)"
