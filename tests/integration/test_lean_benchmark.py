@@ -25,7 +25,9 @@ def test_lean_benchmark_writes_a_result_per_set_up_and_compares_them(tmp_path):
         assert r["cpu"] and r["torch"] and r["threads"] >= 1 and r["steps"] == 12
         assert len(r["result"]["train_losses"]) == 12 and r["result"]["val_steps"][-1] == 12
     assert base["params"] == lean_run["params"]
-    assert base["result"]["train_losses"][0] == lean_run["result"]["train_losses"][0]  # same initial model (bf16 of it) and data
+    same = lambda run: {k: v for k, v in run.items() if k not in ("optimizer", "dtype")}  # noqa: E731
+    assert same(base["run"]) == same(lean_run["run"])  # the same model, seed and data
+    assert (base["run"]["dtype"], lean_run["run"]["dtype"]) == ("float32", "bfloat16")
     n = base["params"]
     assert base["result"]["train_parts"]["weights"] == 4 * n and lean_run["result"]["train_parts"]["weights"] == 2 * n
     assert lean_run["result"]["train_parts"]["master"] == n  # the int8 correction
