@@ -12,9 +12,11 @@ import torch
 
 import qoptim
 from qoptim.optim import AdamW8bit, Lion8bit
+from qoptim.paging import PAGED_MIN_NUMEL
 from qoptim.quant import master
 from support import assert_same
 from support.optimizers import Case, optimizer_cases
+from support.paging import is_paged, paged_cpu
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 
@@ -238,3 +240,23 @@ def test_gradient_release_with_a_master_equals_the_normal_loop():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert_same(p.detach(), q.detach())
         assert_same(opt.master_weight(p), opt_twin.master_weight(q))
+
+
+def test_a_paged_optimizer_pages_the_correction_and_its_copies_too():
+    """Under a (fake) managed memory the correction of a large parameter lives in paged memory like
+    its states; a deep copy pages its own, and steps as the original."""
+    with paged_cpu():
+        p = torch.nn.Parameter(torch.randn(PAGED_MIN_NUMEL).bfloat16())
+        opt = qoptim.optim.PagedAdamW8bit([p], lr=1e-3, master_weight_bits=32)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        correction = opt.state[p]["master_correction"]
+        assert is_paged(correction) and correction.shape == (PAGED_MIN_NUMEL, 2)
+        twin = copy.deepcopy(opt)
+        q = twin.param_groups[0]["params"][0]
+        assert is_paged(twin.state[q]["master_correction"])
+        assert twin.state[q]["master_correction"].data_ptr() != correction.data_ptr()
+        p.grad = q.grad = torch.randn_like(p)
+        opt.step()
+        twin.step()
+        assert_same(opt.master_weight(p), twin.master_weight(q))
