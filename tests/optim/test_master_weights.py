@@ -81,6 +81,12 @@ def test_24_bits_keep_what_bf16_rounds_away():
     assert float((lean - start).abs().min()) > 0.9 * float((fp32 - start).abs().max())
 
 
+def test_every_class_documents_the_settings():
+    for case in LEAN:
+        if case.name not in ("Optimizer1State", "Optimizer2State"):
+            assert "master_weight_bits" in case.cls.__doc__ and "their own master" in case.cls.__doc__, case.name
+
+
 def test_fp32_parameters_are_their_own_master():
     w, v = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(300).bfloat16())
     opt = AdamW8bit([w, v], master_weight_bits=24, min_8bit_size=0)
@@ -145,7 +151,8 @@ def test_changing_the_width_keeps_the_master():
     assert opt.state[p]["master_correction"].dtype == torch.int8
     assert float((opt.master_weight(p) - before).abs().max()) <= float(before.abs().max()) * 2.0**-15
     opt.args.master_weight_bits = None
-    opt.step()
+    with pytest.warns(RuntimeWarning, match="its correction is dropped"):
+        opt.step()
     assert "master_correction" not in opt.state[p]
 
 

@@ -15,6 +15,7 @@ gloo and NCCL have no int16, and FSDP2 / DCP gather and shard the state like the
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -25,11 +26,23 @@ from . import dtensor
 from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers
 
 __all__ = [
-    "WEIGHT_ROUNDINGS", "check_loaded", "check_settings", "correction_bits", "correction_from_values", "correction_values",
+    "SETTINGS_DOC", "WEIGHT_ROUNDINGS", "check_loaded", "check_settings", "correction_bits", "correction_from_values", "correction_values",
     "master_weight", "sync_state", "weight_format",
 ]  # fmt: skip
 
 WEIGHT_ROUNDINGS = ("nearest", "stochastic")
+
+# appended to every optimizer class's docstring (``optimizer._StateOptimizer.__init_subclass__``)
+SETTINGS_DOC = """
+
+    Lean training (qoptim's own, keyword-only): ``master_weight_bits=24`` or ``32`` keeps for each
+    bf16 / fp16 parameter a correction (1 or 2 bytes per element) that, with the weight, holds an
+    fp32 master which every step updates (32 bits on bf16: the fp32 master bit for bit; the weight
+    is the master rounded to nearest); ``weight_rounding="stochastic"`` instead rounds the updated
+    weight stochastically. fp32 parameters are their own master: neither setting changes them or
+    keeps anything for them. ``master_weight(p)`` returns a parameter's fp32 master. See the
+    README's "Lean training" section.
+"""
 
 
 def check_settings(master_weight_bits: Any, weight_rounding: Any) -> None:
@@ -53,7 +66,8 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
     bits = config["master_weight_bits"]
     correction = state.get(MASTER_CORRECTION)
     if bits is None:
-        state.pop(MASTER_CORRECTION, None)
+        if correction is not None:
+            _drop(state, position)
     elif correction is None:
         state[MASTER_CORRECTION] = _new_correction(p, bits, buffers)
     elif correction_bits(correction) != bits:  # another width: the same master, encoded anew
@@ -65,6 +79,17 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
         state.setdefault(ROUNDING_SEED, _seed(position))
     else:
         state.pop(ROUNDING_SEED, None)
+
+
+def _drop(state: dict[str, Any], position: tuple[int, int]) -> None:
+    warnings.warn(
+        f"master_weight_bits is None for parameter {position[1]} of param group {position[0]}, which has a "
+        f"{correction_bits(state[MASTER_CORRECTION])}-bit master: its correction is dropped, the weight keeps the master "
+        "rounded to nearest (pass master_weight_bits to keep it, e.g. when loading a checkpoint of a run with a master)",
+        RuntimeWarning,
+        stacklevel=6,
+    )
+    del state[MASTER_CORRECTION]
 
 
 _STORED = {24: (torch.int8, ()), 32: (torch.uint8, (2,))}  # bits -> the state's dtype and trailing dims (module doc)
