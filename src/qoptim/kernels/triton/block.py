@@ -31,7 +31,7 @@ import triton.language as tl
 from ...quant import blockwise
 from ..rules import MAX_STATES, Scalars, Switches
 from .rules import LAMB, MOMENTUM, apply_rule, lamb_direction
-from .weights import load_weights, store_weights
+from .weights import load_weights, store_weights, widen
 
 # quant.blockwise.SMALLEST_POSITIVE_CODE, as the kernel reads a global
 SMALLEST_POSITIVE_CODE = tl.constexpr(blockwise.SMALLEST_POSITIVE_CODE)
@@ -235,7 +235,7 @@ def block_kernel(
     mask = offs < n
 
     p_old = load_weights(p_ptr, c_ptr, offs, mask, WEIGHTS, PARAM_BF16)  # fp32: the master, where there is one
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = widen(tl.load(g_ptr + offs, mask=mask, other=0.0))
     bad = tl.zeros((ROWS,), dtype=tl.int32)
     if SKIP:
         # |g| < inf is false for NaN and for +-Inf: the block is left as it was.

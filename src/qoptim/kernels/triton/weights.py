@@ -42,6 +42,15 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def widen(x):
+    """float32 values of a tile of fp32, fp16 or bf16, exactly: bf16 by its bits (Triton's
+    interpreter converts bf16 subnormals wrongly; on the GPU this is what the conversion does)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _is_finite(x):
     return tl.abs(x) < float("inf")  # false for NaN and +-Inf
 
@@ -157,7 +166,7 @@ def load_weights(p_ptr, c_ptr, offs, mask, WEIGHTS: tl.constexpr, PARAM_BF16: tl
         if PARAM_BF16:
             return _decode_bf16(w, c, 24 if WEIGHTS == MASTER_24 else 32)
         return _decode_f16(w, c, FP16_SHIFT_24 if WEIGHTS == MASTER_24 else FP16_SHIFT_32)
-    return w.to(tl.float32)
+    return widen(w)
 
 
 @triton.jit
