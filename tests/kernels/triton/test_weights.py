@@ -134,6 +134,15 @@ def test_trust_ratio_reads_the_master(rule, layout, case):
             tk.update(rule, p, g, slots, hp, True, weights)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+def test_draw_indices_wrap_around_32_bits(oracle, dtype):
+    """An element's draw reads its index modulo 2**32 (uint32 wrap-around): a shard's first index
+    past 2**32, and one whose elements cross a multiple of it."""
+    for first in (2**33 + 5, 2**32 - 100):
+        case = WeightCase("stochastic", None, True, first_index=first)
+        check_steps("adam", 700, "fp32", dtype, case, steps=2)
+
+
 # ---- many small tensors, mixed formats -------------------------------------------------------
 
 FORMATS = ("nearest", *CASE_IDS)
@@ -141,14 +150,15 @@ FORMATS = ("nearest", *CASE_IDS)
 
 def mixed_tensors(rule: str, layout: str) -> list[tuple]:
     """(parameter, states, format, correction, first index) for every 16-bit dtype and format,
-    in several small sizes, and fp32 parameters with a draw (ignored: their own batch as nearest)."""
+    in two small sizes, and fp32 parameters with a draw (ignored: in the batch of nothing rounded)."""
     tensors = []
     for i, (dtype, name) in enumerate((d, f) for d in HALF_DTYPES for f in FORMATS):
         for n in (1 + 100 * i, 700 + 31 * i):
             p, slots = fresh(rule, n, layout, dtype)
             case = dict(zip(CASE_IDS, WEIGHT_CASES)).get(name)
             correction = None if case is None else case.start(p)
-            tensors.append((p, slots, case, correction, 1000 * i + n))
+            first = 1000 * i + n if n < 700 else (i + 1) * 2**32 - 300  # (the index wraps around 2**32 in the tensor)
+            tensors.append((p, slots, case, correction, first))
     for n in (40, 300):
         p, slots = fresh(rule, n, layout, torch.float32)
         tensors.append((p, slots, WEIGHT_CASES[2], None, n))
@@ -220,6 +230,9 @@ def test_a_refused_job_leaves_every_parameter_as_it_was():
         tk.update("adam", p, good.g, slots, hp, True, both)
     with pytest.raises(ValueError, match="int8 or int16"):
         tk.update("adam", p, good.g, slots, hp, True, WeightFormat(correction=torch.zeros(299, dtype=torch.int8)))
+    strided = WeightFormat(correction=torch.zeros(600, dtype=torch.int8)[::2])  # the kernel reads it as flat memory
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.update("adam", p, good.g, slots, hp, True, strided)
     assert torch.equal(p, before)
 
 

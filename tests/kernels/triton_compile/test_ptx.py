@@ -99,22 +99,25 @@ def test_ratio_kernel_compiles_with_exact_float64_ops(rule):
     assert "fma" not in ptx and ".approx" not in ptx
 
 
+WEIGHT_SWITCHES = {"master24": MASTER_24, "master32": MASTER_32, "stochastic": STOCHASTIC_WEIGHTS}
+
 # (weight format, param dtype, rule, layout, pass, batched, the key's type): each format on both
 # 16-bit dtypes, in a step, the measuring passes (they read the decoded master) and a batch
-WEIGHTED = [(weights, dtype, "adam", 1, 0, False, "i32") for weights in (MASTER_24, MASTER_32, STOCHASTIC_WEIGHTS)
-            for dtype in ("bf16", "fp16")] + [(STOCHASTIC_WEIGHTS, "bf16", "lion", 0, 0, False, "u32"),
-            (MASTER_24, "fp16", "ademamix", 2, 1, False, "i32"), (MASTER_32, "bf16", "lamb", 0, 2, False, "i32"),
-            (MASTER_32, "fp16", "lars", 1, 2, False, "i32"), (MASTER_24, "bf16", "momentum", 1, 0, True, "i32"),
-            (STOCHASTIC_WEIGHTS, "fp16", "rmsprop", 0, 0, True, "i32")]  # fmt: skip
+WEIGHTED = [(weights, dtype, "adam", 1, 0, False, "i32") for weights in WEIGHT_SWITCHES for dtype in ("bf16", "fp16")] + [
+            ("stochastic", "bf16", "lion", 0, 0, False, "u32"), ("master24", "fp16", "ademamix", 2, 1, False, "i32"),
+            ("master32", "bf16", "lamb", 0, 2, False, "i32"), ("master32", "fp16", "lars", 1, 2, False, "i32"),
+            ("master24", "bf16", "momentum", 1, 0, True, "i32"), ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32")]  # fmt: skip
 
 
-@pytest.mark.parametrize("weights, param_dtype, rule, layout, pass_, batched, draw_key", WEIGHTED, ids=str)
-def test_weight_formats_compile_with_exact_ops(weights, param_dtype, rule, layout, pass_, batched, draw_key):
+@pytest.mark.parametrize("name, param_dtype, rule, layout, pass_, batched, draw_key", WEIGHTED)
+def test_weight_formats_compile_with_exact_ops(name, param_dtype, rule, layout, pass_, batched, draw_key):
     """Decoding, encoding and stochastic rounding: exact conversions and powers of two, no
     contraction, no approximate op; the hash in 32-bit integer multiplies."""
+    weights = WEIGHT_SWITCHES[name]
     kernel = compile_block_kernel(rule, layout, param_dtype, pass_, batched, weights.value, draw_key)
     ptx = kernel.asm["ptx"]
-    assert_exact_float_ops(ptx) and len(kernel.asm["cubin"]) > 0
+    assert_exact_float_ops(ptx)
+    assert len(kernel.asm["cubin"]) > 0
     assert "ex2" not in ptx and "lg2" not in ptx  # powers of two from bits, never exp2
     if pass_ == 0 and weights == STOCHASTIC_WEIGHTS:
         assert "mul.lo.s32" in ptx or "mul.lo.u32" in ptx  # lowbias32's wrapping multiplies

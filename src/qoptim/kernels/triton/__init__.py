@@ -50,7 +50,8 @@ from .rules import MATH_SWITCH
 from .trust import TrustRatio, ratio_from_sums
 
 __all__ = [
-    "INTERPRETED", "WEIGHT_FORMATS", "Step", "TrustRatio", "grad_norm_sq", "supports", "trust_ratio", "update", "update_many",
+    "INTERPRETED", "WEIGHT_FORMATS", "Step", "TrustRatio", "check_weights", "grad_norm_sq", "supports", "trust_ratio", "update",
+    "update_many",
 ]  # fmt: skip
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,13 +77,23 @@ def update(
     weights: WeightFormat = NEAREST,
 ) -> UpdateResult:
     """One fused step of ``rule`` on a flat contiguous parameter (see the module docstring)."""
-    reference.check_weights(p, weights)
+    check_weights(p, weights)
     if not supports(rule, p, slots):
         raise ValueError(f"the Triton backend has no kernel for rule {rule!r} with these states")
     if p.numel() == 0:
         return UpdateResult(skipped_blocks=0)
     with _on_device_of(p):
         return _update(rule, p, g, slots, hp, skip_nonfinite, weights)
+
+
+def check_weights(p: torch.Tensor, weights: WeightFormat) -> None:
+    """``reference.check_weights``, and what a kernel reading the correction's memory needs: a
+    contiguous correction on the parameter's device."""
+    reference.check_weights(p, weights)
+    c = weights.correction
+    if c is not None and (not c.is_contiguous() or c.device != p.device):
+        raise ValueError(f"a master correction must be contiguous and on the parameter's device ({p.device}), "
+                         f"got {'a strided one' if c.device == p.device else c.device}")  # fmt: skip
 
 
 def _on_device_of(p: torch.Tensor):
@@ -110,7 +121,7 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
     small tensors of like jobs in one launch per kind (``batch``). A job refused is refused
     before any is done."""
     for job in jobs:
-        reference.check_weights(job.p, job.weights)
+        check_weights(job.p, job.weights)
     results: list[UpdateResult | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -139,7 +150,7 @@ def trust_ratio(
 ) -> TrustRatio:
     """LAMB's or LARS's trust ratio for this step, as device scalars (nothing is written):
     ``reference.trust_ratio`` on the device (of the master, where ``p`` has one)."""
-    reference.check_weights(p, weights)
+    check_weights(p, weights)
     if not supports(rule, p, slots) or not RULES[rule].trust:
         raise ValueError(f"the Triton backend has no trust ratio for rule {rule!r} with these states")
     return Step(rule, p, g, slots, hp, skip_nonfinite, weights).trust_ratio()
