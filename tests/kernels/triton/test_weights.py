@@ -184,8 +184,8 @@ def mixed_jobs(rule: str, tensors: list[tuple], step: int) -> list[Job]:
 def twin(job: Job) -> Job:
     """The same job on copies of its parameter, states and correction."""
     p, slots = copy_state(job.p, job.slots)
-    correction = job.weights.correction
-    return job._replace(p=p, slots=slots, weights=job.weights._replace(correction=None if correction is None else correction.clone()))
+    correction = None if job.weights.correction is None else job.weights.correction.clone()
+    return job._replace(p=p, slots=slots, weights=job.weights._replace(correction=correction))
 
 
 BATCHED_RULES = [rule for rule in RULES if not rules.RULES[rule].trust]  # a trust ratio takes launches of its own

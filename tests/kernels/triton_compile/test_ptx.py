@@ -106,7 +106,8 @@ WEIGHT_SWITCHES = {"master24": MASTER_24, "master32": MASTER_32, "stochastic": S
 WEIGHTED = [(weights, dtype, "adam", 1, 0, False, "i32") for weights in WEIGHT_SWITCHES for dtype in ("bf16", "fp16")] + [
             ("stochastic", "bf16", "lion", 0, 0, False, "u32"), ("master24", "fp16", "ademamix", 2, 1, False, "i32"),
             ("master32", "bf16", "lamb", 0, 2, False, "i32"), ("master32", "fp16", "lars", 1, 2, False, "i32"),
-            ("master24", "bf16", "momentum", 1, 0, True, "i32"), ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32")]  # fmt: skip
+            ("master24", "bf16", "momentum", 1, 0, True, "i32"),
+            ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32")]  # fmt: skip
 
 
 @pytest.mark.parametrize("name, param_dtype, rule, layout, pass_, batched, draw_key", WEIGHTED)

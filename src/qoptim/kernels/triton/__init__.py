@@ -181,8 +181,8 @@ class Step:
         buffers = [self.skipped if b is None else b for b in (new_scales, peaks, sums, trust_factor)]
         table = owner = self.skipped  # placeholders: not a batch
         block_kernel[(self.programs,)](*self.pointer_args, *buffers, self.skipped, table, owner, self.n, self.n_blocks,
-                                       *self.draw_args, *self.scalars, PASS=pass_.value, ROWS=self.rows, BATCHED=False, **self.flags,
-                                       **LAUNCH_OPTIONS)  # fmt: skip
+                                       *self.draw_args, *self.scalars, PASS=pass_.value, ROWS=self.rows, BATCHED=False,
+                                       **self.flags, **LAUNCH_OPTIONS)  # fmt: skip
 
     def peaks(self) -> torch.Tensor:
         """The new one-per-tensor scale of each state (NaN-propagating, like the reference's amax)."""
