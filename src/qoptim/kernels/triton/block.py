@@ -31,7 +31,7 @@ import triton.language as tl
 from ...quant import blockwise
 from ..rules import MAX_STATES, Scalars, Switches
 from .rules import LAMB, MOMENTUM, apply_rule, lamb_direction
-from .weights import load_weights, store_weights, widen
+from .weights import STOCHASTIC_WEIGHTS, load_weights, store_weights, widen
 
 # quant.blockwise.SMALLEST_POSITIVE_CODE, as the kernel reads a global
 SMALLEST_POSITIVE_CODE = tl.constexpr(blockwise.SMALLEST_POSITIVE_CODE)
@@ -222,8 +222,9 @@ def block_kernel(
             s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr = _state_addresses(row, 7, s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr)
         if N_STATES > 2:
             s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr = _state_addresses(row, 11, s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr)
-        key = tl.load(row + DRAW_KEY_COLUMN).to(tl.uint32)
-        first = tl.load(row + DRAW_FIRST_COLUMN)
+        if WEIGHTS == STOCHASTIC_WEIGHTS:
+            key = tl.load(row + DRAW_KEY_COLUMN).to(tl.uint32)
+            first = tl.load(row + DRAW_FIRST_COLUMN)
         n = tl.load(row + N_COLUMN)
         n_blocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
         pid -= tl.load(row + FIRST_PROGRAM_COLUMN)  # programs are the tensor's own: a tile lies within it
