@@ -11,12 +11,14 @@ import math
 import pytest
 import torch
 from support import RULES, copy_state, fresh
+from support.weights import HALF_DTYPES, WEIGHT_CASES
 
 import qoptim
 from qoptim import kernels, paging
 from qoptim.kernels import reference, rules
-from qoptim.kernels.types import Hyper, Job
+from qoptim.kernels.types import Hyper, Job, WeightFormat
 from qoptim.paging import cuda as paging_cuda
+from qoptim.quant import master
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -166,6 +168,82 @@ def test_batched_step_does_not_synchronize(triton_backend):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(isinstance(r.skipped_blocks, torch.Tensor) for r in results)
+
+
+# ---- weight formats (issue #17) ----------------------------------------------------------
+
+
+def _step_as_fp32_then_format(triton_backend, rule, p, correction, slots, g, hp, weights):
+    """One fused step of 16-bit ``p`` in ``weights``' format, and what it must give: the same
+    kernel's step on an fp32 parameter holding the (decoded) master, then ``quant.master``'s
+    encode or stochastic rounding, whose integer and power-of-two ops round alike on any device
+    (where the reference's float ops on CUDA may not, see ``_assert_close_to_reference``).
+    Asserts the two agree bit for bit: weight, correction, states, skipped blocks."""
+    p32 = p.float() if correction is None else master.decode(p, correction)
+    p32, slots32 = copy_state(p32, slots)
+    got = triton_backend.update(rule, p, g, slots, hp, True, weights).skipped_blocks
+    want = triton_backend.update(rule, p32, g.float(), slots32, hp, True).skipped_blocks
+    assert int(got) == int(want)
+    if correction is None:
+        assert torch.equal(_bits(p), _bits(master.stochastic_round(p32, p.dtype, weights.draw)))
+    else:
+        weight, c = master.encode(p32, p.dtype, master.bits_of(correction.dtype))
+        assert torch.equal(_bits(p), _bits(weight)) and torch.equal(correction, c)
+        if p.dtype == torch.bfloat16 and correction.dtype == torch.int16:  # the pair is the fp32 master itself
+            assert torch.equal(_bits(master.decode(p, correction)), _bits(p32))
+    for ours, theirs in zip(slots, slots32):
+        assert torch.equal(_bits(ours.values), _bits(theirs.values))
+        assert ours.absmax is None or torch.equal(ours.absmax, theirs.absmax)
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["blockwise", "whole_tensor", "fp32"])
+@pytest.mark.parametrize("rule", RULES)
+def test_weight_formats_are_the_fp32_step_then_the_format(triton_backend, rule, layout, dtype, case):
+    for n in (257, 1_000_003):
+        p, slots = fresh(rule, n, layout, dtype, CUDA)
+        correction = case.start(p)
+        for step in range(1, 5):
+            g = (torch.randn(n, device=CUDA) * 0.01).to(dtype)
+            g[(step * 997) % n] = math.nan
+            hp = _hyper(rule, step)
+            _step_as_fp32_then_format(triton_backend, rule, p, correction, slots, g, hp, case.at(correction, hp))
+
+
+def test_batches_of_mixed_weight_formats_match_a_launch_per_tensor(triton_backend):
+    """Small tensors of every 16-bit dtype and format (and fp32 with a draw, which it ignores) in
+    ``update_many``: a batch per dtype and format, each tensor as a launch of its own would leave it."""
+    tensors = []
+    for i, (dtype, case) in enumerate((d, c) for d in HALF_DTYPES for c in (None, *WEIGHT_CASES)):
+        for n in (1, 255, 4097, 100_003):
+            p, slots = fresh("adam", n, "blockwise", dtype, CUDA)
+            tensors.append((p, slots, case, None if case is None else case.start(p), i))
+    tensors.append((*fresh("adam", 3000, "fp32", torch.float32, CUDA), WEIGHT_CASES[2], None, 99))
+    for step in range(1, 4):
+        jobs, single = [], []
+        for i, (p, slots, case, correction, seed) in enumerate(tensors):
+            hp = _hyper("adam", step)
+            if case is not None and case.stochastic:
+                weights = WeightFormat(draw=master.Draw(master.step_key(seed, step), 1000 * i))
+            else:
+                weights = WeightFormat() if case is None else case.at(correction, hp)
+            g = (torch.randn(p.numel(), device=CUDA) * 0.01).to(p.dtype)
+            g[(step * 997 + 31 * i) % p.numel()] = math.nan
+            jobs.append(Job("adam", p, g, slots, hp, True, weights))
+            twin_p, twin_slots = copy_state(p, slots)
+            twin_weights = weights._replace(correction=None if correction is None else correction.clone())
+            single.append(Job("adam", twin_p, g, twin_slots, hp, True, twin_weights))
+        results = triton_backend.update_many(jobs)
+        expected = [triton_backend.update(*job) for job in single]
+        for job, twin, got, want in zip(jobs, single, results, expected):
+            assert int(got.skipped_blocks) == int(want.skipped_blocks) == 1
+            assert torch.equal(_bits(job.p), _bits(twin.p))
+            if job.weights.correction is not None:
+                assert torch.equal(job.weights.correction, twin.weights.correction)
+            for ours, theirs in zip(job.slots, twin.slots):
+                assert torch.equal(_bits(ours.values), _bits(theirs.values))
+                assert ours.absmax is None or torch.equal(ours.absmax, theirs.absmax)
 
 
 # ---- training, Triton against the reference --------------------------------------------

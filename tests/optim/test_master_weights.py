@@ -12,9 +12,11 @@ import torch
 
 import qoptim
 from qoptim.optim import AdamW8bit, Lion8bit
+from qoptim.paging import PAGED_MIN_NUMEL
 from qoptim.quant import master
 from support import assert_same
 from support.optimizers import Case, optimizer_cases
+from support.paging import is_paged, paged_cpu
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 
@@ -77,6 +79,12 @@ def test_24_bits_keep_what_bf16_rounds_away():
     assert float((fp32 - start).abs().min()) > 2e-3
     assert float((lean - fp32).abs().max()) <= 30 * 2.0**-17
     assert float((lean - start).abs().min()) > 0.9 * float((fp32 - start).abs().max())
+
+
+def test_every_class_documents_the_settings():
+    for case in LEAN:
+        if case.name not in ("Optimizer1State", "Optimizer2State"):
+            assert "master_weight_bits" in case.cls.__doc__ and "their own master" in case.cls.__doc__, case.name
 
 
 def test_fp32_parameters_are_their_own_master():
@@ -143,7 +151,8 @@ def test_changing_the_width_keeps_the_master():
     assert opt.state[p]["master_correction"].dtype == torch.int8
     assert float((opt.master_weight(p) - before).abs().max()) <= float(before.abs().max()) * 2.0**-15
     opt.args.master_weight_bits = None
-    opt.step()
+    with pytest.warns(RuntimeWarning, match="its correction is dropped"):
+        opt.step()
     assert "master_correction" not in opt.state[p]
 
 
@@ -156,7 +165,8 @@ def test_a_parameter_can_take_its_own_setting():
         opt.step()
     finally:
         qoptim.optim.GlobalOptimManager.get_instance().pid2config.pop(id(b), None)
-    assert opt.state[a]["master_correction"].dtype == torch.int8 and opt.state[b]["master_correction"].dtype == torch.int16
+    assert opt.state[a]["master_correction"].dtype == torch.int8
+    assert opt.state[b]["master_correction"].dtype == torch.uint8 and opt.state[b]["master_correction"].shape == (300, 2)
 
 
 @pytest.mark.parametrize(
@@ -189,9 +199,10 @@ def test_a_bad_setting_at_step_time_changes_nothing():
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (torch.zeros(300, dtype=torch.int32), "int8 or int16 tensor of shape"),
-        (torch.zeros(299, dtype=torch.int8), "int8 or int16 tensor of shape"),
-        ("x", "int8 or int16 tensor of shape"),
+        (torch.zeros(300, dtype=torch.int32), "must be an int8 tensor of shape"),
+        (torch.zeros(299, dtype=torch.int8), "must be an int8 tensor of shape"),
+        (torch.zeros(300, dtype=torch.uint8), r"or uint8 of shape \(300, 2\)"),
+        ("x", "must be an int8 tensor of shape"),
     ],
 )
 def test_a_bad_loaded_correction_is_named_and_changes_nothing(bad, message):
@@ -236,3 +247,23 @@ def test_gradient_release_with_a_master_equals_the_normal_loop():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert_same(p.detach(), q.detach())
         assert_same(opt.master_weight(p), opt_twin.master_weight(q))
+
+
+def test_a_paged_optimizer_pages_the_correction_and_its_copies_too():
+    """Under a (fake) managed memory the correction of a large parameter lives in paged memory like
+    its states; a deep copy pages its own, and steps as the original."""
+    with paged_cpu():
+        p = torch.nn.Parameter(torch.randn(PAGED_MIN_NUMEL).bfloat16())
+        opt = qoptim.optim.PagedAdamW8bit([p], lr=1e-3, master_weight_bits=32)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        correction = opt.state[p]["master_correction"]
+        assert is_paged(correction) and correction.shape == (PAGED_MIN_NUMEL, 2)
+        twin = copy.deepcopy(opt)
+        q = twin.param_groups[0]["params"][0]
+        assert is_paged(twin.state[q]["master_correction"])
+        assert twin.state[q]["master_correction"].data_ptr() != correction.data_ptr()
+        p.grad = q.grad = torch.randn_like(p)
+        opt.step()
+        twin.step()
+        assert_same(opt.master_weight(p), twin.master_weight(q))

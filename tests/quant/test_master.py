@@ -108,6 +108,25 @@ def test_specials(dtype, bits):
             assert torch.isfinite(got[6:]).all() and float(((got[6:] - x[6:]) / x[6:]).abs().max()) <= 2.0**-16
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bits", [24, 32])
+def test_a_master_walking_across_binades_and_zero(dtype, bits):
+    """Step by step from 2.5 down through 2, 1, 0.5, ..., zero, to -2.5: each master encodes on its
+    own, whatever the exponent of the step before (the pair keeps no exponent of its own)."""
+    path = torch.linspace(2.5, -2.5, 20_001)
+    path = torch.cat([path, torch.tensor([2.0, 2.0 - 2.0**-20, 1.0, 1.0 - 2.0**-24, 2.0**-14, 2.0**-14 - 2.0**-30, 0.0, -0.0])])
+    w, c = M.encode(path, dtype, bits)
+    got = M.decode(w, c)
+    if bits == 32 and (dtype == torch.bfloat16):
+        assert same_bits(got, path)
+    elif bits == 32:
+        normal = path.abs() >= 2.0**-14
+        assert same_bits(got[normal], path[normal])
+    else:
+        assert float(((got - path).abs() / path.abs().clamp(min=2.0**-14)).max()) <= 2.0**-15
+    assert torch.equal(torch.signbit(got), torch.signbit(path))
+
+
 def test_exact_weights_have_zero_correction():
     for dtype in HALF:
         w = torch.randn(10_000).to(dtype)

@@ -155,8 +155,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @property
     def in_step(self) -> bool:
-        """True while ``step()`` runs: ``update_step`` adds its skipped blocks to the step's total
-        (read once, at the end), rather than counting them itself."""
+        """True while ``step()`` runs: ``update_step`` adds its skipped blocks to the step's total."""
         return self._step_skips is not None
 
     def _update_params(self, work: list[tuple[int, int, dict[str, Any], torch.Tensor]]) -> None:
@@ -181,12 +180,9 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _note_skipped(self, blocks: int) -> None:
         if not self.nonfinite_skipped_blocks:
-            warnings.warn(
-                f"{type(self).__name__}: {blocks} block(s) of 256 elements had NaN or Inf gradients and were left "
-                "unchanged (parameters and state); see .nonfinite_skipped_blocks for the running count",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            warnings.warn(f"{type(self).__name__}: {blocks} block(s) of 256 elements had NaN or Inf gradients and were left "
+                          "unchanged (parameters and state); see .nonfinite_skipped_blocks for the running count",
+                          RuntimeWarning, stacklevel=4)  # fmt: skip
         self.nonfinite_skipped_blocks += blocks
 
     # ---- state buffers -------------------------------------------------------------
@@ -202,7 +198,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     if isinstance(value, torch.Tensor) and value.device != p.device:
                         state[key] = value.to(p.device)
 
-    def get_state_buffer(self, p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def get_state_buffer(self, p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # (bitsandbytes')
         return paging.state_buffer(p, dtype, self.is_paged, owner=self)
 
     def state_buffer(self, p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -280,6 +276,8 @@ class _StateOptimizer(Optimizer8bit):
         super().__init_subclass__(**kwargs)
         if "update_step" in vars(cls):
             cls.batch_updates = False
+        if "master_weight_bits" not in (cls.__doc__ or ""):  # (a variant's doc is its base's: it has it)
+            cls.__doc__ = (cls.__doc__ or "") + weights.SETTINGS_DOC
 
     def __init__(self, optimizer_name: str, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.0, skip_zeros=False,

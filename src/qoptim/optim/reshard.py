@@ -17,7 +17,9 @@
   8-bit blocks at arbitrary places. So when FSDP1 asks for the state dict (``requested_export``)
   the quantized states are exported dequantized, as float32 tensors shaped like the parameter
   (what ``torch.optim.AdamW`` would hold) plus ``"qoptim_dequantized": 1`` (``DEQUANTIZED_KEY``);
-  loading requantizes them. See README's "Distributed training" section.
+  loading requantizes them. A bf16 / fp16 parameter's master correction goes the same way: its
+  integers as float32 shaped like the parameter, with the master's width (``MASTER_BITS_KEY``).
+  See README's "Distributed training" section.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ import torch
 
 from ..kernels import BLOCK
 from ..quant.blockwise import dequantize_flat
-from . import blocks, dtensor
+from . import blocks, dtensor, weights
 from .blocks import ONE_SCALE
 from .dtensor import is_dtensor
 from .state import KEYS, MASTER_CORRECTION, StateKeys
 
 __all__ = [
-    "DEQUANTIZED_KEY", "ONE_SCALE", "SHARDS_KEY", "Export", "dequantized_state", "exported_state", "portable_state",
+    "DEQUANTIZED_KEY", "MASTER_BITS_KEY", "ONE_SCALE", "SHARDS_KEY", "Export", "dequantized_state", "exported_state", "portable_state",
     "record_shards", "requested_export", "to_current_layout",
 ]  # fmt: skip
 
 DEQUANTIZED_KEY = "qoptim_dequantized"
+MASTER_BITS_KEY = "qoptim_master_bits"  # FSDP1's export: the width of the master whose correction it holds as float32
 SHARDS_KEY = "shards"
 
 
@@ -158,6 +161,10 @@ def dequantized_state(state: dict[str, Any], n_states: int) -> dict[str, Any]:
         changed = True
     if changed:
         out[DEQUANTIZED_KEY] = 1
+    correction = state.get(MASTER_CORRECTION)
+    if isinstance(correction, torch.Tensor) and not is_dtensor(correction):
+        out[MASTER_CORRECTION] = weights.correction_values(correction)
+        out[MASTER_BITS_KEY] = weights.correction_bits(correction)
     return out
 
 
@@ -205,9 +212,12 @@ def to_current_layout(p: torch.Tensor, state: dict[str, Any], layout, map_for: M
                 state[keys.values] = dtensor.distribute_like(values, p, len(prefix))
             continue
         _move_blocks(p, state, keys, record, prefix)
+    bits = state.pop(MASTER_BITS_KEY, None)
     correction = state.get(MASTER_CORRECTION)
-    if is_dtensor(p) and isinstance(correction, torch.Tensor) and not is_dtensor(correction) and correction.shape == p.shape:
-        state[MASTER_CORRECTION] = dtensor.distribute_like(correction, p, 0)  # a whole one (a full state dict)
+    if isinstance(correction, torch.Tensor) and correction.is_floating_point():  # FSDP1's export
+        state[MASTER_CORRECTION] = correction = weights.correction_from_values(correction, bits)
+    if is_dtensor(p) and isinstance(correction, torch.Tensor) and not is_dtensor(correction) and correction.shape[: p.dim()] == p.shape:
+        state[MASTER_CORRECTION] = dtensor.distribute_like(correction, p, 0)  # a whole one (a full state dict); trailing dims: see weights
     return state
 
 

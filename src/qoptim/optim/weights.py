@@ -7,10 +7,15 @@ Both are optimizer settings (the ``args`` of bitsandbytes' optimizers, so a para
 own through ``GlobalOptimManager.override_config``). An fp32 parameter is its own master: neither
 setting changes it or keeps anything for it. The state follows the setting at each step: a
 parameter gets a zero correction (its weight is its master) when a width is set, its correction
-re-encoded when the width changes, and dropped when it is unset (the weight stays as it is)."""
+re-encoded when the width changes, and dropped when it is unset (the weight stays as it is).
+
+The state keeps a 24-bit master's correction as int8 of the parameter's shape, a 32-bit one's as
+uint8 of shape ``(*p.shape, 2)``: the int16 in its two bytes, little-endian (torch.distributed's
+gloo and NCCL have no int16, and FSDP2 / DCP gather and shard the state like the parameter)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -20,9 +25,24 @@ from ..quant import master
 from . import dtensor
 from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers
 
-__all__ = ["WEIGHT_ROUNDINGS", "check_loaded", "check_settings", "master_weight", "sync_state", "weight_format"]
+__all__ = [
+    "SETTINGS_DOC", "WEIGHT_ROUNDINGS", "check_loaded", "check_settings", "correction_bits", "correction_from_values", "correction_values",
+    "master_weight", "sync_state", "weight_format",
+]  # fmt: skip
 
 WEIGHT_ROUNDINGS = ("nearest", "stochastic")
+
+# appended to every optimizer class's docstring (``optimizer._StateOptimizer.__init_subclass__``)
+SETTINGS_DOC = """
+
+    Lean training (qoptim's own, keyword-only): ``master_weight_bits=24`` or ``32`` keeps for each
+    bf16 / fp16 parameter a correction (1 or 2 bytes per element) that, with the weight, holds an
+    fp32 master which every step updates (32 bits on bf16: the fp32 master bit for bit; the weight
+    is the master rounded to nearest); ``weight_rounding="stochastic"`` instead rounds the updated
+    weight stochastically. fp32 parameters are their own master: neither setting changes them or
+    keeps anything for them. ``master_weight(p)`` returns a parameter's fp32 master. See the
+    README's "Lean training" section.
+"""
 
 
 def check_settings(master_weight_bits: Any, weight_rounding: Any) -> None:
@@ -46,18 +66,70 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
     bits = config["master_weight_bits"]
     correction = state.get(MASTER_CORRECTION)
     if bits is None:
-        state.pop(MASTER_CORRECTION, None)
+        if correction is not None:
+            _drop(state, position)
     elif correction is None:
-        state[MASTER_CORRECTION] = buffers.state_buffer(p, master.correction_dtype(bits), p.shape)
-    elif correction.dtype != master.correction_dtype(bits):  # another width: the same master, encoded anew
+        state[MASTER_CORRECTION] = _new_correction(p, bits, buffers)
+    elif correction_bits(correction) != bits:  # another width: the same master, encoded anew
         weight, new = master.encode(_decoded(p, correction), p.dtype, bits)
         dtensor.local(p.detach()).copy_(weight)
-        state[MASTER_CORRECTION] = buffers.state_buffer(p, new.dtype, p.shape)
-        dtensor.local(state[MASTER_CORRECTION]).copy_(new)
+        state[MASTER_CORRECTION] = _new_correction(p, bits, buffers)
+        _as_integers(state[MASTER_CORRECTION]).copy_(new.view(-1))
     if config["weight_rounding"] == "stochastic":
         state.setdefault(ROUNDING_SEED, _seed(position))
     else:
         state.pop(ROUNDING_SEED, None)
+
+
+def _drop(state: dict[str, Any], position: tuple[int, int]) -> None:
+    warnings.warn(
+        f"master_weight_bits is None for parameter {position[1]} of param group {position[0]}, which has a "
+        f"{correction_bits(state[MASTER_CORRECTION])}-bit master: its correction is dropped, the weight keeps the master "
+        "rounded to nearest (pass master_weight_bits to keep it, e.g. when loading a checkpoint of a run with a master)",
+        RuntimeWarning,
+        stacklevel=6,
+    )
+    del state[MASTER_CORRECTION]
+
+
+_STORED = {24: (torch.int8, ()), 32: (torch.uint8, (2,))}  # bits -> the state's dtype and trailing dims (module doc)
+
+
+def _new_correction(p: torch.Tensor, bits: int, buffers: Buffers) -> torch.Tensor:
+    """A zero correction (the weight is its own master), sharded like ``p`` (and paged with the optimizer)."""
+    dtype, trailing = _STORED[bits]
+    if dtensor.is_dtensor(p):  # (state_buffer's extra dims lead; these trail: the same shards as p's)
+        local = torch.zeros((*dtensor.local(p).shape, *trailing), dtype=dtype, device=p.device)
+        return dtensor.wrap(local, p, p.placements, (*p.shape, *trailing))
+    return buffers.state_buffer(p, dtype, (*p.shape, *trailing))
+
+
+def correction_bits(correction: torch.Tensor) -> int:
+    """The master's width a stored correction is for."""
+    return 24 if correction.dtype == torch.int8 else 32
+
+
+def _as_integers(correction: torch.Tensor) -> torch.Tensor:
+    """A stored correction's local values as flat int8 / int16 (an alias)."""
+    flat = dtensor.local(correction.detach()).view(-1)
+    return flat if flat.dtype == torch.int8 else flat.view(torch.int16)
+
+
+def correction_values(correction: torch.Tensor) -> torch.Tensor:
+    """A (plain) stored correction's integers as float32 of the parameter's shape (FSDP1's export:
+    it gathers only float states shaped like the parameter)."""
+    shape = correction.shape if correction.dtype == torch.int8 else correction.shape[:-1]
+    return _as_integers(correction).float().view(shape)
+
+
+def correction_from_values(values: torch.Tensor, bits: Any) -> torch.Tensor:
+    """``correction_values``' inverse: the stored correction of a ``bits``-bit master."""
+    dtype = master.CORRECTION_DTYPES.get(bits) if not isinstance(bits, bool) else None
+    limits = torch.iinfo(dtype) if dtype is not None else None
+    if limits is None or not bool((values == values.round()).all() and (values.abs() <= limits.max + 1).all()):
+        raise ValueError(f"an exported {MASTER_CORRECTION} must hold the integers of a 24- or 32-bit master, with its width; got {bits!r}")
+    integers = values.to(dtype).contiguous()
+    return integers if bits == 24 else integers.view(torch.uint8).view(*values.shape, 2)
 
 
 def _seed(position: tuple[int, int]) -> int:
@@ -72,7 +144,7 @@ def weight_format(p: torch.Tensor, state: dict[str, Any], step: int) -> WeightFo
     """The kernels' view of a parameter's weight format at ``step``."""
     correction = state.get(MASTER_CORRECTION)
     if correction is not None and p.dtype in master.HALF_PRECISION:
-        return WeightFormat(correction=dtensor.local(correction.detach()).view(-1))
+        return WeightFormat(correction=_as_integers(correction))
     seed = state.get(ROUNDING_SEED)
     if seed is not None and p.dtype in master.HALF_PRECISION:
         return WeightFormat(draw=master.Draw(master.step_key(int(seed), step), _first_index(p)))
@@ -97,22 +169,26 @@ def master_weight(p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
     if correction is None or p.dtype not in master.HALF_PRECISION:
         local = weights.to(torch.float32, copy=True)
     else:
-        local = master.decode(weights, dtensor.local(correction.detach()))
+        local = master.decode(weights, _as_integers(correction).view(weights.shape))
     return dtensor.like(p, local, p.shape) if dtensor.is_dtensor(p) else local
 
 
 def _decoded(p: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
-    return master.decode(dtensor.local(p.detach()), dtensor.local(correction))
+    weights = dtensor.local(p.detach())
+    return master.decode(weights, _as_integers(correction).view(weights.shape))
 
 
 def check_loaded(name: str, p: torch.Tensor, state: dict[str, Any]) -> None:
     """A loaded parameter state's weight-format entries, checked before anything is assigned."""
     correction = state.get(MASTER_CORRECTION)
     if correction is not None:
-        dtypes = tuple(master.CORRECTION_DTYPES.values())
-        if not isinstance(correction, torch.Tensor) or correction.dtype not in dtypes or tuple(correction.shape) != tuple(p.shape):
+        fits = isinstance(correction, torch.Tensor) and any(
+            correction.dtype == dtype and tuple(correction.shape) == (*p.shape, *trailing) for dtype, trailing in _STORED.values()
+        )
+        if not fits:
             got = f"{correction.dtype} {tuple(correction.shape)}" if isinstance(correction, torch.Tensor) else type(correction).__name__
-            raise ValueError(f"{name}: {MASTER_CORRECTION} must be an int8 or int16 tensor of shape {tuple(p.shape)}, got {got}")
+            raise ValueError(f"{name}: {MASTER_CORRECTION} must be an int8 tensor of shape {tuple(p.shape)} (24 bits) or uint8 of "
+                             f"shape {(*p.shape, 2)} (32 bits), got {got}")  # fmt: skip
         if p.dtype not in master.HALF_PRECISION:
             raise ValueError(f"{name}: {MASTER_CORRECTION} belongs to a bfloat16 or float16 parameter, this one is {p.dtype}")
     seed = state.get(ROUNDING_SEED)

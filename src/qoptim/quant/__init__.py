@@ -1,8 +1,10 @@
-"""Quantization of optimizer states: the dynamic maps and block-wise quantize/dequantize.
+"""Quantization: of optimizer states (the dynamic maps, block-wise quantize/dequantize) and of
+weights (master corrections, stochastic rounding).
 
 Modules:
     maps.py       the dynamic maps (bit-identical to bitsandbytes'), their midpoints and search points
     blockwise.py  block-wise quantize/dequantize in plain torch ops, and BLOCK, the states' block size
+    master.py     a 16-bit weight and the correction that holds its fp32 master; stochastic rounding
 """
 
 from .blockwise import BLOCK, QuantState, dequantize_blockwise, quantize_blockwise

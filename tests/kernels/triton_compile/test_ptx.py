@@ -21,13 +21,20 @@ from qoptim.kernels.triton.block import block_kernel  # noqa: E402
 from qoptim.kernels.triton.launch import never_negative_mask  # noqa: E402
 from qoptim.kernels.triton.rules import MATH_SWITCH  # noqa: E402
 from qoptim.kernels.triton.trust import ratio_kernel  # noqa: E402
+from qoptim.kernels.triton.weights import MASTER_24, MASTER_32, NEAREST_WEIGHTS, STOCHASTIC_WEIGHTS  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def block_kernel_signature(layout: int, param_dtype: str, constants: dict) -> dict:
+# The correction's pointer type of each weight format (the others get a placeholder: the parameter).
+CORRECTION_TYPES = {MASTER_24.value: "*i8", MASTER_32.value: "*i16"}
+
+
+def block_kernel_signature(layout: int, param_dtype: str, constants: dict, draw_key: str = "i32") -> dict:
+    """``draw_key``: the launcher's type of the key, by its value: i32 below 2**31, u32 above."""
     signature = {name: "fp32" for name in block_kernel.arg_names}  # the scalars
     signature.update(p_ptr=f"*{param_dtype}", g_ptr=f"*{param_dtype}", skipped_ptr="*i64", n="i32", n_blocks="i32")
+    signature.update(c_ptr=CORRECTION_TYPES.get(constants["WEIGHTS"], f"*{param_dtype}"), draw_key=draw_key, draw_first="i32")
     signature.update(table_ptr="*i64", owner_ptr="*i64")
     for i in range(rules.MAX_STATES):
         signature[f"s{i}_ptr"] = "*fp32" if layout == 0 else "*u8"
@@ -43,19 +50,30 @@ COMPILED = [(rule, 1, "bf16", 0, False) for rule in RULES] + [("adam", 0, "fp32"
             ("adam", 1, "bf16", 0, True), ("ademamix", 0, "fp16", 0, True), ("lion", 1, "fp32", 0, True)]  # fmt: skip
 
 
+def compile_block_kernel(rule, layout, param_dtype, pass_, batched, weights=NEAREST_WEIGHTS.value, draw_key="i32"):
+    """The block kernel's sm_90 compile of these switches."""
+    spec = rules.RULES[rule]
+    constants = dict(RULE=MATH_SWITCH[spec.math], N_STATES=spec.states, LAYOUT=layout, PASS=pass_,
+                     NEVER_NEGATIVE=never_negative_mask(spec), DECAY=1 + (pass_ == 2),
+                     TRUST=spec.trust, NESTEROV=True, FIRST_STEP=False, SCALE_GRAD=True, SKIP=True, WEIGHTS=weights,
+                     PARAM_BF16=param_dtype == "bf16", ROWS=4, BLOCK_SIZE=BLOCK, BATCHED=batched)  # fmt: skip
+    source = ASTSource(block_kernel, block_kernel_signature(layout, param_dtype, constants, draw_key), constexprs=constants)
+    return triton.compile(source, target=SM90, options={"enable_fp_fusion": False, "num_warps": 4})
+
+
+def assert_exact_float_ops(ptx: str) -> None:
+    """No contracted multiply-add, no approximate op, no flush of subnormals to zero."""
+    assert "fma.rn" not in ptx and ".approx" not in ptx and ".ftz" not in ptx
+
+
 @pytest.mark.parametrize("rule, layout, param_dtype, pass_, batched", COMPILED)
 def test_compiles_for_sm90_with_exact_float_ops(rule, layout, param_dtype, pass_, batched):
     """No contracted multiply-adds, no approximate division or square root. A batch reads its
     pointers from the table and counts skipped blocks per tensor in int64."""
-    spec = rules.RULES[rule]
-    constants = dict(RULE=MATH_SWITCH[spec.math], N_STATES=spec.states, LAYOUT=layout, PASS=pass_,
-                     NEVER_NEGATIVE=never_negative_mask(spec), DECAY=1 + (pass_ == 2),
-                     TRUST=spec.trust, NESTEROV=True, FIRST_STEP=False, SCALE_GRAD=True, SKIP=True,
-                     PARAM_BF16=param_dtype == "bf16", ROWS=4, BLOCK_SIZE=BLOCK, BATCHED=batched)  # fmt: skip
-    source = ASTSource(block_kernel, block_kernel_signature(layout, param_dtype, constants), constexprs=constants)
-    kernel = triton.compile(source, target=SM90, options={"enable_fp_fusion": False, "num_warps": 4})
+    kernel = compile_block_kernel(rule, layout, param_dtype, pass_, batched)
     ptx = kernel.asm["ptx"]
-    assert "fma.rn" not in ptx and ".approx" not in ptx and len(kernel.asm["cubin"]) > 0
+    assert_exact_float_ops(ptx)
+    assert len(kernel.asm["cubin"]) > 0
     if pass_ == 0 and layout != 0:  # the quantizer's reciprocal of the scale
         assert "div.rn.f32" in ptx
     if pass_ == 0 and rule in ("adam", "ademamix", "rmsprop", "adagrad", "lamb"):
@@ -79,3 +97,32 @@ def test_ratio_kernel_compiles_with_exact_float64_ops(rule):
     ptx = triton.compile(source, target=SM90, options={"enable_fp_fusion": False, "num_warps": 1}).asm["ptx"]
     assert "sqrt.rn.f64" in ptx and "div.rn.f64" in ptx and "cvt.rn.f32.f64" in ptx
     assert "fma" not in ptx and ".approx" not in ptx
+
+
+WEIGHT_SWITCHES = {"master24": MASTER_24, "master32": MASTER_32, "stochastic": STOCHASTIC_WEIGHTS}
+
+# (weight format, param dtype, rule, layout, pass, batched, the key's type): each format on both
+# 16-bit dtypes, in a step, the measuring passes (they read the decoded master) and a batch
+WEIGHTED = [(weights, dtype, "adam", 1, 0, False, "i32") for weights in WEIGHT_SWITCHES for dtype in ("bf16", "fp16")] + [
+            ("stochastic", "bf16", "lion", 0, 0, False, "u32"), ("master24", "fp16", "ademamix", 2, 1, False, "i32"),
+            ("master32", "bf16", "lamb", 0, 2, False, "i32"), ("master32", "fp16", "lars", 1, 2, False, "i32"),
+            ("master24", "bf16", "momentum", 1, 0, True, "i32"),
+            ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, param_dtype, rule, layout, pass_, batched, draw_key", WEIGHTED)
+def test_weight_formats_compile_with_exact_ops(name, param_dtype, rule, layout, pass_, batched, draw_key):
+    """Decoding, encoding and stochastic rounding: exact conversions and powers of two, no
+    contraction, no approximate op; the hash in 32-bit integer multiplies."""
+    weights = WEIGHT_SWITCHES[name]
+    kernel = compile_block_kernel(rule, layout, param_dtype, pass_, batched, weights.value, draw_key)
+    ptx = kernel.asm["ptx"]
+    assert_exact_float_ops(ptx)
+    assert len(kernel.asm["cubin"]) > 0
+    assert "ex2" not in ptx and "lg2" not in ptx  # powers of two from bits, never exp2
+    if pass_ == 0 and weights == STOCHASTIC_WEIGHTS:
+        assert "mul.lo.s32" in ptx or "mul.lo.u32" in ptx  # lowbias32's wrapping multiplies
+    if pass_ == 0 and param_dtype == "fp16" and weights != STOCHASTIC_WEIGHTS:
+        assert "cvt.rzi.s32.f32" in ptx  # the floor of rounding half away from zero (of a magnitude)
+    if pass_ == 0 and weights in (MASTER_24, MASTER_32):  # the correction is written
+        assert ("st.global.b8" in ptx or "st.global.u8" in ptx) if weights == MASTER_24 else ("st.global.b16" in ptx)

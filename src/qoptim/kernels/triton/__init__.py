@@ -1,10 +1,13 @@
 """The CUDA backend: fused Triton kernels for every rule of the reference (Adam / AdamW, AdEMAMix,
 Lion, SGD, LARS, RMSprop, Adagrad, LAMB), with 8-bit states in 256-blocks, 8-bit states with one
-scale per tensor, or fp32 states, on fp32 / fp16 / bf16 parameters.
+scale per tensor, or fp32 states, on fp32 / fp16 / bf16 parameters, in every weight format
+(``types.WeightFormat``: a 24- or 32-bit master decoded, updated and encoded again in the same
+pass, or stochastic rounding; ``weights``).
 
 The modules, one idea each (what a rule is, its states, decay and float constants, is
 ``kernels.rules``', shared with every backend):
   * ``rules``: each rule's per-element math on the device, and ``apply_rule``;
+  * ``weights``: reading and writing a parameter in its weight format (``quant.master`` on tiles);
   * ``block``: the one block kernel that dequantizes, applies a rule, requantizes;
   * ``launch``: what a launch takes: layouts, pointers, a step's floats and switches, search tables;
   * ``trust``: LAMB's and LARS's trust ratio, made on the device;
@@ -41,13 +44,18 @@ from ..rules import RULES
 from ..types import BLOCK, NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
 from . import batch
 from .block import NORMS_PASS, PEAKS_PASS, STEP_PASS, WHOLE_TENSOR_8BIT, block_kernel
-from .launch import INTERPRETED, LAUNCH_OPTIONS, SCALAR_LAUNCH_OPTIONS, layout_of, pointer_args, rows_per_program, step_arguments
+from .launch import (INTERPRETED, LAUNCH_OPTIONS, SCALAR_LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program,
+                     step_arguments)  # fmt: skip
 from .rules import MATH_SWITCH
 from .trust import TrustRatio, ratio_from_sums
 
-__all__ = ["INTERPRETED", "Step", "TrustRatio", "grad_norm_sq", "supports", "trust_ratio", "update", "update_many"]
+__all__ = [
+    "INTERPRETED", "WEIGHT_FORMATS", "Step", "TrustRatio", "check_weights", "grad_norm_sq", "supports", "trust_ratio", "update",
+    "update_many",
+]  # fmt: skip
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_FORMATS = True  # master corrections and stochastic rounding are fused (``kernels.update`` reads this)
 
 
 def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
@@ -69,14 +77,23 @@ def update(
     weights: WeightFormat = NEAREST,
 ) -> UpdateResult:
     """One fused step of ``rule`` on a flat contiguous parameter (see the module docstring)."""
-    if weights != NEAREST:
-        return reference.update(rule, p, g, slots, hp, skip_nonfinite, weights)
+    check_weights(p, weights)
     if not supports(rule, p, slots):
         raise ValueError(f"the Triton backend has no kernel for rule {rule!r} with these states")
     if p.numel() == 0:
         return UpdateResult(skipped_blocks=0)
     with _on_device_of(p):
-        return _update(rule, p, g, slots, hp, skip_nonfinite)
+        return _update(rule, p, g, slots, hp, skip_nonfinite, weights)
+
+
+def check_weights(p: torch.Tensor, weights: WeightFormat) -> None:
+    """``reference.check_weights``, and what a kernel reading the correction's memory needs: a
+    contiguous correction on the parameter's device."""
+    reference.check_weights(p, weights)
+    c = weights.correction
+    if c is not None and (not c.is_contiguous() or c.device != p.device):
+        raise ValueError(f"a master correction must be contiguous and on the parameter's device ({p.device}), "
+                         f"got {'a strided one' if c.device == p.device else c.device}")  # fmt: skip
 
 
 def _on_device_of(p: torch.Tensor):
@@ -85,8 +102,8 @@ def _on_device_of(p: torch.Tensor):
     return torch.cuda.device(p.device) if p.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult:
-    step = Step(rule, p, g, slots, hp, skip_nonfinite)
+def _update(rule, p, g, slots, hp, skip_nonfinite, weights) -> UpdateResult:
+    step = Step(rule, p, g, slots, hp, skip_nonfinite, weights)
     if step.spec.trust:
         step.trust = step.trust_ratio()
     if step.layout == WHOLE_TENSOR_8BIT.value:
@@ -101,7 +118,10 @@ def _update(rule, p, g, slots, hp, skip_nonfinite) -> UpdateResult:
 
 def update_many(jobs: list[Job]) -> list[UpdateResult]:
     """``update(*job)`` for every job (the reference's where this backend has no kernel), the
-    small tensors of like jobs in one launch per kind (``batch``)."""
+    small tensors of like jobs in one launch per kind (``batch``). A job refused is refused
+    before any is done."""
+    for job in jobs:
+        check_weights(job.p, job.weights)
     results: list[UpdateResult | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -125,21 +145,25 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
 
 
 def trust_ratio(
-    rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True
+    rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True,
+    weights: WeightFormat = NEAREST,
 ) -> TrustRatio:
     """LAMB's or LARS's trust ratio for this step, as device scalars (nothing is written):
-    ``reference.trust_ratio`` on the device."""
+    ``reference.trust_ratio`` on the device (of the master, where ``p`` has one)."""
+    check_weights(p, weights)
     if not supports(rule, p, slots) or not RULES[rule].trust:
         raise ValueError(f"the Triton backend has no trust ratio for rule {rule!r} with these states")
-    return Step(rule, p, g, slots, hp, skip_nonfinite).trust_ratio()
+    return Step(rule, p, g, slots, hp, skip_nonfinite, weights).trust_ratio()
 
 
 class Step:
     """The launches of one step of one parameter: the kernel arguments every pass shares."""
 
-    def __init__(self, rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool):
+    def __init__(self, rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool,
+                 weights: WeightFormat = NEAREST):  # fmt: skip
         self.rule, self.spec = rule, RULES[rule]
         self.p, self.g, self.slots, self.hp, self.skip_nonfinite = p, g, slots, hp, skip_nonfinite
+        self.weights = weights
         self.layout = layout_of(slots[0])
         self.n = p.numel()
         self.n_blocks = triton.cdiv(self.n, BLOCK)
@@ -147,8 +171,9 @@ class Step:
         self.programs = triton.cdiv(self.n_blocks, self.rows)
         self.skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
         self.trust = None  # TrustRatio, once made
-        self.pointer_args = pointer_args(p, g, slots)
-        self.scalars, self.flags = step_arguments(self.spec, p, self.layout, hp, skip_nonfinite)
+        self.pointer_args = pointer_args(p, g, slots, weights)
+        self.draw_args = draw_args(weights)
+        self.scalars, self.flags = step_arguments(self.spec, p, self.layout, hp, skip_nonfinite, weights)
 
     def run(self, pass_, new_scales=None, peaks=None, sums=None) -> None:
         """One pass of the block kernel; the buffers a pass does not read get placeholders."""
@@ -156,8 +181,8 @@ class Step:
         buffers = [self.skipped if b is None else b for b in (new_scales, peaks, sums, trust_factor)]
         table = owner = self.skipped  # placeholders: not a batch
         block_kernel[(self.programs,)](*self.pointer_args, *buffers, self.skipped, table, owner, self.n, self.n_blocks,
-                                       *self.scalars, PASS=pass_.value, ROWS=self.rows, BATCHED=False, **self.flags,
-                                       **LAUNCH_OPTIONS)  # fmt: skip
+                                       *self.draw_args, *self.scalars, PASS=pass_.value, ROWS=self.rows, BATCHED=False,
+                                       **self.flags, **LAUNCH_OPTIONS)  # fmt: skip
 
     def peaks(self) -> torch.Tensor:
         """The new one-per-tensor scale of each state (NaN-propagating, like the reference's amax)."""

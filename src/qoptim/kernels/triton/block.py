@@ -3,9 +3,10 @@
 Each program owns ``ROWS`` 256-blocks as a [ROWS, 256] tile and does, per block, what the
 reference does per chunk and in the same float-op order: dequantize each state with its old
 scale, apply the rule in fp32 (``rules.apply_rule``), take the block's new scale,
-requantize by the count of midpoints below ``x * (1 / scale)``, round the parameter back to its
-dtype (round to nearest even). Blocks whose gradient holds a NaN or Inf keep their parameter and
-states (``SKIP``).
+requantize by the count of midpoints below ``x * (1 / scale)``, write the parameter back in its
+weight format (``weights``: rounded to nearest even, stochastically, or encoded as a master with
+its correction, which is read decoded). Blocks whose gradient holds a NaN or Inf keep their
+parameter, correction and states (``SKIP``).
 
 Three passes over the same tile code, a compile-time switch:
   * ``STEP_PASS`` writes the parameter and the states;
@@ -15,7 +16,7 @@ Three passes over the same tile code, a compile-time switch:
     square roots make the trust ratio (see ``trust``).
 
 One launch covers one flat parameter, or (``BATCHED``) many: each program then finds its tensor's
-pointers, size, gradient scale and skip counter in a row of an int64 table (``batch``)
+pointers, size, gradient scale, draw and skip counter in a row of an int64 table (``batch``)
 and runs the same tile code on them.
 
 What a launch takes (the layout of a state, its kernel arguments, the float arguments and
@@ -30,6 +31,7 @@ import triton.language as tl
 from ...quant import blockwise
 from ..rules import MAX_STATES, Scalars, Switches
 from .rules import LAMB, MOMENTUM, apply_rule, lamb_direction
+from .weights import STOCHASTIC_WEIGHTS, load_weights, store_weights, widen
 
 # quant.blockwise.SMALLEST_POSITIVE_CODE, as the kernel reads a global
 SMALLEST_POSITIVE_CODE = tl.constexpr(blockwise.SMALLEST_POSITIVE_CODE)
@@ -41,12 +43,14 @@ FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT = (tl.constexpr(i) for i in range
 STEP_PASS, PEAKS_PASS, NORMS_PASS = (tl.constexpr(i) for i in range(3))
 
 # The kernel takes MAX_STATES (3) states whatever the rule; a rule with fewer gets placeholders.
-# A batch table's row (int64): the kernel's pointer arguments in its order (param, grad, then
-# values, code, midpoints, scales of each state), then the tensor's element count, its first
-# program, and its gradient scale (float32 bits).
-POINTERS = 2 + 4 * MAX_STATES
-N_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN = (tl.constexpr(POINTERS + i) for i in range(3))
-TABLE_COLUMNS = tl.constexpr(POINTERS + 3)
+# A batch table's row (int64): the kernel's pointer arguments in its order (param, grad, master
+# correction, then values, code, midpoints, scales of each state), then the tensor's element
+# count, its first program, its gradient scale (float32 bits), and its draw's key and first index
+# (stochastic rounding).
+POINTERS = 3 + 4 * MAX_STATES
+N_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN, DRAW_KEY_COLUMN, DRAW_FIRST_COLUMN = (
+    tl.constexpr(POINTERS + i) for i in range(5))  # fmt: skip
+TABLE_COLUMNS = tl.constexpr(POINTERS + 5)
 
 
 @triton.jit
@@ -107,16 +111,6 @@ def _sum_of_squares(x, mask):
 
 
 @triton.jit
-def _round_to_bf16(x):
-    """float32 -> bfloat16, round to nearest even, in integer ops: Triton's interpreter truncates
-    instead (the GPU would round correctly; the result is the same). NaN becomes torch's 0x7FC0."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _load_state(ptr, code_ptr, absmax_ptr, offs, mask, rows, row_mask, LAYOUT: tl.constexpr):
     """fp32 values of one state's tile (dequantized with the old scale for 8-bit layouts)."""
     if LAYOUT == FP32_STATES:
@@ -153,13 +147,6 @@ def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, 
 
 
 @triton.jit
-def _store_param(p_ptr, p, offs, mask, PARAM_BF16: tl.constexpr):
-    if PARAM_BF16:
-        p = _round_to_bf16(p)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)  # float16: round to nearest even
-
-
-@triton.jit
 def _store_peaks(out_ptr, s0, s1, s2, mask, N_STATES: tl.constexpr):
     tl.store(out_ptr, _tile_peak(s0, mask))
     if N_STATES > 1:
@@ -192,9 +179,10 @@ def _state_addresses(row, column: tl.constexpr, values_ptr, code_ptr, mids_ptr, 
             _address(row, column + 3, absmax_ptr))  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["draw_key", "draw_first"])
 def block_kernel(
     p_ptr, g_ptr,
+    c_ptr,  # MASTER_24 / MASTER_32: the master correction (int8 / int16); otherwise a placeholder
     s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr,
     s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr,
     s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr,
@@ -206,29 +194,37 @@ def block_kernel(
     table_ptr,  # BATCHED: a row of TABLE_COLUMNS int64 per tensor
     owner_ptr,  # BATCHED: the table row of each program
     n, n_blocks,
+    draw_key, draw_first,  # STOCHASTIC_WEIGHTS: the step's key (< 2**32) and the first element's index (mod 2**32)
     # kernels.rules.Scalars, in its order
     beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, alpha, eps, weight_decay, decay_factor,
     step_size, bias_correction1, bias_correction2, bias_correction2_sqrt, one_minus_dampening, gnorm_scale,
     RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr, NEVER_NEGATIVE: tl.constexpr,
     DECAY: tl.constexpr, TRUST: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,  # kernels.rules.Switches
-    SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr, WEIGHTS: tl.constexpr,
     PARAM_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BATCHED: tl.constexpr,
 ):  # fmt: skip
     """One pass of one rule over ``ROWS`` blocks of a flat parameter (the states past
     ``N_STATES`` are placeholders, never read). ``NEVER_NEGATIVE``: bit i set where the rule's
-    state i is never negative (``kernels.rules.RuleSpec.signed``). ``BATCHED``: the parameter is the one of this
-    program's table row, and the pointer arguments are placeholders that only give the types."""
+    state i is never negative (``kernels.rules.RuleSpec.signed``). ``WEIGHTS``: the parameter's
+    weight format (``weights``). ``BATCHED``: the parameter is the one of this program's table row,
+    and the pointer arguments are placeholders that only give the types."""
     pid = tl.program_id(0).to(tl.int64)
-    if BATCHED:  # columns: param, grad, then four per state (see POINTERS)
+    key = draw_key.to(tl.uint32)
+    first = draw_first.to(tl.int64)
+    if BATCHED:  # columns: param, grad, correction, then four per state (see POINTERS)
         tensor = tl.load(owner_ptr + pid)
         row = table_ptr + tensor * TABLE_COLUMNS
         p_ptr = _address(row, 0, p_ptr)
         g_ptr = _address(row, 1, g_ptr)
-        s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr = _state_addresses(row, 2, s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr)
+        c_ptr = _address(row, 2, c_ptr)
+        s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr = _state_addresses(row, 3, s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr)
         if N_STATES > 1:
-            s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr = _state_addresses(row, 6, s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr)
+            s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr = _state_addresses(row, 7, s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr)
         if N_STATES > 2:
-            s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr = _state_addresses(row, 10, s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr)
+            s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr = _state_addresses(row, 11, s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr)
+        if WEIGHTS == STOCHASTIC_WEIGHTS:
+            key = tl.load(row + DRAW_KEY_COLUMN).to(tl.uint32)
+            first = tl.load(row + DRAW_FIRST_COLUMN)
         n = tl.load(row + N_COLUMN)
         n_blocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
         pid -= tl.load(row + FIRST_PROGRAM_COLUMN)  # programs are the tensor's own: a tile lies within it
@@ -239,8 +235,8 @@ def block_kernel(
     offs = rows[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
     mask = offs < n
 
-    p_old = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p_old = load_weights(p_ptr, c_ptr, offs, mask, WEIGHTS, PARAM_BF16)  # fp32: the master, where there is one
+    g = widen(tl.load(g_ptr + offs, mask=mask, other=0.0))
     bad = tl.zeros((ROWS,), dtype=tl.int32)
     if SKIP:
         # |g| < inf is false for NaN and for +-Inf: the block is left as it was.
@@ -282,7 +278,7 @@ def block_kernel(
             if PASS == PEAKS_PASS:
                 _store_peaks(peaks_ptr + N_STATES * pid, s0, s1, s2, mask, N_STATES)
             else:
-                _store_param(p_ptr, p, offs, mask & (keep == 0), PARAM_BF16)
+                store_weights(p_ptr, c_ptr, p, offs, mask & (keep == 0), key, first, WEIGHTS, PARAM_BF16)
                 _store_state(s0_ptr, mids0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT,
                              (NEVER_NEGATIVE & 1) == 0)  # fmt: skip
                 if N_STATES > 1:
@@ -300,4 +296,4 @@ assert tuple(block_kernel.arg_names[_first_scalar : _first_scalar + len(Scalars.
 assert all(name.upper() in block_kernel.arg_names for name in Switches._fields)
 
 # A batch table row holds the kernel's pointer arguments in its order, MAX_STATES states' worth.
-assert block_kernel.arg_names[POINTERS - 1] == f"absmax{MAX_STATES - 1}_ptr"
+assert block_kernel.arg_names[POINTERS - 1] == f"absmax{MAX_STATES - 1}_ptr" and block_kernel.arg_names[2] == "c_ptr"

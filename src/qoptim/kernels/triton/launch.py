@@ -1,5 +1,6 @@
 """What a launch of the block kernel takes: the layout switch of a state, the pointer arguments,
-the float arguments and switches of one step, the tile height, and the quantizer's search tables.
+the float arguments and switches of one step (the weight format's included, and its draw), the
+tile height, and the quantizer's search tables.
 
 Every float argument is a field of ``kernels.rules.Scalars``, computed in double on the host
 exactly as the reference writes it, and rounded to float32 by the launch, as torch rounds a
@@ -16,11 +17,13 @@ import weakref
 import torch
 import triton
 
+from ...quant import master
 from ...quant.maps import midpoints
 from ..rules import MAX_STATES, RuleSpec, Switches, switches
-from ..types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from ..types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, WeightFormat
 from .block import BLOCKWISE_8BIT, FP32_STATES, WHOLE_TENSOR_8BIT
 from .rules import MATH_SWITCH
+from .weights import MASTER_24, MASTER_32, NEAREST_WEIGHTS, STOCHASTIC_WEIGHTS
 
 # Whether the kernels were built for Triton's CPU interpreter (decided when triton.jit ran).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -43,11 +46,13 @@ def layout_of(slot: StateSlot) -> int | None:
     return None
 
 
-def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot]) -> list[torch.Tensor]:
-    """The kernel's first ``POINTERS`` arguments: param, grad, then each state's values, code,
-    midpoints and scales; what a rule or layout does not read gets an unread placeholder."""
+def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], weights: WeightFormat) -> list[torch.Tensor]:
+    """The kernel's first ``POINTERS`` arguments: param, grad, master correction, then each
+    state's values, code, midpoints and scales; what a rule, layout or weight format does not
+    read gets an unread placeholder."""
     padded = slots + slots[:1] * (MAX_STATES - len(slots))
-    return [p, g, *(arg for slot in padded for arg in _state_args(slot))]
+    correction = p if weights.correction is None else weights.correction
+    return [p, g, correction, *(arg for slot in padded for arg in _state_args(slot))]
 
 
 def _state_args(slot: StateSlot) -> tuple[torch.Tensor, ...]:
@@ -56,9 +61,11 @@ def _state_args(slot: StateSlot) -> tuple[torch.Tensor, ...]:
     return slot.values, slot.code, search_table(slot.code), slot.absmax
 
 
-def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip_nonfinite: bool) -> tuple[list[float], dict]:
+def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip_nonfinite: bool,
+                   weights: WeightFormat) -> tuple[list[float], dict]:  # fmt: skip
     """The kernel's float arguments (``rules.Scalars``, in its order) and compile-time switches
-    for one step of a parameter like ``p``, all but the tile height ``ROWS`` and ``BATCHED``."""
+    for one step of a parameter like ``p`` in ``weights``' format, all but the tile height
+    ``ROWS`` and ``BATCHED``."""
     # floats, all of them: an int argument would make the kernel take (and specialize on) an int
     scalars = [float(x) for x in spec.scalars(hp)]
     flags = dict(
@@ -68,11 +75,29 @@ def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip
         LAYOUT=layout,
         SCALE_GRAD=hp.gnorm_scale != 1.0,
         SKIP=bool(skip_nonfinite),
+        WEIGHTS=weight_switch(p, weights),
         PARAM_BF16=p.dtype == torch.bfloat16,
         BLOCK_SIZE=BLOCK,
         **switch_flags(spec, hp),
     )
     return scalars, flags
+
+
+def weight_switch(p: torch.Tensor, weights: WeightFormat) -> int:
+    """The kernel's ``WEIGHTS``: the format in which it reads and writes ``p`` (``weights``)."""
+    if p.dtype not in master.HALF_PRECISION:
+        return NEAREST_WEIGHTS.value  # fp32 is its own master, and is not rounded
+    if weights.correction is not None:
+        return {24: MASTER_24, 32: MASTER_32}[master.bits_of(weights.correction.dtype)].value
+    return NEAREST_WEIGHTS.value if weights.draw is None else STOCHASTIC_WEIGHTS.value
+
+
+def draw_args(weights: WeightFormat) -> tuple[int, int]:
+    """The kernel's ``draw_key`` and ``draw_first``: the draw's key and its first index modulo
+    2**32 (an element's draw reads only the low 32 bits of its index); zeros without a draw."""
+    if weights.draw is None:
+        return 0, 0
+    return weights.draw.key & 0xFFFFFFFF, weights.draw.first_index & 0xFFFFFFFF
 
 
 def never_negative_mask(spec: RuleSpec) -> int:

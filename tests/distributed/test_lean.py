@@ -1,0 +1,68 @@
+"""Lean training under torch.distributed on CPU (gloo, 2 processes), on a bf16 model: master
+weights and stochastic rounding under FSDP2 (the correction sharded like its parameter, uneven
+shards, DCP sharded and full state dicts, the same run as one process fed the same gradients),
+DDP and FSDP1; and the FSDP2 run's DCP checkpoint resharded into one process. One launch of
+tests/workers/lean_worker.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import qoptim
+from support import WORKERS, launch
+
+pytestmark = pytest.mark.integration
+
+FSDP2_RUNS = ["master24", "master32_fp32_states", "stochastic_fp32_states"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("lean")
+    launch(WORKERS / "lean_worker.py", str(out))
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("name", FSDP2_RUNS)
+def test_fsdp2(run, name):
+    r = run[1][name]
+    assert r["loss_fell"] and r["layout_ok"] and r["master_is_dtensor"]
+    assert r["dcp_equal"] and r["full_equal"] and r["resumed_equal"]
+    # one process fed the gathered gradients: elementwise states give every parameter bit for bit;
+    # 8-bit states, those whose shard boundary falls on a 256-block boundary (the biases' do not)
+    expected = list(range(r["params"])) if "fp32_states" in name else [0, 2, 3, 5]
+    assert r["exact"] == expected and r["weights_exact"] == expected
+
+
+def test_ddp_keeps_ranks_equal(run):
+    assert run[1]["ddp"] == {"loss_fell": True, "same_on_ranks": True}
+
+
+def test_fsdp1_exports_and_loads_the_master(run):
+    r = run[1]["fsdp1"]
+    assert "error" not in r, r.get("error")
+    assert r["loss_fell"] and r["export_shape"] == [255, 256] and r["round_trip_equal"]
+
+
+@pytest.mark.parametrize(("name", "cls", "kw"), [("master24", qoptim.AdamW8bit, dict(min_8bit_size=256, master_weight_bits=24)),
+                                                 ("master32_fp32_states", qoptim.AdamW, dict(master_weight_bits=32))])  # fmt: skip
+def test_a_two_rank_checkpoint_loads_into_one_process(run, name, cls, kw):
+    out, _ = run
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 255), nn.ReLU(), nn.Linear(255, 8)).bfloat16()
+    opt = cls(model.parameters(), lr=3e-3, **kw)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(out / f"{name}_dcp"))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    saved = torch.load(out / f"{name}_masters.pt", weights_only=True)
+    for p, want in zip(model.parameters(), saved):
+        assert torch.equal(opt.master_weight(p).view(torch.int32), want.view(torch.int32))
