@@ -40,9 +40,13 @@ import torch
 from .. import reference
 from ..types import NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
 from . import batch, cache, launch, step
-from .layout import Layout, flat_cpu, plan
+from .layout import Layout, flat_cpu, plan, weights_fit
 
-__all__ = ["grad_norm_sq", "plan", "supports", "update", "update_many"]
+__all__ = ["WEIGHT_FORMATS", "grad_norm_sq", "plan", "supports", "update", "update_many"]
+
+# The weight formats (master corrections, stochastic rounding) are fused into the kernels'
+# pass over memory (``weights``): ``kernels.update`` hands such jobs here.
+WEIGHT_FORMATS = True
 
 # Numba reads its cache when a kernel is first called, not when its module is imported: this
 # runs before any cached code is read.
@@ -58,10 +62,9 @@ def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
 
 def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True,
            weights: WeightFormat = NEAREST) -> UpdateResult:  # fmt: skip
-    """One step of ``rule`` on ``p`` in place (same result as ``reference.update``)."""
-    if weights != NEAREST:
-        return reference.update(rule, p, g, slots, hp, skip_nonfinite, weights)
-    job = Job(rule, p, g, slots, hp, skip_nonfinite)
+    """One step of ``rule`` on ``p`` in place, and on its correction with a master (same result
+    as ``reference.update``)."""
+    job = Job(rule, p, g, slots, hp, skip_nonfinite, weights)
     return _planned(job, plan(rule, p, slots))
 
 
@@ -72,10 +75,12 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
 
 def _planned(job: Job, layout: Layout | None) -> UpdateResult:
     """``job`` on the one-at-a-time path, its states laid out as ``layout`` (None: the reference's job)."""
-    rule, p, g, slots, hp, skip_nonfinite = job.rule, job.p, job.g, job.slots, job.hp, job.skip_nonfinite
-    if layout is None or not flat_cpu(g, p.dtype, p.numel()):
-        return reference.update(rule, p, g, slots, hp, skip_nonfinite)
-    return UpdateResult(skipped_blocks=step.run(rule, layout, p, g, slots, hp, skip_nonfinite, launch.tasks_for(p.numel())))
+    rule, p, g, slots, hp, skip_nonfinite, weights = job
+    reference.check_weights(p, weights)  # (a bad format is refused before anything changes)
+    if layout is None or not flat_cpu(g, p.dtype, p.numel()) or not weights_fit(p, weights):
+        return reference.update(rule, p, g, slots, hp, skip_nonfinite, weights)
+    ntasks = launch.tasks_for(p.numel())
+    return UpdateResult(skipped_blocks=step.run(rule, layout, p, g, slots, hp, skip_nonfinite, ntasks, weights))
 
 
 def grad_norm_sq(g: torch.Tensor) -> float:
