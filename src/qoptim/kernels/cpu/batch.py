@@ -221,7 +221,7 @@ def _weights_view(row, n, like):
 def _weights_view_impl(row, n, like):
     form = like[1]
     if isinstance(form, types.NoneType):
-        return lambda row, n, like: _view(row[_P], n, like[0])
+        return lambda row, n, like: (_view(row[_P], n, like[0]),)
     if isinstance(form, types.Array):
         return lambda row, n, like: (_view(row[_P], n, like[0]), _view(row[_C], n, like[1]))
     return lambda row, n, like: (_view(row[_P], n, like[0]), row[_KEY], row[_FIRST])

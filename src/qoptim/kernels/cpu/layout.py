@@ -88,18 +88,16 @@ def weights_fit(p: torch.Tensor, weights: WeightFormat) -> bool:
 
 
 def weight_view(p: torch.Tensor, weights: WeightFormat):
-    """A parameter as the kernels take it (``weights``: the parameter views): its memory
-    (``as_numpy``); with a master, (that, the correction); rounded stochastically, (that, the
-    draw's key, the index of its first element). An fp32 parameter is its own master, and
-    rounds nothing: its draw is ignored."""
+    """A parameter as the kernels take it (``weights``: the parameter views): (its memory,)
+    (``as_numpy``); with a master, (its memory, the correction); rounded stochastically, (its
+    memory, the draw's key, the index of its first element). An fp32 parameter is its own
+    master, and rounds nothing: its draw is ignored."""
     memory = as_numpy(p)
-    if p.dtype == torch.float32:
-        return memory
-    if weights.correction is not None:
+    if p.dtype != torch.float32 and weights.correction is not None:
         return memory, weights.correction.detach().numpy()
-    if weights.draw is not None:
+    if p.dtype != torch.float32 and weights.draw is not None:
         return memory, np.int64(weights.draw.key & 0xFFFFFFFF), np.int64(weights.draw.first_index)
-    return memory
+    return (memory,)
 
 
 def kernel_state(slot: StateSlot, layout: Layout):

@@ -2,11 +2,13 @@
 master weights decoded and encoded, stochastic rounding, and the parameter views the tasks read
 and write through.
 
-The tasks take a parameter as one value, its *view*, and touch it only through ``load_weight``,
+The tasks take a parameter as one value, its *view*, a tuple whose first item is its memory (fp32,
+or 16-bit patterns as ``layout.as_numpy`` gives them), and touch it only through ``load_weight``,
 ``store_weight``, ``window``, ``weight_count`` and ``prefetch_weights``; each form of view is its
 own compiled specialization:
 
-- an array (fp32, or 16-bit patterns as ``layout.as_numpy`` gives them): rounded to nearest even;
+- ``(weights,)``: rounded to nearest even (a tuple too, as a function of the kernels may return
+  no array but its argument, and ``window``'s is a slice);
 - ``(weights, correction)``, the correction int8 (24-bit master) or int16 (32-bit): the fp32
   master is decoded on load and the pair encoded on store;
 - ``(weights, key, first)``: rounded stochastically on store, element ``j`` of the view drawing
@@ -228,6 +230,10 @@ def stochastic_f16(x, r):
 # ---- the parameter views ------------------------------------------------------------------------
 
 
+def _is_nearest(p):
+    return isinstance(p, types.BaseTuple) and len(p) == 1
+
+
 def _is_master(p):
     return isinstance(p, types.BaseTuple) and len(p) == 2
 
@@ -242,9 +248,7 @@ def load_weight(p, j):
 
 @overload(load_weight, jit_options=KERNEL)
 def _load_weight_impl(p, j):
-    if isinstance(p, types.Array):
-        return lambda p, j: load(p, j)
-    if _is_stochastic(p):
+    if _is_nearest(p) or _is_stochastic(p):
         return lambda p, j: load(p[0], j)
     if _is_master(p) and p[0].dtype == types.int16:
         return lambda p, j: decode_bf16(p[0][j], p[1][j])
@@ -259,10 +263,10 @@ def store_weight(p, j, x):
 
 @overload(store_weight, jit_options=KERNEL)
 def _store_weight_impl(p, j, x):
-    if isinstance(p, types.Array):
+    if _is_nearest(p):
 
         def nearest(p, j, x):
-            store(p, j, x)
+            store(p[0], j, x)
 
         return nearest
     if not (_is_master(p) or _is_stochastic(p)) or p[0].dtype not in (types.int16, types.uint16):
@@ -303,8 +307,8 @@ def window(p, lo, hi):
 
 @overload(window, jit_options=KERNEL)
 def _window_impl(p, lo, hi):
-    if isinstance(p, types.Array):
-        return lambda p, lo, hi: p[lo:hi]
+    if _is_nearest(p):
+        return lambda p, lo, hi: (p[0][lo:hi],)
     if _is_stochastic(p):
         return lambda p, lo, hi: (p[0][lo:hi], p[1], p[2] + lo)
     if _is_master(p):
@@ -318,8 +322,6 @@ def weight_count(p):
 
 @overload(weight_count, jit_options=KERNEL)
 def _weight_count_impl(p):
-    if isinstance(p, types.Array):
-        return lambda p: p.size
     return lambda p: p[0].size
 
 
@@ -329,8 +331,6 @@ def prefetch_weights(p, lo, hi):
 
 @overload(prefetch_weights, jit_options=KERNEL)
 def _prefetch_weights_impl(p, lo, hi):
-    if isinstance(p, types.Array):
-        return lambda p, lo, hi: prefetch(p, lo, hi)
     if _is_master(p):
 
         def both(p, lo, hi):
