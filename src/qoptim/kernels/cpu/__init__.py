@@ -3,7 +3,8 @@
 Agreement with ``reference.update`` is bit for bit: no fast-math (it would let LLVM contract
 ``a*b + c`` into an FMA or reorder sums), float32 constants rounded from the same Python
 doubles torch uses, the same float32 reciprocal for the quantizer scale, and bf16/fp16
-parameters rounded to nearest-even. Where the time goes (one thread, Zen 5, per element of an
+parameters rounded to nearest-even, or in their weight format (``types.WeightFormat``: a master
+decoded and encoded again, stochastic rounding) in the same pass. Where the time goes (one thread, Zen 5, per element of an
 Adam step, ~0.50 ns in all with the data in cache, ~0.58 ns streaming from memory): quantizing
 the two states ~0.21 ns, the update's math ~0.16 ns, dequantizing ~0.08 ns, the gradient's
 finiteness test ~0.02 ns; the AVX2 path takes ~1.3 ns, the portable one ~2.3 ns. Kernels are
@@ -22,6 +23,8 @@ Modules, from the seam down:
 - ``launch``: worker threads, and a step's split into tasks
 - ``paths``: the AVX-512 / AVX2 / portable paths, the CPU's features, the fall-back, ``force``
 - ``tasks``: the task kernels (8-bit, fp32, trust pass) and their per-block work
+- ``weights``: a parameter as the tasks read and write it, in its weight format
+- ``codec``: a master weight decoded and encoded, stochastic rounding, element by element
 - ``rules``: each rule's per-element math and its marker (the rest of a rule is ``kernels.rules``)
 - ``quantize``: dequantizing and quantizing a block on each path
 - ``gather``: the AVX2 path's gather intrinsics

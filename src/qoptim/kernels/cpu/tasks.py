@@ -2,7 +2,8 @@
 
 Per block, a task dequantizes the states (``code[q] * absmax``), applies the rule's math in
 float32 in exactly the reference's order of operations, writes the parameter back, takes the
-block's new absmax and requantizes (``quantize``). The only temporaries are four 256-float
+block's new absmax and requantizes (``quantize``). The parameter comes as a view of its weight
+format (``weights``): with a master, its fp32 master is what the rule reads and writes. The only temporaries are four 256-float
 buffers on the task's stack, so a step reads and writes each byte of parameter, gradient and
 state once. ``launch`` runs the tasks on the calling thread and worker threads (``batch``
 runs them on many tensors in one call). The same tasks serve every rule: the rule and the
