@@ -19,7 +19,7 @@ from .bits import INF_BITS, bits_of, f16_to_f32, f32_to_f16, float_of, magnitude
 from .jit import KERNEL
 
 __all__ = [
-    "decode_bf16", "decode_f16", "encode_bf16", "encode_f16", "lowbias32", "random_bits", "stochastic_bf16", "stochastic_f16",
+    "decode_bf16", "decode_f16", "encode_bf16", "encode_f16", "random_bits", "stochastic_bf16", "stochastic_f16",
 ]  # fmt: skip
 
 # quant.master's shifts as the kernels' constants: the fp16 correction's unit is gap(w) / 2**shift
@@ -185,33 +185,29 @@ def encode_f16(x, c_like):
 # ---- stochastic rounding ------------------------------------------------------------------------
 
 
+def _lowbias32(builder, v):
+    """quant.master.lowbias32 of i32 ``v``, in i32 operations."""
+
+    def mix(v, shift, factor):
+        v = builder.xor(v, builder.lshr(v, _i32(shift)))
+        return builder.mul(v, _i32(factor)) if factor else v
+
+    return mix(mix(mix(v, 16, 0x7FEB352D), 15, 0x846CA68B), 16, 0)
+
+
 @intrinsic
-def lowbias32(typingctx, x):
-    """quant.master.lowbias32 of the low 32 bits of integer ``x``, as uint32 (in 32-bit
-    operations, which vectorize at full width)."""
-    if not isinstance(x, types.Integer):
+def random_bits(typingctx, key, first, offset):
+    """quant.master.random_bits(key, first + offset) (integers; uint32 wrap-around), as uint32,
+    all in 32-bit operations, which vectorize at full width (int64 ones at half)."""
+    if not all(isinstance(t, types.Integer) for t in (key, first, offset)):
         return None
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        v = args[0]
-        v = builder.trunc(v, i32) if x.bitwidth > 32 else builder.zext(v, i32) if x.bitwidth < 32 else v
+        key_, first_, offset_ = (_to_i32(builder, v, t, t.signed) for v, t in zip(args, signature.args))
+        index = builder.add(first_, offset_)  # (the low 32 bits of the sum are those of the low 32 bits' sum)
+        return builder.lshr(_lowbias32(builder, builder.xor(index, key_)), _i32(16))
 
-        def mix(v, shift, factor):
-            v = builder.xor(v, builder.lshr(v, ir.Constant(i32, shift)))
-            return builder.mul(v, ir.Constant(i32, factor)) if factor else v
-
-        v = mix(v, 16, 0x7FEB352D)
-        v = mix(v, 15, 0x846CA68B)
-        return mix(v, 16, 0)
-
-    return types.uint32(x), codegen
-
-
-@njit(forceinline=True, **KERNEL)
-def random_bits(key, index):
-    """quant.master.random_bits: 16 random bits of element ``index`` (uint32 wrap-around), as uint32."""
-    return lowbias32(index ^ key) >> np.uint32(16)
+    return types.uint32(key, first, offset), codegen
 
 
 @intrinsic

@@ -79,12 +79,12 @@ def _store_weight_impl(p, j, x):
         if bf16:
 
             def stochastic_to_bf16(p, j, x):
-                p[0][j] = stochastic_bf16(x, random_bits(p[1], p[2] + j))
+                p[0][j] = stochastic_bf16(x, random_bits(p[1], p[2], j))
 
             return stochastic_to_bf16
 
         def stochastic_to_f16(p, j, x):
-            p[0][j] = np.uint16(stochastic_f16(x, random_bits(p[1], p[2] + j)))
+            p[0][j] = np.uint16(stochastic_f16(x, random_bits(p[1], p[2], j)))
 
         return stochastic_to_f16
     if bf16:
