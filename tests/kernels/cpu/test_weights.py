@@ -34,10 +34,13 @@ DTYPES = (torch.bfloat16, torch.float16)
 CASES = {case.name: case for case in WEIGHT_CASES}
 FORMATS = [(dtype, name) for dtype in DTYPES for name in CASES]  # the six compiled forms of a 16-bit parameter
 
-# Adam: everything; every other rule: each layout with one of the forms, in turn
+# Adam: everything; every other rule: each layout with one of the forms, in turn (each layout
+# meets every form on some rule, each rule both dtypes or all three formats)
 CROSS = [("adam", layout, dtype, name) for layout in LAYOUTS for dtype, name in FORMATS]
 OTHERS = [rule for rule in rule_table.RULES if rule != "adam"]
-CROSS += [(rule, layout, *FORMATS[(3 * r + k) % len(FORMATS)]) for r, rule in enumerate(OTHERS) for k, layout in enumerate(LAYOUTS)]
+CROSS += [(rule, layout, *FORMATS[(2 * r + k) % len(FORMATS)]) for r, rule in enumerate(OTHERS) for k, layout in enumerate(LAYOUTS)]
+# the trust rules (their pass reads the master) on fp16 masters too
+CROSS += [("lars", "blockwise", torch.float16, "master32"), ("lamb", "fp32", torch.float16, "master24")]
 # the paths other than the best: one, two and three 8-bit states, each form on one of them
 PATH_CASES = [
     ("lion", "blockwise", torch.bfloat16, "master24"),
