@@ -38,7 +38,8 @@ FORMATS = [(dtype, name) for dtype in DTYPES for name in CASES]  # the six compi
 # meets every form on some rule, each rule both dtypes or all three formats)
 CROSS = [("adam", layout, dtype, name) for layout in LAYOUTS for dtype, name in FORMATS]
 OTHERS = [rule for rule in rule_table.RULES if rule != "adam"]
-CROSS += [(rule, layout, *FORMATS[(2 * r + k) % len(FORMATS)]) for r, rule in enumerate(OTHERS) for k, layout in enumerate(LAYOUTS)]
+CROSS += [(rule, layout, *FORMATS[(2 * r + k) % len(FORMATS)])
+          for r, rule in enumerate(OTHERS) for k, layout in enumerate(LAYOUTS)]  # fmt: skip
 # the trust rules (their pass reads the master) on fp16 masters too
 CROSS += [("lars", "blockwise", torch.float16, "master32"), ("lamb", "fp32", torch.float16, "master24")]
 # the paths other than the best: one, two and three 8-bit states, each form on one of them
@@ -212,7 +213,8 @@ def test_a_bad_format_is_refused_before_anything_changes():
             cpu.update("adam", p, g, slots, hp, True, weights)
         with pytest.raises(ValueError):
             cpu.update_many([Job("adam", q, g, twins, hp, True, good), Job("adam", p, g, slots, hp, True, weights)])
-        assert torch.equal(p.view(torch.int16), q.view(torch.int16)) and torch.equal(good.correction, torch.zeros(300, dtype=torch.int8))
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        assert torch.equal(good.correction, torch.zeros(300, dtype=torch.int8))
         assert all(torch.equal(a.values, b.values) for a, b in zip(slots, twins))
     p32, slots32 = fresh("adam", 300, "blockwise", torch.float32)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
