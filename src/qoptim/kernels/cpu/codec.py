@@ -87,23 +87,21 @@ def decode_bf16(typingctx, w, c):
 @intrinsic
 def encode_bf16(typingctx, x, c_like):
     """quant.master._encode_bf16 of fp32 ``x``: (bf16 pattern as int16, correction of
-    ``c_like``'s type, int8: 24 bits, int16: 32). (In 32 bits a NaN's pattern plus the 24-bit
-    rounding's half can wrap, where torch's int64 does not: the NaN's weight is the same
-    after its truncation to 16 bits, and its correction is 0 either way.)"""
+    ``c_like``'s type, int8: 24 bits, int16: 32). A NaN's weight is its own top half, quieted."""
     if x != types.float32 or c_like not in _WIDTHS:
         return None
     bits = _WIDTHS[c_like]
     result = types.Tuple((types.int16, c_like))
 
     def codegen(context, builder, signature, args):
-        u = builder.bitcast(args[0], _I32)
+        u = original = builder.bitcast(args[0], _I32)
         if bits == 24:  # the master itself is fp32 rounded to 24 bits: its pattern's low byte dropped
             u = builder.and_(builder.add(u, _i32(0x80)), _i32(0xFFFFFF00))
         rounded = builder.lshr(builder.add(u, _i32(0x8000)), _i32(16))  # ties away from zero (see quant.master)
         c_type = _I8 if bits == 24 else _I16
         c = builder.trunc(builder.lshr(u, _i32(32 - bits)), c_type)  # the low bits, as a signed integer
         nan = builder.fcmp_unordered("uno", args[0], args[0])
-        rounded = builder.select(nan, builder.or_(builder.lshr(u, _i32(16)), _i32(0x0040)), rounded)
+        rounded = builder.select(nan, builder.or_(builder.lshr(original, _i32(16)), _i32(0x0040)), rounded)
         c = builder.select(nan, ir.Constant(c_type, 0), c)
         return context.make_tuple(builder, result, [builder.trunc(rounded, _I16), c])
 
