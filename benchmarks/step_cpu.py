@@ -8,6 +8,9 @@ backend, torch's AdamW (fused and foreach) and, when importable, bitsandbytes an
                                                     # counterpart (default 16.7M fp32)
     python benchmarks/step_cpu.py --cpu-paths       # also the CPU kernel's slower paths (AVX2 gathers,
                                                     # portable scalar loops) where the CPU has a faster one
+    python benchmarks/step_cpu.py --lean            # issue #17: a bf16 parameter's 8-bit AdamW step with a
+                                                    # 24- or 32-bit master or stochastic rounding, against
+                                                    # the plain one (default 16.7M = 4096²)
 
 Per row: median ms of warm steps, parameters per second, the ratio to torch's fused AdamW,
 bytes of optimizer state per parameter, the peak extra resident memory during a warm step
@@ -20,6 +23,11 @@ state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 2
 After each size and dtype, the kernel and torch's fused AdamW are measured again, one after
 the other, ``--rounds`` times (default 3): torch's memory-bound step speeds up and slows down
 over minutes on a shared machine, so the line gives the ratio's median and every round's.
+
+``--lean`` times the kernel's step itself (``kernels.update``, AdamW8bit's states: 8-bit in
+256-blocks, the signed and unsigned maps) on a bf16 parameter in each weight format, and torch's
+fused AdamW on it, one after the other in each of ``--rounds`` rounds (default 3): each format's
+median over the rounds, and its ratios to the plain 8-bit step and to torch fused, round by round.
 """
 
 from __future__ import annotations
@@ -274,6 +282,74 @@ def measure(make, n: int, dtype: torch.dtype, steps: int, budget_s: float) -> di
     return result
 
 
+# ---- --lean: the weight formats of issue #17 ---------------------------------------------------
+
+LEAN_FORMATS = ("plain (nearest)", "master 24", "master 32", "stochastic")
+
+
+def lean_step(form: str, n: int, dtype: torch.dtype):
+    """One AdamW8bit step at a time of an ``n``-element ``dtype`` parameter in weight format
+    ``form`` (``LEAN_FORMATS``), through the kernel seam: a function that takes the next step."""
+    from qoptim import kernels
+    from qoptim.quant import master
+    from qoptim.quant.maps import signed_map, unsigned_map
+
+    os.environ["QOPTIM_BACKEND"] = "auto"
+    gen = torch.Generator().manual_seed(0)
+    p = (torch.randn(n, generator=gen) * 0.1).to(dtype)
+    g = (torch.randn(n, generator=gen) * 0.01).to(dtype)
+    blocks = -(-n // kernels.BLOCK)
+    slots = [kernels.StateSlot(torch.zeros(n, dtype=torch.uint8), code, torch.zeros(blocks)) for code in (signed_map(), unsigned_map())]
+    bits = {"master 24": 24, "master 32": 32}.get(form)
+    correction = master.encode(p.float(), dtype, bits)[1] if bits else None
+    count = [0]
+
+    def step() -> None:
+        count[0] += 1
+        hp = kernels.Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, step=count[0], decoupled=True)
+        draw = master.Draw(master.step_key(1234, count[0])) if form == "stochastic" else None
+        kernels.update("adam", p, g, slots, hp, True, kernels.WeightFormat(correction, draw))
+
+    return step
+
+
+def fused_adamw_step(n: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter((torch.randn(n, generator=gen) * 0.1).to(dtype))
+    param.grad = (torch.randn(n, generator=gen) * 0.01).to(dtype)
+    return torch.optim.AdamW([param], lr=1e-3, fused=True).step
+
+
+def median_ms(step, steps: int) -> float:
+    step()  # (the first step creates states and compiles)
+    step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def lean(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
+    """Each weight format's step and torch fused AdamW's, measured one after the other in each round."""
+    contestants = {form: lean_step(form, n, dtype) for form in LEAN_FORMATS}
+    contestants[FUSED] = fused_adamw_step(n, dtype)
+    ms = {name: [] for name in contestants}
+    for _ in range(max(1, rounds)):
+        for name, step in contestants.items():
+            ms[name].append(median_ms(step, steps))
+    plain = ms[LEAN_FORMATS[0]]
+    print(f"{'size':>6} {'dtype':>5}  {'AdamW8bit step, weights':<24} {'ms/step':>8} {'vs plain 8-bit (rounds)':>34} {'vs torch fused':>15}")
+    for name, times in ms.items():
+        to_plain = [t / b for t, b in zip(times, plain)]
+        to_fused = [t / f for t, f in zip(times, ms[FUSED])]
+        rounds_text = ", ".join(f"{r:.2f}" for r in to_plain)
+        print(f"{fmt_size(n):>6} {str(dtype)[6:]:>5}  {name:<24} {statistics.median(times):>8.2f} "
+              f"{statistics.median(to_plain):>7.2f}x ({rounds_text}) {statistics.median(to_fused):>14.2f}x", flush=True)  # fmt: skip
+    os.environ.pop("QOPTIM_BACKEND", None)
+
+
 # ---- the table -------------------------------------------------------------------------------
 
 
@@ -316,6 +392,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", default="", help="comma-separated substrings of contestants to leave out")
     parser.add_argument("--families", action="store_true", help="the other 8-bit families against their fp32 torch.optim counterparts")
     parser.add_argument("--cpu-paths", action="store_true", help="also the CPU kernel's slower paths (AVX2 gathers, portable loops)")
+    parser.add_argument("--lean", action="store_true", help="a bf16 parameter's 8-bit step in each weight format of issue #17 (master 24 / 32, stochastic)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the fused kernel against torch fused, measured alternately, for the ratio's spread (default 3; 0: none)")
     args = parser.parse_args(argv)
     if args.families:
@@ -327,6 +404,11 @@ def main(argv=None) -> None:
     skip = [s.strip().lower() for s in args.skip.split(",") if s.strip()]
     warnings.filterwarnings("ignore")
 
+    if args.lean:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for n in [parse_size(s) for s in (args.sizes or "16.7M").split(",")]:
+            lean(n, DTYPES[args.dtypes] if "--dtypes" in (argv or sys.argv) else torch.bfloat16, steps, args.rounds)
+        return
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     header = f"{'size':>6} {'dtype':>5}  {'optimizer':<30} {'ms/step':>9} {'Mparam/s':>9} {'vs fused' if not args.families else 'vs fp32':>8} {'state B/p':>9} {'peak MB':>8} {'GB/s':>6} {'% copy':>6} {'1st step s':>10}"

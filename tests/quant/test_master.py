@@ -94,6 +94,9 @@ def test_decode_then_encode_gives_back_the_pair(dtype, bits):
 def test_specials(dtype, bits):
     big = 3.4e38 if dtype == torch.bfloat16 else 70000.0
     x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), big, -big])
+    payloads = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, 0x7FBFFFFF], dtype=torch.int32).view(torch.float32)  # NaNs whose rounding carries
+    wn, cn = M.encode(payloads, dtype, bits)
+    assert torch.isnan(wn).all() and not cn.any() and torch.equal(torch.signbit(wn), torch.signbit(payloads))
     w, c = M.encode(x, dtype, bits)
     got = M.decode(w, c)
     assert same_bits(got[:4], x[:4])  # signed zeros and infinities exactly

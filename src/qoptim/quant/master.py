@@ -121,7 +121,7 @@ def _to_int32(u: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_bf16(master: torch.Tensor, bits: int, c_dtype: torch.dtype):
-    u = _pattern(master)
+    original = u = _pattern(master)
     if bits == 24:  # the master itself is fp32 rounded to 24 bits: its pattern's low byte dropped
         u = ((u + 0x80) >> 8) << 8
     low = (1 << (bits - 16)) - 1  # the correction's bits, below the weight's 16
@@ -130,7 +130,7 @@ def _encode_bf16(master: torch.Tensor, bits: int, c_dtype: torch.dtype):
     c = (u >> (32 - bits)) & low
     c = torch.where(c > low >> 1, c - (low + 1), c)  # as a signed integer
     nan = torch.isnan(master)
-    rounded = torch.where(nan, (u >> shift) | 0x0040, rounded)
+    rounded = torch.where(nan, (original >> shift) | 0x0040, rounded)  # (the NaN's own top half: rounding could carry out of it)
     c = torch.where(nan, 0, c)
     weight = torch.where(rounded >= 1 << 15, rounded - (1 << 16), rounded).to(torch.int16).view(torch.bfloat16)
     return weight, c.to(c_dtype)

@@ -3,7 +3,8 @@
 Agreement with ``reference.update`` is bit for bit: no fast-math (it would let LLVM contract
 ``a*b + c`` into an FMA or reorder sums), float32 constants rounded from the same Python
 doubles torch uses, the same float32 reciprocal for the quantizer scale, and bf16/fp16
-parameters rounded to nearest-even. Where the time goes (one thread, Zen 5, per element of an
+parameters rounded to nearest-even, or in their weight format (``types.WeightFormat``: a master
+decoded and encoded again, stochastic rounding) in the same pass. Where the time goes (one thread, Zen 5, per element of an
 Adam step, ~0.50 ns in all with the data in cache, ~0.58 ns streaming from memory): quantizing
 the two states ~0.21 ns, the update's math ~0.16 ns, dequantizing ~0.08 ns, the gradient's
 finiteness test ~0.02 ns; the AVX2 path takes ~1.3 ns, the portable one ~2.3 ns. Kernels are
@@ -22,6 +23,8 @@ Modules, from the seam down:
 - ``launch``: worker threads, and a step's split into tasks
 - ``paths``: the AVX-512 / AVX2 / portable paths, the CPU's features, the fall-back, ``force``
 - ``tasks``: the task kernels (8-bit, fp32, trust pass) and their per-block work
+- ``weights``: a parameter as the tasks read and write it, in its weight format
+- ``codec``: a master weight decoded and encoded, stochastic rounding, element by element
 - ``rules``: each rule's per-element math and its marker (the rest of a rule is ``kernels.rules``)
 - ``quantize``: dequantizing and quantizing a block on each path
 - ``gather``: the AVX2 path's gather intrinsics
@@ -40,9 +43,13 @@ import torch
 from .. import reference
 from ..types import NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
 from . import batch, cache, launch, step
-from .layout import Layout, flat_cpu, plan
+from .layout import Layout, flat_cpu, plan, weights_fit
 
-__all__ = ["grad_norm_sq", "plan", "supports", "update", "update_many"]
+__all__ = ["WEIGHT_FORMATS", "grad_norm_sq", "plan", "supports", "update", "update_many"]
+
+# The weight formats (master corrections, stochastic rounding) are fused into the kernels'
+# pass over memory (``weights``): ``kernels.update`` hands such jobs here.
+WEIGHT_FORMATS = True
 
 # Numba reads its cache when a kernel is first called, not when its module is imported: this
 # runs before any cached code is read.
@@ -58,10 +65,9 @@ def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
 
 def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool = True,
            weights: WeightFormat = NEAREST) -> UpdateResult:  # fmt: skip
-    """One step of ``rule`` on ``p`` in place (same result as ``reference.update``)."""
-    if weights != NEAREST:
-        return reference.update(rule, p, g, slots, hp, skip_nonfinite, weights)
-    job = Job(rule, p, g, slots, hp, skip_nonfinite)
+    """One step of ``rule`` on ``p`` in place, and on its correction with a master (same result
+    as ``reference.update``)."""
+    job = Job(rule, p, g, slots, hp, skip_nonfinite, weights)
     return _planned(job, plan(rule, p, slots))
 
 
@@ -72,10 +78,12 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
 
 def _planned(job: Job, layout: Layout | None) -> UpdateResult:
     """``job`` on the one-at-a-time path, its states laid out as ``layout`` (None: the reference's job)."""
-    rule, p, g, slots, hp, skip_nonfinite = job.rule, job.p, job.g, job.slots, job.hp, job.skip_nonfinite
-    if layout is None or not flat_cpu(g, p.dtype, p.numel()):
-        return reference.update(rule, p, g, slots, hp, skip_nonfinite)
-    return UpdateResult(skipped_blocks=step.run(rule, layout, p, g, slots, hp, skip_nonfinite, launch.tasks_for(p.numel())))
+    rule, p, g, slots, hp, skip_nonfinite, weights = job
+    reference.check_weights(p, weights)  # (a bad format is refused before anything changes)
+    if layout is None or not flat_cpu(g, p.dtype, p.numel()) or not weights_fit(p, weights):
+        return reference.update(rule, p, g, slots, hp, skip_nonfinite, weights)
+    ntasks = launch.tasks_for(p.numel())
+    return UpdateResult(skipped_blocks=step.run(rule, layout, p, g, slots, hp, skip_nonfinite, ntasks, weights))
 
 
 def grad_norm_sq(g: torch.Tensor) -> float:

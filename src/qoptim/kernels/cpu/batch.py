@@ -22,16 +22,18 @@ from typing import Callable
 
 import numba
 import numpy as np
+import torch
 from numba import njit
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from .. import reference
 from ..rules import RULES
 from ..types import BLOCK, Job, UpdateResult
 from . import launch, paths
 from .bits import ZERO
 from .jit import JIT
-from .layout import Layout, as_numpy, flat_cpu, kernel_tables, padded, plan
+from .layout import Layout, as_numpy, flat_cpu, kernel_tables, padded, plan, weights_fit
 from .rules import KERNEL_STATES, constants, marker_of
 from .tables import tables_of
 from .tasks import Pass, eight_bit_task, fp32_task
@@ -44,8 +46,10 @@ BATCH_LIMIT = 1 << 22
 # work), so that threads share a batch out evenly whatever its tensors' sizes.
 PART = 1 << 17
 
-# Column of each address in a batch's address table: param, grad, then (values, absmax) per state.
+# Columns of a batch's address table: param, grad, then (values, absmax) per state; then the
+# parameter's weight format: its correction's address, its draw's key and first index.
 _P, _G, _STATES = 0, 1, 2
+_C, _KEY, _FIRST = range(_STATES + 2 * KERNEL_STATES, _STATES + 2 * KERNEL_STATES + 3)
 
 
 def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResult]) -> list[UpdateResult]:
@@ -55,6 +59,8 @@ def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResul
     batches: dict[tuple, list[int]] = {}
     layouts: dict[int, Layout | None] = {}
     tables_seen: list = []  # the keys name tables by id(): alive until the end, no id is reused
+    for job in jobs:  # a bad weight format is refused before any parameter changes
+        reference.check_weights(job.p, job.weights)
     for i, job in enumerate(jobs):
         layouts[i] = layout = plan(job.rule, job.p, job.slots)
         key = _batch_key(job, layout, tables_seen)
@@ -74,11 +80,12 @@ def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResul
 def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | None:
     """What jobs must share to run in one call, or None for the one-at-a-time path: a layout
     the kernels cover (``layout.plan``, which leaves out empty tensors: a rank's shard of a
-    small parameter can be one), fp32 or 8-bit in 256-blocks, and the same maps."""
-    rule, p, g, slots, hp, skip_nonfinite = job.rule, job.p, job.g, job.slots, job.hp, job.skip_nonfinite
+    small parameter can be one), fp32 or 8-bit in 256-blocks, the same maps and the same weight
+    format (``_weight_form``)."""
+    rule, p, g, slots, hp, skip_nonfinite, weights = job
     if p.numel() >= BATCH_LIMIT or RULES[rule].trust:
         return None
-    if layout not in (Layout.FP32, Layout.BLOCK) or not flat_cpu(g, p.dtype, p.numel()):
+    if layout not in (Layout.FP32, Layout.BLOCK) or not flat_cpu(g, p.dtype, p.numel()) or not weights_fit(p, weights):
         return None
     states = (layout,)
     if layout == Layout.BLOCK:  # and the maps, by their tables
@@ -86,18 +93,39 @@ def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | No
         tables_seen += tables  # the key names them by id(): alive until the batches ran
         states += tuple(id(t) for t in tables)
     # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
-    return rule, p.dtype, states, hp if hp.gnorm_scale == 1.0 else hp._replace(gnorm_scale=1.0), bool(skip_nonfinite)
+    hp = hp if hp.gnorm_scale == 1.0 else hp._replace(gnorm_scale=1.0)
+    return rule, p.dtype, states, hp, bool(skip_nonfinite), _weight_form(job)
+
+
+def _weight_form(job: Job) -> str | torch.dtype:
+    """A job's weight format as the kernels compile it: "nearest" (an fp32 parameter's draw is
+    ignored), "stochastic", or the dtype of its master's correction."""
+    if job.p.dtype == torch.float32:
+        return "nearest"
+    if job.weights.correction is not None:
+        return job.weights.correction.dtype
+    return "stochastic" if job.weights.draw is not None else "nearest"
+
+
+def _form_marker(form: str | torch.dtype):
+    """The batch tasks' argument that tells them a weight form (``_weights_view``)."""
+    if form == "nearest":
+        return None
+    if form == "stochastic":
+        return np.int64(0)
+    return torch.empty(0, dtype=form).numpy()  # (an empty array of the correction's dtype)
 
 
 def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
     """One call for the jobs of one batch key; returns each job's skipped-block count."""
-    rule, _, (layout, *_), hp, skip = key
+    rule, _, (layout, *_), hp, skip, form = key
     addresses = np.array([_addresses(job) for job in jobs], dtype=np.int64)
     sizes = np.array([job.p.numel() for job in jobs], dtype=np.int64)
     gscales = np.array([job.hp.gnorm_scale for job in jobs], dtype=np.float32)
     table = parts(sizes)
     ntasks = min(launch.tasks_for(int(sizes.sum())), len(table))
     like = as_numpy(jobs[0].p[:0])  # an empty array of the kernels' view of the parameter dtype
+    like = (like, _form_marker(form))
     args = (task_bounds(table[:, _PART_SIZE], ntasks), table, marker_of(rule), like, addresses, sizes, gscales, constants(rule, hp), skip)
     per_task = np.zeros(ntasks, dtype=np.int64)
     per_part = np.zeros(len(table), dtype=np.int64)
@@ -132,6 +160,9 @@ def _addresses(job: Job) -> list[int]:
         row += [slot.values.data_ptr(), slot.absmax.data_ptr() if slot.absmax is not None else 0]
     while len(row) < _STATES + 2 * KERNEL_STATES:
         row += row[_STATES : _STATES + 2]
+    correction, draw = job.weights
+    row.append(0 if correction is None else correction.data_ptr())
+    row += [0, 0] if draw is None else [draw.key & 0xFFFFFFFF, draw.first_index]
     return row
 
 
@@ -181,13 +212,28 @@ _BLOCK, _STEP = int(Layout.BLOCK), int(Pass.STEP)
 _TASK = dict(nogil=True, **JIT)
 
 
+def _weights_view(row, n, like):
+    """The parameter at ``row`` as the tasks take it (``weights``, ``layout.weight_view``),
+    ``like`` = (an empty array of its kernel dtype, ``_form_marker``)."""
+
+
+@overload(_weights_view, jit_options=JIT)
+def _weights_view_impl(row, n, like):
+    form = like[1]
+    if isinstance(form, types.NoneType):
+        return lambda row, n, like: (_view(row[_P], n, like[0]),)
+    if isinstance(form, types.Array):
+        return lambda row, n, like: (_view(row[_P], n, like[0]), _view(row[_C], n, like[1]))
+    return lambda row, n, like: (_view(row[_P], n, like[0]), row[_KEY], row[_FIRST])
+
+
 @njit(**JIT)
 def _part(k, parts, addresses, sizes, like):
     """Part ``k`` of a batch: its tensor's index, address row and size, which part of how
-    many it is, and the tensor's parameter and gradient."""
+    many it is, and the tensor's parameter (its view: ``_weights_view``) and gradient."""
     i, part, count = parts[k, _PART_JOB], parts[k, _PART_INDEX], parts[k, _PART_COUNT]
     row, n = addresses[i], sizes[i]
-    return i, row, n, part, count, _view(row[_P], n, like), _view(row[_G], n, like)
+    return i, row, n, part, count, _weights_view(row, n, like), _view(row[_G], n, like[0])
 
 
 @njit(**_TASK)

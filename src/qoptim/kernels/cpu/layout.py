@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from ..rules import RULES
-from ..types import BLOCK, WHOLE_TENSOR, StateSlot
+from ..types import BLOCK, WHOLE_TENSOR, StateSlot, WeightFormat
 from .rules import KERNEL_STATES
 from .tables import QuantTables, tables_of
 
-__all__ = ["Layout", "as_numpy", "flat_cpu", "kernel_state", "padded", "plan"]
+__all__ = ["Layout", "as_numpy", "flat_cpu", "kernel_state", "padded", "plan", "weight_view", "weights_fit"]
 
 
 class Layout(enum.IntEnum):
@@ -79,6 +79,25 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
         return t.detach().numpy()
     view_dtype, np_dtype = _VIEWS[t.dtype]
     return t.detach().view(view_dtype).numpy().view(np_dtype)
+
+
+def weights_fit(p: torch.Tensor, weights: WeightFormat) -> bool:
+    """Whether the kernels take ``p``'s weight format (``reference.check_weights`` passed): a
+    correction, where there is one, flat and contiguous on the CPU, as ``p`` is."""
+    return weights.correction is None or p.dtype == torch.float32 or flat_cpu(weights.correction, weights.correction.dtype, p.numel())
+
+
+def weight_view(p: torch.Tensor, weights: WeightFormat):
+    """A parameter as the kernels take it (``weights``: the parameter views): (its memory,)
+    (``as_numpy``); with a master, (its memory, the correction); rounded stochastically, (its
+    memory, the draw's key, the index of its first element). An fp32 parameter is its own
+    master, and rounds nothing: its draw is ignored."""
+    memory = as_numpy(p)
+    if p.dtype != torch.float32 and weights.correction is not None:
+        return memory, weights.correction.detach().numpy()
+    if p.dtype != torch.float32 and weights.draw is not None:
+        return memory, np.int64(weights.draw.key & 0xFFFFFFFF), np.int64(weights.draw.first_index)
+    return (memory,)
 
 
 def kernel_state(slot: StateSlot, layout: Layout):

@@ -15,24 +15,26 @@ import torch
 
 from .. import reference
 from ..rules import RULES
-from ..types import BLOCK, Hyper, StateSlot
+from ..types import BLOCK, NEAREST, Hyper, StateSlot, WeightFormat
 from . import launch, paths, tasks
 from .bits import ZERO
-from .layout import Layout, as_numpy, kernel_state, padded
+from .layout import Layout, as_numpy, kernel_state, padded, weight_view
 from .rules import KERNEL_STATES, constants, marker_of
 from .tasks import Pass
 
 __all__ = ["run", "trust_ratio"]
 
 
-def run(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool, ntasks: int) -> int:
-    """One step of ``rule`` on ``p`` in place, its states laid out as ``layout`` (``layout.plan``),
-    in ``ntasks`` tasks; returns the number of skipped blocks."""
+def run(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool, ntasks: int,
+        weights: WeightFormat = NEAREST) -> int:  # fmt: skip
+    """One step of ``rule`` on ``p`` in place (and its correction: ``weights``, which
+    ``layout.weights_fit``), its states laid out as ``layout`` (``layout.plan``), in ``ntasks``
+    tasks; returns the number of skipped blocks."""
     if RULES[rule].trust:  # the layer-wise ratio first: a pass of its own
-        hp = hp._replace(trust_ratio=trust_ratio(rule, layout, p, g, slots, hp, skip_nonfinite, ntasks))
+        hp = hp._replace(trust_ratio=trust_ratio(rule, layout, p, g, slots, hp, skip_nonfinite, ntasks, weights))
     marker = marker_of(rule)
     skipped = np.zeros(ntasks, dtype=np.int64)
-    head = (marker, as_numpy(p), as_numpy(g))
+    head = (marker, weight_view(p, weights), as_numpy(g))
     states = padded(tuple(kernel_state(s, layout) for s in slots))
     step = (np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     if layout == Layout.FP32:
@@ -63,14 +65,17 @@ def _inverse(scale: np.float32) -> np.float32:
     return np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
 
 
-def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool, ntasks: int) -> float:
-    """reference.trust_ratio from one fused pass over the blocks (``tasks.trust_task``): each
+def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool, ntasks: int,
+                weights: WeightFormat = NEAREST) -> float:  # fmt: skip
+    """reference.trust_ratio from one fused pass over the blocks (``tasks.trust_task``; a
+    parameter with a master: of the master's values): each
     block's float64 sums of squares, added up by numpy (pairwise) in an order that does not
     depend on the thread count. torch sums in another order in the reference: the norms
     differ by ~1e-16 relative."""
     sums = np.zeros((-(-p.numel() // BLOCK), 2))
     states = padded(tuple(kernel_state(s, layout) for s in slots))
-    args = (marker_of(rule), as_numpy(p), as_numpy(g), *states, np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
+    read = weight_view(p, WeightFormat(correction=weights.correction))  # (a draw writes, and this pass reads only)
+    args = (marker_of(rule), read, as_numpy(g), *states, np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     paths.on_best_path(lambda path: launch.run(tasks.trust_task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)))
     param_norm, term_norm = np.sqrt(sums.sum(axis=0))
     _, ratio = reference.TRUST_RATIOS[rule]

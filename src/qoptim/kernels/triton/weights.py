@@ -120,14 +120,15 @@ def _decode_bf16(weight, c, BITS: tl.constexpr):
 def _encode_bf16(m, BITS: tl.constexpr):
     """master._encode_bf16: (bf16 weight, int32 correction)."""
     low = (1 << (BITS - 16)) - 1  # the correction's bits, below the weight's 16
-    u = m.to(tl.uint32, bitcast=True)
+    original = m.to(tl.uint32, bitcast=True)
+    u = original
     if BITS == 24:  # the master is fp32 rounded to 24 bits (ties away): its low byte dropped
         u = ((u + 0x80) >> 8) << 8
     rounded = (u + 0x8000) >> 16  # to nearest, ties away from zero (a sign-magnitude pattern)
     c = ((u >> (32 - BITS)) & low).to(tl.int32)
     c = tl.where(c > low >> 1, c - (low + 1), c)  # as a signed integer
     nan = m != m
-    rounded = tl.where(nan, (u >> 16) | 0x0040, rounded)
+    rounded = tl.where(nan, (original >> 16) | 0x0040, rounded)  # a NaN's own top half (rounding could carry out of it)
     c = tl.where(nan, 0, c)
     return (rounded & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True), c
 
