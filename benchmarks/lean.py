@@ -146,13 +146,8 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = demo.pyplot()
+    if plt is None:
         return None
     fig, (ax, val) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
     for i, r in enumerate(results):

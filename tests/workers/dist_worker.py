@@ -19,7 +19,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+import gloo  # (this folder's: see gloo.py)
 import qoptim
+from gloo import all_ranks
 from qoptim.optim import dtensor as qdt
 
 OUT = sys.argv[1]
@@ -80,10 +82,6 @@ def same_on_all_ranks(t: torch.Tensor) -> bool:
     return all(torch.equal(parts[0], q) for q in parts[1:])
 
 
-def all_ranks(ok: bool) -> bool:
-    flag = torch.tensor([int(ok)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def max_all(x: float) -> float:
@@ -469,9 +467,7 @@ def check_fsdp1(rank, world, use_orig_params: bool):
                                                         uint8_again=all_ranks(uint8_again), codes_exact=exact, mismatch=where, scale_max_rel=max_all(scale_rel), resumed_max_diff=diff)  # fmt: skip
 
 
-def main():
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def checks(rank: int, world: int) -> None:
     cases = sys.argv[2].split(",") if len(sys.argv) > 2 else ["ddp", "fsdp2", "fsdp1"]
     if "ddp" in cases:
         check_ddp(rank, world)
@@ -482,18 +478,7 @@ def main():
     if "fsdp1" in cases:
         check_fsdp1(rank, world, use_orig_params=False)
         check_fsdp1(rank, world, use_orig_params=True)
-    if rank == 0:
-        with open(os.path.join(OUT, "results.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
-        print("RESULTS", json.dumps(RESULTS))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    # skip the interpreter's teardown: now and then a native thread pool aborts the process there
-    # ("terminate called without an active exception", SIGABRT) after all the work is done
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    gloo.run(checks, OUT, RESULTS)

@@ -8,7 +8,6 @@ into one process: resharding from 2 ranks to 1).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,7 +17,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+import gloo  # (this folder's: see gloo.py)
 import qoptim
+from gloo import all_ranks
 from qoptim.optim import dtensor as qdt
 
 OUT = sys.argv[1]
@@ -69,10 +70,6 @@ def train_alongside(model, opt, ref=None, ref_opt=None, steps=6, rank=0, world=2
     return losses
 
 
-def all_ranks(ok: bool) -> bool:
-    flag = torch.tensor([int(ok)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def gathered(t: torch.Tensor) -> torch.Tensor:
@@ -190,24 +187,13 @@ def check_fsdp1(rank, world):
     RESULTS["fsdp1"] = out
 
 
-def main():
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def checks(rank: int, world: int) -> None:
     check_fsdp2(rank, world, "master24", qoptim.AdamW8bit, dict(lr=LR, min_8bit_size=256, master_weight_bits=24))
     check_fsdp2(rank, world, "master32_fp32_states", qoptim.AdamW, dict(lr=LR, master_weight_bits=32))
     check_fsdp2(rank, world, "stochastic_fp32_states", qoptim.AdamW, dict(lr=LR, weight_rounding="stochastic"))
     check_ddp(rank, world)
     check_fsdp1(rank, world)
-    if rank == 0:
-        with open(os.path.join(OUT, "results.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
-        print("RESULTS", json.dumps(RESULTS))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    sys.stdout.flush()  # skip the interpreter's teardown (see dist_worker.py)
-    sys.stderr.flush()
-    os._exit(0)
+    gloo.run(checks, OUT, RESULTS)

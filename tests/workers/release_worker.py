@@ -7,8 +7,6 @@ Rank 0 writes ``results.json`` into the directory given as argv[1].
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
@@ -17,7 +15,9 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
+import gloo  # (this folder's: see gloo.py)
 import qoptim
+from gloo import all_ranks
 from qoptim.optim import dtensor as qdt
 
 OUT = sys.argv[1]
@@ -49,10 +49,6 @@ def loss_of(model, step, rank):
     return nn.functional.mse_loss(model(x), y)
 
 
-def all_ranks(ok: bool) -> bool:
-    flag = torch.tensor([int(ok)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def same(model_a, opt_a, model_b, opt_b) -> bool:
@@ -130,22 +126,11 @@ def refusal(wrap) -> str:
     return ""
 
 
-def main():
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def checks(rank: int, world: int) -> None:
     check_fsdp2(rank, world)
     RESULTS["ddp_refused"] = refusal(nn.parallel.DistributedDataParallel)
     RESULTS["fsdp1_refused"] = refusal(lambda m: FullyShardedDataParallel(m, device_id=torch.device("cpu")))
-    if rank == 0:
-        with open(os.path.join(OUT, "results.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
-        print("RESULTS", json.dumps(RESULTS))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    sys.stdout.flush()  # skip the interpreter's teardown, as dist_worker.py does (a native thread pool can abort there)
-    sys.stderr.flush()
-    os._exit(0)
+    gloo.run(checks, OUT, RESULTS)

@@ -292,8 +292,8 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def plot(results: list[RunResult], path: Path) -> Path | None:
-    """Loss curves as a PNG; None (with the reason printed) when matplotlib is missing."""
+def pyplot():
+    """matplotlib's pyplot drawing to files (Agg); None (with the reason printed) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -301,6 +301,14 @@ def plot(results: list[RunResult], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'qoptim[demo]')")
+        return None
+    return plt
+
+
+def plot(results: list[RunResult], path: Path) -> Path | None:
+    """Loss curves as a PNG; None when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, gridspec_kw={"width_ratios": [2.2, 1]})
     styles = ["-", "--", ":", "-."]

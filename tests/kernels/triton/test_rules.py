@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 from support import (INTERPRETER_MARKS, INTERPRETING, LAYOUTS, PARAM_DTYPES, RULES, assert_backend_matches_reference, copy_state,
-                     dtype_id, exact_sqrt, fresh, gradient, hyper)  # fmt: skip
+                     dtype_id, fresh, gradient, hyper)  # fmt: skip
 
 from qoptim.kernels import reference, rules
 from qoptim.kernels.types import BLOCK, StateSlot
@@ -30,27 +30,13 @@ pytestmark = INTERPRETER_MARKS
 pytest.importorskip("triton")
 
 from qoptim.kernels import triton as tk  # noqa: E402  (after the skip: triton is optional)
+from support.triton_oracle import oracle  # noqa: E402,F401  (the fixture)
 from qoptim.kernels.triton import launch  # noqa: E402
 
 assert tk.INTERPRETED or not INTERPRETING, "triton was imported before TRITON_INTERPRET was set"
 
 SIZES = (1, 255, 257, 4099)  # odd sizes: a partial block, one past a block, many blocks and a partial one
 STEPS = 5
-
-
-def reference_trust_ratio(step: tk.Step) -> tk.TrustRatio:
-    """``Step.trust_ratio`` as the reference computes it (to check the steps bit for bit given the ratio)."""
-    ratio = reference.trust_ratio(step.rule, step.p, step.g, step.slots, step.hp, step.skip_nonfinite)
-    factor = step.hp.lr * ratio if step.rule == "lamb" else ratio
-    return tk.TrustRatio(torch.tensor([ratio], dtype=torch.float64), torch.tensor([factor], dtype=torch.float32))
-
-
-@pytest.fixture
-def oracle(monkeypatch):
-    """The reference with an exact sqrt, and its trust ratio in the kernels' steps."""
-    monkeypatch.setattr(tk.Step, "trust_ratio", reference_trust_ratio)
-    with exact_sqrt():
-        yield
 
 
 def check_steps(rule: str, n: int, layout: str, dtype: torch.dtype, skip_nonfinite: bool) -> None:

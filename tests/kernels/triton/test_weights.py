@@ -29,6 +29,7 @@ pytestmark = INTERPRETER_MARKS
 pytest.importorskip("triton")
 
 from qoptim.kernels import triton as tk  # noqa: E402  (after the skip: triton is optional)
+from support.triton_oracle import oracle  # noqa: E402,F401  (the fixture)
 from qoptim.kernels.triton import batch  # noqa: E402
 from qoptim.kernels.triton.launch import weight_switch  # noqa: E402
 
@@ -39,21 +40,6 @@ assert tk.INTERPRETED or not INTERPRETING, "triton was imported before TRITON_IN
 SIZE_STEPS = {1: 3, 255: 3, 257: 3, 4097: 5}
 CASE_IDS = [case.name for case in WEIGHT_CASES]
 NEAREST_CASE = WeightCase("nearest", None, False)  # no master, no draw: rounded to nearest even
-
-
-def reference_trust_ratio(step: tk.Step) -> tk.TrustRatio:
-    """``Step.trust_ratio`` as the reference computes it, of the master where there is one."""
-    ratio = reference.trust_ratio(step.rule, step.p, step.g, step.slots, step.hp, step.skip_nonfinite, step.weights)
-    factor = step.hp.lr * ratio if step.rule == "lamb" else ratio
-    return tk.TrustRatio(torch.tensor([ratio], dtype=torch.float64), torch.tensor([factor], dtype=torch.float32))
-
-
-@pytest.fixture
-def oracle(monkeypatch):
-    """The reference with an exact sqrt, and its trust ratio in the kernels' steps."""
-    monkeypatch.setattr(tk.Step, "trust_ratio", reference_trust_ratio)
-    with exact_sqrt():
-        yield
 
 
 def check_steps(rule: str, n: int, layout: str, dtype: torch.dtype, case: WeightCase, steps: int) -> None:
