@@ -10,6 +10,7 @@ its peak memory is its own.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -42,6 +43,8 @@ class RunConfig:
     layers: int = 2
     seed: int = 0
     evals: int = 10
+    schedule: str = "constant"  # the lr over the run: constant, or cosine (SCHEDULES)
+    val_batches: int = 8  # batches of the validation text each validation loss averages
 
 
 @dataclass
@@ -149,6 +152,23 @@ def demo_settings(name: str, lr: float) -> dict:
 SAMPLED_STEPS = 3  # live bytes are counted on the first steps (states are made at the first) and the last
 
 
+def _cosine(steps: int):
+    """A factor on the lr: up linearly over the first 5% of the steps, then down to 10% along a
+    cosine, so that the last losses of a run are those of a settled model, comparable between runs."""
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
+
+
+SCHEDULES = {"constant": lambda steps: (lambda step: 1.0), "cosine": _cosine}
+
+
 def train(config: RunConfig, progress: bool = True, make=make_optimizer) -> RunResult:
     """Train ``config``'s row; ``make(name, params, lr, **options)`` builds its optimizer."""
     setup = lean.setup_of(config.optimizer, config.dtype)
@@ -159,8 +179,9 @@ def train(config: RunConfig, progress: bool = True, make=make_optimizer) -> RunR
     model = TinyGPT(config.width, config.layers, config.context).to(device=device, dtype=dtype)
     opt = make(setup.optimizer, model.parameters(), config.lr, **setup.options())
     tracker = lean.Tracker(setup, model.parameters(), opt)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, SCHEDULES[config.schedule](config.steps))
     train_batches = batches(data[:split], config.batch, config.context, torch.Generator().manual_seed(config.seed))
-    val_batches = list(zip(range(8), batches(data[split:], config.batch, config.context, torch.Generator().manual_seed(1))))
+    val_batches = list(zip(range(config.val_batches), batches(data[split:], config.batch, config.context, torch.Generator().manual_seed(1))))
     loss_fn = nn.CrossEntropyLoss()
 
     def val_loss() -> float:
@@ -190,6 +211,7 @@ def train(config: RunConfig, progress: bool = True, make=make_optimizer) -> RunR
         step_ms.append((t1 - t0 + t3 - t2) * 1e3)
         opt_ms.append((t3 - t2 + tracker.inside) * 1e3)  # under release the update runs inside backward
         timed.append(not tracker.sampling)  # a counted step's backward also ran the count
+        schedule.step()
         result.train_losses.append(loss.item())
         if step % eval_every == 0 or step == config.steps:
             result.val_steps.append(step)
