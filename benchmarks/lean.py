@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from qoptim.cli import demo, lean
+from qoptim.cli import demo, lean, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHAO = lean.Setup("torchao-bf16-sr", "bf16 weights, torchao AdamW8bit, bf16_stochastic_round=True", optimizer="torchao")
@@ -54,19 +54,10 @@ def make_torchao(name: str, params, lr: float, **options) -> torch.optim.Optimiz
     return AdamW8bit(params, lr=lr, bf16_stochastic_round=True)
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.processor() or "unknown"
-
-
 def run_config(args, name: str) -> dict:
     """Train set-up ``name`` in this process and return its result with what it ran on."""
     setup = CONFIGS[name]
-    torch.set_num_threads(args.threads) if args.threads else demo.default_threads()
+    torch.set_num_threads(args.threads) if args.threads else machine.default_threads()
     config = demo.RunConfig(optimizer=name, steps=args.steps, dtype=setup.weights, lr=args.lr, batch=args.batch,
                             context=args.context, width=args.width, layers=args.layers, seed=args.seed, evals=args.evals,
                             schedule=args.schedule, val_batches=args.val_batches)  # fmt: skip
@@ -78,7 +69,7 @@ def run_config(args, name: str) -> dict:
         "result": asdict(result), "params": result.params, "steps": args.steps, "width": args.width, "layers": args.layers,
         "context": args.context, "batch": args.batch, "lr": args.lr, "schedule": args.schedule, "val_batches": args.val_batches,
         "seed": args.seed,
-        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": machine.cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "wall_s": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
 

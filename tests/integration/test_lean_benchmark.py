@@ -1,12 +1,17 @@
-"""A smoke run of benchmarks/lean.py (its full run: a 22M-parameter GPT, 2,000 steps per set-up):
-one process per set-up, a JSON per set-up, a table against the fp32 AdamW baseline and a PNG."""
+"""Smoke runs of benchmarks/lean.py (its full run: a 21.4M-parameter GPT, 2,000 steps per set-up):
+one process per set-up, a JSON per set-up, a table against the fp32 AdamW baseline and a PNG; and
+of benchmarks/lean_speed.py (every set-up timed alternately in one process)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-LEAN = Path(__file__).resolve().parents[2] / "benchmarks" / "lean.py"
+import qoptim.cli.lean
+import qoptim.cli.machine
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+LEAN = BENCHMARKS / "lean.py"
 LEAN_SETUP = "bf16-master24-release"
 TINY = ["--steps", "12", "--width", "32", "--layers", "1", "--context", "16", "--batch", "4", "--evals", "2", "--quiet"]
 
@@ -46,3 +51,13 @@ def test_lean_benchmark_writes_a_result_per_set_up_and_compares_them(tmp_path):
 def test_an_unknown_set_up_is_refused(tmp_path):
     done = lean("--configs", "bf16-master16", "--results", str(tmp_path))
     assert done.returncode != 0 and "unknown configuration bf16-master16" in done.stderr
+
+
+def test_lean_speed_times_every_set_up_in_one_table():
+    tiny = ["--width", "32", "--layers", "1", "--context", "16", "--batch", "2", "--rounds", "1", "--steps", "1"]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "lean_speed.py"), *tiny], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("fp32-", "bf16-"))}
+    assert set(rows) == set(qoptim.cli.lean.SETUPS)
+    assert rows["fp32-torch-adamw"][2] == "1.00x" and rows["bf16-adamw8bit"][3] == "1.00x"
+    assert qoptim.cli.machine.cpu_name() in done.stdout  # the machine is named

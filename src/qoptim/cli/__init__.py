@@ -4,6 +4,8 @@ Modules:
     __init__.py  main(): the argument parsing and the user's errors, each command's entry
     demo.py      `qoptim demo`: a small GPT trained with several optimizers, compared in a table and a plot
     memory.py    `qoptim memory`: a model's optimizer-state memory and the GPUs its training state fits on
+    lean.py      the lean-training set-ups, and counting a run's training bytes from live tensors
+    machine.py   the threads a run uses and the CPU's name
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo, memory
+from . import demo, machine, memory
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -92,7 +94,7 @@ def _demo(args) -> int:
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"unknown optimizer {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
-    demo.default_threads()
+    machine.default_threads()
     demo.run_demo(names, args.steps, device, DTYPES[args.dtype], args.out, isolate=not args.no_isolate)
     return 0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 import queue as queue_module
 import statistics
 import sysconfig
@@ -392,12 +391,6 @@ def run_demo(optimizers: list[str], steps: int, device: str, dtype: str, out: Pa
     if path is not None:
         print(f"loss curves: {path}")
     return results
-
-
-def default_threads() -> None:
-    """Use every core the process may run on (torch's default can be lower in containers)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
 
 
 __all__ = ["RunConfig", "RunResult", "train", "run_demo", "optimizer_names", "table", "plot", "load_corpus", "TinyGPT"]
