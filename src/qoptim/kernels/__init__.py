@@ -80,7 +80,7 @@ def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], 
     supports = getattr(backend, "supports", None)
     if supports is not None and not supports(rule, p, slots):
         backend = reference
-    if weights != NEAREST and not getattr(backend, "WEIGHT_FORMATS", False):
+    if not weights.nearest and not getattr(backend, "WEIGHT_FORMATS", False):
         backend = reference
     return backend.update(rule, p, g, slots, hp, skip_nonfinite, weights)
 
@@ -96,7 +96,7 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
         backend = of_device.get(device)
         if backend is None:
             backend = of_device[device] = backend_for(device)
-        if job.weights != NEAREST and not getattr(backend, "WEIGHT_FORMATS", False):
+        if not job.weights.nearest and not getattr(backend, "WEIGHT_FORMATS", False):
             backend = reference
         by_backend.setdefault(id(backend), (backend, []))[1].append(i)
     for backend, indices in by_backend.values():
