@@ -65,8 +65,7 @@ def train_alongside(model, opt, ref, ref_opt, steps, rank, world, start=0, full=
         x, y = batch(step, rank, world, full=full)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
-        for p, r in zip(model.parameters(), ref.parameters()):
-            r.grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        gloo.take_gradients(model, ref)
         opt.step()
         ref_opt.step()
         opt.zero_grad()
@@ -197,14 +196,7 @@ def check_ddp(rank, world):
 
 
 def fsdp2_model(mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return gloo.fully_shard_layers(make_model(), mesh)
 
 
 def check_fsdp2(rank, world):

@@ -1,5 +1,6 @@
 """What every multi-process worker shares (imported as ``gloo``: the worker's own folder is on its
-path): agreeing across ranks, writing the results, and ending without the interpreter's teardown."""
+path): agreeing across ranks, sharding a model with FSDP2, feeding a one-process twin the sharded
+run's gradients, writing the results, and ending without the interpreter's teardown."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def all_ranks(ok: bool) -> bool:
@@ -17,6 +19,28 @@ def all_ranks(ok: bool) -> bool:
     flag = torch.tensor([int(ok)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def fully_shard_layers(model: nn.Module, mesh) -> nn.Module:
+    """``model`` with FSDP2 on each of its Linear layers and on the whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective), anything else as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def take_gradients(model: nn.Module, twin: nn.Module) -> None:
+    """Give ``twin`` (one process) the gradients ``model`` got, gathered where they are sharded."""
+    for p, r in zip(model.parameters(), twin.parameters()):
+        r.grad = gathered(p.grad).clone()
 
 
 def run(checks: Callable[[int, int], None], out: str, results: dict) -> None:

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 import gloo  # (this folder's: see gloo.py)
 import qoptim
-from gloo import all_ranks
+from gloo import all_ranks, gathered
 from qoptim.optim import dtensor as qdt
 
 OUT = sys.argv[1]
@@ -35,14 +35,7 @@ def make_model() -> nn.Module:
 
 
 def fsdp2_model(mesh) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return gloo.fully_shard_layers(make_model(), mesh)
 
 
 def batch(step: int, rank: int, world: int):
@@ -60,8 +53,7 @@ def train_alongside(model, opt, ref=None, ref_opt=None, steps=6, rank=0, world=2
         loss = nn.functional.mse_loss(model(x).float(), y.float())
         loss.backward()
         if ref is not None:
-            for p, r in zip(model.parameters(), ref.parameters()):
-                r.grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+            gloo.take_gradients(model, ref)
             ref_opt.step()
             ref_opt.zero_grad()
         opt.step()
@@ -70,10 +62,6 @@ def train_alongside(model, opt, ref=None, ref_opt=None, steps=6, rank=0, world=2
     return losses
 
 
-
-
-def gathered(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

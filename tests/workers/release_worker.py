@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 import gloo  # (this folder's: see gloo.py)
 import qoptim
@@ -31,12 +31,7 @@ def make_model() -> nn.Module:
 
 
 def fsdp2_model(mesh) -> nn.Module:
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return gloo.fully_shard_layers(make_model(), mesh)
 
 
 def batch(step: int, rank: int):
