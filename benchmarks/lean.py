@@ -158,11 +158,7 @@ def plot(results: list[dict], path: Path) -> Path | None:
     ax.legend(fontsize=7)
     first = results[0]
     fig.suptitle(f"Lean training: GPT of {first['params']:,} parameters, {first['steps']} steps, same data and seed")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return demo.save_figure(plt, fig, path)
 
 
 def print_table(args) -> int:
@@ -181,14 +177,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="", help=f"comma-separated, from {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--steps", type=int, default=2000)
-    # 21.4M parameters in 12 layers (a GPT-2-like depth: the largest tensor, whose gradient gradient
-    # release holds, is 2.8% of them); 512 tokens a step, ~0.8 s on 2 cores of this project's machines
-    parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    lean.add_model_arguments(parser)
     parser.add_argument("--evals", type=int, default=20, help="validation losses along the run")
     parser.add_argument("--schedule", choices=sorted(demo.SCHEDULES), default="cosine",
                         help="the lr: warmup then cosine decay to 10%% (default; settled last losses), or constant")

@@ -72,12 +72,7 @@ def table(runs: list[Run]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=DEFAULT, help="comma-separated set-ups of qoptim.cli.lean (the first is the baseline)")
-    parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    lean.add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5, help="rounds over every set-up")
     parser.add_argument("--steps", type=int, default=10, help="steps of one set-up in a round (timed; one untimed warm-up round first)")
     args = parser.parse_args()

@@ -3,9 +3,8 @@ and seed, and show what 8-bit states save and what they cost. A row names an opt
 the ``--dtype`` weights) or a set-up of lean.py (its own weights, master weight, rounding and
 gradient release), ``lean`` among them.
 
-The corpus is embedded: source files of Python's own standard library, read from the running
-interpreter, so nothing is downloaded. Each optimizer trains in a fresh child process so that
-its peak memory is its own.
+The corpus: source files of Python's own standard library, read from the running interpreter
+(nothing is downloaded). Each optimizer trains in a fresh child process: its peak memory is its own.
 """
 
 from __future__ import annotations
@@ -357,6 +356,11 @@ def plot(results: list[RunResult], path: Path) -> Path | None:
     bars.legend(fontsize=7)
     bars.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(f"TinyGPT ({results[0].params:,} parameters) on Python's standard library sources")
+    return save_figure(plt, fig, path)
+
+
+def save_figure(plt, fig, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (its folder made) and close it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
