@@ -126,15 +126,26 @@ def test_unsupported_param_dtype_is_rejected():
     assert not opt.state[p]
 
 
-def test_optim_bits_override_to_unsupported_value_fails_before_anything_changes():
+@pytest.mark.parametrize("family, bits", [("Adam8bit", 16), ("Lion8bit", 4)])  # Lion: 4-bit states are Adam's only
+def test_optim_bits_override_to_unsupported_value_fails_before_anything_changes(family, bits):
+    a, b = make_params((64, 81), torch.float32, n=2)
+    bnb.optim.GlobalOptimManager.get_instance().override_config(b, "optim_bits", bits)
+    opt = getattr(bnb.optim, family)([a, b])
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    a_before = a.detach().clone()
+    with pytest.raises(NotImplementedError, match=f"Amount of optimizer bits not supported: {bits}"):
+        opt.step()
+    assert torch.equal(a.detach(), a_before) and not opt.state[a]
+
+
+def test_optim_bits_override_to_4_gives_adam_4_bit_states_on_that_parameter():
     a, b = make_params((64, 81), torch.float32, n=2)
     bnb.optim.GlobalOptimManager.get_instance().override_config(b, "optim_bits", 4)
     opt = bnb.optim.Adam8bit([a, b])
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
-    a_before = a.detach().clone()
-    with pytest.raises(NotImplementedError, match="Amount of optimizer bits not supported: 4"):
-        opt.step()
-    assert torch.equal(a.detach(), a_before) and not opt.state[a]
+    opt.step()
+    assert opt.state[a]["qmap1"].numel() == 256 and "state2" in opt.state[a]
+    assert opt.state[b]["qmap1"].numel() == 16 and "state2" not in opt.state[b]
 
 
 # ---- non-finite gradients ----------------------------------------------------------------

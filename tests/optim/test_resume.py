@@ -19,7 +19,7 @@ OPTIMIZERS = {
     "AdamW8bit": {}, "Adam8bit": {"weight_decay": 0.1, "block_wise": False}, "PagedAdamW8bit": {}, "AdamW32bit": {},
     "Lion8bit": {}, "AdEMAMix8bit": {"t_alpha": 4, "t_beta3": 4}, "RMSprop8bit": {}, "Adagrad8bit": {},
     "SGD8bit": {"lr": 0.01, "momentum": 0.9}, "LAMB8bit": {}, "LARS8bit": {"lr": 0.01, "momentum": 0.9},
-    "Adam8bit-clipped": {"percentile_clipping": 80},
+    "Adam8bit-clipped": {"percentile_clipping": 80}, "AdamW4bit": {}, "Adam4bit-master": {"master_weight_bits": 24},
 }  # fmt: skip
 SHAPES = [(64, 81), (33,)]  # 8-bit state with a partial last block, and fp32 state
 STEPS, SPLIT = 6, 3

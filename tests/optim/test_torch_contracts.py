@@ -130,7 +130,7 @@ def zero_gradients_leave_params_unchanged(case: Case) -> None:
 def empty_params_step(case: Case) -> None:
     """Zero-element parameters next to others (torch's test_empty_grad), with every scale layout."""
     layouts = [{}]
-    if case.accepts("block_wise"):
+    if case.accepts("block_wise") and getattr(case.cls, "fixed_bits", None) != 4:  # (4-bit states are block-wise only)
         layouts.append({"block_wise": False})
     for layout in layouts:
         ps = params(2) + [torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0, 3))]
@@ -506,8 +506,9 @@ def optimizer_can_be_printed(case: Case) -> None:
 
 
 def test_every_class_is_covered():
-    """The table holds every optimizer class of qoptim.optim.__all__ (but the abstract ones)."""
-    exported = {n for n in qoptim.optim.__all__ if isinstance(getattr(qoptim.optim, n), type)
+    """The table holds every optimizer class of qoptim.optim (but the abstract ones): bitsandbytes'
+    names and qoptim's own."""
+    exported = {n for n in [*qoptim.optim.__all__, *qoptim.optim.QOPTIM_NAMES] if isinstance(getattr(qoptim.optim, n), type)
                 and issubclass(getattr(qoptim.optim, n), torch.optim.Optimizer)}  # fmt: skip
     assert {c.name for c in CASES} | set(ABSTRACT) == exported
     assert len(CASES) >= 40

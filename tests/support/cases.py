@@ -13,14 +13,18 @@ import torch
 
 from qoptim.kernels import rules
 from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import signed_map, unsigned_map
 
 from .params import DTYPES
 
 RULES: tuple[str, ...] = tuple(rules.RULES)
 TRUST_RULES: tuple[str, ...] = tuple(name for name, spec in rules.RULES.items() if spec.trust)  # a pass for the norms first
-# The state layouts: 8-bit in 256-blocks, 8-bit with one scale per tensor, fp32.
+# The state layouts: 8-bit in 256-blocks, 8-bit with one scale per tensor, fp32; and 4-bit in
+# 128-blocks (``quant.formats``), two states' codes sharing each byte, for the rules with at most two.
 LAYOUTS = ("blockwise", "whole_tensor", "fp32")
+FOUR_BIT = "fourbit"
+FOUR_BIT_RULES: tuple[str, ...] = tuple(name for name, spec in rules.RULES.items() if spec.states <= 2)
 PARAM_DTYPES = tuple(DTYPES)
 
 
@@ -37,6 +41,8 @@ def fresh(
     signed = rules.RULES[rule].signed
     if layout == "fp32":
         return p, [StateSlot(torch.zeros(n, device=device)) for _ in signed]
+    if layout == FOUR_BIT:
+        return p, four_bit_slots(signed, n, device)
     blocksize, scales = (BLOCK, math.ceil(n / BLOCK)) if layout == "blockwise" else (WHOLE_TENSOR, 1)
     slots = []
     for is_signed in signed:
@@ -47,9 +53,24 @@ def fresh(
     return p, slots
 
 
+def four_bit_slots(signed: tuple[bool, ...], n: int, device: torch.device | str = "cpu") -> list[StateSlot]:
+    """Zero 4-bit states (at most two): one byte per element, the first state's code in its low 4
+    bits and the second's in its high 4, as the optimizers keep them (``optim.state``)."""
+    fmt = FORMATS[4]
+    codes = [state_map(fmt.map_name(s), device) for s in signed]
+    # the code of 0.0 (the zero-free unsigned map's lowest code, which decodes to 0 under a zero scale)
+    zeros = [int(torch.searchsorted(code, torch.tensor(0.0, device=device))) for code in codes]
+    values = torch.full((n,), sum(z << (4 * i) for i, z in enumerate(zeros)), dtype=torch.uint8, device=device)
+    scales = math.ceil(n / fmt.blocksize)
+    return [StateSlot(values, code, torch.zeros(scales, device=device), fmt.blocksize, 4 * i) for i, code in enumerate(codes)]
+
+
 def copy_state(p: torch.Tensor, slots: list[StateSlot]) -> tuple[torch.Tensor, list[StateSlot]]:
-    """Copies of a parameter and its states' values and scales (the maps are shared, read only)."""
-    cloned = [StateSlot(s.values.clone(), s.code, None if s.absmax is None else s.absmax.clone(), s.blocksize) for s in slots]
+    """Copies of a parameter and its states' values and scales (the maps are shared, read only;
+    states sharing their bytes, as 4-bit ones do, share the copy)."""
+    copies: dict[int, torch.Tensor] = {}
+    cloned = [StateSlot(copies.setdefault(id(s.values), s.values.clone()), s.code, None if s.absmax is None else s.absmax.clone(),
+                        s.blocksize, s.shift) for s in slots]  # fmt: skip
     return p.clone(), cloned
 
 

@@ -1,4 +1,4 @@
-"""The optimizer classes of ``qoptim.optim.__all__`` as test cases: each with the constructor
+"""The optimizer classes of ``qoptim.optim`` as test cases: each with the constructor
 arguments it needs (a new class is covered without a line here). Imported as ``support.optimizers``."""
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ class Case:
 
 
 def optimizer_cases() -> list[Case]:
-    """Every class of ``qoptim.optim.__all__`` that steps on its own, with what it needs to."""
+    """Every class of ``qoptim.optim.__all__`` (bitsandbytes' names) and of qoptim's own
+    (``QOPTIM_NAMES``: the 4-bit classes) that steps on its own, with what it needs to."""
     cases = []
-    for name in qoptim.optim.__all__:
+    for name in [*qoptim.optim.__all__, *qoptim.optim.QOPTIM_NAMES]:
         cls = getattr(qoptim.optim, name)
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or name in ABSTRACT:
             continue
-        family = name.removeprefix("Paged").removesuffix("8bit").removesuffix("32bit")
+        family = name.removeprefix("Paged").removesuffix("4bit").removesuffix("8bit").removesuffix("32bit")
         args = (RULE_NAMES[name],) if name in RULE_NAMES else ()
         kwargs = dict(NEEDED.get(family, {}))
         if name in RULE_NAMES and name == "Optimizer1State":

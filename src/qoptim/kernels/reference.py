@@ -9,8 +9,10 @@ Per chunk, in this order (bitsandbytes' order):
   1. dequantize each state with its old scale,
   2. update parameter and states in fp32 (the rule),
   3. take each block's new scale from the updated fp32 state,
-  4. requantize (a never-negative state: a positive value never to code 0, see
-     ``quant.blockwise.raise_positive_from_zero``).
+  4. requantize (a never-negative 8-bit state: a positive value never to code 0, see
+     ``quant.blockwise.raise_positive_from_zero``; the 4-bit unsigned map has no zero code).
+A state's format (8-bit: 256 codes, blocks of 256; 4-bit: 16 codes in half a byte, blocks of 128)
+is ``quant.formats``'s; the slot says which (``StateSlot.bits``, ``shift``).
 The parameter update uses the unquantized fp32 states of step 2. A bf16 / fp16 parameter with a
 master correction is read as its fp32 master and written as the encoded pair; one without is
 written rounded to nearest even, or stochastically (``types.WeightFormat``, ``quant.master``).
@@ -29,6 +31,7 @@ import torch
 
 from ..quant import master
 from ..quant.blockwise import block_absmax, dequantize_flat, quantize_with_absmax, raise_positive_from_zero
+from ..quant.formats import FORMATS
 from . import rules
 from .types import BLOCK, NEAREST, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult, WeightFormat
 
@@ -304,11 +307,24 @@ def _load(slot: StateSlot, start: int, end: int) -> torch.Tensor:
     values = slot.values[start:end]
     if not slot.quantized:
         return values.float()
+    codes = _codes_of(slot, values)
     if slot.blocksize == WHOLE_TENSOR:
-        return slot.code[values.long()] * slot.absmax[0]
+        return slot.code[codes.long()] * slot.absmax[0]
     _check_blocksize(slot)
     blocks = slice(start // slot.blocksize, -(-end // slot.blocksize))
-    return dequantize_flat(values, slot.absmax[blocks], slot.code, slot.blocksize)
+    return dequantize_flat(codes, slot.absmax[blocks], slot.code, slot.blocksize)
+
+
+def _codes_of(slot: StateSlot, values: torch.Tensor) -> torch.Tensor:
+    """A state's codes in its bytes ``values`` (4-bit codes: the 4 bits from ``shift`` up)."""
+    return values if slot.bits == 8 else (values >> slot.shift) & 0xF
+
+
+def _with_codes(slot: StateSlot, values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The bytes ``values`` holding ``codes`` in this state's bits, the other bits as they were."""
+    if slot.bits == 8:
+        return codes
+    return (values & (0xF0 >> slot.shift)) | (codes << slot.shift)
 
 
 def _store(slot: StateSlot, new: torch.Tensor, start: int, end: int, bad, whole_scale, *, signed: bool) -> None:
@@ -326,10 +342,11 @@ def _store(slot: StateSlot, new: torch.Tensor, start: int, end: int, bad, whole_
     blocks = slice(start // slot.blocksize, -(-end // slot.blocksize))
     scales = block_absmax(new, slot.blocksize)
     codes = quantize_with_absmax(new, scales, slot.code, slot.blocksize)
-    if not signed:
+    if not signed and slot.bits == 8:  # (the 4-bit unsigned map has no zero code: formats.FORMATS)
         codes = raise_positive_from_zero(codes, new)
+    codes = _with_codes(slot, target, codes)
     if bad is not None:
-        scales = torch.where(bad, slot.absmax[blocks], scales)
+        scales = torch.where(bad.repeat_interleave(BLOCK // slot.blocksize)[: scales.numel()], slot.absmax[blocks], scales)
         codes = torch.where(_per_element(bad, end - start), target, codes)
     slot.absmax[blocks] = scales
     target.copy_(codes)
@@ -345,8 +362,10 @@ def _per_element(block_mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _check_blocksize(slot: StateSlot) -> None:
-    if slot.blocksize != BLOCK:
-        raise ValueError(f"optimizer states are quantized in blocks of {BLOCK}, got blocksize {slot.blocksize}")
+    """A state's blocks are its format's (8-bit: 256, 4-bit: 128; ``quant.formats``)."""
+    expected = FORMATS[slot.bits].blocksize
+    if slot.blocksize != expected:
+        raise ValueError(f"{slot.bits}-bit optimizer states are quantized in blocks of {expected}, got blocksize {slot.blocksize}")
 
 
 def grad_norm_sq(g: torch.Tensor) -> float:

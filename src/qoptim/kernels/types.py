@@ -24,17 +24,25 @@ class StateSlot:
 
     ``values`` holds float32 values, or uint8 codes into ``code`` scaled by ``absmax``: one
     float32 scale per ``blocksize`` elements, or a single scale when ``blocksize`` is
-    ``WHOLE_TENSOR``. Kernels update ``values`` and ``absmax`` in place.
+    ``WHOLE_TENSOR``. A map of 256 codes (8 bits) takes a byte per element; one of 16 (4 bits,
+    ``quant.formats``) takes the 4 bits of each byte from ``shift`` up, and another state the
+    other 4. Kernels update ``values`` and ``absmax`` in place.
     """
 
     values: torch.Tensor
     code: torch.Tensor | None = None
     absmax: torch.Tensor | None = None
     blocksize: int = BLOCK
+    shift: int = 0  # 4-bit codes: the lowest bit of this state's code in each byte (0 or 4)
 
     @property
     def quantized(self) -> bool:
         return self.values.dtype == torch.uint8
+
+    @property
+    def bits(self) -> int:
+        """Bits per code: 8, or 4 for a map of 16 codes."""
+        return 4 if self.code is not None and self.code.numel() == 16 else 8
 
 
 class Hyper(NamedTuple):

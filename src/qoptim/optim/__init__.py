@@ -11,14 +11,14 @@
 - ``dtensor``: state buffers and local views of sharded (DTensor, FSDP2) parameters;
 - ``manager``: GlobalOptimManager, per-parameter overrides;
 - ``release``: gradient release, each parameter updated in backward as its gradient completes;
-- ``variants``: the ``*8bit`` / ``*32bit`` / ``Paged*`` classes made from one family class;
+- ``variants``: the ``*8bit`` / ``*32bit`` / ``*4bit`` / ``Paged*`` classes made from one family class;
 - one module per family: ``adam``, ``adamw``, ``ademamix``, ``lamb``, ``lars``, ``lion``, ``rmsprop``,
   ``sgd``, ``adagrad``.
 """
 
 from .adagrad import Adagrad, Adagrad8bit, Adagrad32bit
-from .adam import Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit
-from .adamw import AdamW, AdamW8bit, AdamW32bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit
+from .adam import Adam, Adam4bit, Adam8bit, Adam32bit, PagedAdam, PagedAdam4bit, PagedAdam8bit, PagedAdam32bit
+from .adamw import AdamW, AdamW4bit, AdamW8bit, AdamW32bit, PagedAdamW, PagedAdamW4bit, PagedAdamW8bit, PagedAdamW32bit
 from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit
 from .lamb import LAMB, LAMB8bit, LAMB32bit
 from .lars import LARS, LARS8bit, LARS32bit, PytorchLARS
@@ -39,5 +39,6 @@ __all__ = [
     "GlobalOptimManager", "Optimizer8bit", "Optimizer2State", "Optimizer1State",
 ]  # fmt: skip
 # bitsandbytes' names only (tests/compat compares each with bitsandbytes'); qoptim's own names are
-# imported above (release_gradients) and listed in the package's __all__
+# imported above (release_gradients, the 4-bit classes) and listed in QOPTIM_NAMES
+QOPTIM_NAMES = ["Adam4bit", "AdamW4bit", "PagedAdam4bit", "PagedAdamW4bit", "release_gradients"]
 

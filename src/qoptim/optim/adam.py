@@ -1,12 +1,13 @@
 """Adam with L2 weight decay (added to the gradient, as torch.optim.Adam does): 8-bit or 32-bit
-states, optionally paged. The update itself is the ``adam`` rule of ``qoptim.kernels``."""
+states (or 4-bit: ``quant.formats``), optionally paged. The update itself is the ``adam`` rule of ``qoptim.kernels``."""
 
 from __future__ import annotations
 
 from .optimizer import Optimizer2State
 from .variants import FixedVariant, variant
 
-__all__ = ["Adam", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam8bit", "PagedAdam32bit", "AdamFamily"]
+__all__ = ["Adam", "Adam4bit", "Adam8bit", "Adam32bit", "PagedAdam", "PagedAdam4bit", "PagedAdam8bit", "PagedAdam32bit",
+           "AdamFamily"]  # fmt: skip
 
 
 class AdamFamily(FixedVariant, Optimizer2State):
@@ -24,8 +25,10 @@ class AdamFamily(FixedVariant, Optimizer2State):
 
 
 Adam = variant(AdamFamily, "Adam")
+Adam4bit = variant(AdamFamily, "Adam4bit", fixed_bits=4)  # qoptim's (bitsandbytes has no 4-bit optimizers)
 Adam8bit = variant(AdamFamily, "Adam8bit", fixed_bits=8)
 Adam32bit = variant(AdamFamily, "Adam32bit", fixed_bits=32)
 PagedAdam = variant(AdamFamily, "PagedAdam", fixed_paged=True)  # keeps the (ignored) is_paged argument, as bitsandbytes
+PagedAdam4bit = variant(AdamFamily, "PagedAdam4bit", fixed_bits=4, fixed_paged=True)
 PagedAdam8bit = variant(AdamFamily, "PagedAdam8bit", fixed_bits=8, fixed_paged=True)
 PagedAdam32bit = variant(AdamFamily, "PagedAdam32bit", fixed_bits=32, fixed_paged=True)

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from ..quant.formats import FORMATS, MAP_NAMES
 from . import dtensor, reshard, weights
 from .reshard import Export
-from .state import BUFFER_KEYS, GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC
+from .state import BUFFER_KEYS, GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC, shared_bytes
 
 __all__ = ["QUANT_STATE_KEY", "check_loaded_state", "copied_state", "exported", "fill_defaults", "loaded", "packed",
            "repage", "unnest"]  # fmt: skip
@@ -132,7 +133,7 @@ def loaded(opt, state_dict: dict[str, Any], move_to_device: bool) -> dict[str, A
         flat = dict(saved)
         flat.update(flat.pop(QUANT_STATE_KEY, {}))
         flat = reshard.to_current_layout(p, flat, opt.layout, opt.qmap_on)  # resharded / dequantized layouts
-        check_loaded_state(type(opt).__name__, k, p, flat, opt.layout)
+        check_loaded_state(type(opt).__name__, k, p, flat, opt.layout, four_bit=opt.four_bit)
         new_state[p] = {key: _place(opt, p, key, value, move_to_device) for key, value in flat.items()}
 
     for group, saved in zip(groups, saved_groups):
@@ -166,19 +167,17 @@ def _place(opt, p: torch.Tensor, key: str, value: Any, move_to_device: bool) -> 
 def _shared_map(opt, loaded_map: torch.Tensor) -> torch.Tensor:
     """A loaded map: the optimizer's own shared one where equal (a checkpoint holds a copy per
     parameter), else a copy of its own."""
-    if not opt.name2qmap:
-        opt.fill_qmap()
-    for name in list(opt.name2qmap):
+    for name in [*opt.name2qmap, *(n for n in MAP_NAMES if n not in opt.name2qmap)]:
         shared = opt.qmap_on(name, loaded_map.device)
-        if torch.equal(shared, loaded_map):
+        if shared.shape == loaded_map.shape and torch.equal(shared, loaded_map):
             return shared
     return loaded_map.clone(memory_format=torch.contiguous_format)
 
 
-def check_loaded_state(owner: str, k: Any, p: torch.Tensor, state: dict[str, Any], layout) -> None:
-    """Reject a parameter's loaded state that an optimizer (class ``owner``, keeping ``layout``)
-    could not continue from: another optimizer type's states, wrong shapes or dtypes, a tampered
-    map or scale."""
+def check_loaded_state(owner: str, k: Any, p: torch.Tensor, state: dict[str, Any], layout, four_bit: bool = False) -> None:
+    """Reject a parameter's loaded state that an optimizer (class ``owner``, keeping ``layout``;
+    ``four_bit``: its rule takes 4-bit states) could not continue from: another optimizer type's
+    states, wrong shapes or dtypes, a tampered map or scale."""
     if not state:
         return
     name = f"the loaded state of parameter {k!r}"
@@ -189,22 +188,25 @@ def check_loaded_state(owner: str, k: Any, p: torch.Tensor, state: dict[str, Any
         raise ValueError(f"{name} has step={state.get(STEP)!r}; expected a non-negative int")
     kept_keys = [kept.keys.values for kept in layout]
     present = [keys.values for keys in KEYS if keys.values in state]
-    if present != kept_keys:
+    fmt = FORMATS[4] if four_bit and shared_bytes(state) else FORMATS[8]  # (4-bit: both states' codes in state1)
+    if present != kept_keys[: 1 if fmt.bits == 4 else None]:
         raise ValueError(f"{name} holds {present}, but {owner} keeps {kept_keys}: a state dict of another optimizer type?")
     for kept in layout:
         keys = kept.keys
-        _check_tensor(name, keys.values, state[keys.values], kept.shape(p), (torch.uint8, torch.float32))
-        if state[keys.values].dtype != torch.uint8:
+        values = state[KEYS[0].values if fmt.bits == 4 else keys.values]
+        _check_tensor(name, keys.values, values, kept.shape(p), (torch.uint8, torch.float32))
+        if values.dtype != torch.uint8:
             continue
-        qmap = _check_tensor(name, keys.qmap, state.get(keys.qmap), (256,), (torch.float32,))
+        qmap = _check_tensor(name, keys.qmap, state.get(keys.qmap), (fmt.codes,), (torch.float32,))
         if not bool(torch.isfinite(qmap).all() and (qmap[1:] > qmap[:-1]).all() and qmap.abs().max() <= 1):
-            raise ValueError(f"{name}: {keys.qmap} must hold 256 finite codes in [-1, 1], sorted ascending")
-        if keys.absmax not in state and keys.max not in state:
-            raise ValueError(f"{name}: {keys.values} holds 8-bit codes without their scales: expected {keys.absmax} "
-                             f"(block-wise) or {keys.max} and {keys.new_max} (one scale per tensor)")  # fmt: skip
+            raise ValueError(f"{name}: {keys.qmap} must hold {fmt.codes} finite codes in [-1, 1], sorted ascending")
+        if keys.absmax not in state and (keys.max not in state or fmt.bits == 4):
+            raise ValueError(f"{name}: {keys.values} holds {fmt.bits}-bit codes without their scales: expected {keys.absmax} "
+                             + ("(4-bit states are block-wise)" if fmt.bits == 4 else
+                                f"(block-wise) or {keys.max} and {keys.new_max} (one scale per tensor)"))  # fmt: skip
         scales = [keys.absmax] if keys.absmax in state else [keys.max, keys.new_max]
         for scale in scales:
-            shape = kept.absmax_shape(p) if scale == keys.absmax else (1,)
+            shape = kept.absmax_shape(p, fmt.blocksize) if scale == keys.absmax else (1,)
             values = dtensor.local(_check_tensor(name, scale, state.get(scale), shape, (torch.float32,)))
             if not bool((torch.isfinite(values) & (values >= 0)).all()):
                 raise ValueError(f"{name}: {scale} must hold finite non-negative scales")

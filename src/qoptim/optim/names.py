@@ -14,6 +14,7 @@ __all__ = ["OPTIMIZER_NAMES", "OptimizerName"]
 class OptimizerName(NamedTuple):
     rule: str  # a key of kernels.rules.RULES
     decoupled: bool = False  # weight decay applied to the parameter (AdamW) rather than added to the gradient (Adam)
+    four_bit: bool = False  # takes optim_bits=4 (quant.formats; its two states share a byte: optim.state)
 
     @property
     def spec(self) -> RuleSpec:
@@ -21,8 +22,8 @@ class OptimizerName(NamedTuple):
 
 
 OPTIMIZER_NAMES: dict[str, OptimizerName] = {
-    "adam": OptimizerName("adam"),
-    "adamw": OptimizerName("adam", decoupled=True),
+    "adam": OptimizerName("adam", four_bit=True),
+    "adamw": OptimizerName("adam", decoupled=True, four_bit=True),
     "ademamix": OptimizerName("ademamix", decoupled=True),
     "lamb": OptimizerName("lamb", decoupled=True),
     "lion": OptimizerName("lion", decoupled=True),

@@ -17,6 +17,7 @@ import torch
 
 from .. import paging
 from ..kernels import Hyper, Job
+from ..quant.formats import FORMATS, state_map
 from ..quant.maps import signed_map, unsigned_map
 from . import checkpoint, dtensor, reshard, validation, weights
 from .checkpoint import QUANT_STATE_KEY
@@ -38,6 +39,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     # from its update rule. Alone, Optimizer8bit keeps bitsandbytes' two states.
     layout: tuple[KeptState, ...] = (KeptState(KEYS[0], 1, True), KeptState(KEYS[1], 1, False))
     layer_wise = False  # a rule with a layer-wise trust ratio (LAMB, LARS): needs the whole parameter
+    four_bit = False  # a rule that takes 4-bit states (optim_bits=4)
     nonfinite = "skip"  # what a NaN/Inf gradient does (validation.NONFINITE_MODES)
 
     def __init__(self, params, defaults: dict[str, Any], optim_bits: int = 32, is_paged: bool = False):
@@ -48,8 +50,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.non_castable_tensor_keys = set(TENSOR_KEYS)
         self.nonfinite_skipped_blocks = 0  # 256-blocks left untouched because of NaN/Inf gradients
         self._attach()
-        if optim_bits == 8:
-            self.fill_qmap()
+        if optim_bits in FORMATS:  # its format's maps (8-bit: bitsandbytes' fill_qmap; names: quant.formats)
+            self.name2qmap.update((name, state_map(name)) for name in FORMATS[optim_bits].map_names)
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling and ``copy.deepcopy`` keep: torch's entries and every public setting, not
@@ -77,14 +79,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.__dict__.setdefault("_slot_cache", SlotCache())
         self.__dict__.setdefault("_step_skips", None)  # the skipped-block counts of the step under way
 
-    def fill_qmap(self) -> None:
-        self.name2qmap[SIGNED_MAP] = signed_map()
-        self.name2qmap[UNSIGNED_MAP] = unsigned_map()
+    def fill_qmap(self) -> None:  # (bitsandbytes')
+        self.name2qmap.update({SIGNED_MAP: signed_map(), UNSIGNED_MAP: unsigned_map()})
 
     def qmap_on(self, name: str, device: torch.device) -> torch.Tensor:
         """Map ``name`` on ``device``: one copy per device, shared by every parameter there."""
-        if not self.name2qmap:
-            self.fill_qmap()
+        if name not in self.name2qmap:  # first use, or another format's (quant.formats)
+            self.name2qmap[name] = state_map(name)
         return self._map_copies.on(name, self.name2qmap[name], device)
 
     # ---- configuration -------------------------------------------------------------
@@ -292,7 +293,7 @@ class _StateOptimizer(Optimizer8bit):
         validation.check_hyper(lr, betas, eps, weight_decay)
         validation.check_settings(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                                   max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise, is_paged=is_paged,
-                                  nonfinite=nonfinite, layer_wise=name.spec.trust)  # fmt: skip
+                                  nonfinite=nonfinite, layer_wise=name.spec.trust, four_bit=name.four_bit)  # fmt: skip
         weights.check_settings(master_weight_bits, weight_rounding)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if self.n_states == 2:  # bitsandbytes' two-state groups also carry AdEMAMix's settings
@@ -303,6 +304,7 @@ class _StateOptimizer(Optimizer8bit):
         self.decoupled = name.decoupled
         self.layout = layout_of(name.spec)
         self.layer_wise = name.spec.trust
+        self.four_bit = name.four_bit
         self.nonfinite = nonfinite
         self.args = settings_args(args, optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                                   block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,

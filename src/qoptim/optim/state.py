@@ -7,6 +7,11 @@ A parameter's state is a dict, as bitsandbytes keeps it (and as its checkpoints 
 * per state ``i`` (1 or 2): ``state{i}``, float32 values or uint8 codes; for codes ``qmap{i}`` (the
   256 code values) and their scale: ``absmax{i}`` (one float32 per 256-block), or ``max{i}`` and
   ``new_max{i}`` (one per tensor, ``block_wise=False``);
+* 4-bit states (``optim_bits=4``, ``quant.formats``; Adam and AdamW): ``state1`` is a uint8 tensor
+  of the parameter's shape that holds both moments, the first's code in the low 4 bits of each
+  byte and the second's in the high 4 (so that the codes shard, gather and reshard element by
+  element, like the parameter); ``qmap1`` and ``qmap2`` are their 16-code maps, ``absmax1`` and
+  ``absmax2`` one float32 scale per 128 elements; there is no ``state2``;
 * ``gnorm_vec``: the last 100 squared gradient norms (percentile clipping);
 * ``unorm_vec``: the update norm of the layer-wise rules (LAMB, LARS), kept because bitsandbytes'
   step needs it; qoptim's kernels do not report it, so it stays 0;
@@ -29,12 +34,14 @@ import torch
 
 from ..kernels import BLOCK, WHOLE_TENSOR, StateSlot
 from ..kernels.rules import RuleSpec
+from ..quant.formats import FORMATS, StateFormat, format_of
 from . import dtensor
 
 __all__ = [
     "BUFFER_KEYS", "GNORM_VEC", "KEYS", "MASTER_CORRECTION", "QMAP_KEYS", "ROUNDING_SEED", "SIGNED_MAP", "STEP", "TENSOR_KEYS",
     "UNORM_VEC", "UNSIGNED_MAP", "VALUE_KEYS",
-    "Buffers", "KeptState", "MapCopies", "SlotCache", "StateKeys", "layout_of", "new_state", "slot", "slots",
+    "Buffers", "KeptState", "MapCopies", "SlotCache", "StateKeys", "format_of_state", "layout_of", "new_state",
+    "shared_bytes", "slot", "slots",
 ]  # fmt: skip
 
 
@@ -66,8 +73,8 @@ ROUNDING_SEED = "rounding_seed"  # a 16-bit parameter's stochastic rounding seed
 BUFFER_KEYS = VALUE_KEYS | {MASTER_CORRECTION}
 QMAP_KEYS = frozenset(keys.qmap for keys in KEYS)
 
-# names of the optimizer's maps (``name2qmap``, as bitsandbytes calls them)
-SIGNED_MAP, UNSIGNED_MAP = "dynamic", "udynamic"
+# names of the optimizer's 8-bit maps (``name2qmap``, as bitsandbytes calls them; ``quant.formats``)
+SIGNED_MAP, UNSIGNED_MAP = FORMATS[8].signed_map, FORMATS[8].unsigned_map
 
 
 class KeptState(NamedTuple):
@@ -84,10 +91,22 @@ class KeptState(NamedTuple):
     def shape(self, p: torch.Tensor) -> torch.Size:
         return p.shape if self.rows == 1 else torch.Size([self.rows, *p.shape])
 
-    def absmax_shape(self, p: torch.Tensor) -> torch.Size:
+    def absmax_shape(self, p: torch.Tensor, blocksize: int = BLOCK) -> torch.Size:
         """The shape of its block scales (a sharded parameter's: see ``dtensor``)."""
-        blocks = dtensor.absmax_shape(p) if dtensor.is_dtensor(p) else torch.Size([math.ceil(p.numel() / BLOCK)])
+        blocks = dtensor.absmax_shape(p) if dtensor.is_dtensor(p) else torch.Size([math.ceil(p.numel() / blocksize)])
         return blocks if self.rows == 1 else torch.Size([self.rows, *blocks])
+
+
+def format_of_state(state: dict[str, Any]) -> StateFormat | None:
+    """The format of a parameter's quantized states (``quant.formats``), None for float32 states."""
+    qmap = state.get(KEYS[0].qmap)
+    return format_of(qmap) if isinstance(qmap, torch.Tensor) else None
+
+
+def shared_bytes(state: dict[str, Any]) -> bool:
+    """Whether a parameter's states are 4-bit codes sharing ``state1``'s bytes (the module doc)."""
+    fmt = format_of_state(state)
+    return fmt is not None and fmt.bits == 4
 
 
 def layout_of(spec: RuleSpec) -> tuple[KeptState, ...]:
@@ -119,20 +138,22 @@ class Buffers(Protocol):
 
 
 def new_state(p: torch.Tensor, config: dict[str, Any], layout, buffers: Buffers, *, layer_wise: bool) -> dict[str, Any]:
-    """A parameter's first state: zeros, 8-bit when ``config`` says so and ``p`` is large enough.
-    Built apart and returned whole: an allocation that fails leaves no half state behind."""
-    quantized = config["optim_bits"] == 8 and p.numel() >= config["min_8bit_size"]
+    """A parameter's first state: zeros, quantized in the format of ``config``'s ``optim_bits``
+    (``quant.formats``) when ``p`` is large enough. Built apart and returned whole: an allocation
+    that fails leaves no half state behind."""
+    fmt = FORMATS.get(config["optim_bits"]) if p.numel() >= config["min_8bit_size"] else None
     state: dict[str, Any] = {STEP: 0}
-    for kept in layout:
-        if not quantized:
+    for i, kept in enumerate(layout):
+        if fmt is None:
             state[kept.keys.values] = buffers.state_buffer(p, torch.float32, kept.shape(p))
             continue
-        state[kept.keys.values] = buffers.state_buffer(p, torch.uint8, kept.shape(p))
-        state[kept.keys.qmap] = buffers.qmap_on(kept.map_name, p.device)
-    if quantized:
+        if fmt.bits == 8 or i == 0:  # (4-bit: the states share state1's bytes)
+            state[kept.keys.values] = buffers.state_buffer(p, torch.uint8, kept.shape(p))
+        state[kept.keys.qmap] = buffers.qmap_on(fmt.map_name(kept.signed), p.device)
+    if fmt is not None:
         for kept in layout:
             if config["block_wise"]:
-                state[kept.keys.absmax] = buffers.absmax_buffer(p, kept.absmax_shape(p))
+                state[kept.keys.absmax] = buffers.absmax_buffer(p, kept.absmax_shape(p, fmt.blocksize))
             else:
                 for key in (kept.keys.max, kept.keys.new_max):
                     state[key] = torch.zeros(1, dtype=torch.float32, device=p.device)
@@ -163,25 +184,29 @@ class MapCopies:
 # ---- the kernels' views ---------------------------------------------------------------------
 
 
-def slot(state: dict[str, Any], keys: StateKeys, row: int | None = None) -> StateSlot:
-    """One state as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1).
-    State tensors are contiguous (as created, and as loaded): the flat views alias them."""
-    values = dtensor.local(state[keys.values]).detach()  # (an alias: see SlotCache)
+def slot(state: dict[str, Any], keys: StateKeys, row: int | None = None, *, shift: int = 0) -> StateSlot:
+    """One state as a flat slot; ``row`` picks one row of a stacked state (AdEMAMix's state1);
+    4-bit codes are those of ``state1``'s bytes from bit ``shift`` up. State tensors are
+    contiguous (as created, and as loaded): the flat views alias them."""
+    values = dtensor.local(state[KEYS[0].values if shift else keys.values]).detach()  # (an alias: see SlotCache)
     values = (values if row is None else values[row]).view(-1)
     if values.dtype != torch.uint8:
         return StateSlot(values)
-    absmax = state.get(keys.absmax)
+    absmax, qmap = state.get(keys.absmax), state[keys.qmap]
     if absmax is not None:
+        blocksize = format_of(qmap).blocksize
         absmax = absmax.detach() if row is None else absmax.detach()[row]
         if dtensor.is_dtensor(absmax) or absmax.dim() != 1:  # a shard's blocks within the padded global layout
             absmax = dtensor.blocks_of(absmax, values.numel())
-        return StateSlot(values, state[keys.qmap], absmax, BLOCK)
+        return StateSlot(values, qmap, absmax, blocksize, shift)
     state[keys.new_max].copy_(state[keys.max])  # the previous scale, as bitsandbytes keeps it
-    return StateSlot(values, state[keys.qmap], state[keys.max], WHOLE_TENSOR)
+    return StateSlot(values, qmap, state[keys.max], WHOLE_TENSOR)
 
 
 def slots(state: dict[str, Any], layout) -> list[StateSlot]:
     """The kernels' view of a parameter's states: one slot per slot of the rule, in its order."""
+    if shared_bytes(state):  # 4-bit: the second state's codes are the high half of state1's bytes
+        return [slot(state, kept.keys, shift=4 * i) for i, kept in enumerate(layout)]
     return [slot(state, kept.keys, None if kept.rows == 1 else row) for kept in layout for row in range(kept.rows)]
 
 

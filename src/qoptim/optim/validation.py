@@ -34,10 +34,10 @@ def check_hyper(lr, betas, eps, weight_decay) -> None:
 
 
 def check_settings(*, optim_bits, min_8bit_size, percentile_clipping, max_unorm, skip_zeros, block_wise, is_paged, nonfinite,
-                   layer_wise: bool) -> None:  # fmt: skip
-    """The constructor's settings besides the hyperparameters (``layer_wise``: LAMB and LARS take ``max_unorm``)."""
-    if optim_bits not in (8, 32):
-        raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
+                   layer_wise: bool, four_bit: bool) -> None:  # fmt: skip
+    """The constructor's settings besides the hyperparameters (``layer_wise``: LAMB and LARS take
+    ``max_unorm``; ``four_bit``: the rule takes 4-bit states)."""
+    check_bits(optim_bits, block_wise, four_bit, ValueError)
     if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
     if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) or not 1 <= percentile_clipping <= 100:
@@ -51,6 +51,21 @@ def check_settings(*, optim_bits, min_8bit_size, percentile_clipping, max_unorm,
             raise ValueError(f"{flag} must be True or False, got {value!r}")
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+
+
+def check_bits(optim_bits, block_wise, four_bit: bool, error: type[Exception]) -> None:
+    """The state precision: 32 or 8, or 4 for the rules that take it (``names.OptimizerName``),
+    block-wise; ``error``: bitsandbytes raises a ValueError in the constructor and a
+    NotImplementedError on a parameter's override."""
+    if optim_bits == 4 and four_bit:
+        if block_wise is not True:
+            raise ValueError("4-bit states are block-wise: block_wise=False is not supported with optim_bits=4")
+        return
+    if optim_bits not in (8, 32):
+        if error is NotImplementedError:
+            raise NotImplementedError(f"Amount of optimizer bits not supported: {optim_bits}")
+        also = " (or 4: Adam and AdamW)" if not four_bit else " or 4"
+        raise ValueError(f"optim_bits must be 8 or 32{also}, got {optim_bits!r}")
 
 
 def check_group(gindex: int, group: dict[str, Any]) -> None:
@@ -89,8 +104,9 @@ def check_param(opt, gindex: int, pindex: int, group: dict[str, Any], p: torch.T
                 )
     else:
         config = opt.get_config(gindex, pindex, group)
-        if config["optim_bits"] not in (8, 32):
-            raise NotImplementedError(f"Amount of optimizer bits not supported: {config['optim_bits']}")
+        check_bits(config["optim_bits"], config["block_wise"], opt.four_bit, NotImplementedError)
+        if config["optim_bits"] == 4 and dtensor.is_dtensor(p):
+            raise NotImplementedError(f"{name}: 4-bit states of sharded (DTensor) parameters are not supported yet; use optim_bits=8")
     if opt.nonfinite == "raise" and not bool(torch.isfinite(g).all()):
         raise FloatingPointError(f"the gradient of {name} holds NaN or Inf values; nothing was updated")
     if not state and any(kept.rows > 1 for kept in opt.layout):

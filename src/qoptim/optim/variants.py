@@ -1,5 +1,5 @@
-"""The bitsandbytes class variants of an optimizer family: ``*8bit`` and ``*32bit`` fix the
-state precision, ``Paged*`` fix paging, and some drop the constructor argument they fix."""
+"""The bitsandbytes class variants of an optimizer family: ``*8bit`` and ``*32bit`` (and qoptim's
+``*4bit``) fix the state precision, ``Paged*`` fix paging, and some drop the constructor argument they fix."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ __all__ = ["FixedVariant", "variant"]
 
 
 class FixedVariant:
-    """Class-level choices: ``fixed_bits`` (8 or 32) overrides ``optim_bits``, ``fixed_paged``
+    """Class-level choices: ``fixed_bits`` (4, 8 or 32) overrides ``optim_bits``, ``fixed_paged``
     overrides ``is_paged``; the plain class leaves both to its arguments."""
 
     fixed_bits: int | None = None
@@ -22,7 +22,7 @@ class FixedVariant:
         name = type(self).__name__
         if amsgrad:
             raise ValueError(f"{name} does not support amsgrad=True")
-        if self.fixed_bits == 8 and optim_bits != self.default_bits:
+        if self.fixed_bits in (4, 8) and optim_bits != self.default_bits:
             raise ValueError(f"{name} only supports optim_bits={self.default_bits} (default value for compatibility)")
         return optim_bits if self.fixed_bits is None else self.fixed_bits
 
