@@ -1,4 +1,4 @@
-"""Lean training (issue #17): a GPT of 21.4M parameters trained on the demo's text with each
+"""Lean training (issues #17, #18): a GPT of 21.4M parameters trained on the demo's text with each
 set-up of qoptim.cli.lean, one process per set-up, on the same seed and data order.
 
     python benchmarks/lean.py                      # every set-up without a result yet (2,000 steps each: hours on 2 cores)
@@ -14,8 +14,8 @@ optimizer's share (under release, its work inside backward); the validation loss
 curve. Each result is a JSON file in --results (named after the set-up), with the CPU, torch
 version and threads it ran on, so that set-ups can be run separately, over several sessions; the
 table compares them with fp32 weights + torch AdamW (the baseline) and warns when they differ in
-model, steps or machine. torchao's AdamW8bit with bf16_stochastic_round=True runs when torchao is
-installed (it is skipped with a note otherwise).
+model, steps or machine. torchao's AdamW8bit and AdamW4bit with bf16_stochastic_round=True run when
+torchao is installed (they are skipped with a note otherwise).
 """
 
 from __future__ import annotations
@@ -34,8 +34,16 @@ import torch
 from qoptim.cli import demo, lean, machine
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHAO = lean.Setup("torchao-bf16-sr", "bf16 weights, torchao AdamW8bit, bf16_stochastic_round=True", optimizer="torchao")
-CONFIGS = {**lean.SETUPS, TORCHAO.name: TORCHAO}
+RESULTS = ROOT / "benchmarks" / "results" / "lean"
+# torchao's optimizers on bf16 weights with its stochastic rounding (its leanest set-ups), by the class they build
+TORCHAO = {
+    setup.name: setup
+    for setup in (
+        lean.Setup("torchao-bf16-sr", "bf16 weights, torchao AdamW8bit, bf16_stochastic_round=True", optimizer="AdamW8bit"),
+        lean.Setup("torchao-4bit-bf16-sr", "bf16 weights, torchao AdamW4bit, bf16_stochastic_round=True", optimizer="AdamW4bit"),
+    )
+}
+CONFIGS = {**lean.SETUPS, **TORCHAO}
 BASELINE = "fp32-torch-adamw"
 SAME = ("params", "steps", "width", "layers", "context", "batch", "lr", "schedule", "val_batches", "seed", "cpu", "threads", "torch")  # a fair table's
 
@@ -49,9 +57,10 @@ def torchao_installed() -> bool:
 
 
 def make_torchao(name: str, params, lr: float, **options) -> torch.optim.Optimizer:
-    from torchao.optim import AdamW8bit
+    """The torchao optimizer of set-up ``name`` (its class: torchao.optim.AdamW8bit, AdamW4bit)."""
+    import torchao.optim
 
-    return AdamW8bit(params, lr=lr, bf16_stochastic_round=True)
+    return getattr(torchao.optim, TORCHAO[name].optimizer)(params, lr=lr, bf16_stochastic_round=True)
 
 
 def run_config(args, name: str) -> dict:
@@ -61,7 +70,7 @@ def run_config(args, name: str) -> dict:
     config = demo.RunConfig(optimizer=name, steps=args.steps, dtype=setup.weights, lr=args.lr, batch=args.batch,
                             context=args.context, width=args.width, layers=args.layers, seed=args.seed, evals=args.evals,
                             schedule=args.schedule, val_batches=args.val_batches)  # fmt: skip
-    make = make_torchao if setup is TORCHAO else demo.make_optimizer
+    make = make_torchao if name in TORCHAO else demo.make_optimizer
     started = time.time()
     result = demo.train(config, progress=not args.quiet, make=make)
     return {
@@ -79,9 +88,10 @@ def run_all(args) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
         sys.exit(f"unknown configuration {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
-    if TORCHAO.name in names and not torchao_installed():
-        print(f"torchao is not installed: {TORCHAO.name} skipped (pip install torchao to run it)")
-        names.remove(TORCHAO.name)
+    skipped = [n for n in names if n in TORCHAO] if not torchao_installed() else []
+    if skipped:
+        print(f"torchao is not installed: {', '.join(skipped)} skipped (pip install torchao to run it)")
+        names = [n for n in names if n not in skipped]
     args.results.mkdir(parents=True, exist_ok=True)
     shared = ("steps", "width", "layers", "context", "batch", "lr", "schedule", "val_batches", "seed", "evals", "threads")
     forwarded = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared] + (["--quiet"] if args.quiet else [])
@@ -167,7 +177,7 @@ def print_table(args) -> int:
         print(f"no results in {args.results}")
         return 1
     print(table(results))
-    path = plot(results, args.png)
+    path = plot(results, args.png or (ROOT / "docs" / "lean.png" if args.results == RESULTS else args.results / "lean.png"))
     if path is not None:
         print(f"loss curves: {path}")
     return 0
@@ -183,8 +193,8 @@ def main() -> int:
                         help="the lr: warmup then cosine decay to 10%% (default; settled last losses), or constant")
     parser.add_argument("--val-batches", type=int, default=32, help="batches each validation loss averages")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: every core this process may use)")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "lean")
-    parser.add_argument("--png", type=Path, default=ROOT / "docs" / "lean.png")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--png", type=Path, help="default: docs/lean.png for the default --results, else lean.png there")
     parser.add_argument("--force", action="store_true", help="run set-ups that have a result already")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--table", action="store_true", help="only print the table and draw the plot from the results")

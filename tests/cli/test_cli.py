@@ -31,10 +31,10 @@ def _table(stdout: str, header: str = "optimizer") -> dict[str, list[str]]:
 
 
 def test_demo_prints_a_consistent_table_and_draws_the_plot(tmp_path):
-    result = qoptim("demo", "--steps", "25", "--out", str(tmp_path), "--optimizers", "torch_adamw,adamw8bit,pagedadamw8bit,lean")
+    result = qoptim("demo", "--steps", "25", "--out", str(tmp_path))  # the default rows
     assert result.returncode == 0, result.stderr
     rows = _table(result.stdout)
-    assert set(rows) == {"torch_adamw", "adamw8bit", "pagedadamw8bit", "lean"}
+    assert set(rows) == {"torch_adamw", "adamw8bit", "pagedadamw8bit", "lean", "lean4"}
     mib = {name: float(cells[0]) for name, cells in rows.items()}  # "0.87 MiB" -> cells[0] == "0.87"
     state = {name: float(cells[2]) for name, cells in rows.items()}  # state bytes per parameter
     train = {name: float(cells[4]) for name, cells in rows.items()}  # peak training bytes per parameter
@@ -49,6 +49,9 @@ def test_demo_prints_a_consistent_table_and_draws_the_plot(tmp_path):
     assert state["lean"] == pytest.approx(state["adamw8bit"] + 1, abs=0.011)
     assert train["lean"] == pytest.approx(2 + state["lean"] + largest, abs=0.011)
     assert "lean: bf16 weights, AdamW8bit, 24-bit master, gradient release" in result.stdout
+    # lean4: the same with 4-bit states, about 1 byte per parameter less (small tensors keep fp32 states)
+    assert 0.85 < state["lean"] - state["lean4"] < 1.0
+    assert train["lean4"] == pytest.approx(2 + state["lean4"] + largest, abs=0.011)
     for cells in rows.values():
         train_loss, val_loss = float(cells[-2]), float(cells[-1])
         assert train_loss < 4.0 and val_loss < 4.0  # from ~4.9 (uniform over 128 characters)
@@ -89,7 +92,9 @@ def test_memory_of_a_parameter_count():
     assert whole["fp32-torch-adamw"][:5] == ["4.00", "4.00", "0.00", "8.00", "16.00"]
     assert whole["bf16-master24"][:5] == ["2.00", "2.00", "1.00", "2.03", "7.03"]
     assert whole["bf16-master24-release"][:5] == ["2.00", "0.00", "1.00", "2.03", "5.03"]  # the issue's 5.1 B/param
-    fp32, eight, paged = estimate([7_000_000_000])
+    assert whole["bf16-4bit-master24-release"][:5] == ["2.00", "0.00", "1.00", "1.06", "4.06"]  # issue #18's 4.2 B/param
+    fp32, eight, paged, four = estimate([7_000_000_000])
+    assert four.state_bytes == 7_000_000_000 + 8 * -(-7_000_000_000 // 128) + 2 * 16 * 4  # both codes in a byte, scales per 128
     assert eight.state_bytes == 2 * 7_000_000_000 + 8 * -(-7_000_000_000 // 256) + 2 * QMAP_BYTES
     # paged: only the block scales and the two qmaps must stay on the GPU
     assert paged.state_bytes == eight.state_bytes and paged.resident_bytes == 8 * -(-7_000_000_000 // 256) + 2 * QMAP_BYTES

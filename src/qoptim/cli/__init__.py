@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     command.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
     command.add_argument("--out", type=Path, default=Path("out"), help="folder for the loss plot (default ./out)")
-    command.add_argument("--optimizers", default="torch_adamw,adamw8bit,pagedadamw8bit,lean",
-                         help="comma-separated optimizers or set-ups of qoptim.cli.lean (lean: bf16, 24-bit master, release)")
+    command.add_argument("--optimizers", default="torch_adamw,adamw8bit,pagedadamw8bit,lean,lean4",
+                         help="comma-separated optimizers or set-ups of qoptim.cli.lean (lean: bf16, 24-bit master, "
+                              "release; lean4: the same with AdamW4bit)")  # fmt: skip
     command.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory is then shared)")
     command.set_defaults(run=_demo)
 

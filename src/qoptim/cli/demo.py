@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import optim
 from . import lean
 
 CORPUS_FILES = ["textwrap.py", "string.py", "difflib.py", "argparse.py", "functools.py", "dataclasses.py", "inspect.py"]
@@ -115,11 +114,11 @@ def batches(data: torch.Tensor, batch: int, context: int, generator: torch.Gener
 
 def optimizer_names() -> list[str]:
     """What a row may name: an optimizer, then lean.py's set-ups."""
-    return plain_optimizer_names() + [lean.LEAN.name, *lean.SETUPS]
+    return plain_optimizer_names() + [*lean.SHORT_NAMES, *lean.SETUPS]
 
 
 def plain_optimizer_names() -> list[str]:
-    return ["torch_adamw"] + sorted(name.lower() for name in optim.__all__ if name[0].isupper() and "Optimizer" not in name and name != "GlobalOptimManager")
+    return ["torch_adamw"] + sorted(lean.optimizer_classes())
 
 
 def make_optimizer(name: str, params, lr: float, **options) -> torch.optim.Optimizer:
@@ -129,10 +128,9 @@ def make_optimizer(name: str, params, lr: float, **options) -> torch.optim.Optim
         return torch.optim.AdamW(params, lr=lr)
     if name == "torch_adamw":
         raise ValueError(f"torch AdamW takes none of {sorted(options)}")
-    classes = {cls.lower(): getattr(optim, cls) for cls in optim.__all__}
     if name not in plain_optimizer_names():
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(plain_optimizer_names())}")
-    return classes[name](params, **demo_settings(name, lr), **options)
+    return lean.optimizer_classes()[name](params, **demo_settings(name, lr), **options)
 
 
 def demo_settings(name: str, lr: float) -> dict:

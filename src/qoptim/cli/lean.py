@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import optim
 from ..optim.release import release_gradients
 from ..optim.state import MASTER_CORRECTION
 
@@ -43,6 +44,11 @@ class Setup:
     def release(self) -> bool:
         return self.release_bucket_bytes is not None
 
+    @property
+    def state_bits(self) -> int:
+        """The bits of its optimizer's states: 32 (torch AdamW, a 32-bit class), 8 or 4."""
+        return getattr(optimizer_classes().get(self.optimizer), "fixed_bits", None) or 32
+
     def options(self) -> dict[str, Any]:
         """The optimizer's keyword arguments for the master weight and rounding (only those that
         differ from the defaults, so that a set-up without them builds any optimizer)."""
@@ -52,6 +58,12 @@ class Setup:
         if self.weight_rounding != "nearest":
             options["weight_rounding"] = self.weight_rounding
         return options
+
+
+def optimizer_classes() -> dict[str, type]:
+    """qoptim's optimizer classes (bitsandbytes' names and its own 4-bit ones) by lower-case name."""
+    names = (*optim.__all__, *optim.QOPTIM_NAMES)
+    return {n.lower(): getattr(optim, n) for n in names if n[0].isupper() and "Optimizer" not in n and n != "GlobalOptimManager"}
 
 
 SETUPS: dict[str, Setup] = {
@@ -65,17 +77,21 @@ SETUPS: dict[str, Setup] = {
         Setup("bf16-stochastic", "bf16 weights, AdamW8bit, stochastic rounding", weight_rounding="stochastic"),
         Setup("bf16-master24-release", "bf16 weights, AdamW8bit, 24-bit master, gradient release",
               master_weight_bits=24, release_bucket_bytes=0),  # fmt: skip
+        Setup("bf16-4bit-master24-release", "bf16 weights, AdamW4bit, 24-bit master, gradient release", optimizer="adamw4bit",
+              master_weight_bits=24, release_bucket_bytes=0),  # fmt: skip
     )
 }
+# the demo's short names of the leanest set-ups with 8-bit and with 4-bit states
 LEAN = Setup("lean", "bf16 weights, AdamW8bit, 24-bit master, gradient release", master_weight_bits=24, release_bucket_bytes=0)
+LEAN4 = Setup("lean4", "bf16 weights, AdamW4bit, 24-bit master, gradient release", optimizer="adamw4bit", master_weight_bits=24,
+              release_bucket_bytes=0)  # fmt: skip
+SHORT_NAMES = {LEAN.name: LEAN, LEAN4.name: LEAN4}
 
 
 def setup_of(name: str, dtype: str) -> Setup:
-    """The set-up a demo row or benchmark configuration names: ``lean``, one of SETUPS, or a plain
-    optimizer name trained on ``dtype`` weights."""
-    if name == LEAN.name:
-        return LEAN
-    return SETUPS.get(name) or Setup(name, f"{name} on {dtype} weights", dtype, name)
+    """The set-up a demo row or benchmark configuration names: ``lean``, ``lean4``, one of SETUPS,
+    or a plain optimizer name trained on ``dtype`` weights."""
+    return SHORT_NAMES.get(name) or SETUPS.get(name) or Setup(name, f"{name} on {dtype} weights", dtype, name)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,4 +210,4 @@ class Tracker:
             self.handle = None
 
 
-__all__ = ["LEAN", "SETUPS", "Setup", "Tracker", "TrainingBytes", "add_model_arguments", "live_bytes", "setup_of"]
+__all__ = ["LEAN", "LEAN4", "SETUPS", "SHORT_NAMES", "Setup", "Tracker", "TrainingBytes", "add_model_arguments", "live_bytes", "optimizer_classes", "setup_of"]

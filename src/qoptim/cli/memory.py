@@ -1,6 +1,6 @@
-"""`qoptim memory`: how much optimizer state a model needs with fp32 Adam, 8-bit Adam and
-paged 8-bit Adam, and on which common GPUs its training state fits; then its whole training
-state (weights, gradients, master corrections, optimizer states) for each set-up of lean.py.
+"""`qoptim memory`: how much optimizer state a model needs with fp32 Adam, 8-bit Adam, paged
+8-bit Adam and 4-bit Adam, and on which common GPUs its training state fits; then its whole
+training state (weights, gradients, master corrections, optimizer states) for each set-up of lean.py.
 
 A model is given as a parameter count ("7B", "350M") or as a Hugging Face config.json read
 from disk; a config gives the tensor shapes, so tensors below ``min_8bit_size`` (norms,
@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from ..paging import PAGED_MIN_NUMEL
-from ..quant.blockwise import BLOCK
+from ..quant.formats import FORMATS
 from ..quant.master import CORRECTION_DTYPES, HALF_PRECISION
 from . import lean
 
 GPUS = [("24 GB (RTX 4090)", 24), ("40 GB (A100)", 40), ("48 GB (L40S)", 48), ("80 GB (H100)", 80), ("141 GB (H200)", 141)]
 SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 QMAP_BYTES = 256 * 4  # one map of an 8-bit state: 256 float32 code values (quant/maps.py), shared by all parameters
+ADAM_STATES = 2
 
 
 @dataclass
@@ -95,13 +96,21 @@ def _from_config(c: dict) -> list[int]:
     return sizes
 
 
-def eight_bit_state_bytes(sizes: list[int], min_8bit_size: int = 4096) -> int:
-    """State bytes of Adam8bit / AdamW8bit (two states) by qoptim's layout: a tensor of
-    ``min_8bit_size`` elements or more holds per state a uint8 code per element and an fp32 absmax
-    per BLOCK, and the optimizer two qmaps shared by all such tensors; a smaller one two fp32 states."""
+def quantized_state_bytes(sizes: list[int], bits: int = 8, min_8bit_size: int = 4096) -> int:
+    """State bytes of Adam / AdamW with ``bits``-bit states (``quant.formats``), by qoptim's layout:
+    a tensor of ``min_8bit_size`` elements or more holds per state a code of ``bits`` bits per
+    element (4-bit: both states' codes in one byte) and an fp32 absmax per block of the format,
+    and the optimizer two maps shared by all such tensors; a smaller one two fp32 states."""
+    fmt = FORMATS[bits]
     big = [s for s in sizes if s >= min_8bit_size]
-    quantized = sum(2 * s + 8 * math.ceil(s / BLOCK) for s in big) + (2 * QMAP_BYTES if big else 0)
-    return quantized + 8 * (sum(sizes) - sum(big))
+    codes = sum(ADAM_STATES * s * bits // 8 + ADAM_STATES * 4 * math.ceil(s / fmt.blocksize) for s in big)
+    maps = ADAM_STATES * 4 * fmt.codes if big else 0
+    return codes + maps + ADAM_STATES * 4 * (sum(sizes) - sum(big))
+
+
+def eight_bit_state_bytes(sizes: list[int], min_8bit_size: int = 4096) -> int:
+    """State bytes of Adam8bit / AdamW8bit (``quantized_state_bytes`` at 8 bits)."""
+    return quantized_state_bytes(sizes, 8, min_8bit_size)
 
 
 def estimate(sizes: list[int], min_8bit_size: int = 4096) -> list[Estimate]:
@@ -113,7 +122,8 @@ def estimate(sizes: list[int], min_8bit_size: int = 4096) -> list[Estimate]:
     # to host memory; scales, qmaps and small tensors' states stay on the GPU.
     pageable = sum(2 * s for s in sizes if s >= max(min_8bit_size, PAGED_MIN_NUMEL))
     paged = Estimate("PagedAdamW8bit", eight.state_bytes, eight.state_bytes - pageable)
-    return [fp32, eight, paged]
+    four_bit = quantized_state_bytes(sizes, 4, min_8bit_size)
+    return [fp32, eight, paged, Estimate("Adam4bit / AdamW4bit", four_bit, four_bit)]
 
 
 def training(
@@ -134,7 +144,8 @@ def training(
         master = 0
         if setup.master_weight_bits is not None and dtype in HALF_PRECISION:  # fp32 weights are their own master
             master = n * CORRECTION_DTYPES[setup.master_weight_bits].itemsize
-        states = 8 * n if setup.optimizer == "torch_adamw" else eight_bit_state_bytes(sizes, min_8bit_size)
+        bits = setup.state_bits
+        states = 8 * n if bits == 32 else quantized_state_bytes(sizes, bits, min_8bit_size)
         rows.append((setup, lean.TrainingBytes(width * n, grads, master, states)))
     return rows
 
@@ -144,13 +155,13 @@ def training_lines(sizes: list[int], min_8bit_size: int, *, largest_tensor: int 
     lines = [
         "whole training state, bytes per parameter (activations not counted):",
         "",
-        f"{'set-up':<22} {'weights':>7} {'grads':>6} {'master':>6} {'states':>6} {'total':>6} {'in all':>11}  fits on",
+        f"{'set-up':<30} {'weights':>7} {'grads':>6} {'master':>6} {'states':>6} {'total':>6} {'in all':>11}  fits on",
     ]
     for setup, b in training(sizes, min_8bit_size, largest_tensor=largest_tensor):
         columns = ((b.weights, 7), (b.grads, 6), (b.master, 6), (b.states, 6), (b.total, 6))
         parts = " ".join(f"{x / n:>{width}.2f}" for x, width in columns)
         fits = [name for name, gb in GPUS if b.total <= gb * 1e9] or ["none of these"]
-        lines.append(f"{setup.name:<22} {parts} {_gib(b.total):>11}  {', '.join(fits)}")
+        lines.append(f"{setup.name:<30} {parts} {_gib(b.total):>11}  {', '.join(fits)}")
     lines += [""] + [f"{setup.name}: {setup.description}" for setup in lean.SETUPS.values()]
     lines.append("master: the bf16 weight's int8 (24-bit master) or int16 (32-bit) correction; fp32 weights are their own.")
     release = "release: each gradient is applied and freed in backward, so the gradients held are one tensor's"
