@@ -24,7 +24,8 @@ from torch import nn
 
 from qoptim.cli import demo, lean, machine
 
-DEFAULT = "fp32-torch-adamw,fp32-adamw8bit,bf16-adamw8bit,bf16-master24,bf16-master32,bf16-stochastic,bf16-master24-release"
+DEFAULT = ("fp32-torch-adamw,fp32-adamw8bit,bf16-adamw8bit,bf16-master24,bf16-master32,bf16-stochastic,bf16-master24-release,"
+           "bf16-4bit-master24-release")
 PLAIN_8BIT = "bf16-adamw8bit"
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     machine.default_threads()
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in lean.SETUPS and n != lean.LEAN.name]
+    unknown = [n for n in names if n not in lean.SETUPS and n not in lean.SHORT_NAMES]
     if unknown or not names:
         raise SystemExit(f"unknown set-up {', '.join(unknown) or '(none given)'}; choose from {', '.join(lean.SETUPS)}")
     runs = [Run(name, args) for name in names]
