@@ -118,7 +118,8 @@ WEIGHTED = [(weights, dtype, "adam", 1, 0, False, "i32") for weights in WEIGHT_S
             ("stochastic", "bf16", "lion", 0, 0, False, "u32"), ("master24", "fp16", "ademamix", 2, 1, False, "i32"),
             ("master32", "bf16", "lamb", 0, 2, False, "i32"), ("master32", "fp16", "lars", 1, 2, False, "i32"),
             ("master24", "bf16", "momentum", 1, 0, True, "i32"),
-            ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32"), ("master24", "bf16", "adam", BLOCKWISE_4BIT.value, 0, False, "i32"),
+            ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32"),
+            ("master24", "bf16", "adam", BLOCKWISE_4BIT.value, 0, False, "i32"),
             ("stochastic", "fp16", "adagrad", BLOCKWISE_4BIT.value, 0, True, "u32")]  # fmt: skip
 
 
