@@ -13,9 +13,10 @@ the same optimizer unpaged (states resident: this is the cost of the prefetch ca
 per-step synchronize, not of eviction).
 
 Bytes a step moves per parameter: the parameter read and written, the gradient read, and each
-state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 256). LAMB and
-LARS read the parameter and gradient (LAMB also the states) once more, for their trust ratio's
-norms: not counted, so their GB/s is what one pass would need.
+state read and written (8-bit states: 1 byte each way, plus one fp32 scale per 256; 4-bit states:
+half a byte each way, plus one fp32 scale per 128). LAMB and LARS read the parameter and gradient
+(LAMB also the states) once more, for their trust ratio's norms: not counted, so their GB/s is
+what one pass would need.
 
 The many-tensor rows time what a training loop sees: wall-clock ms of a step between two
 synchronizations, launches (host time) included. qoptim runs its 8-bit AdamW twice, as it does
@@ -40,6 +41,7 @@ import time
 import torch
 
 from qoptim.kernels.rules import RULES
+from qoptim.quant.formats import FORMATS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {"16.7M": 4096 * 4096, "268M": 16384 * 16384}
@@ -83,6 +85,13 @@ def states_8bit(rule: str) -> float:
     return RULES[rule].states * (1 + 4 / 256)
 
 
+def states_4bit(rule: str) -> float:
+    """Bytes per parameter of ``rule``'s states, 4-bit: half a byte each (two share a byte), and
+    an fp32 scale per 128 (``quant.formats``)."""
+    fmt = FORMATS[4]
+    return RULES[rule].states * (fmt.bits / 8 + 4 / fmt.blocksize)
+
+
 def states_32bit(rule: str) -> float:
     return RULES[rule].states * 4.0
 
@@ -90,11 +99,13 @@ def states_32bit(rule: str) -> float:
 YARDSTICK = "torch AdamW fused (fp32 states)"
 MOMENTUM = dict(momentum=0.9)
 
-# family -> its contestants; each family's rows: qoptim 8-bit and 32-bit (Triton), bitsandbytes 8-bit
+# family -> its contestants; each family's rows: qoptim 8-bit and 32-bit (Triton), bitsandbytes 8-bit;
+# AdamW also qoptim's 4-bit (bitsandbytes has no 4-bit optimizers)
 FAMILIES = {
     "adamw": {
         "qoptim AdamW8bit (Triton)": (qoptim_opt("AdamW8bit"), states_8bit("adam")),
         "qoptim PagedAdamW8bit (Triton)": (qoptim_opt("PagedAdamW8bit"), states_8bit("adam")),
+        "qoptim AdamW4bit (Triton)": (qoptim_opt("AdamW4bit"), states_4bit("adam")),
         "qoptim AdamW32bit (Triton)": (qoptim_opt("AdamW32bit"), states_32bit("adam")),
         "qoptim PagedAdamW32bit (Triton)": (qoptim_opt("PagedAdamW32bit"), states_32bit("adam")),
         "bitsandbytes AdamW8bit": (bnb_opt("AdamW8bit"), states_8bit("adam")),
@@ -260,6 +271,7 @@ MANY_CONTESTANTS = {
     YARDSTICK: torch_fused,
     "qoptim AdamW8bit (Triton)": qoptim_opt("AdamW8bit"),
     "qoptim AdamW8bit, 1 launch/tensor": one_launch_per_tensor(qoptim_opt("AdamW8bit")),
+    "qoptim AdamW4bit (Triton)": qoptim_opt("AdamW4bit"),
     "qoptim AdamW32bit (Triton)": qoptim_opt("AdamW32bit"),
     "bitsandbytes AdamW8bit": bnb_opt("AdamW8bit"),
 }

@@ -20,6 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from qoptim.kernels.triton.block import block_kernel  # noqa: E402
 from qoptim.kernels.triton.launch import never_negative_mask  # noqa: E402
 from qoptim.kernels.triton.rules import MATH_SWITCH  # noqa: E402
+from qoptim.kernels.triton.states import BLOCKWISE_4BIT  # noqa: E402
 from qoptim.kernels.triton.trust import ratio_kernel  # noqa: E402
 from qoptim.kernels.triton.weights import MASTER_24, MASTER_32, NEAREST_WEIGHTS, STOCHASTIC_WEIGHTS  # noqa: E402
 
@@ -44,10 +45,17 @@ def block_kernel_signature(layout: int, param_dtype: str, constants: dict, draw_
     return signature
 
 
-# (rule, layout, param dtype, pass, batched): every rule's step, the measuring passes, batches
+# (rule, layout, param dtype, pass, batched): every rule's step, the measuring passes, batches;
+# 4-bit states: two-state and one-state rules, LAMB's norms pass (it reads the moments), a batch
 COMPILED = [(rule, 1, "bf16", 0, False) for rule in RULES] + [("adam", 0, "fp32", 0, False), ("ademamix", 2, "fp16", 0, False),
             ("ademamix", 2, "fp32", 1, False), ("lars", 2, "fp16", 2, False), ("lamb", 0, "fp32", 2, False),
-            ("adam", 1, "bf16", 0, True), ("ademamix", 0, "fp16", 0, True), ("lion", 1, "fp32", 0, True)]  # fmt: skip
+            ("adam", 1, "bf16", 0, True), ("ademamix", 0, "fp16", 0, True), ("lion", 1, "fp32", 0, True),
+            ("adam", BLOCKWISE_4BIT.value, "bf16", 0, False), ("lion", BLOCKWISE_4BIT.value, "fp16", 0, False),
+            ("lamb", BLOCKWISE_4BIT.value, "fp32", 2, False), ("lamb", BLOCKWISE_4BIT.value, "fp32", 0, False),
+            ("rmsprop", BLOCKWISE_4BIT.value, "bf16", 0, True)]  # fmt: skip
+
+
+ROWS, NUM_WARPS = 4, 4  # launch.rows_per_program and launch.LAUNCH_OPTIONS on the GPU
 
 
 def compile_block_kernel(rule, layout, param_dtype, pass_, batched, weights=NEAREST_WEIGHTS.value, draw_key="i32"):
@@ -56,9 +64,9 @@ def compile_block_kernel(rule, layout, param_dtype, pass_, batched, weights=NEAR
     constants = dict(RULE=MATH_SWITCH[spec.math], N_STATES=spec.states, LAYOUT=layout, PASS=pass_,
                      NEVER_NEGATIVE=never_negative_mask(spec), DECAY=1 + (pass_ == 2),
                      TRUST=spec.trust, NESTEROV=True, FIRST_STEP=False, SCALE_GRAD=True, SKIP=True, WEIGHTS=weights,
-                     PARAM_BF16=param_dtype == "bf16", ROWS=4, BLOCK_SIZE=BLOCK, BATCHED=batched)  # fmt: skip
+                     PARAM_BF16=param_dtype == "bf16", ROWS=ROWS, BLOCK_SIZE=BLOCK, BATCHED=batched)  # fmt: skip
     source = ASTSource(block_kernel, block_kernel_signature(layout, param_dtype, constants, draw_key), constexprs=constants)
-    return triton.compile(source, target=SM90, options={"enable_fp_fusion": False, "num_warps": 4})
+    return triton.compile(source, target=SM90, options={"enable_fp_fusion": False, "num_warps": NUM_WARPS})
 
 
 def assert_exact_float_ops(ptx: str) -> None:
@@ -80,6 +88,9 @@ def test_compiles_for_sm90_with_exact_float_ops(rule, layout, param_dtype, pass_
         assert "sqrt.rn.f32" in ptx
     if pass_ == 0:
         assert "atom.global.gpu.acq_rel.add.u64" in ptx or "red.global.gpu.add.u64" in ptx  # the int64 skip counter
+    if pass_ == 0 and layout == BLOCKWISE_4BIT.value:  # the byte both states share: read once, written once
+        elements_per_thread = ROWS * BLOCK // (32 * NUM_WARPS)
+        assert 0 < ptx.count("ld.global.b8") <= elements_per_thread and 0 < ptx.count("st.global.b8") <= elements_per_thread
 
 
 @pytest.mark.parametrize("rule", TRUST_RULES)
@@ -107,7 +118,9 @@ WEIGHTED = [(weights, dtype, "adam", 1, 0, False, "i32") for weights in WEIGHT_S
             ("stochastic", "bf16", "lion", 0, 0, False, "u32"), ("master24", "fp16", "ademamix", 2, 1, False, "i32"),
             ("master32", "bf16", "lamb", 0, 2, False, "i32"), ("master32", "fp16", "lars", 1, 2, False, "i32"),
             ("master24", "bf16", "momentum", 1, 0, True, "i32"),
-            ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32")]  # fmt: skip
+            ("stochastic", "fp16", "rmsprop", 0, 0, True, "i32"),
+            ("master24", "bf16", "adam", BLOCKWISE_4BIT.value, 0, False, "i32"),
+            ("stochastic", "fp16", "adagrad", BLOCKWISE_4BIT.value, 0, True, "u32")]  # fmt: skip
 
 
 @pytest.mark.parametrize("name, param_dtype, rule, layout, pass_, batched, draw_key", WEIGHTED)

@@ -1,6 +1,7 @@
 """The CUDA backend: fused Triton kernels for every rule of the reference (Adam / AdamW, AdEMAMix,
 Lion, SGD, LARS, RMSprop, Adagrad, LAMB), with 8-bit states in 256-blocks, 8-bit states with one
-scale per tensor, or fp32 states, on fp32 / fp16 / bf16 parameters, in every weight format
+scale per tensor, 4-bit states in 128-blocks (two states' codes in one byte per element: rules of
+at most two states), or fp32 states, on fp32 / fp16 / bf16 parameters, in every weight format
 (``types.WeightFormat``: a 24- or 32-bit master decoded, updated and encoded again in the same
 pass, or stochastic rounding; ``weights``).
 
@@ -8,6 +9,7 @@ The modules, one idea each (what a rule is, its states, decay and float constant
 ``kernels.rules``', shared with every backend):
   * ``rules``: each rule's per-element math on the device, and ``apply_rule``;
   * ``weights``: reading and writing a parameter in its weight format (``quant.master`` on tiles);
+  * ``states``: reading and writing the states in each layout, and the quantizer;
   * ``block``: the one block kernel that dequantizes, applies a rule, requantizes;
   * ``launch``: what a launch takes: layouts, pointers, a step's floats and switches, search tables;
   * ``trust``: LAMB's and LARS's trust ratio, made on the device;
@@ -43,10 +45,11 @@ from .. import reference
 from ..rules import RULES
 from ..types import BLOCK, NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
 from . import batch
-from .block import NORMS_PASS, PEAKS_PASS, STEP_PASS, WHOLE_TENSOR_8BIT, block_kernel
+from .block import NORMS_PASS, PEAKS_PASS, STEP_PASS, block_kernel
 from .launch import (INTERPRETED, LAUNCH_OPTIONS, SCALAR_LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program,
-                     step_arguments)  # fmt: skip
+                     states_layout, step_arguments)  # fmt: skip
 from .rules import MATH_SWITCH
+from .states import WHOLE_TENSOR_8BIT
 from .trust import TrustRatio, ratio_from_sums
 
 __all__ = [
@@ -63,8 +66,7 @@ def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
     spec = RULES.get(rule)
     if spec is None or p.dtype not in PARAM_DTYPES or len(slots) != spec.states:
         return False
-    layouts = {layout_of(slot) for slot in slots}
-    return len(layouts) == 1 and None not in layouts
+    return states_layout(slots) is not None
 
 
 def grad_norm_sq(g: torch.Tensor) -> float:

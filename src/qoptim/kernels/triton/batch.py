@@ -21,7 +21,7 @@ Code maps travel per tensor rather than being something a batch shares: the opti
 one map per kind and device, but the seam does not promise it (each ``StateSlot`` carries its
 own map, and other callers may give each tensor a map of its own).
 
-Batched: fp32 and block-wise 8-bit states of parameters below ``BATCH_LIMIT`` elements. The rest
+Batched: fp32, block-wise 8-bit and 4-bit states of parameters below ``BATCH_LIMIT`` elements. The rest
 takes launches of its own (``qoptim.kernels.triton.update``): large tensors (their launch costs little next to
 their work), the whole-tensor 8-bit layout (a pass for the peaks, then each tensor's new scale),
 LAMB and LARS (a pass for the norms, then each tensor's trust ratio).
@@ -34,9 +34,10 @@ import torch
 
 from ..rules import RULES
 from ..types import BLOCK, Job
-from .block import (BLOCKWISE_8BIT, DRAW_FIRST_COLUMN, DRAW_KEY_COLUMN, FIRST_PROGRAM_COLUMN, FP32_STATES, GNORM_SCALE_COLUMN,
-                    N_COLUMN, POINTERS, STEP_PASS, TABLE_COLUMNS, block_kernel)  # fmt: skip
+from .block import (DRAW_FIRST_COLUMN, DRAW_KEY_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN, N_COLUMN, POINTERS, STEP_PASS,
+                    TABLE_COLUMNS, block_kernel)  # fmt: skip
 from .launch import LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program, step_arguments, weight_switch
+from .states import BLOCKWISE_4BIT, BLOCKWISE_8BIT, FP32_STATES
 
 __all__ = ["BATCH_LIMIT", "batch_key", "run", "upload"]
 
@@ -44,7 +45,7 @@ __all__ = ["BATCH_LIMIT", "batch_key", "run", "upload"]
 # microseconds of GPU time, is enough to hide the host time of its own launch.
 BATCH_LIMIT = 1 << 20
 
-_BATCHED_LAYOUTS = (FP32_STATES.value, BLOCKWISE_8BIT.value)
+_BATCHED_LAYOUTS = (FP32_STATES.value, BLOCKWISE_8BIT.value, BLOCKWISE_4BIT.value)
 
 
 def batch_key(job: Job) -> tuple | None:

@@ -2,11 +2,11 @@
 
 Each program owns ``ROWS`` 256-blocks as a [ROWS, 256] tile and does, per block, what the
 reference does per chunk and in the same float-op order: dequantize each state with its old
-scale, apply the rule in fp32 (``rules.apply_rule``), take the block's new scale,
-requantize by the count of midpoints below ``x * (1 / scale)``, write the parameter back in its
-weight format (``weights``: rounded to nearest even, stochastically, or encoded as a master with
-its correction, which is read decoded). Blocks whose gradient holds a NaN or Inf keep their
-parameter, correction and states (``SKIP``).
+scale, apply the rule in fp32 (``rules.apply_rule``), take the new scales, requantize by the
+count of midpoints below ``x * (1 / scale)`` (``states``: every state layout, 4-bit included),
+write the parameter back in its weight format (``weights``: rounded to nearest even,
+stochastically, or encoded as a master with its correction, which is read decoded). Blocks whose
+gradient holds a NaN or Inf keep their parameter, correction and states (``SKIP``).
 
 Three passes over the same tile code, a compile-time switch:
   * ``STEP_PASS`` writes the parameter and the states;
@@ -28,16 +28,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...quant import blockwise
 from ..rules import MAX_STATES, Scalars, Switches
 from .rules import LAMB, MOMENTUM, apply_rule, lamb_direction
+from .states import load_states, store_states, tile_peak
 from .weights import STOCHASTIC_WEIGHTS, load_weights, store_weights, widen
-
-# quant.blockwise.SMALLEST_POSITIVE_CODE, as the kernel reads a global
-SMALLEST_POSITIVE_CODE = tl.constexpr(blockwise.SMALLEST_POSITIVE_CODE)
-
-# State layouts, a compile-time switch.
-FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT = (tl.constexpr(i) for i in range(3))
 
 # Passes, a compile-time switch (see the module docstring).
 STEP_PASS, PEAKS_PASS, NORMS_PASS = (tl.constexpr(i) for i in range(3))
@@ -54,56 +48,6 @@ TABLE_COLUMNS = tl.constexpr(POINTERS + 5)
 
 
 @triton.jit
-def _quantize(x, inv_scale, mids_ptr):
-    """uint8 code of each x: the number of the 255 midpoints strictly below u = x * inv_scale.
-
-    A branchless binary search over ``mids_ptr`` (256 floats, the last one an unread sentinel).
-    The test is ``not (mid >= u)`` rather than ``mid < u`` so that a NaN lands on 255, where
-    torch.bucketize puts it.
-    """
-    u = x * inv_scale
-    index = tl.zeros(x.shape, dtype=tl.int32)
-    for k in tl.static_range(8):  # steps of 128, 64, ..., 1
-        mid = tl.load(mids_ptr + index + ((128 >> k) - 1))
-        index += tl.where(mid >= u, 0, 128 >> k)
-    return index.to(tl.uint8)
-
-
-@triton.jit
-def _raise_positive_from_zero(codes, x):
-    """quant.blockwise.raise_positive_from_zero: a positive value of a never-negative state
-    never takes code 0, but at least the smallest positive code."""
-    return tl.where((codes < SMALLEST_POSITIVE_CODE) & (x > 0), SMALLEST_POSITIVE_CODE, codes).to(tl.uint8)
-
-
-@triton.jit
-def _inverse(scale):
-    """1 / scale, or 0 for a zero (or NaN) scale: the reference's ``where(absmax > 0, 1 / absmax, 0)``."""
-    positive = scale > 0
-    safe = tl.where(positive, scale, 1.0)  # no division by zero, even in lanes thrown away
-    return tl.where(positive, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
-
-
-@triton.jit
-def _nan_max(x, axis: tl.constexpr):
-    """max along ``axis``, NaN where a NaN is among the values (as torch.amax; tl.max may drop NaNs)."""
-    has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
-    return tl.where(has_nan, float("nan"), tl.max(x, axis=axis))
-
-
-@triton.jit
-def _row_absmax(x, mask):
-    """max |x| of each row over its valid elements."""
-    return _nan_max(tl.where(mask, tl.abs(x), 0.0), 1)
-
-
-@triton.jit
-def _tile_peak(x, mask):
-    """max |x| of the whole tile over its valid elements."""
-    return _nan_max(_row_absmax(x, mask), 0)
-
-
-@triton.jit
 def _sum_of_squares(x, mask):
     """Sum of x * x over the valid elements, in float64 (x is float32: each square is exact)."""
     x = tl.where(mask, x, 0.0).to(tl.float64)
@@ -111,48 +55,12 @@ def _sum_of_squares(x, mask):
 
 
 @triton.jit
-def _load_state(ptr, code_ptr, absmax_ptr, offs, mask, rows, row_mask, LAYOUT: tl.constexpr):
-    """fp32 values of one state's tile (dequantized with the old scale for 8-bit layouts)."""
-    if LAYOUT == FP32_STATES:
-        return tl.load(ptr + offs, mask=mask, other=0.0)
-    codes = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
-    if LAYOUT == BLOCKWISE_8BIT:
-        scale = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    else:
-        scale = tl.load(absmax_ptr)
-    return tl.load(code_ptr + codes) * scale
-
-
-@triton.jit
-def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, row_mask, bad, LAYOUT: tl.constexpr,
-                 SIGNED: tl.constexpr):  # fmt: skip
-    """Write one state's updated tile; blocks in ``bad`` keep their bytes and scale, except in the
-    whole-tensor layout, where every element is recoded with the new global scale (as the reference).
-    Not ``SIGNED`` (a never-negative state): a positive value never takes code 0."""
-    if LAYOUT == FP32_STATES:
-        tl.store(ptr + offs, x, mask=mask & (bad[:, None] == 0))
-    elif LAYOUT == BLOCKWISE_8BIT:
-        scale = _row_absmax(x, mask)
-        keep = row_mask & (bad == 0)
-        tl.store(absmax_ptr + rows, scale, mask=keep)
-        codes = _quantize(x, _inverse(scale)[:, None], mids_ptr)
-        if not SIGNED:
-            codes = _raise_positive_from_zero(codes, x)
-        tl.store(ptr + offs, codes, mask=mask & keep[:, None])
-    else:
-        codes = _quantize(x, _inverse(tl.load(new_scale_ptr)), mids_ptr)
-        if not SIGNED:
-            codes = _raise_positive_from_zero(codes, x)
-        tl.store(ptr + offs, codes, mask=mask)
-
-
-@triton.jit
 def _store_peaks(out_ptr, s0, s1, s2, mask, N_STATES: tl.constexpr):
-    tl.store(out_ptr, _tile_peak(s0, mask))
+    tl.store(out_ptr, tile_peak(s0, mask))
     if N_STATES > 1:
-        tl.store(out_ptr + 1, _tile_peak(s1, mask))
+        tl.store(out_ptr + 1, tile_peak(s1, mask))
     if N_STATES > 2:
-        tl.store(out_ptr + 2, _tile_peak(s2, mask))
+        tl.store(out_ptr + 2, tile_peak(s2, mask))
 
 
 @triton.jit
@@ -250,13 +158,9 @@ def block_kernel(
         # LARS: the norms of the parameter and of the gradient; no state is read.
         _store_trust_sums(sums_ptr, pid, p_old, g, bad, mask)
     else:
-        s0_old = _load_state(s0_ptr, code0_ptr, absmax0_ptr, offs, mask, rows, row_mask, LAYOUT)
-        s1_old = s0_old  # a placeholder where the rule keeps fewer states
-        s2_old = s0_old
-        if N_STATES > 1:
-            s1_old = _load_state(s1_ptr, code1_ptr, absmax1_ptr, offs, mask, rows, row_mask, LAYOUT)
-        if N_STATES > 2:
-            s2_old = _load_state(s2_ptr, code2_ptr, absmax2_ptr, offs, mask, rows, row_mask, LAYOUT)
+        s0_old, s1_old, s2_old, packed = load_states(s0_ptr, code0_ptr, absmax0_ptr, s1_ptr, code1_ptr, absmax1_ptr, s2_ptr,
+                                                     code2_ptr, absmax2_ptr, offs, mask, rows, row_mask, n, LAYOUT, N_STATES,
+                                                     BLOCK_SIZE)  # fmt: skip
 
         if PASS == NORMS_PASS:
             tl.static_assert(RULE == LAMB)
@@ -279,14 +183,9 @@ def block_kernel(
                 _store_peaks(peaks_ptr + N_STATES * pid, s0, s1, s2, mask, N_STATES)
             else:
                 store_weights(p_ptr, c_ptr, p, offs, mask & (keep == 0), key, first, WEIGHTS, PARAM_BF16)
-                _store_state(s0_ptr, mids0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT,
-                             (NEVER_NEGATIVE & 1) == 0)  # fmt: skip
-                if N_STATES > 1:
-                    _store_state(s1_ptr, mids1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask, bad,
-                                 LAYOUT, (NEVER_NEGATIVE & 2) == 0)  # fmt: skip
-                if N_STATES > 2:
-                    _store_state(s2_ptr, mids2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad,
-                                 LAYOUT, (NEVER_NEGATIVE & 4) == 0)  # fmt: skip
+                store_states(s0_ptr, mids0_ptr, absmax0_ptr, s1_ptr, mids1_ptr, absmax1_ptr, s2_ptr, mids2_ptr, absmax2_ptr,
+                             new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask, n, bad, LAYOUT, N_STATES,
+                             NEVER_NEGATIVE, BLOCK_SIZE)  # fmt: skip
 
 
 # The kernel's float arguments are kernels.rules.Scalars, passed positionally in its order; its

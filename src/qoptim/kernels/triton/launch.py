@@ -1,4 +1,4 @@
-"""What a launch of the block kernel takes: the layout switch of a state, the pointer arguments,
+"""What a launch of the block kernel takes: the layout switch of the states, the pointer arguments,
 the float arguments and switches of one step (the weight format's included, and its draw), the
 tile height, and the quantizer's search tables.
 
@@ -20,9 +20,10 @@ import triton
 from ...quant import master
 from ...quant.maps import midpoints
 from ..rules import MAX_STATES, RuleSpec, Switches, switches
+from ...quant.formats import FORMATS
 from ..types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, WeightFormat
-from .block import BLOCKWISE_8BIT, FP32_STATES, WHOLE_TENSOR_8BIT
 from .rules import MATH_SWITCH
+from .states import BLOCKWISE_4BIT, BLOCKWISE_8BIT, FP32_STATES, WHOLE_TENSOR_8BIT
 from .weights import MASTER_24, MASTER_32, NEAREST_WEIGHTS, STOCHASTIC_WEIGHTS
 
 # Whether the kernels were built for Triton's CPU interpreter (decided when triton.jit ran).
@@ -34,16 +35,39 @@ SCALAR_LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_
 
 
 def layout_of(slot: StateSlot) -> int | None:
-    """The state layout switch of a slot, or None where no kernel covers it."""
+    """The state layout switch of a slot (``states``), or None where no kernel covers it."""
     if not slot.quantized:
         return FP32_STATES.value if slot.values.dtype == torch.float32 else None
-    if slot.code is None or slot.code.numel() != 256 or slot.absmax is None:
+    if slot.code is None or slot.absmax is None:
+        return None
+    if slot.code.numel() == FORMATS[4].codes:
+        return BLOCKWISE_4BIT.value if slot.blocksize == FORMATS[4].blocksize else None
+    if slot.code.numel() != FORMATS[8].codes:
         return None
     if slot.blocksize == BLOCK:
         return BLOCKWISE_8BIT.value
     if slot.blocksize == WHOLE_TENSOR:
         return WHOLE_TENSOR_8BIT.value
     return None
+
+
+def states_layout(slots: list[StateSlot]) -> int | None:
+    """The one layout switch of a parameter's states, or None where they are in no layout a
+    kernel covers, or in several. 4-bit states must share their bytes as the kernel reads them:
+    one tensor, state i's code from bit ``4 * i`` up (``StateSlot.shift``), at most two states."""
+    layouts = {layout_of(slot) for slot in slots}
+    if len(layouts) != 1:
+        return None
+    layout = layouts.pop()
+    if layout == BLOCKWISE_4BIT.value and not _shares_bytes(slots):
+        return None
+    return layout
+
+
+def _shares_bytes(slots: list[StateSlot]) -> bool:
+    first = slots[0].values
+    return len(slots) <= 2 and all(slot.shift == FORMATS[4].bits * i and slot.values.data_ptr() == first.data_ptr()
+                                   and slot.values.numel() == first.numel() for i, slot in enumerate(slots))  # fmt: skip
 
 
 def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], weights: WeightFormat) -> list[torch.Tensor]:
@@ -135,8 +159,9 @@ SEARCH_TABLES_MAX = 16384  # a module setting, so that a test can make the cache
 
 
 def search_table(code: torch.Tensor) -> torch.Tensor:
-    """The 255 midpoints of ``code`` and an unread +inf sentinel (256 floats for the 8-step
-    search), cached by the map tensor itself while it is unchanged in place."""
+    """The midpoints of ``code`` and an unread +inf sentinel (256 floats for the 8-step search of
+    an 8-bit map, 16 for the 4-step search of a 4-bit one: ``states.round_to_code``), cached by
+    the map tensor itself while it is unchanged in place."""
     seen = _SEARCH_TABLES.get(id(code))
     stamp = (code._version, code.data_ptr())
     if seen is not None and seen[0]() is code and seen[1] == stamp:

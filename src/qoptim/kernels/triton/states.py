@@ -1,0 +1,209 @@
+"""How the block kernel reads and writes the states of its [ROWS, 256] tile in each layout, and
+the quantizer they share, bit for bit as the reference's ``_load`` / ``_store``.
+
+The layout is a compile-time switch of the kernel (``LAYOUT``, made by ``launch.layout_of``):
+  * ``FP32_STATES``: float32 values;
+  * ``BLOCKWISE_8BIT``: a byte per element (a code of a 256-entry map), a scale per 256-block;
+  * ``WHOLE_TENSOR_8BIT``: a byte per element, one scale for the whole tensor;
+  * ``BLOCKWISE_4BIT``: the 16-entry maps of ``quant.formats.FORMATS[4]``, a scale per 128-block,
+    and a byte per element shared by the (at most two) states: state 0's code in bits 0-3, state
+    1's in bits 4-7 (``StateSlot.shift``). A tile's bytes are read once and written once, both
+    codes in each; a rule with one state keeps the high half of each byte as it was.
+
+Requantizing a state (any layout): the new scale is the block's max |x| (NaN where a NaN is
+among its values, as torch.amax), its inverse ``1 / scale`` in float32 (0 for a zero or NaN
+scale), and an element's code is the count of the map's float32 midpoints strictly below
+``u = x * inverse``, as ``torch.bucketize`` counts them (``round_to_code``: the one place that
+rounds). A never-negative 8-bit state's positive value never takes code 0 (the 4-bit unsigned
+map has no zero code). Blocks in ``bad`` (a NaN or Inf gradient) keep their bytes and scales,
+except in the whole-tensor layout, where every element is recoded with the new global scale (as
+the reference).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...quant import blockwise
+from ...quant.formats import FORMATS
+
+# State layouts, a compile-time switch (see the module docstring).
+FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT, BLOCKWISE_4BIT = (tl.constexpr(i) for i in range(4))
+
+# quant.blockwise.SMALLEST_POSITIVE_CODE, as the kernel reads a global
+SMALLEST_POSITIVE_CODE = tl.constexpr(blockwise.SMALLEST_POSITIVE_CODE)
+
+# A 4-bit state's scale block: half a 256-block, so that a skipped 256-block is two whole ones.
+HALF_BLOCK = tl.constexpr(FORMATS[4].blocksize)
+assert 2 * FORMATS[4].blocksize == blockwise.BLOCK
+NIBBLE = tl.constexpr(FORMATS[4].bits)
+
+
+@triton.jit
+def round_to_code(x, inv_scale, mids_ptr, BITS: tl.constexpr):
+    """int32 index of the code of each x: the number of the ``2**BITS - 1`` midpoints strictly
+    below u = x * inv_scale.
+
+    A branchless binary search over ``mids_ptr`` (``2**BITS`` floats, the last one an unread
+    sentinel). The test is ``not (mid >= u)`` rather than ``mid < u`` so that a NaN lands on the
+    last code, where torch.bucketize puts it.
+    """
+    u = x * inv_scale
+    index = tl.zeros(x.shape, dtype=tl.int32)
+    for k in tl.static_range(BITS):
+        step = 2 ** (BITS - 1 - k)  # 2**(BITS - 1), ..., 1 (a constexpr)
+        mid = tl.load(mids_ptr + index + (step - 1))
+        index += tl.where(mid >= u, 0, step)
+    return index
+
+
+@triton.jit
+def _raise_positive_from_zero(codes, x):
+    """quant.blockwise.raise_positive_from_zero: a positive value of a never-negative state
+    never takes code 0, but at least the smallest positive code."""
+    return tl.where((codes < SMALLEST_POSITIVE_CODE) & (x > 0), SMALLEST_POSITIVE_CODE, codes)
+
+
+@triton.jit
+def _inverse(scale):
+    """1 / scale, or 0 for a zero (or NaN) scale: the reference's ``where(absmax > 0, 1 / absmax, 0)``."""
+    positive = scale > 0
+    safe = tl.where(positive, scale, 1.0)  # no division by zero, even in lanes thrown away
+    return tl.where(positive, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+
+
+@triton.jit
+def nan_max(x, axis: tl.constexpr):
+    """max along ``axis``, NaN where a NaN is among the values (as torch.amax; tl.max may drop NaNs)."""
+    has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, axis=axis))
+
+
+@triton.jit
+def _row_absmax(x, mask):
+    """max |x| of each row over its valid elements."""
+    return nan_max(tl.where(mask, tl.abs(x), 0.0), 1)
+
+
+@triton.jit
+def tile_peak(x, mask):
+    """max |x| of the whole tile over its valid elements."""
+    return nan_max(_row_absmax(x, mask), 0)
+
+
+@triton.jit
+def _half_block_scales(absmax_ptr, rows, n):
+    """The old scales of each row's two 128-blocks (0 past the tensor's end)."""
+    first = rows * 2
+    low = tl.load(absmax_ptr + first, mask=first * HALF_BLOCK < n, other=0.0)
+    high = tl.load(absmax_ptr + first + 1, mask=(first + 1) * HALF_BLOCK < n, other=0.0)
+    return low, high
+
+
+@triton.jit
+def _dequantize_nibbles(codes, code_ptr, absmax_ptr, rows, n, low_half):
+    """fp32 values of one 4-bit state's int32 codes: code[q] times its 128-block's scale."""
+    low, high = _half_block_scales(absmax_ptr, rows, n)
+    return tl.load(code_ptr + codes) * tl.where(low_half, low[:, None], high[:, None])
+
+
+@triton.jit
+def _requantize_nibbles(x, mids_ptr, absmax_ptr, mask, rows, n, bad, low_half):
+    """int32 4-bit codes of one state's updated tile; writes the new scale of each 128-block,
+    but those of the blocks in ``bad``."""
+    magnitude = tl.where(mask, tl.abs(x), 0.0)
+    low = nan_max(tl.where(low_half, magnitude, 0.0), 1)
+    high = nan_max(tl.where(low_half, 0.0, magnitude), 1)
+    first = rows * 2
+    good = bad == 0
+    tl.store(absmax_ptr + first, low, mask=good & (first * HALF_BLOCK < n))
+    tl.store(absmax_ptr + first + 1, high, mask=good & ((first + 1) * HALF_BLOCK < n))
+    inv_scale = tl.where(low_half, _inverse(low)[:, None], _inverse(high)[:, None])
+    return round_to_code(x, inv_scale, mids_ptr, NIBBLE)
+
+
+@triton.jit
+def load_states(s0_ptr, code0_ptr, absmax0_ptr, s1_ptr, code1_ptr, absmax1_ptr, s2_ptr, code2_ptr, absmax2_ptr, offs, mask,
+                rows, row_mask, n, LAYOUT: tl.constexpr, N_STATES: tl.constexpr, BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """The fp32 tiles of the states (dequantized with their old scales; those past ``N_STATES``:
+    placeholders), and the 4-bit layout's bytes as int32 (others: a placeholder), which
+    ``store_states`` writes back whole."""
+    if LAYOUT == BLOCKWISE_4BIT:
+        tl.static_assert(N_STATES <= 2)
+        packed = tl.load(s0_ptr + offs, mask=mask, other=0).to(tl.int32)  # both states' codes: one read
+        low_half = (tl.arange(0, BLOCK_SIZE) < HALF_BLOCK)[None, :]
+        s0 = _dequantize_nibbles(packed & 0xF, code0_ptr, absmax0_ptr, rows, n, low_half)
+        s1 = s0  # placeholders where the rule keeps fewer states
+        s2 = s0
+        if N_STATES > 1:
+            s1 = _dequantize_nibbles(packed >> NIBBLE, code1_ptr, absmax1_ptr, rows, n, low_half)
+    else:
+        packed = offs  # an unread placeholder
+        s0 = _load_state(s0_ptr, code0_ptr, absmax0_ptr, offs, mask, rows, row_mask, LAYOUT)
+        s1 = s0
+        s2 = s0
+        if N_STATES > 1:
+            s1 = _load_state(s1_ptr, code1_ptr, absmax1_ptr, offs, mask, rows, row_mask, LAYOUT)
+        if N_STATES > 2:
+            s2 = _load_state(s2_ptr, code2_ptr, absmax2_ptr, offs, mask, rows, row_mask, LAYOUT)
+    return s0, s1, s2, packed
+
+
+@triton.jit
+def store_states(s0_ptr, mids0_ptr, absmax0_ptr, s1_ptr, mids1_ptr, absmax1_ptr, s2_ptr, mids2_ptr, absmax2_ptr,
+                 new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask, n, bad, LAYOUT: tl.constexpr,
+                 N_STATES: tl.constexpr, NEVER_NEGATIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """Write the states' updated tiles (see the module docstring); ``packed``: ``load_states``'
+    bytes. ``NEVER_NEGATIVE``: bit i set where state i is never negative."""
+    if LAYOUT == BLOCKWISE_4BIT:
+        low_half = (tl.arange(0, BLOCK_SIZE) < HALF_BLOCK)[None, :]
+        codes = _requantize_nibbles(s0, mids0_ptr, absmax0_ptr, mask, rows, n, bad, low_half)
+        if N_STATES > 1:
+            codes |= _requantize_nibbles(s1, mids1_ptr, absmax1_ptr, mask, rows, n, bad, low_half) << NIBBLE
+        else:
+            codes |= packed & 0xF0  # the other state's half of the byte, as it was
+        tl.store(s0_ptr + offs, codes.to(tl.uint8), mask=mask & (bad[:, None] == 0))
+    else:
+        _store_state(s0_ptr, mids0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT,
+                     (NEVER_NEGATIVE & 1) == 0)  # fmt: skip
+        if N_STATES > 1:
+            _store_state(s1_ptr, mids1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask, bad, LAYOUT,
+                         (NEVER_NEGATIVE & 2) == 0)  # fmt: skip
+        if N_STATES > 2:
+            _store_state(s2_ptr, mids2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad, LAYOUT,
+                         (NEVER_NEGATIVE & 4) == 0)  # fmt: skip
+
+
+@triton.jit
+def _load_state(ptr, code_ptr, absmax_ptr, offs, mask, rows, row_mask, LAYOUT: tl.constexpr):
+    """fp32 values of one state's tile (dequantized with the old scale for 8-bit layouts)."""
+    if LAYOUT == FP32_STATES:
+        return tl.load(ptr + offs, mask=mask, other=0.0)
+    codes = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+    if LAYOUT == BLOCKWISE_8BIT:
+        scale = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    else:
+        scale = tl.load(absmax_ptr)
+    return tl.load(code_ptr + codes) * scale
+
+
+@triton.jit
+def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, row_mask, bad, LAYOUT: tl.constexpr,
+                 SIGNED: tl.constexpr):  # fmt: skip
+    """Write one state's updated tile in a layout of a state per tensor (not 4-bit)."""
+    if LAYOUT == FP32_STATES:
+        tl.store(ptr + offs, x, mask=mask & (bad[:, None] == 0))
+    elif LAYOUT == BLOCKWISE_8BIT:
+        scale = _row_absmax(x, mask)
+        keep = row_mask & (bad == 0)
+        tl.store(absmax_ptr + rows, scale, mask=keep)
+        codes = round_to_code(x, _inverse(scale)[:, None], mids_ptr, 8)
+        if not SIGNED:
+            codes = _raise_positive_from_zero(codes, x)
+        tl.store(ptr + offs, codes.to(tl.uint8), mask=mask & keep[:, None])
+    else:
+        codes = round_to_code(x, _inverse(tl.load(new_scale_ptr)), mids_ptr, 8)
+        if not SIGNED:
+            codes = _raise_positive_from_zero(codes, x)
+        tl.store(ptr + offs, codes.to(tl.uint8), mask=mask)
