@@ -11,7 +11,8 @@ AdamW8bit run as the references. Two tasks, fp32 weights so that only the states
 
     python benchmarks/state_formats.py --task gpt
     python benchmarks/state_formats.py --task mlp --seeds 0,1,2
-    python benchmarks/state_formats.py --table            # the saved results
+    python benchmarks/state_formats.py --task gpt --table   # the saved results
+    python benchmarks/state_formats.py --task gpt --lr 1e-3 --results benchmarks/results/state_formats_lr1e-3
 
 Randomness (stochastic rounding, dithers) comes from torch generators here; the formats only
 study quality. Results are JSON in benchmarks/results/state_formats/.
@@ -249,15 +250,16 @@ DEFAULTS = {  # steps, lr per task
 }
 
 
-def table(task: str) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / task).glob("*.json"))]
+def table(folder: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not rows:
-        return f"no results for {task}"
+        return f"no results in {folder}"
+    task = rows[0]["task"]
     by_name: dict[str, list[float]] = {}
     for r in rows:
         by_name.setdefault(r["name"], []).append(r["val_loss"])
     base = statistics.mean(by_name.get("fp32-adamw", [float("nan")]))
-    lines = [f"task {task} ({rows[0]['cpu']}): final validation loss, mean over seeds",
+    lines = [f"task {task}, {rows[0]['steps']} steps at lr {rows[0]['lr']} ({rows[0]['cpu']}): final validation loss, mean over seeds",
              f"| format | seeds | val loss | vs fp32 AdamW |", "|---|---|---|---|"]  # fmt: skip
     for name, losses in sorted(by_name.items(), key=lambda kv: statistics.mean(kv[1])):
         mean = statistics.mean(losses)
@@ -277,17 +279,18 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results (one sub-folder per task)")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
-        print(table(args.task))
+        print(table(args.results / args.task))
         return
     for key, value in DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = RESULTS / args.task
+    out = args.results / args.task
     out.mkdir(parents=True, exist_ok=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.formats.split(","):
@@ -299,7 +302,7 @@ def main() -> None:
                           seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
             (out / f"{name}-seed{seed}.json").write_text(json.dumps(result, indent=1))
             print(f"{args.task} seed {seed} {name:18s} val loss {result['val_loss']:.4f}  ({result['seconds']} s)", flush=True)
-    print(table(args.task))
+    print(table(out))
 
 
 if __name__ == "__main__":
