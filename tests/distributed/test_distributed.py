@@ -250,7 +250,7 @@ def test_fsdp2_checkpoint_reloads_into_one_process(dist_run, source, tmp_path):
 def test_dequantized_layout_round_trip_single_process(cls):
     """The layout qoptim hands FSDP1 (float32 states, flat, no absmax/qmap) loads back into the
     same 8-bit codes; plain ``state_dict()`` keeps bitsandbytes' nested layout."""
-    from qoptim.optim import reshard
+    from qoptim.optim import exports
     from qoptim.optim.optimizer import QUANT_STATE_KEY
 
     torch.manual_seed(0)
@@ -261,7 +261,7 @@ def test_dequantized_layout_round_trip_single_process(cls):
         opt.step()
     sd = opt.state_dict()
     assert QUANT_STATE_KEY in sd["state"][0] and "shards" not in sd["state"][0]
-    exported = reshard.dequantized_state(dict(opt.state[p]), opt.n_states)  # what FSDP1 is handed
+    exported = exports.dequantized_state(dict(opt.state[p]), opt.n_states)  # what FSDP1 is handed
     assert exported["qoptim_dequantized"] == 1 and not any(k.startswith(("absmax", "qmap")) for k in exported)
     assert all(exported[f"state{i}"].dtype == torch.float32 for i in range(1, opt.n_states + 1))
     q = nn.Parameter(p.detach().clone())
