@@ -38,7 +38,7 @@ from .state import CODE_SHIFTS, KEYS, MASTER_CORRECTION, StateKeys, format_of_st
 
 __all__ = [
     "DEQUANTIZED_KEY", "MASTER_BITS_KEY", "SHARDS_KEY", "Export", "codes_key", "dequantized_state", "exported_state", "portable_state",
-    "record_shards", "requested_export", "stacked",
+    "record_shards", "requested_export",
 ]  # fmt: skip
 
 DEQUANTIZED_KEY = "qoptim_dequantized"
@@ -88,7 +88,7 @@ def codes_key(state: dict[str, Any], keys: StateKeys) -> tuple[str, int | None]:
     return keys.values, None
 
 
-def stacked(state: dict[str, Any], keys: StateKeys) -> int:
+def _stacked(state: dict[str, Any], keys: StateKeys) -> int:
     """How many leading dims a state has over its parameter: 1 for a stacked ``state1`` (AdEMAMix's
     fast and slow momentum, ``state.py``), else 0."""
     if keys is not KEYS[0] or not isinstance(state.get(KEYS[1].values), torch.Tensor):
@@ -131,7 +131,7 @@ def portable_state(state: dict[str, Any], n_states: int) -> dict[str, Any]:
         values = state.get(codes_key(state, keys)[0])
         if fmt is None or not isinstance(values, torch.Tensor) or values.dtype != torch.uint8:
             continue
-        nprefix = stacked(state, keys)
+        nprefix = _stacked(state, keys)
         shape = values.shape[nprefix:]
         absmax = state.get(keys.absmax)
         if isinstance(absmax, torch.Tensor) and absmax.dim() == nprefix + 1:  # flat: blocks over the whole tensor
