@@ -1,4 +1,5 @@
-"""Two-process (gloo, CPU) checks of qoptim under DDP, ZeroRedundancyOptimizer, FSDP2 + DCP and FSDP1.
+"""Two-process (gloo, CPU) checks of qoptim under DDP, ZeroRedundancyOptimizer, FSDP2 + DCP and FSDP1,
+with 8-bit states and (DDP, FSDP2, FSDP1) 4-bit ones.
 
 Launched by tests/distributed/test_distributed.py with ``python -m torch.distributed.run --nproc_per_node=2``.
 Every case asserts numbers; rank 0 writes ``results.json`` (and checkpoints for the parent's
@@ -22,7 +23,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 import gloo  # (this folder's: see gloo.py)
 import qoptim
 from gloo import all_ranks
+from qoptim.optim import blocks as qblocks
 from qoptim.optim import dtensor as qdt
+from qoptim.quant.formats import format_of
 
 OUT = sys.argv[1]
 RESULTS: dict[str, object] = {}
@@ -122,16 +125,19 @@ def mismatch(a, b) -> str | None:
 
 def dequantized_full(opt) -> dict[str, torch.Tensor]:
     """Each state's float32 values, gathered to full tensors (independent of qoptim's load code:
-    code[q] * the block's scale, block by block of the local shard)."""
+    code[q] * the block's scale, block by block of the local shard; a 4-bit state's codes are its
+    half of state1's bytes, in 128-blocks)."""
     out = {}
     for index, p in enumerate(opt.param_groups[0]["params"]):
         state = opt.state[p]
         for i in (1, 2):
-            values = qdt.local(state[f"state{i}"])
+            four_bit = "qmap1" in state and state["qmap1"].numel() == 16
+            values = qdt.local(state["state1" if four_bit else f"state{i}"])
             if values.dtype == torch.uint8:
-                n = values.numel()
-                blocks = qdt.local(state[f"absmax{i}"]).reshape(-1)[: math.ceil(n / 256)]
-                dense = (state[f"qmap{i}"][values.reshape(-1).long()] * blocks.repeat_interleave(256)[:n]).view(values.shape)
+                codes = ((values >> (4 * (i - 1))) & 15) if four_bit else values
+                n, size = codes.numel(), 128 if four_bit else 256
+                scales = qdt.local(state[f"absmax{i}"]).reshape(-1)[: math.ceil(n / size)]
+                dense = (state[f"qmap{i}"][codes.reshape(-1).long()] * scales.repeat_interleave(size)[:n]).view(codes.shape)
             else:
                 dense = values.clone()
             full = torch.distributed.tensor.DTensor.from_local(dense, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
@@ -142,21 +148,21 @@ def dequantized_full(opt) -> dict[str, torch.Tensor]:
 # ---- DDP + DCP, ZeroRedundancyOptimizer ------------------------------------------------------
 
 
-def check_ddp(rank, world):
+def check_ddp(rank, world, name, cls):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model())
-    opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256)
+    opt = cls(model.parameters(), lr=LR, min_8bit_size=256)
     losses = train(model, opt, 30, rank, world)
     params_same = all(same_on_all_ranks(p) for p in model.parameters())
     states_same = all(same_on_all_ranks(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     uint8 = sum(1 for s in opt.state.values() if s["state1"].dtype == torch.uint8)
 
-    path = os.path.join(OUT, "ddp_dcp")
+    path = os.path.join(OUT, f"{name}_dcp")
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
     model2 = DDP(make_model())
-    opt2 = qoptim.AdamW8bit(model2.parameters(), lr=LR, min_8bit_size=256)  # fresh: DCP initialises its state
+    opt2 = cls(model2.parameters(), lr=LR, min_8bit_size=256)  # fresh: DCP initialises its state
     msd2, osd2 = get_state_dict(model2, opt2)
     sd2 = {"model": msd2, "optim": osd2}
     dcp.load(sd2, checkpoint_id=path)
@@ -165,10 +171,13 @@ def check_ddp(rank, world):
     train(model, opt, 3, rank, world, start=30)
     train(model2, opt2, 3, rank, world, start=30)
     resumed = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
-    RESULTS["ddp"] = dict(loss_first=losses[0], loss_last=losses[-1], params_same=params_same, states_same=states_same,
-                          uint8_states=uint8, dcp_restored=restored, dcp_resumed_equal=resumed)  # fmt: skip
+    RESULTS[name] = dict(loss_first=losses[0], loss_last=losses[-1], params_same=params_same, states_same=states_same,
+                         uint8_states=uint8, dcp_restored=restored, dcp_resumed_equal=resumed)  # fmt: skip
 
+
+def check_zero(rank, world):
     from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model())
     zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=qoptim.AdamW8bit, lr=LR, min_8bit_size=256)
@@ -199,40 +208,44 @@ def fsdp2_model(mesh):
     return gloo.fully_shard_layers(make_model(), mesh)
 
 
-def check_fsdp2(rank, world):
+def check_fsdp2(rank, world, name, cls):
+    """``cls`` (AdamW8bit, AdamW4bit) on FSDP2 ranks: the states' layout, the run against one
+    process fed the same gradients, DCP sharded and full round trips (files named ``name``)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
     model = fsdp2_model(mesh)
-    opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256)
+    opt = cls(model.parameters(), lr=LR, min_8bit_size=256)
     # the same steps in one process, fed the FSDP2 run's (gathered) gradients: where shard boundaries fall on
-    # 256-block boundaries the 8-bit update is the same bit for bit; elsewhere blocks differ (small differences)
+    # block boundaries the quantized update is the same bit for bit; elsewhere blocks differ (small differences)
     ref = make_model()
-    ref_opt = qoptim.AdamW8bit(ref.parameters(), lr=LR, min_8bit_size=256)
+    ref_opt = cls(ref.parameters(), lr=LR, min_8bit_size=256)
     losses = train_alongside(model, opt, ref, ref_opt, 10, rank, world)
-    aligned = [0, 2]  # weight 256x64: 128*64 per shard; weight 255x256: 128*256 per shard
-    ref_exact = all(torch.equal(p.full_tensor(), r) for i, (p, r) in enumerate(zip(model.parameters(), ref.parameters())) if i in aligned)
+    exact = [i for i, (p, r) in enumerate(zip(model.parameters(), ref.parameters())) if torch.equal(p.full_tensor(), r)]
     # elsewhere: the difference relative to how far the parameter moved
     vs_single = max(float((p.full_tensor() - r).norm() / (r - r0).norm())
                     for p, r, r0 in zip(model.parameters(), ref.parameters(), make_model().parameters()))  # fmt: skip
-    p0 = next(iter(model.parameters()))
-    s0 = opt.state[p0]
-    layout_ok = (
-        isinstance(s0["state1"], torch.distributed.tensor.DTensor)
-        and s0["state1"].dtype == torch.uint8
-        and s0["state1"].placements == p0.placements
-        and s0["state1"].to_local().shape == p0.to_local().shape
-        and isinstance(s0["absmax1"], torch.distributed.tensor.DTensor)
-    )
+    layout_ok = True
+    for p in model.parameters():  # every quantized state: codes sharded like p, block scales in the rows form of its format
+        s = opt.state[p]
+        if s["state1"].dtype != torch.uint8:
+            continue
+        fmt = format_of(s["qmap1"])
+        rows = qblocks.rows_shape(p.shape, 0, blocksize=fmt.blocksize)
+        layout_ok = layout_ok and all(
+            isinstance(s[key], torch.distributed.tensor.DTensor) and s[key].placements == p.placements and s[key].to_local().shape == p.to_local().shape
+            for key in ("state1", "state2")[: 1 if fmt.bits == 4 else 2]
+        ) and ("state2" in s) == (fmt.bits == 8) and all(
+            isinstance(s[key], torch.distributed.tensor.DTensor) and tuple(s[key].shape) == tuple(rows) for key in ("absmax1", "absmax2"))  # fmt: skip
 
     # sharded DCP save -> fresh model/optimizer -> load, bit-exact
     before = local_states(opt)
     dense = dequantized_full(opt)
-    path = os.path.join(OUT, "fsdp2_dcp")
+    path = os.path.join(OUT, f"{name}_dcp")
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
     model2 = fsdp2_model(mesh)
-    opt2 = qoptim.AdamW8bit(model2.parameters(), lr=LR, min_8bit_size=256)
+    opt2 = cls(model2.parameters(), lr=LR, min_8bit_size=256)
     msd2, osd2 = get_state_dict(model2, opt2)
     sd2 = {"model": msd2, "optim": osd2}
     dcp.load(sd2, checkpoint_id=path)
@@ -243,23 +256,22 @@ def check_fsdp2(rank, world):
     full = StateDictOptions(full_state_dict=True)
     fmsd, fosd = get_state_dict(model, opt, options=full)
     if rank == 0:
-        torch.save({"model": fmsd, "optim": fosd}, os.path.join(OUT, "fsdp2_full.pt"))
-        torch.save(dense, os.path.join(OUT, "fsdp2_dense.pt"))
-        torch.save({k: v for k, v in fmsd.items()}, os.path.join(OUT, "fsdp2_model.pt"))
+        torch.save({"model": fmsd, "optim": fosd}, os.path.join(OUT, f"{name}_full.pt"))
+        torch.save(dense, os.path.join(OUT, f"{name}_dense.pt"))
     dist.barrier()
-    loaded = torch.load(os.path.join(OUT, "fsdp2_full.pt"), weights_only=True)
+    loaded = torch.load(os.path.join(OUT, f"{name}_full.pt"), weights_only=True)
     model3 = fsdp2_model(mesh)
-    opt3 = qoptim.AdamW8bit(model3.parameters(), lr=LR, min_8bit_size=256)
+    opt3 = cls(model3.parameters(), lr=LR, min_8bit_size=256)
     set_state_dict(model3, opt3, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=full)
     full_ok = all_ranks(states_equal(before, local_states(opt3)))
 
-    check_fsdp2_to_plain(rank, world, ref, ref_opt)
+    check_fsdp2_to_plain(rank, world, ref, ref_opt, name, cls)
     train(model, opt, 3, rank, world, start=10)
     train(model2, opt2, 3, rank, world, start=10)
     train(model3, opt3, 3, rank, world, start=10)
     resumed = all_ranks(all(torch.equal(a.to_local(), b.to_local()) and torch.equal(a.to_local(), c.to_local())
                             for a, b, c in zip(model.parameters(), model2.parameters(), model3.parameters())))  # fmt: skip
-    RESULTS["fsdp2"] = dict(loss_first=losses[0], loss_last=losses[-1], layout_ok=all_ranks(layout_ok), vs_single_rel=vs_single, aligned_exact=ref_exact,
+    RESULTS[name] = dict(loss_first=losses[0], loss_last=losses[-1], layout_ok=all_ranks(layout_ok), vs_single_rel=vs_single, exact=exact,
                             dcp_sharded_equal=sharded_ok, dcp_full_equal=full_ok, resumed_equal=resumed)  # fmt: skip
 
 
@@ -273,37 +285,38 @@ def load_broadcast(model, opt, full: dict) -> None:
     set_optimizer_state_dict(model, opt, full.get("optim", {}), options=options)
 
 
-def check_fsdp2_to_plain(rank, world, ref, ref_opt):
-    """The FSDP2 run's checkpoints (step 10) resumed by plain (unsharded) models on each rank: by
-    DCP (README's recipe) and by a full state dict broadcast from rank 0. ``ref_opt`` took the
-    same steps in one process, fed the FSDP2 run's gradients; where the shard boundaries fall on
-    256-block boundaries (params 0 and 2) and for 32-bit states (3, 5) the loaded state is the
-    same bit for bit, and so is the continuation with the same gradients."""
+def check_fsdp2_to_plain(rank, world, ref, ref_opt, name, cls):
+    """The FSDP2 run's checkpoints (step 10, files named ``name``) resumed by plain (unsharded)
+    models on each rank: by DCP (README's recipe) and by a full state dict broadcast from rank 0.
+    ``ref_opt`` took the same steps in one process, fed the FSDP2 run's gradients; where the shard
+    boundaries fall on block boundaries (params 0 and 2; 4-bit's 128-blocks: 1 too) and for 32-bit
+    states (3, 5) the loaded state is the same bit for bit, and so is the continuation with the
+    same gradients."""
     out = {}
     for label in ("dcp", "broadcast"):
         model = make_model()
-        opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256)
+        opt = cls(model.parameters(), lr=LR, min_8bit_size=256)
         if label == "dcp":
             msd, osd = get_state_dict(model, opt)
             sd = {"model": msd, "optim": osd}
-            dcp.load(sd, checkpoint_id=os.path.join(OUT, "fsdp2_dcp"))
+            dcp.load(sd, checkpoint_id=os.path.join(OUT, f"{name}_dcp"))
             set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         else:
-            full = torch.load(os.path.join(OUT, "fsdp2_full.pt"), weights_only=True) if rank == 0 else {}
+            full = torch.load(os.path.join(OUT, f"{name}_full.pt"), weights_only=True) if rank == 0 else {}
             load_broadcast(model, opt, full)
         got, want = local_states(opt), local_states(ref_opt)
         exact = [i for i in range(len(want)) if mismatch([got[i]], [want[i]]) is None]
         steps = {int(s["step"]) for s in got}
         model_ref = make_model()
         model_ref.load_state_dict(ref.state_dict())
-        opt_ref = qoptim.AdamW8bit(model_ref.parameters(), lr=LR, min_8bit_size=256)
+        opt_ref = cls(model_ref.parameters(), lr=LR, min_8bit_size=256)
         opt_ref.load_state_dict(ref_opt.state_dict())
         # the same gradients for both: those of the loaded model
         train_alongside(model, opt, model_ref, opt_ref, 3, rank, world, start=10, full=True)
         continued = [i for i, (a, b) in enumerate(zip(model.parameters(), model_ref.parameters())) if torch.equal(a, b)]
         same = all_ranks(all(same_on_all_ranks(p) for p in model.parameters()))
         out[label] = dict(exact=exact, steps=sorted(steps), continued_exact=continued, same_on_ranks=same)
-    RESULTS["fsdp2_to_plain"] = out
+    RESULTS[f"{name}_to_plain"] = out
 
 
 def check_plain_to_fsdp2(rank, world):
@@ -402,7 +415,9 @@ def check_fsdp2_families(rank, world):
 # ---- FSDP1 ----------------------------------------------------------------------------------
 
 
-def check_fsdp1(rank, world, use_orig_params: bool):
+def check_fsdp1(rank, world, use_orig_params: bool, cls, name):
+    """``cls`` (AdamW8bit, AdamW4bit) under FSDP1: the export FSDP1 gathers (float32 states shaped
+    like the parameter: both moments), loading it back (requantized into ``cls``'s format), DCP."""
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -414,20 +429,23 @@ def check_fsdp1(rank, world, use_orig_params: bool):
                                     FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False))  # fmt: skip
 
     model = wrap()
-    opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256)
+    opt = cls(model.parameters(), lr=LR, min_8bit_size=256)
     losses = train(model, opt, 10, rank, world)
     with full_ctx(model):
         msd = model.state_dict()
         osd = FSDP.optim_state_dict(model, opt)
     w = osd["state"]["2.weight"]
-    export_ok = w["state1"].dtype == torch.float32 and tuple(w["state1"].shape) == (255, 256) and "absmax1" not in w
+    export_ok = all(w[key].dtype == torch.float32 and tuple(w[key].shape) == (255, 256) for key in ("state1", "state2"))
+    export_ok = export_ok and not any(key.startswith(("absmax", "qmap")) for key in w)
+    codes = 16 if cls is qoptim.AdamW4bit else 256
 
     model2 = wrap()
-    opt2 = qoptim.AdamW8bit(model2.parameters(), lr=LR, min_8bit_size=256)
+    opt2 = cls(model2.parameters(), lr=LR, min_8bit_size=256)
     with full_ctx(model2):
         model2.load_state_dict(msd)
         opt2.load_state_dict(FSDP.optim_state_dict_to_load(model2, opt2, osd))
-    uint8_again = all(s["state1"].dtype == torch.uint8 for s in opt2.state.values() if qdt.local(s["state1"]).numel() >= 256)
+    uint8_again = all(s["state1"].dtype == torch.uint8 and s["qmap1"].numel() == codes and ("state2" in s) == (codes == 256)
+                      for s in opt2.state.values() if qdt.local(s["state1"]).numel() >= 256)  # fmt: skip
     # requantizing dequantized codes with the same blocks gives the same codes back
     # codes and steps come back exactly; a scale can move by an ulp (it is recomputed from dequantized values)
     a, b = local_states(opt), local_states(opt2)
@@ -443,11 +461,11 @@ def check_fsdp1(rank, world, use_orig_params: bool):
     train(model2, opt2, 3, rank, world, start=10)
     diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), model2.parameters()) if a.numel())
     # DCP on the FSDP1 model: get_state_dict -> dcp.save -> dcp.load -> set_state_dict
-    path = os.path.join(OUT, f"fsdp1_dcp_{int(use_orig_params)}")
+    path = os.path.join(OUT, f"{name}_dcp_{int(use_orig_params)}")
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
     model3 = wrap()
-    opt3 = qoptim.AdamW8bit(model3.parameters(), lr=LR, min_8bit_size=256)
+    opt3 = cls(model3.parameters(), lr=LR, min_8bit_size=256)
     msd3, osd3 = get_state_dict(model3, opt3)
     sd3 = {"model": msd3, "optim": osd3}
     dcp.load(sd3, checkpoint_id=path)
@@ -455,21 +473,25 @@ def check_fsdp1(rank, world, use_orig_params: bool):
     strip = lambda states: [{k: v for k, v in st.items() if not k.startswith("absmax")} for st in states]  # noqa: E731
     dcp_where = mismatch(strip(local_states(opt)), strip(local_states(opt3)))
     dcp_ok = all_ranks(dcp_where is None)
-    RESULTS[f"fsdp1_orig{int(use_orig_params)}"] = dict(dcp_codes_exact=dcp_ok, dcp_mismatch=dcp_where, loss_first=losses[0], loss_last=losses[-1], export_ok=all_ranks(export_ok),
+    RESULTS[f"{name}_orig{int(use_orig_params)}"] = dict(dcp_codes_exact=dcp_ok, dcp_mismatch=dcp_where, loss_first=losses[0], loss_last=losses[-1], export_ok=all_ranks(export_ok),
                                                         uint8_again=all_ranks(uint8_again), codes_exact=exact, mismatch=where, scale_max_rel=max_all(scale_rel), resumed_max_diff=diff)  # fmt: skip
 
 
 def checks(rank: int, world: int) -> None:
     cases = sys.argv[2].split(",") if len(sys.argv) > 2 else ["ddp", "fsdp2", "fsdp1"]
     if "ddp" in cases:
-        check_ddp(rank, world)
+        check_ddp(rank, world, "ddp", qoptim.AdamW8bit)
+        check_ddp(rank, world, "ddp_4bit", qoptim.AdamW4bit)
+        check_zero(rank, world)
     if "fsdp2" in cases:
-        check_fsdp2(rank, world)
+        check_fsdp2(rank, world, "fsdp2", qoptim.AdamW8bit)
+        check_fsdp2(rank, world, "fsdp2_4bit", qoptim.AdamW4bit)
         check_fsdp2_families(rank, world)
         check_plain_to_fsdp2(rank, world)
     if "fsdp1" in cases:
-        check_fsdp1(rank, world, use_orig_params=False)
-        check_fsdp1(rank, world, use_orig_params=True)
+        for cls, name in ((qoptim.AdamW8bit, "fsdp1"), (qoptim.AdamW4bit, "fsdp1_4bit")):
+            check_fsdp1(rank, world, False, cls, name)
+            check_fsdp1(rank, world, True, cls, name)
 
 
 if __name__ == "__main__":

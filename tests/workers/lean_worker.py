@@ -1,5 +1,6 @@
 """Two-process (gloo, CPU) checks of lean training on a bf16 model: master weights and stochastic
-rounding under FSDP2 (DCP sharded, full state dicts, uneven shards), DDP and FSDP1.
+rounding under FSDP2 (DCP sharded, full state dicts, uneven shards; gradient release on top), DDP
+and FSDP1; with 8-bit and 4-bit optimizer states.
 
 Launched by tests/distributed/test_lean.py; rank 0 writes ``results.json``, the sharded DCP
 checkpoint and the gathered masters into the directory given as argv[1] (the parent loads them
@@ -124,6 +125,32 @@ def check_fsdp2(rank, world, name, cls, kw):
                          resumed_equal=all_ranks(resumed), params=len(list(model.parameters())))  # fmt: skip
 
 
+def check_release(rank, world, name, cls, kw):
+    """Gradient release on top of FSDP2 (its hooks run after the reduce-scatter): the same weights,
+    master corrections and states as the normal loop, bit for bit, with every gradient freed."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    (normal, o1), (released, o2) = fresh_fsdp2(mesh, cls, kw), fresh_fsdp2(mesh, cls, kw)
+    handle = qoptim.release_gradients(o2, bucket_bytes=8192)
+    freed = True
+    for step in range(4):
+        for model, opt in ((normal, o1), (released, o2)):
+            x, y = batch(step, rank, world)
+            nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            freed = freed and (opt is o1 or all(p.grad is None for p in model.parameters()))
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    equal = True
+    for a, b in zip(normal.parameters(), released.parameters()):
+        sa, sb = o1.state[a], o2.state[b]
+        equal = equal and same_bits(a.to_local(), b.to_local()) and sa.keys() == sb.keys() and sa["step"] == sb["step"] == 4
+        equal = equal and all(torch.equal(qdt.local(v), qdt.local(sb[k])) for k, v in sa.items() if isinstance(v, torch.Tensor))
+    four_bit = all("state2" not in o2.state[p] for p in released.parameters() if o2.state[p]["state1"].dtype == torch.uint8)
+    RESULTS[name] = dict(equal=all_ranks(equal), freed=all_ranks(freed), four_bit=four_bit)
+
+
 def check_ddp(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -139,9 +166,9 @@ def check_ddp(rank, world):
     RESULTS["ddp"] = dict(loss_fell=losses[-1] < losses[0], same_on_ranks=all(same))
 
 
-def check_fsdp1(rank, world):
+def check_fsdp1(rank, world, name, cls):
     """FSDP1 (flat parameters): the correction is shaped like the flat shard; a full optimizer
-    state dict exports it unflattened and loads back bit for bit."""
+    state dict exports it unflattened and loads back bit for bit (with ``cls``'s states)."""
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -153,7 +180,7 @@ def check_fsdp1(rank, world):
                                     FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=False))  # fmt: skip
 
     model = wrap()
-    opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256, master_weight_bits=24)
+    opt = cls(model.parameters(), lr=LR, min_8bit_size=256, master_weight_bits=24)
     losses = train_alongside(model, opt, steps=6, rank=rank, world=world)
     out = dict(loss_fell=losses[-1] < losses[0])
     try:
@@ -163,24 +190,30 @@ def check_fsdp1(rank, world):
         exported = osd["state"]["2.weight"].get("master_correction")
         out["export_shape"] = None if exported is None else list(exported.shape)
         model2 = wrap()
-        opt2 = qoptim.AdamW8bit(model2.parameters(), lr=LR, min_8bit_size=256, master_weight_bits=24)
+        opt2 = cls(model2.parameters(), lr=LR, min_8bit_size=256, master_weight_bits=24)
         with full_ctx(model2):
             model2.load_state_dict(msd)
             opt2.load_state_dict(FSDP.optim_state_dict_to_load(model2, opt2, osd))
         a = [opt.master_weight(p) for p in model.parameters()]
         b = [opt2.master_weight(p) for p in model2.parameters()]
         out["round_trip_equal"] = all_ranks(all(same_bits(x, y) for x, y in zip(a, b)))
+        out["states_bits"] = sorted({s["qmap1"].numel().bit_length() - 1 for s in opt2.state.values() if "qmap1" in s})
     except Exception as e:  # reported, and asserted on by the parent
         out["error"] = f"{type(e).__name__}: {e}"
-    RESULTS["fsdp1"] = out
+    RESULTS[name] = out
 
 
 def checks(rank: int, world: int) -> None:
-    check_fsdp2(rank, world, "master24", qoptim.AdamW8bit, dict(lr=LR, min_8bit_size=256, master_weight_bits=24))
+    master24 = dict(lr=LR, min_8bit_size=256, master_weight_bits=24)
+    check_fsdp2(rank, world, "master24", qoptim.AdamW8bit, master24)
+    check_fsdp2(rank, world, "master24_4bit", qoptim.AdamW4bit, master24)
     check_fsdp2(rank, world, "master32_fp32_states", qoptim.AdamW, dict(lr=LR, master_weight_bits=32))
     check_fsdp2(rank, world, "stochastic_fp32_states", qoptim.AdamW, dict(lr=LR, weight_rounding="stochastic"))
+    check_release(rank, world, "release_master24", qoptim.AdamW8bit, master24)
+    check_release(rank, world, "release_master24_4bit", qoptim.AdamW4bit, master24)
     check_ddp(rank, world)
-    check_fsdp1(rank, world)
+    check_fsdp1(rank, world, "fsdp1", qoptim.AdamW8bit)
+    check_fsdp1(rank, world, "fsdp1_4bit", qoptim.AdamW4bit)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 - ``state``: the live per-parameter state: bitsandbytes' key names, shapes, allocation, slot views;
 - ``update``: the update jobs of a step, percentile clipping, the skipped-block total;
 - ``checkpoint``: state_dict / load_state_dict (bitsandbytes' nested layout, checks, placement);
-- ``reshard``: saved state in another layout: across shardings (DTensor), the FSDP1 export;
+- ``exports``: the state dict layouts other than the live one: DCP's portable one, FSDP1's export;
+- ``reshard``: loading a saved state into the live layout, across shardings (DTensor), from an export;
 - ``dtensor``: state buffers and local views of sharded (DTensor, FSDP2) parameters;
 - ``manager``: GlobalOptimManager, per-parameter overrides;
 - ``release``: gradient release, each parameter updated in backward as its gradient completes;

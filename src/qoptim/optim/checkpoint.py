@@ -4,7 +4,7 @@ torch's optimizer state dict, with each parameter's state tensors nested under
 ``"__bnb_optimizer_quant_state__"`` as bitsandbytes >= 0.49.2 writes them (``QUANT_STATE_KEY``);
 bitsandbytes' older flat layout loads as well. A load is checked whole before anything is
 assigned, and places each value as the live state keeps it. Layouts other than the live one
-(another sharding, FSDP1's) are ``reshard``'s.
+(another sharding, FSDP1's) are ``exports``' (saving) and ``reshard``'s (loading).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ..quant.formats import FORMATS, MAP_NAMES
-from . import dtensor, reshard, weights
-from .reshard import Export
+from ..quant.formats import FORMATS, MAP_NAMES, StateFormat
+from . import dtensor, exports, reshard, weights
+from .exports import Export
 from .state import BUFFER_KEYS, GNORM_VEC, KEYS, QMAP_KEYS, STEP, UNORM_VEC, shared_bytes
 
 __all__ = ["QUANT_STATE_KEY", "check_loaded_state", "copied_state", "exported", "fill_defaults", "loaded", "packed",
@@ -60,7 +60,7 @@ def exported(torch_state_dict: dict[str, Any], tensor_keys, n_states: int, expor
         if not isinstance(k, int) or not isinstance(v, dict):  # not a parameter's: the user's own entry, as torch keeps it
             wrapped[k] = v
             continue
-        v = reshard.exported_state(v, n_states, export)
+        v = exports.exported_state(v, n_states, export)
         inner = {key: _unpaged(value) for key, value in v.items() if key in tensor_keys}
         outer = {key: value for key, value in v.items() if key not in tensor_keys}
         if inner and export is Export.FSDP1:
@@ -121,6 +121,10 @@ def loaded(opt, state_dict: dict[str, Any], move_to_device: bool) -> dict[str, A
     if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
         raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
     id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), chain.from_iterable(g["params"] for g in groups)))
+    position: dict[int, tuple[int, int, dict[str, Any]]] = {}  # id(param) -> (gindex, pindex, group), for its settings
+    for gindex, group in enumerate(groups):
+        for pindex, p in enumerate(group["params"]):
+            position.setdefault(id(p), (gindex, pindex, group))
 
     new_state: dict[Any, dict[str, Any]] = defaultdict(dict)  # as torch keeps it: params without state may step later
     for k, saved in state_dict["state"].items():
@@ -132,7 +136,8 @@ def loaded(opt, state_dict: dict[str, Any], move_to_device: bool) -> dict[str, A
         p = id_map[k]
         flat = dict(saved)
         flat.update(flat.pop(QUANT_STATE_KEY, {}))
-        flat = reshard.to_current_layout(p, flat, opt.layout, opt.qmap_on)  # resharded / dequantized layouts
+        requantize_into = _export_format(opt, *position[id(p)])  # (resharded / dequantized layouts:)
+        flat = reshard.to_current_layout(p, flat, opt.layout, opt.qmap_on, requantize_into=requantize_into)
         check_loaded_state(type(opt).__name__, k, p, flat, opt.layout, four_bit=opt.four_bit)
         new_state[p] = {key: _place(opt, p, key, value, move_to_device) for key, value in flat.items()}
 
@@ -141,6 +146,14 @@ def loaded(opt, state_dict: dict[str, Any], move_to_device: bool) -> dict[str, A
         if "param_names" in group and "param_names" not in saved:
             saved["param_names"] = group["param_names"]
     return {"state": new_state, "param_groups": saved_groups}
+
+
+def _export_format(opt, gindex: int, pindex: int, group: dict[str, Any]) -> StateFormat:
+    """The format a parameter's exported float32 states (FSDP1's, ``exports``) are requantized
+    into: that of its ``optim_bits`` (``quant.formats``), 8-bit for 32-bit states (loaded states
+    keep their form: these were quantized)."""
+    bits = opt.get_config(gindex, pindex, group).get("optim_bits") if hasattr(opt, "args") else None
+    return FORMATS[4] if bits == 4 and opt.four_bit else FORMATS[8]
 
 
 def _place(opt, p: torch.Tensor, key: str, value: Any, move_to_device: bool) -> Any:

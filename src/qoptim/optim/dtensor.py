@@ -6,11 +6,13 @@ DTensor:
 
 * the update runs on its local shard (``local(p)``, ``local(p.grad)``), in place;
 * ``state1``/``state2`` are DTensors with the parameter's mesh and placements, holding codes
-  (or float32 values) shaped like the local shard. Elementwise data, so DCP reshards it exactly;
-* quantization blocks are laid out per local shard (a block never straddles a shard boundary:
-  the kernel updates one rank's shard with no view of the neighbour's elements). ``absmax`` is a
-  DTensor of global shape ``(size_d, k)``, sharded along its dim 0 exactly like the parameter
-  along its sharded dim ``d``, with ``k = ceil(numel / size_d / 256)``. A shard with ``r`` rows of
+  (or float32 values) shaped like the local shard (4-bit states: ``state1`` alone, each byte both
+  moments' codes). Elementwise data, so DCP reshards it exactly;
+* quantization blocks (of the state format's size, ``blocksize``: 256 for 8-bit states, 128 for
+  4-bit ones) are laid out per local shard (a block never straddles a shard boundary: the kernel
+  updates one rank's shard with no view of the neighbour's elements). ``absmax`` is a DTensor of
+  global shape ``(size_d, k)``, sharded along its dim 0 exactly like the parameter along its
+  sharded dim ``d``, with ``k = ceil(numel / size_d / blocksize)``. A shard with ``r`` rows of
   the parameter has at most ``r * k`` blocks; it keeps them in the first entries of its ``(r, k)``
   rows, the rest stays zero (the rows form of ``blocks``). That global shape does not depend on the
   world size, so DCP can load a checkpoint onto another world size, or from a plain run, without a
@@ -29,7 +31,6 @@ from typing import Any
 
 import torch
 
-from ..kernels import BLOCK
 from .blocks import chunk_bounds, rows_shape
 
 try:  # torch.distributed may be compiled out
@@ -62,7 +63,7 @@ def sharding(p: torch.Tensor) -> tuple[int, int] | None:
 
 
 def shards(p: torch.Tensor) -> int:
-    """Number of shards the 8-bit blocks of ``p``'s state are laid out over (1: the whole tensor)."""
+    """Number of shards the quantization blocks of ``p``'s state are laid out over (1: the whole tensor)."""
     if not is_dtensor(p):
         return 1
     found = sharding(p)
@@ -119,12 +120,13 @@ def state_buffer(p: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     return wrap(local_t, p, shift(p.placements, len(prefix)), shape)
 
 
-def absmax_shape(p: torch.Tensor) -> torch.Size:
-    """Global shape of a sharded parameter's absmax (without leading dims), see the module doc."""
+def absmax_shape(p: torch.Tensor, *, blocksize: int) -> torch.Size:
+    """Global shape of a DTensor parameter's absmax (without leading dims) in blocks of
+    ``blocksize``, see the module doc."""
     found = sharding(p)
     if found is None:
-        return torch.Size([math.ceil(p.numel() / BLOCK)])
-    return rows_shape(p.shape, found[1])
+        return torch.Size([math.ceil(p.numel() / blocksize)])
+    return rows_shape(p.shape, found[1], blocksize=blocksize)
 
 
 def absmax_buffer(p: torch.Tensor, shape) -> torch.Tensor:
@@ -140,9 +142,9 @@ def absmax_buffer(p: torch.Tensor, shape) -> torch.Tensor:
     return wrap(torch.zeros((*prefix, n_rows, shape[-1]), device=p.device), p, placements, shape)
 
 
-def blocks_of(absmax: torch.Tensor, n: int) -> torch.Tensor:
+def blocks_of(absmax: torch.Tensor, n: int, *, blocksize: int) -> torch.Tensor:
     """The flat absmax of one state's ``n`` local values: a contiguous view of the local blocks."""
-    return local(absmax).reshape(-1)[: math.ceil(n / BLOCK)]
+    return local(absmax).reshape(-1)[: math.ceil(n / blocksize)]
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -173,9 +175,9 @@ def distribute_like(whole: torch.Tensor, p: torch.Tensor, nprefix: int) -> torch
     return wrap(local_part(whole.to(p.device), p, nprefix), p, shift(p.placements, nprefix), whole.shape)
 
 
-def distribute_absmax(whole: torch.Tensor, p: torch.Tensor, prefix: tuple) -> torch.Tensor:
+def distribute_absmax(whole: torch.Tensor, p: torch.Tensor, prefix: tuple, *, blocksize: int) -> torch.Tensor:
     """A whole absmax of ``p``'s sharded block layout, distributed like ``absmax_buffer`` makes it."""
-    out = absmax_buffer(p, (*prefix, *absmax_shape(p)))
+    out = absmax_buffer(p, (*prefix, *absmax_shape(p, blocksize=blocksize)))
     local(out).copy_(whole if sharding(p) is None else local_part(whole, p, len(prefix)))
     return out
 

@@ -5,7 +5,7 @@ state buffers; ``_StateOptimizer`` the constructor, state and update of ``Optimi
 ``Optimizer1State``, which say how many state keys a family keeps. None of them computes an
 update: that is ``qoptim.kernels.update``, which picks the implementation for the parameter's
 device. The checks are ``validation``'s, the state's keys, shapes and views ``state``'s, a step's
-update jobs ``update``'s and the checkpoint layout ``checkpoint``'s (and ``reshard``'s).
+update jobs ``update``'s and the checkpoint layout ``checkpoint``'s (and ``exports``' and ``reshard``'s).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .. import paging
 from ..kernels import Hyper, Job
 from ..quant.formats import FORMATS, state_map
 from ..quant.maps import signed_map, unsigned_map
-from . import checkpoint, dtensor, reshard, validation, weights
+from . import checkpoint, dtensor, exports, validation, weights
 from .checkpoint import QUANT_STATE_KEY
 from .manager import GlobalOptimManager, settings_args
 from .names import OPTIMIZER_NAMES
@@ -236,7 +236,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         """torch's optimizer state dict, with each parameter's state tensors nested under
         ``"__bnb_optimizer_quant_state__"`` as bitsandbytes >= 0.49.2 writes them; torch's hooks
         run around it (the post hooks get the dict as written, and may extend or replace it)."""
-        export = reshard.requested_export()  # (first: it looks at who called us)
+        export = exports.requested_export()  # (first: it looks at who called us)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = checkpoint.exported(checkpoint.packed(self), self.non_castable_tensor_keys, len(self.layout), export)

@@ -38,7 +38,7 @@ from ..quant.formats import FORMATS, StateFormat, format_of
 from . import dtensor
 
 __all__ = [
-    "BUFFER_KEYS", "GNORM_VEC", "KEYS", "MASTER_CORRECTION", "QMAP_KEYS", "ROUNDING_SEED", "SIGNED_MAP", "STEP", "TENSOR_KEYS",
+    "BUFFER_KEYS", "CODE_SHIFTS", "GNORM_VEC", "KEYS", "MASTER_CORRECTION", "QMAP_KEYS", "ROUNDING_SEED", "SIGNED_MAP", "STEP", "TENSOR_KEYS",
     "UNORM_VEC", "UNSIGNED_MAP", "VALUE_KEYS",
     "Buffers", "KeptState", "MapCopies", "SlotCache", "StateKeys", "format_of_state", "layout_of", "new_state",
     "shared_bytes", "slot", "slots",
@@ -72,6 +72,7 @@ ROUNDING_SEED = "rounding_seed"  # a 16-bit parameter's stochastic rounding seed
 # the state tensors shaped like their parameter that live in the optimizer's buffers (paged when it is)
 BUFFER_KEYS = VALUE_KEYS | {MASTER_CORRECTION}
 QMAP_KEYS = frozenset(keys.qmap for keys in KEYS)
+CODE_SHIFTS = (0, 4)  # 4-bit states: the bit of state1's bytes where each state's code starts (the module doc)
 
 # names of the optimizer's 8-bit maps (``name2qmap``, as bitsandbytes calls them; ``quant.formats``)
 SIGNED_MAP, UNSIGNED_MAP = FORMATS[8].signed_map, FORMATS[8].unsigned_map
@@ -93,7 +94,10 @@ class KeptState(NamedTuple):
 
     def absmax_shape(self, p: torch.Tensor, blocksize: int = BLOCK) -> torch.Size:
         """The shape of its block scales (a sharded parameter's: see ``dtensor``)."""
-        blocks = dtensor.absmax_shape(p) if dtensor.is_dtensor(p) else torch.Size([math.ceil(p.numel() / blocksize)])
+        if dtensor.is_dtensor(p):
+            blocks = dtensor.absmax_shape(p, blocksize=blocksize)
+        else:
+            blocks = torch.Size([math.ceil(p.numel() / blocksize)])
         return blocks if self.rows == 1 else torch.Size([self.rows, *blocks])
 
 
@@ -197,7 +201,7 @@ def slot(state: dict[str, Any], keys: StateKeys, row: int | None = None, *, shif
         blocksize = format_of(qmap).blocksize
         absmax = absmax.detach() if row is None else absmax.detach()[row]
         if dtensor.is_dtensor(absmax) or absmax.dim() != 1:  # a shard's blocks within the padded global layout
-            absmax = dtensor.blocks_of(absmax, values.numel())
+            absmax = dtensor.blocks_of(absmax, values.numel(), blocksize=blocksize)
         return StateSlot(values, qmap, absmax, blocksize, shift)
     state[keys.new_max].copy_(state[keys.max])  # the previous scale, as bitsandbytes keeps it
     return StateSlot(values, qmap, state[keys.max], WHOLE_TENSOR)
@@ -206,7 +210,7 @@ def slot(state: dict[str, Any], keys: StateKeys, row: int | None = None, *, shif
 def slots(state: dict[str, Any], layout) -> list[StateSlot]:
     """The kernels' view of a parameter's states: one slot per slot of the rule, in its order."""
     if shared_bytes(state):  # 4-bit: the second state's codes are the high half of state1's bytes
-        return [slot(state, kept.keys, shift=4 * i) for i, kept in enumerate(layout)]
+        return [slot(state, kept.keys, shift=shift) for kept, shift in zip(layout, CODE_SHIFTS)]
     return [slot(state, kept.keys, None if kept.rows == 1 else row) for kept in layout for row in range(kept.rows)]
 
 

@@ -105,8 +105,6 @@ def check_param(opt, gindex: int, pindex: int, group: dict[str, Any], p: torch.T
     else:
         config = opt.get_config(gindex, pindex, group)
         check_bits(config["optim_bits"], config["block_wise"], opt.four_bit, NotImplementedError)
-        if config["optim_bits"] == 4 and dtensor.is_dtensor(p):
-            raise NotImplementedError(f"{name}: 4-bit states of sharded (DTensor) parameters are not supported yet; use optim_bits=8")
     if opt.nonfinite == "raise" and not bool(torch.isfinite(g).all()):
         raise FloatingPointError(f"the gradient of {name} holds NaN or Inf values; nothing was updated")
     if not state and any(kept.rows > 1 for kept in opt.layout):
