@@ -27,6 +27,7 @@ from numba.extending import intrinsic, overload
 
 from ...quant.formats import FORMATS
 from ...quant.maps import midpoints
+from .bits import ONE, ZERO
 from .gather import LANES, lookup_lanes
 from .jit import INLINE
 from .paths import PermutePath, VectorPath, is_path
@@ -92,10 +93,18 @@ def code_index(x, inv, mids):
     """The code of value ``x`` at a scale of reciprocal ``inv``: the number of midpoints strictly
     below ``u = x * inv`` (round to nearest, a tie to the lower code), NaN to the last code."""
     u = x * inv
-    below = np.int32(0)
-    for m in mids:
-        below += np.int32(m < u)
-    return _NAN_CODE if u != u else below
+    m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14 = mids  # (spelled out: a loop here stays scalar)
+    below = (_below(m0, u) + _below(m1, u) + _below(m2, u) + _below(m3, u) + _below(m4, u) + _below(m5, u) + _below(m6, u)
+             + _below(m7, u) + _below(m8, u) + _below(m9, u) + _below(m10, u) + _below(m11, u) + _below(m12, u) + _below(m13, u)
+             + _below(m14, u))  # fmt: skip
+    return _NAN_CODE if u != u else np.int32(below)
+
+
+@njit(**INLINE)
+def _below(m, u):
+    """1.0 where midpoint ``m`` lies strictly below ``u``, else 0.0: counted in float32 (exact up
+    to 15), which LLVM vectorizes ~3x better than a count of integers converted from booleans."""
+    return ONE if m < u else ZERO
 
 
 @njit(**INLINE)
