@@ -217,11 +217,11 @@ def _8bit_state(row, k, n, tables):
 @njit(**JIT)
 def _4bit_state(row, k, n, tables):
     """4-bit state ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it
-    (``tables``: its map, midpoints and shift)."""
-    code, mids, shift = tables
+    (``tables``: its map tables and shift)."""
+    code, mids, table, shift = tables
     values = _view(row[_STATES + 2 * k], n, np.uint8)
     absmax = _view(row[_STATES + 2 * k + 1], (n + HALF_BLOCK - 1) // HALF_BLOCK, np.float32)
-    return values, absmax, code, mids, shift
+    return values, absmax, code, mids, table, shift
 
 
 # The layout and pass of a batch's 8-bit tasks (ints: see ``layout.Layout``)

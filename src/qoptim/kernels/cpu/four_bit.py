@@ -101,7 +101,7 @@ def four_bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, path):
             if ns > 1:
                 states[1].scales[s] = peak1
                 inv1 = reciprocal(peak1)
-            encode(states, ns, start, end, x0, x1, reciprocal(peak0), inv1)
+            encode(states, ns, start, end, x0, x1, reciprocal(peak0), inv1, q[:size], q[HALF_BLOCK : HALF_BLOCK + size], path)
     return count
 
 

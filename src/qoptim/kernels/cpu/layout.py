@@ -128,12 +128,12 @@ def weight_view(p: torch.Tensor, weights: WeightFormat):
 def kernel_state(slot: StateSlot, layout: Layout):
     """A state as the kernels take it: an fp32 state's values; an 8-bit state's codes, scales
     and its map's tables as plain tuples (``quantize.state_view``); a 4-bit state's bytes,
-    scales, map, midpoints and shift (``nibbles.nibble_view``)."""
+    scales, map tables and shift (``nibbles.nibble_view``)."""
     if layout == Layout.FP32:
         return slot.values.detach().numpy()
     if layout == Layout.FOUR_BIT:
         tables = nibble_tables_of(slot.code)
-        return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), tables.code, tables.mids, slot.shift
+        return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift
     return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), kernel_tables(tables_of(slot.code))
 
 
