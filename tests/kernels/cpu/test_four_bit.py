@@ -13,18 +13,21 @@ well as at zero. LAMB and LARS: the kernel's trust ratio sums in another order t
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from numba import njit
 from support import FOUR_BIT, FOUR_BIT_RULES, assert_backend_matches_reference, assert_same_state, copy_state, exact_sqrt, fresh
 from support import count_calls, gradient, hyper
 from support.cpu_states import torch_threads
 from support.weights import WEIGHT_CASES
 
 from qoptim.kernels import Job, StateSlot, cpu, reference
-from qoptim.kernels.cpu import batch, launch, layout, step
+from qoptim.kernels.cpu import batch, launch, layout, paths, step
+from qoptim.kernels.cpu.nibbles import nibble_tables_of, nibble_view, quantize
 from qoptim.kernels.rules import RULES
 from qoptim.quant.formats import FORMATS, state_map
-from qoptim.quant.maps import signed_map
+from qoptim.quant.maps import midpoints, signed_map
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (1, 255, 257, 4097)  # 4097: two tasks (PARALLEL_MIN below)
@@ -253,3 +256,32 @@ def test_the_eight_bit_map_is_not_taken_for_four_bits():
     slots = [StateSlot(slots[0].values, signed_map(), slots[0].absmax, 128, 0)]
     assert layout.plan("lion", torch.zeros(n), slots) is None
 
+
+
+# ---- the quantizer itself ----------------------------------------------------------------------------
+
+
+@njit(_nrt=False, error_model="numpy")  # (as the kernels: their inlined helpers take arrays without reference counts)
+def quantize_on(values, inv, state, q, path):
+    quantize(values, inv, nibble_view(state), q, path)
+
+
+@pytest.mark.parametrize("name", FORMATS[4].map_names)
+@pytest.mark.parametrize("path", ["avx512", "avx2", "portable"], indirect=True)
+def test_the_quantizer_is_bucketize_on_every_path(name, path):
+    """Every midpoint itself and its float neighbours (a tie goes to the lower code), every code,
+    both zeros, subnormals, the extremes, Inf and NaN: torch.bucketize's index, lane for lane
+    (sizes past 16 lanes and not a multiple of them)."""
+    code = state_map(name)
+    mids = midpoints(code)
+    below, above = torch.nextafter(mids, torch.tensor(-math.inf)), torch.nextafter(mids, torch.tensor(math.inf))
+    tiny = torch.finfo(torch.float32).smallest_normal
+    specials = torch.tensor([0.0, -0.0, tiny * 2.0**-5, -tiny * 2.0**-5, 3.0e38, -3.0e38, math.inf, -math.inf, math.nan, 1.0, -1.0, 2.0])
+    u = torch.cat([mids, below, above, code, specials, torch.rand(61) * 2 - 1])
+    tables = nibble_tables_of(code)
+    state = (np.zeros(1, np.uint8), np.zeros(1, np.float32), *tables, 0)
+    for inv in (1.0, 0.5, 0.0):
+        q = np.zeros(u.numel(), np.uint8)
+        quantize_on(u.numpy(), np.float32(inv), state, q, paths.current())
+        expected = torch.bucketize(u * inv, mids)
+        assert torch.equal(torch.from_numpy(q).long(), expected), f"scale reciprocal {inv}"
