@@ -25,7 +25,6 @@ from support.weights import WEIGHT_CASES
 from qoptim.kernels import Job, StateSlot, cpu, reference
 from qoptim.kernels.cpu import batch, launch, layout, paths, step
 from qoptim.kernels.cpu.nibbles import nibble_tables_of, nibble_view, quantize
-from qoptim.kernels.rules import RULES
 from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import midpoints, signed_map
 
@@ -216,8 +215,10 @@ def test_update_many_mixes_small_and_large_jobs(monkeypatch):
     the reference, step by step."""
     monkeypatch.setattr(batch, "BATCH_LIMIT", 1 << 14)
     monkeypatch.setattr(batch, "PART", 1 << 11)  # (several parts per batched tensor)
-    cases = [(rule, n, dtype) for rule in ("adam", "lion", "momentum") for n in (1, 200, 257, 3000, 9000) for dtype in (torch.float32, torch.bfloat16)]
-    cases += [("adam", 40000, torch.float32), ("lion", 20000, torch.bfloat16), ("lamb", 3000, torch.float32), ("rmsprop", 700, torch.float16)]
+    small = [(rule, n, dtype) for rule in ("adam", "lion", "momentum") for n in (1, 200, 257, 3000, 9000)
+             for dtype in (torch.float32, torch.bfloat16)]  # fmt: skip
+    large = [("adam", 40000, torch.float32), ("lion", 20000, torch.bfloat16)]
+    cases = small + large + [("lamb", 3000, torch.float32), ("rmsprop", 700, torch.float16)]
     jobs = [randomized(rule, n, dtype, seed) for seed, (rule, n, dtype) in enumerate(cases)]
     eight = fresh("adam", 1000, "blockwise", torch.float32)
     cases.append(("adam", 1000, torch.float32))
@@ -228,7 +229,8 @@ def test_update_many_mixes_small_and_large_jobs(monkeypatch):
         grads = [gradient(n, dtype, number) for _, n, dtype in cases]
         hps = [hyper(rule, number)._replace(gnorm_scale=0.5 if i % 4 == 0 else 1.0) for i, (rule, _, _) in enumerate(cases)]
         with torch_threads(2):
-            got = cpu.update_many([Job(rule, p, g, slots, hp, True) for (rule, _, _), (p, slots), g, hp in zip(cases, jobs, grads, hps)])
+            batch_jobs = [Job(rule, p, g, slots, hp, True) for (rule, _, _), (p, slots), g, hp in zip(cases, jobs, grads, hps)]
+            got = cpu.update_many(batch_jobs)
         for (rule, _, _), (p, slots), (p_ref, slots_ref), g, hp, result in zip(cases, jobs, theirs, grads, hps, got):
             expected = reference.update(rule, p_ref, g, slots_ref, hp, True)
             assert int(result.skipped_blocks) == expected.skipped_blocks, f"step {number}"
@@ -276,7 +278,8 @@ def test_the_quantizer_is_bucketize_on_every_path(name, path):
     mids = midpoints(code)
     below, above = torch.nextafter(mids, torch.tensor(-math.inf)), torch.nextafter(mids, torch.tensor(math.inf))
     tiny = torch.finfo(torch.float32).smallest_normal
-    specials = torch.tensor([0.0, -0.0, tiny * 2.0**-5, -tiny * 2.0**-5, 3.0e38, -3.0e38, math.inf, -math.inf, math.nan, 1.0, -1.0, 2.0])
+    extremes = [3.0e38, -3.0e38, math.inf, -math.inf, math.nan, 1.0, -1.0, 2.0]
+    specials = torch.tensor([0.0, -0.0, tiny * 2.0**-5, -tiny * 2.0**-5, *extremes])
     u = torch.cat([mids, below, above, code, specials, torch.rand(61) * 2 - 1])
     tables = nibble_tables_of(code)
     state = (np.zeros(1, np.uint8), np.zeros(1, np.float32), *tables, 0)
