@@ -11,6 +11,8 @@ backend, torch's AdamW (fused and foreach) and, when importable, bitsandbytes an
     python benchmarks/step_cpu.py --lean            # issue #17: a bf16 parameter's 8-bit AdamW step with a
                                                     # 24- or 32-bit master or stochastic rounding, against
                                                     # the plain one (default 16.7M = 4096²)
+    python benchmarks/step_cpu.py --four-bit        # issue #18: AdamW4bit's step against AdamW8bit's on the
+                                                    # CPU kernel, alternating (default 16.7M, fp32 and bf16)
 
 Per row: median ms of warm steps, parameters per second, the ratio to torch's fused AdamW,
 bytes of optimizer state per parameter, the peak extra resident memory during a warm step
@@ -28,6 +30,10 @@ over minutes on a shared machine, so the line gives the ratio's median and every
 256-blocks, the signed and unsigned maps) on a bf16 parameter in each weight format, and torch's
 fused AdamW on it, one after the other in each of ``--rounds`` rounds (default 3): each format's
 median over the rounds, and its ratios to the plain 8-bit step and to torch fused, round by round.
+
+``--four-bit`` times AdamW4bit's whole optimizer step (4-bit states: both moments in one byte
+per element, a scale per 128) and AdamW8bit's on the CPU kernel, one after the other in each of
+``--rounds`` rounds (default 3): each one's median over the rounds, and the ratio round by round.
 """
 
 from __future__ import annotations
@@ -350,6 +356,30 @@ def lean(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
     os.environ.pop("QOPTIM_BACKEND", None)
 
 
+# ---- --four-bit: issue #18 ------------------------------------------------------------------------
+
+
+def four_bit(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
+    """AdamW4bit's and AdamW8bit's steps on the CPU kernel, measured one after the other in each round."""
+    contestants = {"qoptim AdamW8bit (cpu kernel)": family_opt("AdamW8bit", lr=1e-3), "qoptim AdamW4bit (cpu kernel)": family_opt("AdamW4bit", lr=1e-3)}
+    ms = {name: [] for name in contestants}
+    state = {}
+    for _ in range(max(1, rounds)):
+        for name, make in contestants.items():
+            r = measure(make, n, dtype, steps, budget_s=5.0)
+            ms[name].append(r["ms"])
+            state[name] = r["state"]
+    eight, four = (ms[name] for name in contestants)
+    for name, times in ms.items():
+        rounds_text = ", ".join(f"{t:.2f}" for t in times)
+        print(f"{fmt_size(n):>6} {str(dtype)[6:]:>5}  {name:<30} median {statistics.median(times):>8.2f} ms ({rounds_text}), "
+              f"state {state[name]:.2f} B/param", flush=True)  # fmt: skip
+    ratios = [f / e for f, e in zip(four, eight)]
+    print(f"{fmt_size(n):>6} {str(dtype)[6:]:>5}  4-bit / 8-bit step: median {statistics.median(ratios):.2f}x "
+          f"({', '.join(f'{r:.2f}x' for r in ratios)})", flush=True)  # fmt: skip
+    os.environ.pop("QOPTIM_BACKEND", None)
+
+
 # ---- the table -------------------------------------------------------------------------------
 
 
@@ -393,6 +423,7 @@ def main(argv=None) -> None:
     parser.add_argument("--families", action="store_true", help="the other 8-bit families against their fp32 torch.optim counterparts")
     parser.add_argument("--cpu-paths", action="store_true", help="also the CPU kernel's slower paths (AVX2 gathers, portable loops)")
     parser.add_argument("--lean", action="store_true", help="a bf16 parameter's 8-bit step in each weight format of issue #17 (master 24 / 32, stochastic)")
+    parser.add_argument("--four-bit", action="store_true", help="AdamW4bit's step against AdamW8bit's on the CPU kernel (issue #18)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the fused kernel against torch fused, measured alternately, for the ratio's spread (default 3; 0: none)")
     args = parser.parse_args(argv)
     if args.families:
@@ -408,6 +439,12 @@ def main(argv=None) -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         for n in [parse_size(s) for s in (args.sizes or "16.7M").split(",")]:
             lean(n, DTYPES[args.dtypes] if "--dtypes" in (argv or sys.argv) else torch.bfloat16, steps, args.rounds)
+        return
+    if args.four_bit:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for n in [parse_size(s) for s in (args.sizes or "16.7M").split(",")]:
+            for dtype in dtypes:
+                four_bit(n, dtype, steps, args.rounds)
         return
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")

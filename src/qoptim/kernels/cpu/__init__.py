@@ -23,6 +23,8 @@ Modules, from the seam down:
 - ``launch``: worker threads, and a step's split into tasks
 - ``paths``: the AVX-512 / AVX2 / portable paths, the CPU's features, the fall-back, ``force``
 - ``tasks``: the task kernels (8-bit, fp32, trust pass) and their per-block work
+- ``four_bit``: the task kernels of 4-bit states (step, trust pass)
+- ``nibbles``: 4-bit states' maps, and a block's codes decoded from and encoded into shared bytes
 - ``weights``: a parameter as the tasks read and write it, in its weight format
 - ``codec``: a master weight decoded and encoded, stochastic rounding, element by element
 - ``rules``: each rule's per-element math and its marker (the rest of a rule is ``kernels.rules``)
@@ -57,9 +59,9 @@ cache.drop_stale()
 
 
 def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
-    """A rule of ``kernels.rules.RULES`` with all its states fp32, all 8-bit in 256-blocks, or
-    all 8-bit with one scale, on a flat contiguous CPU parameter (``layout.plan``); anything
-    else goes to the reference."""
+    """A rule of ``kernels.rules.RULES`` with all its states fp32, all 8-bit in 256-blocks, all
+    8-bit with one scale, or all 4-bit sharing their bytes, on a flat contiguous CPU parameter
+    (``layout.plan``); anything else goes to the reference."""
     return plan(rule, p, slots) is not None
 
 

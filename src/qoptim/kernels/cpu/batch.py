@@ -8,7 +8,7 @@ maps go to the kernels together: their addresses travel as one int64 array, the 
 each tensor's memory again (``numba.carray``) and runs the very task function of the
 one-at-a-time path on it, so results are identical bit for bit.
 
-Batched: fp32 states and block-wise 8-bit states of tensors below ``BATCH_LIMIT`` elements.
+Batched: fp32 states, block-wise 8-bit states and 4-bit states of tensors below ``BATCH_LIMIT`` elements.
 Everything else (larger tensors, whose own call costs little next to their work; one-scale
 8-bit states, which take two passes; LAMB and LARS, whose trust ratio needs a pass of its own)
 takes the one-at-a-time path. A batch is cut into parts of at most ``PART`` elements (a
@@ -33,7 +33,9 @@ from ..types import BLOCK, Job, UpdateResult
 from . import launch, paths
 from .bits import ZERO
 from .jit import JIT
+from .four_bit import four_bit_task
 from .layout import Layout, as_numpy, flat_cpu, kernel_tables, padded, plan, weights_fit
+from .nibbles import HALF_BLOCK, nibble_tables_of
 from .rules import KERNEL_STATES, constants, marker_of
 from .tables import tables_of
 from .tasks import Pass, eight_bit_task, fp32_task
@@ -80,18 +82,22 @@ def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResul
 def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | None:
     """What jobs must share to run in one call, or None for the one-at-a-time path: a layout
     the kernels cover (``layout.plan``, which leaves out empty tensors: a rank's shard of a
-    small parameter can be one), fp32 or 8-bit in 256-blocks, the same maps and the same weight
-    format (``_weight_form``)."""
+    small parameter can be one), fp32, 8-bit in 256-blocks or 4-bit, the same maps (and 4-bit
+    states the same shifts) and the same weight format (``_weight_form``)."""
     rule, p, g, slots, hp, skip_nonfinite, weights = job
     if p.numel() >= BATCH_LIMIT or RULES[rule].trust:
         return None
-    if layout not in (Layout.FP32, Layout.BLOCK) or not flat_cpu(g, p.dtype, p.numel()) or not weights_fit(p, weights):
+    if layout not in (Layout.FP32, Layout.BLOCK, Layout.FOUR_BIT) or not flat_cpu(g, p.dtype, p.numel()) or not weights_fit(p, weights):
         return None
     states = (layout,)
     if layout == Layout.BLOCK:  # and the maps, by their tables
         tables = [tables_of(s.code) for s in slots]
         tables_seen += tables  # the key names them by id(): alive until the batches ran
         states += tuple(id(t) for t in tables)
+    if layout == Layout.FOUR_BIT:  # the maps by their tables, and where each state's code sits in a byte
+        tables = [nibble_tables_of(s.code) for s in slots]
+        tables_seen += tables
+        states += tuple((id(t), s.shift) for t, s in zip(tables, slots))
     # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
     hp = hp if hp.gnorm_scale == 1.0 else hp._replace(gnorm_scale=1.0)
     return rule, p.dtype, states, hp, bool(skip_nonfinite), _weight_form(job)
@@ -131,6 +137,9 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
     per_part = np.zeros(len(table), dtype=np.int64)
     if layout == Layout.FP32:
         launch.run(fp32_batch_task, ntasks, per_task, (*args, per_part))
+    elif layout == Layout.FOUR_BIT:
+        tables = padded(tuple((*nibble_tables_of(s.code), s.shift) for s in jobs[0].slots))
+        paths.on_best_path(lambda path: launch.run(four_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
     else:
         tables = padded(tuple(kernel_tables(tables_of(s.code)) for s in jobs[0].slots))
         paths.on_best_path(lambda path: launch.run(eight_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
@@ -205,6 +214,16 @@ def _8bit_state(row, k, n, tables):
     return values, absmax, tables
 
 
+@njit(**JIT)
+def _4bit_state(row, k, n, tables):
+    """4-bit state ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it
+    (``tables``: its map tables and shift)."""
+    code, mids, table, shift = tables
+    values = _view(row[_STATES + 2 * k], n, np.uint8)
+    absmax = _view(row[_STATES + 2 * k + 1], (n + HALF_BLOCK - 1) // HALF_BLOCK, np.float32)
+    return values, absmax, code, mids, table, shift
+
+
 # The layout and pass of a batch's 8-bit tasks (ints: see ``layout.Layout``)
 _BLOCK, _STEP = int(Layout.BLOCK), int(Pass.STEP)
 
@@ -259,5 +278,17 @@ def fp32_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gsca
         i, row, n, part, count, p, g = _part(j, parts, addresses, sizes, like)
         s0, s1, s2 = _view(row[_STATES], n, np.float32), _view(row[_STATES + 2], n, np.float32), _view(row[_STATES + 4], n, np.float32)
         skipped[j] = fp32_task(part, count, rule, p, g, s0, s1, s2, gscales[i], k, skip)
+        total += skipped[j]
+    return total
+
+
+@njit(**_TASK)
+def four_bit_batch_task(t, ntasks, bounds, parts, rule, like, addresses, sizes, gscales, k, skip, t0, t1, t2, path, skipped):
+    """``eight_bit_batch_task`` for 4-bit states."""
+    total = 0
+    for j in range(bounds[t], bounds[t + 1]):
+        i, row, n, part, count, p, g = _part(j, parts, addresses, sizes, like)
+        s0, s1, s2 = _4bit_state(row, 0, n, t0), _4bit_state(row, 1, n, t1), _4bit_state(row, 2, n, t2)
+        skipped[j] = four_bit_task(part, count, rule, p, g, s0, s1, s2, gscales[i], k, skip, path)
         total += skipped[j]
     return total

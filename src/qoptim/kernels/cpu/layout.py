@@ -1,8 +1,9 @@
 """Which parameters and states the kernels take, and how they see their memory.
 
-The kernels cover a rule's states all fp32, all 8-bit in 256-blocks, or all 8-bit with one
-scale per tensor, of a flat contiguous CPU parameter (fp32, bf16 or fp16), with maps of 256
-sorted float32 codes; ``plan`` says which of these a parameter's states are, or None (then
+The kernels cover a rule's states all fp32, all 8-bit in 256-blocks, all 8-bit with one
+scale per tensor (maps of 256 sorted float32 codes), or all 4-bit in 128-blocks sharing one
+byte per element (maps of 16, ``nibbles``), of a flat contiguous CPU parameter (fp32, bf16 or
+fp16); ``plan`` says which of these a parameter's states are, or None (then
 the reference backend takes the step). numpy has no bf16: the kernels see 16-bit parameters
 as 16-bit integers, told apart by signedness (bf16 int16, fp16 uint16).
 """
@@ -16,6 +17,7 @@ import torch
 
 from ..rules import RULES
 from ..types import BLOCK, WHOLE_TENSOR, StateSlot, WeightFormat
+from .nibbles import HALF_BLOCK, nibble_tables_of
 from .rules import KERNEL_STATES
 from .tables import QuantTables, tables_of
 
@@ -29,6 +31,7 @@ class Layout(enum.IntEnum):
     FP32 = 0  # float32 values
     BLOCK = 1  # 8-bit codes, a scale per 256-block
     WHOLE = 2  # 8-bit codes, one scale per tensor
+    FOUR_BIT = 3  # 4-bit codes, two states to a byte (shifts 0 and 4), a scale per 128 elements
 
 
 # How the kernels see a parameter's memory: bf16 and fp16 both as 16-bit integers, told apart by signedness.
@@ -37,8 +40,8 @@ _VIEWS = {torch.float32: (torch.float32, np.float32), torch.bfloat16: (torch.int
 
 def plan(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> Layout | None:
     """The layout of ``rule``'s states on ``p`` where the kernels cover it, else None: a rule of
-    kernels.rules.RULES with all its states fp32, all 8-bit in 256-blocks, or all 8-bit with one
-    scale, on a flat contiguous non-empty CPU parameter."""
+    kernels.rules.RULES with all its states fp32, all 8-bit in 256-blocks, all 8-bit with one
+    scale, or all 4-bit in one shared byte array, on a flat contiguous non-empty CPU parameter."""
     spec = RULES.get(rule)
     if spec is None or len(slots) != spec.states or not p.is_cpu or p.dtype not in _VIEWS:
         return None
@@ -53,6 +56,8 @@ def _layout(n: int, slots: list[StateSlot]) -> Layout | None:
     that has tables (``tables_of``: a sorted one)."""
     if not any(s.quantized for s in slots):
         return Layout.FP32 if all(flat_cpu(s.values, torch.float32, n) for s in slots) else None
+    if any(s.quantized and s.bits == 4 for s in slots):
+        return Layout.FOUR_BIT if _four_bit(n, slots) else None
     blocksize = slots[0].blocksize
     if blocksize not in (BLOCK, WHOLE_TENSOR):
         return None
@@ -66,6 +71,26 @@ def _layout(n: int, slots: list[StateSlot]) -> Layout | None:
         if tables_of(code) is None:  # (an unsorted map)
             return None
     return Layout.BLOCK if blocksize == BLOCK else Layout.WHOLE
+
+
+def _four_bit(n: int, slots: list[StateSlot]) -> bool:
+    """Whether the states are all 4-bit as the optimizers keep them (``optim.state``): one flat
+    byte array shared by all, each state's 4 bits of its own (shift 0 or 4), a scale per 128
+    elements, a sorted map of 16 float32 codes on the CPU."""
+    shared = slots[0].values
+    if len(slots) > 2 or len({s.shift for s in slots}) != len(slots) or not flat_cpu(shared, torch.uint8, n):
+        return False
+    for s in slots:
+        if not (s.quantized and s.bits == 4 and s.blocksize == HALF_BLOCK and s.shift in (0, 4)):
+            return False
+        if s.values.data_ptr() != shared.data_ptr() or not flat_cpu(s.values, torch.uint8, n):
+            return False
+        if not flat_cpu(s.absmax, torch.float32, -(-n // HALF_BLOCK)):
+            return False
+        code = s.code
+        if not (code.is_cpu and code.dtype == torch.float32 and code.dim() == 1) or nibble_tables_of(code) is None:
+            return False
+    return True
 
 
 def flat_cpu(t: torch.Tensor | None, dtype: torch.dtype, n: int) -> bool:
@@ -102,9 +127,13 @@ def weight_view(p: torch.Tensor, weights: WeightFormat):
 
 def kernel_state(slot: StateSlot, layout: Layout):
     """A state as the kernels take it: an fp32 state's values; an 8-bit state's codes, scales
-    and its map's tables as plain tuples (``quantize.state_view``)."""
+    and its map's tables as plain tuples (``quantize.state_view``); a 4-bit state's bytes,
+    scales, map tables and shift (``nibbles.nibble_view``)."""
     if layout == Layout.FP32:
         return slot.values.detach().numpy()
+    if layout == Layout.FOUR_BIT:
+        tables = nibble_tables_of(slot.code)
+        return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift
     return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), kernel_tables(tables_of(slot.code))
 
 

@@ -3,7 +3,8 @@ the best path that compiles (``paths``).
 
 - LAMB and LARS first take a pass of their own for the norms of their layer-wise trust ratio
   (``trust_ratio``); their step then runs with it.
-- fp32 states and 8-bit states in 256-blocks take one pass: every block its own new scale.
+- fp32 states, 8-bit states in 256-blocks and 4-bit states take one pass: every block its own
+  new scales (``four_bit``: two per state, one per 128 elements).
 - 8-bit states with one scale per tensor take two, as the reference does: the first finds the
   new states' peaks (``Pass.PEAKS``), the second steps with their reciprocals.
 """
@@ -16,7 +17,7 @@ import torch
 from .. import reference
 from ..rules import RULES
 from ..types import BLOCK, NEAREST, Hyper, StateSlot, WeightFormat
-from . import launch, paths, tasks
+from . import four_bit, launch, paths, tasks
 from .bits import ZERO
 from .layout import Layout, as_numpy, kernel_state, padded, weight_view
 from .rules import KERNEL_STATES, constants, marker_of
@@ -39,6 +40,9 @@ def run(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list
     step = (np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     if layout == Layout.FP32:
         launch.run(tasks.fp32_task, ntasks, skipped, (*head, *states, *step))
+        return int(skipped.sum())
+    if layout == Layout.FOUR_BIT:
+        paths.on_best_path(lambda path: launch.run(four_bit.four_bit_task, ntasks, skipped, (*head, *states, *step, path)))
         return int(skipped.sum())
     peaks = paths.on_best_path(lambda path: _run_8bit(marker.states, (*head, *states, *step), layout, ntasks, skipped, path))
     if layout == Layout.WHOLE:
@@ -76,7 +80,8 @@ def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slo
     states = padded(tuple(kernel_state(s, layout) for s in slots))
     read = weight_view(p, WeightFormat(correction=weights.correction))  # (a draw writes, and this pass reads only)
     args = (marker_of(rule), read, as_numpy(g), *states, np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
-    paths.on_best_path(lambda path: launch.run(tasks.trust_task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)))
+    task = four_bit.four_bit_trust_task if layout == Layout.FOUR_BIT else tasks.trust_task
+    paths.on_best_path(lambda path: launch.run(task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)))
     param_norm, term_norm = np.sqrt(sums.sum(axis=0))
     _, ratio = reference.TRUST_RATIOS[rule]
     return ratio(float(param_norm), float(term_norm), hp)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ import torch
 from ...quant.maps import midpoints
 from . import guess
 
-__all__ = ["NAN_INDEX", "QuantTables", "REGISTERS", "register_tables", "tables_for", "tables_of"]
+__all__ = ["NAN_INDEX", "QuantTables", "REGISTERS", "cached_by_tensor", "register_tables", "tables_for", "tables_of"]
+
+T = TypeVar("T")
 
 # torch.bucketize's answer for a NaN input (it orders NaN after every boundary)
 NAN_INDEX = 255
@@ -114,21 +116,27 @@ def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, boo
     return tables, bins is not None
 
 
-# id(code map) -> (weak reference to it, its version and address then, its tables): the
+# (id(code map), maker) -> (weak reference to it, its version and address then, its tables): the
 # optimizers pass the same map tensor every step, so its tables are found without reading it.
 _BY_TENSOR: dict[int, tuple] = {}
 
 
 def tables_of(code: torch.Tensor) -> QuantTables | None:
     """``tables_for(code)``, cached by the map tensor itself (while unchanged in place)."""
-    seen = _BY_TENSOR.get(id(code))
+    return cached_by_tensor(code, tables_for)
+
+
+def cached_by_tensor(code: torch.Tensor, make: Callable[[torch.Tensor], T]) -> T:
+    """``make(code)`` (a map's tables), cached by the map tensor itself (while unchanged in place)."""
+    key = (id(code), make)
+    seen = _BY_TENSOR.get(key)
     stamp = (code._version, code.data_ptr())
     if seen is not None and seen[0]() is code and seen[1] == stamp:
         return seen[2]
-    tables = tables_for(code)
+    tables = make(code)
     if len(_BY_TENSOR) >= 64:
         _BY_TENSOR.clear()
-    _BY_TENSOR[id(code)] = (weakref.ref(code), stamp, tables)
+    _BY_TENSOR[key] = (weakref.ref(code), stamp, tables)
     return tables
 
 

@@ -33,7 +33,10 @@ from .quantize import block_peak, dequantize, reciprocal, requantize, state_view
 from .rules import math, signed_states, state_count, trust_term, unpack
 from .weights import load_weight, prefetch_weights, store_weight, weight_count, window
 
-__all__ = ["AHEAD", "Pass", "eight_bit_task", "fp32_task", "trust_task"]
+__all__ = [
+    "AHEAD", "Pass", "eight_bit_task", "fp32_task", "has_nonfinite", "sum_squares", "task_blocks", "trust_task", "trust_terms_block",
+    "update_elements",
+]  # fmt: skip
 
 
 class Pass(enum.IntEnum):
@@ -81,7 +84,7 @@ def _peak(acc, x):
 
 
 @njit(**INLINE)
-def _has_nonfinite(g):
+def has_nonfinite(g):
     peak = np.uint32(0)
     for j in range(g.size):
         peak = max(peak, magnitude(load(g, j)))
@@ -89,7 +92,7 @@ def _has_nonfinite(g):
 
 
 @njit(**KERNEL)
-def _task_blocks(t, ntasks, nblocks):
+def task_blocks(t, ntasks, nblocks):
     per = (nblocks + ntasks - 1) // ntasks
     return t * per, min(nblocks, (t + 1) * per)
 
@@ -106,7 +109,7 @@ def _scratch(s0, s1, s2):
 
 
 @njit(**INLINE)
-def _update_elements(rule, pw, g, gscale, k, write_p, scale0, scale1, scale2, b0, b1, b2):
+def update_elements(rule, pw, g, gscale, k, write_p, scale0, scale1, scale2, b0, b1, b2):
     """The rule on each element of a block (``_block_update``): the new states into the
     buffers, the new parameter into ``pw`` if ``write_p``; returns the states' new peaks."""
     ns = state_count(rule)
@@ -153,8 +156,8 @@ def _block_update(rule, p, g, states, lo, hi, s, gscale, k, keep, write_p, path,
     # LLVM does not hoist becomes a masked one, and a masked 8-byte store of int8 corrections
     # blocks the next iteration's load from forwarding (~1.6x the step of a 24-bit master)
     if write_p:
-        return _update_elements(rule, pw, g, gscale, k, True, scale0, scale1, scale2, b0, b1, b2)
-    return _update_elements(rule, pw, g, gscale, k, False, scale0, scale1, scale2, b0, b1, b2)
+        return update_elements(rule, pw, g, gscale, k, True, scale0, scale1, scale2, b0, b1, b2)
+    return update_elements(rule, pw, g, gscale, k, False, scale0, scale1, scale2, b0, b1, b2)
 
 
 @njit(**INLINE)
@@ -201,7 +204,7 @@ def _state_values_impl(state, lo, hi, block, buf, path):
 
 
 @njit(**KERNEL)
-def _trust_terms_block(rule, p, g, gscale, x0, x1, k, keep, a, b):
+def trust_terms_block(rule, p, g, gscale, x0, x1, k, keep, a, b):
     """a, b = the rule's trust terms of a block (reference.TRUST_RATIOS): (param, direction)
     for LAMB, (param, gradient) for LARS; a skipped block (not ``keep``) counts as the
     reference counts it, param * 0 and 0."""
@@ -212,7 +215,7 @@ def _trust_terms_block(rule, p, g, gscale, x0, x1, k, keep, a, b):
 
 
 @njit(fastmath={"reassoc"}, **KERNEL)
-def _sum_squares(x):
+def sum_squares(x):
     """Σ x² in float64 (each square exact), summed in the order LLVM vectorizes to (reassoc):
     fixed by the code, not by the data or the thread count."""
     total = 0.0
@@ -230,17 +233,17 @@ def trust_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, path, sums):
     k = unpack(k)
     p, g = unowned((p, g))
     a, b, x0, x1, states = _scratch(s0, s1, s2)
-    first, last = _task_blocks(t, ntasks, (weight_count(p) + BLOCK - 1) // BLOCK)
+    first, last = task_blocks(t, ntasks, (weight_count(p) + BLOCK - 1) // BLOCK)
     for block in range(first, last):
         lo, hi = block * BLOCK, min(weight_count(p), (block + 1) * BLOCK)
         size = hi - lo
         if ns > 1:  # LAMB: both moments (LARS needs no state)
             _state_values(states[0], lo, hi, block, x0[:size], path)
             _state_values(states[1], lo, hi, block, x1[:size], path)
-        keep = not (skip and _has_nonfinite(g[lo:hi]))
-        _trust_terms_block(rule, window(p, lo, hi), g[lo:hi], gscale, x0[:size], x1[:size], k, keep, a[:size], b[:size])
-        sums[block, 0] = _sum_squares(a[:size])
-        sums[block, 1] = _sum_squares(b[:size])
+        keep = not (skip and has_nonfinite(g[lo:hi]))
+        trust_terms_block(rule, window(p, lo, hi), g[lo:hi], gscale, x0[:size], x1[:size], k, keep, a[:size], b[:size])
+        sums[block, 0] = sum_squares(a[:size])
+        sums[block, 1] = sum_squares(b[:size])
     return 0
 
 
@@ -253,11 +256,11 @@ def fp32_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip):
     k = unpack(k)
     p, g = unowned((p, g))
     states = unowned((s0, s1, s2))
-    first, last = _task_blocks(t, ntasks, (weight_count(p) + BLOCK - 1) // BLOCK)
+    first, last = task_blocks(t, ntasks, (weight_count(p) + BLOCK - 1) // BLOCK)
     count = 0
     for b in range(first, last):
         lo, hi = b * BLOCK, min(weight_count(p), (b + 1) * BLOCK)
-        if skip and _has_nonfinite(g[lo:hi]):
+        if skip and has_nonfinite(g[lo:hi]):
             count += 1
             continue
         _fp32_block(rule, p, g, states, lo, hi, gscale, k)
@@ -279,7 +282,7 @@ def eight_bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, layout, p
     measure = pass_ == Pass.PEAKS
     p, g = unowned((p, g))
     b0, b1, b2, _, states = _scratch(s0, s1, s2)
-    first, last = _task_blocks(t, ntasks, (weight_count(p) + BLOCK - 1) // BLOCK)
+    first, last = task_blocks(t, ntasks, (weight_count(p) + BLOCK - 1) // BLOCK)
     count = 0
     acc0 = ZERO
     acc1 = ZERO
@@ -288,7 +291,7 @@ def eight_bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, layout, p
         lo, hi = b * BLOCK, min(weight_count(p), (b + 1) * BLOCK)
         if b + AHEAD < last:
             _prefetch_block(rule, p, g, states, lo + AHEAD * BLOCK, path)
-        bad = skip and _has_nonfinite(g[lo:hi])
+        bad = skip and has_nonfinite(g[lo:hi])
         count += bad
         if bad and not whole:
             continue

@@ -1,0 +1,285 @@
+"""4-bit states inside the kernels (``quant.formats.FORMATS[4]``): their maps' tables, and a block's
+codes decoded from and encoded into the bytes that two states share.
+
+A 4-bit state keeps the code of each element in 4 bits of a byte (from its ``shift`` up) that
+holds the other state's code in the other 4 (``optim.state``), and one float32 scale per 128
+elements. A task decodes a 256-block's bytes once for both states and encodes both codes into
+each byte in one store; a rule with one state keeps the other 4 bits as they were.
+
+Quantizing is the reference's (``reference._store``, ``torch.bucketize`` on the midpoints):
+the code index of ``u = x * inv`` is the number of the map's 15 float32 midpoints strictly
+below ``u``, NaN after them all (index 15): ``code_index``, the one definition of an element's
+rounding. Its fifteen comparisons, added up without a branch, vectorize on every path; the
+AVX-512 path does the same count as a binary search of 4 register permutes (``search_lanes``,
+~4x fewer instructions), tested equal to it on every code. Decoding looks
+the 16 codes up: on the AVX-512 path with one register permute per 16 elements (the map is one
+register), on the AVX2 path with the gathers of ``gather``, elsewhere in a scalar loop.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ...quant.formats import FORMATS
+from ...quant.maps import midpoints
+from .bits import ONE, ZERO
+from .gather import LANES, lookup_lanes
+from .jit import INLINE
+from .paths import PermutePath, VectorPath, is_path
+from .tables import cached_by_tensor
+
+__all__ = [
+    "CODES", "HALF_BLOCK", "NibbleTables", "Nibbles", "code_index", "decode", "encode", "nibble_tables_of", "nibble_view", "quantize",
+    "search_lanes",
+]  # fmt: skip
+
+CODES = FORMATS[4].codes  # codes per map (16)
+HALF_BLOCK = FORMATS[4].blocksize  # elements per scale (128): two to a 256-block
+_NAN_CODE = np.int32(CODES - 1)  # torch.bucketize's answer for NaN: after every midpoint
+_LOW, _HIGH = 0, 4  # a state's shift: its code in the low or the high 4 bits of each byte
+_PERMUTE_LANES = 16  # a map's 16 float32 codes fill one AVX-512 register
+
+
+class NibbleTables(NamedTuple):
+    """A 16-code map as the kernels take it."""
+
+    code: np.ndarray  # float32[16], the map (for decoding)
+    mids: tuple  # its 15 float32 midpoints, as numpy float32 scalars: a tuple the kernels keep in registers
+    table: np.ndarray  # float32[16], the midpoints then +inf: the permute path's search (``search_lanes``)
+
+
+def nibble_tables_for(code: torch.Tensor) -> NibbleTables | None:
+    """The tables of a float32 map of 16 codes; None where its midpoints are not sorted or
+    hold a NaN (then ``torch.bucketize`` has no defined answer to agree with)."""
+    code = code.detach().to("cpu", torch.float32).contiguous()
+    mids = midpoints(code).numpy()  # the very midpoints the reference compares with
+    if code.numel() != CODES or np.isnan(mids).any() or (mids[1:] < mids[:-1]).any():
+        return None
+    table = np.append(mids, np.float32(np.inf)).astype(np.float32)
+    return NibbleTables(code.numpy().copy(), tuple(np.float32(m) for m in mids), table)
+
+
+def nibble_tables_of(code: torch.Tensor) -> NibbleTables | None:
+    """``nibble_tables_for(code)``, cached by the map tensor (``tables.cached_by_tensor``)."""
+    return cached_by_tensor(code, nibble_tables_for)
+
+
+class Nibbles(NamedTuple):
+    """A 4-bit state inside the kernels."""
+
+    codes: np.ndarray  # uint8, one byte per element, shared with the other state
+    scales: np.ndarray  # float32, one per 128 elements
+    code: np.ndarray  # float32[16], its map
+    mids: tuple  # the map's 15 midpoints
+    table: np.ndarray  # the midpoints then +inf
+    shift: int  # 0 or 4: where its code sits in each byte
+
+
+def nibble_view(state):
+    """A 4-bit state, given as the plain tuple (codes, scales, code, mids, table, shift) (Numba
+    types plain tuples in C), as a ``Nibbles``."""
+
+
+@overload(nibble_view, jit_options=INLINE)
+def _nibble_view_impl(state):
+    def view(state):
+        codes, scales, code, mids, table, shift = state
+        return Nibbles(codes, scales, code, mids, table, shift)
+
+    return view
+
+
+@njit(**INLINE)
+def code_index(x, inv, mids):
+    """The code of value ``x`` at a scale of reciprocal ``inv``: the number of midpoints strictly
+    below ``u = x * inv`` (round to nearest, a tie to the lower code), NaN to the last code."""
+    u = x * inv
+    m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14 = mids  # (spelled out: a loop here stays scalar)
+    below = (_below(m0, u) + _below(m1, u) + _below(m2, u) + _below(m3, u) + _below(m4, u) + _below(m5, u) + _below(m6, u)
+             + _below(m7, u) + _below(m8, u) + _below(m9, u) + _below(m10, u) + _below(m11, u) + _below(m12, u) + _below(m13, u)
+             + _below(m14, u))  # fmt: skip
+    return _NAN_CODE if u != u else np.int32(below)
+
+
+@njit(**INLINE)
+def _below(m, u):
+    """1.0 where midpoint ``m`` lies strictly below ``u``, else 0.0: counted in float32 (exact up
+    to 15), which LLVM vectorizes ~3x better than a count of integers converted from booleans."""
+    return ONE if m < u else ZERO
+
+
+@njit(**INLINE)
+def decode(state, lo, hi, q, out, path):
+    """out = the map's codes of elements [lo, hi) of a ``Nibbles`` (unscaled); ``q``: scratch
+    of as many bytes."""
+    codes, code, shift = state.codes[lo:hi], state.code, state.shift
+    for j in range(_decode_lanes_prefix(codes, shift, code, q, out, path), codes.size):
+        out[j] = code[(codes[j] >> shift) & 0xF]
+
+
+@njit(**INLINE)
+def encode(states, ns, lo, hi, x0, x1, inv0, inv1, q0, q1, path):
+    """The bytes of elements [lo, hi): the codes of state 0's new values ``x0`` at the scale of
+    reciprocal ``inv0`` in its 4 bits, and state 1's of ``x1`` in the others (``ns`` = 2), or
+    the others as they were (``ns`` = 1, the rule's only state); ``q0``, ``q1``: scratch of as
+    many bytes."""
+    codes = states[0].codes[lo:hi]
+    s0, s1 = states[0], states[1]
+    quantize(x0, inv0, s0, q0, path)
+    if ns > 1:
+        quantize(x1, inv1, s1, q1, path)
+        if s0.shift == _LOW:  # (the shifts as constants in each loop: a shift by 4 of every lane)
+            _pack(codes, q0, q1)
+        else:
+            _pack(codes, q1, q0)
+    elif s0.shift == _LOW:
+        _merge(codes, q0, _LOW)
+    else:
+        _merge(codes, q0, _HIGH)
+
+
+@njit(**INLINE)
+def quantize(values, inv, state, q, path):
+    """q[j] = ``code_index(values[j], inv, state.mids)``, many lanes at a time on the permute path."""
+    mids = state.mids
+    for j in range(_quantize_lanes_prefix(values, inv, state.table, q, path), values.size):
+        q[j] = np.uint8(code_index(values[j], inv, mids))
+
+
+@njit(**INLINE)
+def _pack(codes, low, high):
+    for j in range(codes.size):
+        codes[j] = low[j] | (high[j] << _HIGH)
+
+
+@njit(**INLINE)
+def _merge(codes, q, shift):
+    """One state's codes into its 4 bits of ``codes``, the other 4 kept."""
+    keep = np.uint8(0xF0 >> shift)
+    for j in range(codes.size):
+        codes[j] = (codes[j] & keep) | (q[j] << shift)
+
+
+def _quantize_lanes_prefix(values, inv, table, q, path):
+    """Do ``quantize``'s work 16 lanes at a time on the permute path (``search_lanes``); return
+    how many elements were done (none on the other paths)."""
+
+
+@overload(_quantize_lanes_prefix, jit_options=dict(forceinline=True))
+def _quantize_lanes_prefix_impl(values, inv, table, q, path):
+    if not is_path(path, PermutePath):
+        return lambda values, inv, table, q, path: 0
+
+    def permute(values, inv, table, q, path):
+        done = values.size // _PERMUTE_LANES * _PERMUTE_LANES
+        for j in range(0, done, _PERMUTE_LANES):
+            search_lanes(values, j, inv, table, q)
+        return done
+
+    return permute
+
+
+def _decode_lanes_prefix(codes, shift, code, q, out, path):
+    """Do ``decode``'s work many lanes at a time on a vector path; return how many elements
+    were done (none on the portable path)."""
+
+
+@overload(_decode_lanes_prefix, jit_options=dict(forceinline=True))
+def _decode_lanes_prefix_impl(codes, shift, code, q, out, path):
+    if is_path(path, PermutePath):
+
+        def permute(codes, shift, code, q, out, path):
+            done = codes.size // _PERMUTE_LANES * _PERMUTE_LANES
+            for j in range(0, done, _PERMUTE_LANES):
+                permute_lanes(codes, j, shift, code, out)
+            return done
+
+        return permute
+    if not is_path(path, VectorPath):
+        return lambda codes, shift, code, q, out, path: 0
+
+    def gather(codes, shift, code, q, out, path):
+        for j in range(codes.size):  # (vectorized by LLVM)
+            q[j] = (codes[j] >> shift) & 0xF
+        done = codes.size // LANES * LANES
+        for j in range(0, done, LANES):
+            lookup_lanes(q, j, code, out)
+        return done
+
+    return gather
+
+
+@intrinsic
+def permute_lanes(typingctx, codes, start, shift, code, out):
+    """out[start:start+16] = code[(codes[start:start+16] >> shift) & 15]: one ``vpermps`` with
+    the 16 codes in a register (AVX-512F)."""
+    sig = types.void(codes, start, shift, code, out)
+
+    def codegen(context, builder, signature, args):
+        codes, start, shift, code, out = [
+            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a for t, a in zip(signature.args, args)
+        ]
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        ints, floats = ir.VectorType(i32, _PERMUTE_LANES), ir.VectorType(f32, _PERMUTE_LANES)
+
+        def at(data, index, vector):
+            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+
+        raw = builder.zext(builder.load(at(codes.data, start, ir.VectorType(i8, _PERMUTE_LANES)), align=1), ints)
+        amount = builder.trunc(shift, i32) if shift.type.width > 32 else builder.zext(shift, i32)
+        amounts = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(ints, ir.Undefined), amount, ir.Constant(i32, 0)),
+            ir.Constant(ints, ir.Undefined),
+            ir.Constant(ints, [0] * _PERMUTE_LANES),
+        )
+        index = builder.and_(builder.lshr(raw, amounts), ir.Constant(ints, [0xF] * _PERMUTE_LANES))
+        table = builder.load(at(code.data, ir.Constant(i32, 0), floats), align=4)
+        fnty = ir.FunctionType(floats, [floats, ints])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.permvar.sf.512")
+        builder.store(builder.call(fn, [table, index]), at(out.data, start, floats), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def search_lanes(typingctx, values, start, inv, table, q):
+    """``code_index`` on 16 lanes from ``start``: q = the number of midpoints below u = values *
+    inv, by a branch-free binary search of 4 steps, each a ``vpermps`` of the 16-entry ``table``
+    (the 15 sorted midpoints, then +inf) and a comparison; NaN to the last code."""
+    sig = types.void(values, start, inv, table, q)
+
+    def codegen(context, builder, signature, args):
+        values, start, inv, table, q = [
+            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a for t, a in zip(signature.args, args)
+        ]
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        ints, floats = ir.VectorType(i32, _PERMUTE_LANES), ir.VectorType(f32, _PERMUTE_LANES)
+
+        def at(data, index, vector):
+            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+
+        def const(x):
+            return ir.Constant(ints, [x] * _PERMUTE_LANES)
+
+        scale = builder.insert_element(ir.Constant(floats, ir.Undefined), inv, ir.Constant(i32, 0))
+        scale = builder.shuffle_vector(scale, ir.Constant(floats, ir.Undefined), const(0))
+        u = builder.fmul(builder.load(at(values.data, start, floats), align=4), scale)
+        mids = builder.load(at(table.data, ir.Constant(i32, 0), floats), align=4)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats, ints]), "llvm.x86.avx512.permvar.sf.512")
+        index = const(0)
+        for step in (8, 4, 2, 1):  # below = index + step - 1 midpoints at least, where that one is below u
+            below = builder.fcmp_ordered("<", builder.call(fn, [mids, builder.or_(index, const(step - 1))]), u)
+            index = builder.select(below, builder.or_(index, const(step)), index)
+        index = builder.select(builder.fcmp_unordered("uno", u, u), const(int(_NAN_CODE)), index)
+        builder.store(builder.trunc(index, ir.VectorType(i8, _PERMUTE_LANES)), at(q.data, start, ir.VectorType(i8, _PERMUTE_LANES)), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
