@@ -251,19 +251,22 @@ DEFAULTS = {  # steps, lr per task
 
 
 def table(folder: Path) -> str:
+    """Each format's final validation loss against fp32 AdamW's on the same seeds (mean over them)."""
     rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not rows:
         return f"no results in {folder}"
-    task = rows[0]["task"]
-    by_name: dict[str, list[float]] = {}
+    losses: dict[str, dict[int, float]] = {}
     for r in rows:
-        by_name.setdefault(r["name"], []).append(r["val_loss"])
-    base = statistics.mean(by_name.get("fp32-adamw", [float("nan")]))
-    lines = [f"task {task}, {rows[0]['steps']} steps at lr {rows[0]['lr']} ({rows[0]['cpu']}): final validation loss, mean over seeds",
-             f"| format | seeds | val loss | vs fp32 AdamW |", "|---|---|---|---|"]  # fmt: skip
-    for name, losses in sorted(by_name.items(), key=lambda kv: statistics.mean(kv[1])):
-        mean = statistics.mean(losses)
-        lines.append(f"| {name} | {len(losses)} | {mean:.4f} | {100 * (mean / base - 1):+.2f}% |")
+        losses.setdefault(r["name"], {})[r["seed"]] = r["val_loss"]
+    base = losses.get("fp32-adamw", {})
+    first = rows[0]
+    lines = [f"task {first['task']}, {first['steps']} steps at lr {first['lr']} ({first['cpu']}): final validation loss, "
+             "mean over the seeds it ran, and its mean ratio to fp32 AdamW's on the same seeds",
+             "| format | seeds | val loss | vs fp32 AdamW |", "|---|---|---|---|"]  # fmt: skip
+    for name, by_seed in sorted(losses.items(), key=lambda kv: statistics.mean(kv[1].values())):
+        paired = [loss / base[seed] - 1 for seed, loss in by_seed.items() if seed in base]
+        versus = f"{100 * statistics.mean(paired):+.2f}%" if paired else "-"
+        lines.append(f"| {name} | {len(by_seed)} | {statistics.mean(by_seed.values()):.4f} | {versus} |")
     return "\n".join(lines)
 
 
