@@ -1,12 +1,17 @@
 """Parameters and optimizer states for the CPU kernel's tests (tests/kernels/cpu), and checks."""
 
 import contextlib
+import math
 
+import pytest
 import torch
 
-from qoptim.kernels import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
+from qoptim.kernels import BLOCK, NEAREST, WHOLE_TENSOR, Hyper, StateSlot, cpu, reference
+from qoptim.kernels.cpu import launch, layout, step
 from qoptim.kernels.rules import RULES
 from qoptim.quant.maps import signed_map, unsigned_map
+
+from .numerics import exact_sqrt
 
 LAYOUTS = ["block", "whole", "fp32"]
 
@@ -62,3 +67,38 @@ def torch_threads(n):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def kernel_ratio(rule, p, g, slots, hp, skip, tasks=1, weights=NEAREST):
+    """The CPU kernel's LAMB / LARS trust ratio of ``p`` from a fused pass in ``tasks`` tasks."""
+    return step.trust_ratio(rule, layout.plan(rule, p, slots), p, g, slots, hp, skip, tasks, weights)
+
+
+def same_ratio(ours, theirs):
+    """Trust ratios that sum in other orders (the kernel's and torch's) agree to 1e-9, NaN with NaN."""
+    return ours == pytest.approx(theirs, rel=1e-9) or (math.isnan(ours) and math.isnan(theirs))
+
+
+@contextlib.contextmanager
+def kernel_oracle(monkeypatch, parallel_min):
+    """What the CPU kernel's tests against the reference set up: parallel tasks from
+    ``parallel_min`` elements, one torch thread for the reference's small ops and its sqrt
+    correctly rounded (as the kernel's); its LAMB / LARS ratio checked against the kernel's
+    fused pass (one task: the sums do not depend on the split), which it then steps with."""
+    monkeypatch.setattr(launch, "PARALLEL_MIN", parallel_min)
+    reference_ratio = reference.trust_ratio
+
+    def checked_ratio(rule, p, g, slots, hp, skip, weights=NEAREST):
+        ours = kernel_ratio(rule, p, g, slots, hp, skip, 1, weights)
+        assert same_ratio(ours, reference_ratio(rule, p, g, slots, hp, skip, weights))
+        return ours
+
+    monkeypatch.setattr(reference, "trust_ratio", checked_ratio)
+    with torch_threads(1), exact_sqrt():
+        yield
+
+
+def two_threads(*args):
+    """cpu.update with two threads (so two tasks and more where the size allows)."""
+    with torch_threads(2):
+        return cpu.update(*args)

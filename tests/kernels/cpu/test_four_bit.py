@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from numba import njit
-from support import FOUR_BIT, FOUR_BIT_RULES, assert_backend_matches_reference, assert_same_state, copy_state, exact_sqrt, fresh
+from support import FOUR_BIT, FOUR_BIT_RULES, assert_backend_matches_reference, assert_same_state, copy_state, fresh
 from support import count_calls, gradient, hyper
-from support.cpu_states import torch_threads
+from support.cpu_states import kernel_oracle, torch_threads, two_threads
 from support.weights import WEIGHT_CASES
 
 from qoptim.kernels import Job, StateSlot, cpu, reference
@@ -31,30 +31,13 @@ from qoptim.quant.maps import midpoints, signed_map
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (1, 255, 257, 4097)  # 4097: two tasks (PARALLEL_MIN below)
 STEPS = 6  # NaN / Inf gradients on steps 2, 3 and 5 (support.gradient)
-REFERENCE_RATIO = reference.trust_ratio  # before _setup stands in for it
 
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    """Parallel tasks from 4096 elements; the reference's sqrt correctly rounded (as the
-    kernel's); its LAMB / LARS ratio checked against the kernel's, which it then uses."""
-    monkeypatch.setattr(launch, "PARALLEL_MIN", 4096)
-
-    def checked_ratio(rule, p, g, slots, hp, skip, weights):
-        ours = step.trust_ratio(rule, layout.plan(rule, p, slots), p, g, slots, hp, skip, 1, weights)
-        theirs = REFERENCE_RATIO(rule, p, g, slots, hp, skip, weights)
-        assert ours == pytest.approx(theirs, rel=1e-9) or (math.isnan(ours) and math.isnan(theirs))
-        return ours
-
-    monkeypatch.setattr(reference, "trust_ratio", checked_ratio)
-    with torch_threads(1), exact_sqrt():
+    """Parallel tasks from 4096 elements, and the rest of ``kernel_oracle``."""
+    with kernel_oracle(monkeypatch, 4096):
         yield
-
-
-def two_threads(*args):
-    """cpu.update with two threads (so two tasks and more where the size allows)."""
-    with torch_threads(2):
-        return cpu.update(*args)
 
 
 def randomized(rule, n, dtype, seed):

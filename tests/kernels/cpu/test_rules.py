@@ -14,19 +14,14 @@ ratios agree to ~1e-16 relative, not bit for bit: the tests check the ratio to 1
 the reference the kernel's ratio and demand the rest of the step bit for bit.
 """
 
-import math
 
 import pytest
 import torch
-from support import exact_sqrt
-from support.cpu_states import LAYOUTS, assert_same, copy_state, gradient, torch_threads
+from support.cpu_states import LAYOUTS, assert_same, copy_state, gradient, kernel_oracle, kernel_ratio, same_ratio, torch_threads
 from support.cpu_states import make_rule_state as make_state
 
 from qoptim.kernels import Hyper, cpu, reference
 from qoptim.kernels import rules as rule_table
-from qoptim.kernels.cpu import launch
-from qoptim.kernels.cpu import layout as cpu_layout
-from qoptim.kernels.cpu import step as cpu_step
 from qoptim.kernels.cpu import rules as cpu_rules
 
 STEPS = 20
@@ -42,30 +37,12 @@ PATH_CASES = [(rule, layout, path) for path in ("avx2", "portable") for rule, la
 REFERENCE_RATIO = reference.trust_ratio  # before _setup stands in for it
 
 
-def same_ratio(ours, theirs):
-    return ours == pytest.approx(theirs, rel=1e-9) or (math.isnan(ours) and math.isnan(theirs))
-
-
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    """Parallel drivers from 65536 elements; one torch thread for the oracle's small ops.
-    The reference's LAMB / LARS ratio is checked against the kernel's fused pass (one task
-    here, several in the kernel's own step: the sums do not depend on the split), and the
-    kernel's is what the reference then steps with (see the module's docstring)."""
-    monkeypatch.setattr(launch, "PARALLEL_MIN", 1 << 16)
-
-    def checked_ratio(rule, p, g, slots, hp, skip, weights):
-        ours = kernel_ratio(rule, p, g, slots, hp, skip, 1)
-        assert same_ratio(ours, REFERENCE_RATIO(rule, p, g, slots, hp, skip, weights))
-        return ours
-
-    monkeypatch.setattr(reference, "trust_ratio", checked_ratio)
-    with torch_threads(1), exact_sqrt():
+    """Parallel drivers from 65536 elements, and the rest of ``kernel_oracle`` (the kernel's
+    ratio is what the reference steps with: see the module's docstring)."""
+    with kernel_oracle(monkeypatch, 1 << 16):
         yield
-
-
-def kernel_ratio(rule, p, g, slots, hp, skip, tasks):
-    return cpu_step.trust_ratio(rule, cpu_layout.plan(rule, p, slots), p, g, slots, hp, skip, tasks)
 
 
 def hyper(rule, step):

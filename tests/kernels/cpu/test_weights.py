@@ -17,14 +17,12 @@ import math
 
 import pytest
 import torch
-from support import assert_backend_matches_reference, assert_same, copy_state, count_calls, exact_sqrt, fresh, gradient, hyper
-from support.cpu_states import torch_threads
+from support import assert_backend_matches_reference, assert_same, copy_state, count_calls, fresh, gradient, hyper
+from support.cpu_states import kernel_oracle, torch_threads, two_threads
 from support.weights import SEED, WEIGHT_CASES, WeightCase
 
 from qoptim.kernels import NEAREST, Job, WeightFormat, cpu, reference
 from qoptim.kernels import rules as rule_table
-from qoptim.kernels.cpu import launch, step
-from qoptim.kernels.cpu import layout as cpu_layout
 from qoptim.quant import master
 
 SIZES = [1, 255, 257, 4097, 65537]  # the last one: several tasks (PARALLEL_MIN below)
@@ -50,8 +48,6 @@ PATH_CASES = [
     ("adam", "whole_tensor", torch.bfloat16, "stochastic"),
 ]
 
-REFERENCE_RATIO = reference.trust_ratio  # before _setup stands in for it
-
 
 def case_id(rule, layout, dtype, name):
     return f"{rule}-{layout}-{str(dtype)[6:]}-{name}"
@@ -59,25 +55,9 @@ def case_id(rule, layout, dtype, name):
 
 @pytest.fixture(autouse=True)
 def _setup(monkeypatch):
-    """Parallel tasks from 65536 elements; the reference's sqrt correctly rounded (as the
-    kernel's); its LAMB / LARS ratio checked against the kernel's, which it then uses."""
-    monkeypatch.setattr(launch, "PARALLEL_MIN", 1 << 16)
-
-    def checked_ratio(rule, p, g, slots, hp, skip, weights):
-        ours = step.trust_ratio(rule, cpu_layout.plan(rule, p, slots), p, g, slots, hp, skip, 1, weights)
-        theirs = REFERENCE_RATIO(rule, p, g, slots, hp, skip, weights)
-        assert ours == pytest.approx(theirs, rel=1e-9) or (math.isnan(ours) and math.isnan(theirs))
-        return ours
-
-    monkeypatch.setattr(reference, "trust_ratio", checked_ratio)
-    with torch_threads(1), exact_sqrt():
+    """Parallel tasks from 65536 elements, and the rest of ``kernel_oracle``."""
+    with kernel_oracle(monkeypatch, 1 << 16):
         yield
-
-
-def two_threads(*args):
-    """cpu.update with two threads (so two tasks and more where the size allows)."""
-    with torch_threads(2):
-        return cpu.update(*args)
 
 
 def check(rule, layout, dtype, case, sizes=SIZES, start=None):
