@@ -4,7 +4,7 @@ Each candidate is a declaration: how the first moment m and the second moment v 
 of 16 codes, block-wise or rank-1 scales, how a value rounds to a code). One AdamW in plain torch
 (``StudyAdamW``: dequantize, update in fp32, step the parameter with the unquantized moments,
 requantize, as every 8-bit optimizer here does) runs each of them; fp32 AdamW and qoptim's
-AdamW8bit run as the references. Two tasks, fp32 weights so that only the states differ:
+AdamW8bit and AdamW4bit run as the references. Two tasks, fp32 weights so that only the states differ:
 
 * ``gpt``: the character GPT of benchmarks/lean.py (qoptim.cli.demo.train), smaller by default;
 * ``mlp``: a 3-layer MLP learning the labels of a random teacher network from fresh samples each step.
@@ -128,7 +128,7 @@ CANDIDATES = {
         Candidate("sqrt-v-dither", "sqrt-companded dither for both m and sqrt(v)", M_DITHER_SQRT, V_ROOT_DITHER),
     )
 }
-REFERENCES = ("fp32-adamw", "qoptim-adamw8bit")
+REFERENCES = ("fp32-adamw", "qoptim-adamw8bit", "qoptim-adamw4bit")  # the last: the library's 4-bit format (ao4-nearest's)
 
 
 # ---- storing a moment -------------------------------------------------------------------------
@@ -196,6 +196,8 @@ def make_optimizer(name: str, params, lr: float, seed: int):
         return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     if name == "qoptim-adamw8bit":
         return qoptim_optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
+    if name == "qoptim-adamw4bit":
+        return qoptim_optim.AdamW4bit(params, lr=lr, weight_decay=1e-2)
     return StudyAdamW(params, CANDIDATES[name], lr=lr, seed=seed)
 
 
