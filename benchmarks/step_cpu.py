@@ -33,7 +33,8 @@ median over the rounds, and its ratios to the plain 8-bit step and to torch fuse
 
 ``--four-bit`` times AdamW4bit's whole optimizer step (4-bit states: both moments in one byte
 per element, a scale per 128) and AdamW8bit's on the CPU kernel, one after the other in each of
-``--rounds`` rounds (default 3): each one's median over the rounds, and the ratio round by round.
+``--rounds`` rounds (default 3): each one's median over the rounds, and the ratio round by round;
+torchao's AdamW4bit in the same rounds where torchao is installed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import os
 import statistics
 import sys
@@ -119,6 +121,12 @@ def torchao_opt(params):
     from torchao.optim import AdamW8bit
 
     return AdamW8bit(params, lr=1e-3)
+
+
+def torchao_opt4(params):
+    from torchao.optim import AdamW4bit
+
+    return AdamW4bit(params, lr=1e-3)
 
 
 KERNEL, FUSED = "qoptim Adam8bit (cpu kernel)", "torch AdamW fused"
@@ -362,6 +370,8 @@ def lean(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
 def four_bit(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
     """AdamW4bit's and AdamW8bit's steps on the CPU kernel, measured one after the other in each round."""
     contestants = {"qoptim AdamW8bit (cpu kernel)": family_opt("AdamW8bit", lr=1e-3), "qoptim AdamW4bit (cpu kernel)": family_opt("AdamW4bit", lr=1e-3)}
+    if importlib.util.find_spec("torchao") is not None:  # torchao's 4-bit AdamW (torch.compile'd per parameter), beside ours
+        contestants["torchao AdamW4bit"] = torchao_opt4
     ms = {name: [] for name in contestants}
     state = {}
     for _ in range(max(1, rounds)):
@@ -369,7 +379,7 @@ def four_bit(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
             r = measure(make, n, dtype, steps, budget_s=5.0)
             ms[name].append(r["ms"])
             state[name] = r["state"]
-    eight, four = (ms[name] for name in contestants)
+    eight, four = ms["qoptim AdamW8bit (cpu kernel)"], ms["qoptim AdamW4bit (cpu kernel)"]
     for name, times in ms.items():
         rounds_text = ", ".join(f"{t:.2f}" for t in times)
         print(f"{fmt_size(n):>6} {str(dtype)[6:]:>5}  {name:<30} median {statistics.median(times):>8.2f} ms ({rounds_text}), "
