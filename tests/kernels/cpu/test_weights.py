@@ -23,6 +23,7 @@ from support.weights import SEED, WEIGHT_CASES, WeightCase
 
 from qoptim.kernels import NEAREST, Job, WeightFormat, cpu, reference
 from qoptim.kernels import rules as rule_table
+from qoptim.kernels.cpu import step
 from qoptim.quant import master
 
 SIZES = [1, 255, 257, 4097, 65537]  # the last one: several tasks (PARALLEL_MIN below)
