@@ -71,6 +71,7 @@ SETUPS: dict[str, Setup] = {
     for s in (
         Setup("fp32-torch-adamw", "fp32 weights, torch AdamW (the baseline)", "float32", "torch_adamw"),
         Setup("fp32-adamw8bit", "fp32 weights, AdamW8bit", "float32"),
+        Setup("fp32-adamw4bit", "fp32 weights, AdamW4bit (its states alone against fp32 AdamW)", "float32", "adamw4bit"),
         Setup("bf16-adamw8bit", "bf16 weights, AdamW8bit, no master weight"),
         Setup("bf16-master24", "bf16 weights, AdamW8bit, 24-bit master (int8 correction)", master_weight_bits=24),
         Setup("bf16-master32", "bf16 weights, AdamW8bit, 32-bit master (int16 correction)", master_weight_bits=32),
