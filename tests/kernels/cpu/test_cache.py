@@ -1,87 +1,70 @@
-"""The guard of Numba's on-disk cache (qoptim.kernels.cpu.cache): after an edit to any source file
-of the kernels, every cache file written before it is dropped, and nothing newer."""
+"""Numba's cache of the kernels is stamped with the package's sources (qoptim.kernels.cpu.cache):
+code cached by a process that imported other sources is never loaded, whichever file changed
+and whenever that process wrote its cache."""
 
-import os
-import shutil
-import time
+import importlib.util
+import sys
 
-from qoptim.kernels.cpu import cache
+import pytest
+from numba import njit
 
-
-def make_package(tmp_path):
-    """A copy of the package's sources, and a Numba cache of two functions of two of its files
-    (indexes and code), written after the sources."""
-    package = tmp_path / "cpu"
-    package.mkdir()
-    for source in cache.sources():
-        shutil.copy(source, package / source.name)
-    cached = package / "__pycache__"
-    cached.mkdir()
-    names = ["tasks.eight_bit_task-300.py311.nbi", "tasks.eight_bit_task-300.py311.1.nbc", "batch.fp32_batch_task-200.py311.nbi",
-             "batch.fp32_batch_task-200.py311.1.nbc", "tasks.cpython-311.pyc"]  # fmt: skip
-    for name in names:
-        (cached / name).write_bytes(b"x")
-    return package, [cached / name for name in names]
+from qoptim.kernels.cpu import batch, cache
 
 
-def stamp(path, seconds):
-    os.utime(path, (seconds, seconds))
+def test_the_digest_covers_every_byte_of_every_source(tmp_path):
+    files = []
+    for name in ("a.py", "b.py"):
+        files.append(tmp_path / name)
+        files[-1].write_text(f"x = '{name}'\n")
+    before = cache.sources_digest(files)
+    assert cache.sources_digest(files) == before
+    files[1].write_text("x = 'b.py' \n")  # one byte more, in the file that does not define the kernel
+    assert cache.sources_digest(files) != before
+    assert cache.SOURCES_DIGEST == cache.sources_digest(cache.sources())
 
 
-def test_a_fresh_cache_is_kept(tmp_path):
-    package, files = make_package(tmp_path)
-    now = time.time()
-    for source in package.glob("*.py"):
-        stamp(source, now - 100)
-    for f in files:
-        stamp(f, now - 10)
-    assert cache.drop_stale(package, also=()) == []
-    assert all(f.exists() for f in files)
+def test_the_kernels_have_the_sources_stamp_and_other_functions_numbas():
+    locator = batch.eight_bit_batch_task._cache._impl.locator
+    assert isinstance(locator, cache.SourcesLocator)
+    assert locator.get_source_stamp() == ("qoptim sources", cache.SOURCES_DIGEST)
+
+    @njit(cache=True)
+    def elsewhere(x):  # pragma: no cover (compiled by Numba)
+        return x + 1
+
+    assert not isinstance(elsewhere._cache._impl.locator, cache.SourcesLocator)
 
 
-def test_an_edit_to_any_file_drops_every_cache_file_written_before_it(tmp_path):
-    """An edit to ``quantize.py``, inlined into the kernels of ``tasks.py`` and ``batch.py``,
-    drops their cache files too (Numba itself would only notice edits to their own files);
-    a cache file written after the edit (by another process, after its compile) stays, and so
-    does everything that is not Numba's."""
-    package, files = make_package(tmp_path)
-    now = time.time()
-    for source in package.glob("*.py"):
-        stamp(source, now - 100)
-    nbi, nbc, other_nbi, other_nbc, pyc = files
-    for f in files:
-        stamp(f, now - 50)
-    stamp(package / "quantize.py", now - 20)  # the edit
-    stamp(other_nbc, now - 10)  # compiled again since
-    dropped = cache.drop_stale(package, also=())
-    assert sorted(dropped) == sorted([nbi, nbc, other_nbi])
-    assert not nbi.exists() and not nbc.exists() and not other_nbi.exists()
-    assert other_nbc.exists() and pyc.exists()
-    assert cache.drop_stale(package, also=()) == []  # nothing left to drop, and no error for what is gone
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_an_edit_to_the_rule_table_counts_too(tmp_path):
-    """The kernels compile constants of kernels/rules.py and kernels/types.py in."""
-    package, files = make_package(tmp_path)
-    table = tmp_path / "rules.py"
-    table.write_text("")
-    now = time.time()
-    for source in package.glob("*.py"):
-        stamp(source, now - 100)
-    for f in files:
-        stamp(f, now - 50)
-    stamp(table, now - 20)
-    assert len(cache.drop_stale(package, also=(table,))) == 4
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """A package folder of one cached function, standing in for the kernels'."""
+    monkeypatch.setattr(cache, "PACKAGE", tmp_path.resolve())
+    (tmp_path / "kernel.py").write_text("from numba import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
+    yield tmp_path
+    for name in [n for n in sys.modules if n.startswith("qoptim_test_kernel")]:
+        del sys.modules[name]
 
 
-def test_no_cache_folder_is_no_error(tmp_path):
-    package = tmp_path / "cpu"
-    package.mkdir()
-    (package / "a.py").write_text("")
-    assert cache.drop_stale(package, also=()) == []
+def test_code_cached_from_other_sources_is_compiled_again(package, monkeypatch):
+    monkeypatch.setattr(cache, "SOURCES_DIGEST", "sources of an earlier process")
+    first = load(package / "kernel.py", "qoptim_test_kernel_1").twice
+    assert first(3) == 6 and first.stats.cache_misses  # compiled, and saved with that stamp
+    assert any((package / "__pycache__").glob("kernel.twice-*.nbi"))
 
+    same = load(package / "kernel.py", "qoptim_test_kernel_2").twice
+    assert same(3) == 6 and sum(same.stats.cache_hits.values()) == 1  # the same sources: loaded
 
-def test_the_real_package_watches_its_own_files_and_the_rule_table():
-    names = {path.name for path in cache.sources()}
-    assert {"__init__.py", "tasks.py", "quantize.py", "rules.py", "types.py"} <= names
-    assert cache.PACKAGE / "__pycache__" in cache.cache_dirs()
+    monkeypatch.setattr(cache, "SOURCES_DIGEST", "the sources after an edit")
+    edited = load(package / "kernel.py", "qoptim_test_kernel_3").twice
+    assert edited(3) == 6 and not edited.stats.cache_hits and edited.stats.cache_misses  # stale: compiled again
+
+    again = load(package / "kernel.py", "qoptim_test_kernel_4").twice
+    assert again(3) == 6 and sum(again.stats.cache_hits.values()) == 1  # and saved over the stale entry

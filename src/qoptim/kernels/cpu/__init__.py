@@ -35,7 +35,7 @@ Modules, from the seam down:
 - ``guess``: the AVX-512 quantizer's first guess from a table of bins
 - ``bits``: float bit patterns, stack arrays, prefetches, bf16/fp16 conversions
 - ``jit``: the compile options of every kernel
-- ``cache``: drops Numba cache files older than the package's newest source
+- ``cache``: stamps Numba's cache of the kernels with the package's sources
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ import torch
 
 from .. import reference
 from ..types import NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
-from . import batch, cache, launch, step
+from . import cache
+
+cache.install()  # before any kernel module is imported: Numba chooses a function's cache locator when it is decorated
+
+from . import batch, launch, step  # noqa: E402
 from .layout import Layout, flat_cpu, plan, weights_fit
 
 __all__ = ["WEIGHT_FORMATS", "grad_norm_sq", "plan", "supports", "update", "update_many"]
@@ -53,9 +57,6 @@ __all__ = ["WEIGHT_FORMATS", "grad_norm_sq", "plan", "supports", "update", "upda
 # pass over memory (``weights``): ``kernels.update`` hands such jobs here.
 WEIGHT_FORMATS = True
 
-# Numba reads its cache when a kernel is first called, not when its module is imported: this
-# runs before any cached code is read.
-cache.drop_stale()
 
 
 def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
