@@ -121,6 +121,7 @@ CANDIDATES = {
     for c in (
         Candidate("ao4-nearest", "torchao / lpmm group-128: dynamic m, zero-free linear v, nearest", M_NEAREST, V_NEAREST),
         Candidate("ao4-stochastic", "the same maps, stochastic rounding", M_STOCHASTIC, V_STOCHASTIC),
+        Candidate("ao4-vsr", "the same maps, m to nearest, v stochastic", M_NEAREST, V_STOCHASTIC),
         Candidate("ao4-rank1", "lpmm: dynamic m, zero-free linear v with rank-1 scales, nearest", M_NEAREST, V_RANK1),
         Candidate("dither-linear", "subtractive dither, uniform grids for m and v", M_DITHER_LINEAR, V_DITHER),
         Candidate("dither-sqrt", "subtractive dither, m companded by sqrt, v linear", M_DITHER_SQRT, V_DITHER),
