@@ -216,6 +216,40 @@ def _decode_lanes_prefix_impl(codes, shift, code, q, out, path):
     return gather
 
 
+class _Lanes:
+    """What both intrinsics build their 16-lane code with: the arguments as arrays, the vector
+    types, pointers to 16 elements, a scalar in every lane, and ``vpermps`` (AVX-512F)."""
+
+    def __init__(self, context, builder, signature, args):
+        self.builder = builder
+        self.args = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a for t, a in zip(signature.args, args)]
+        self.i32 = ir.IntType(32)
+        self.ints, self.floats = ir.VectorType(self.i32, _PERMUTE_LANES), ir.VectorType(ir.FloatType(), _PERMUTE_LANES)
+        self.bytes = ir.VectorType(ir.IntType(8), _PERMUTE_LANES)
+        permute_type = ir.FunctionType(self.floats, [self.floats, self.ints])
+        self.vpermps = cgutils.get_or_insert_function(builder.module, permute_type, "llvm.x86.avx512.permvar.sf.512")
+
+    def at(self, data, index, vector):
+        """A pointer to the ``vector`` of elements of ``data`` from ``index``."""
+        return self.builder.bitcast(self.builder.gep(data, [index]), vector.as_pointer())
+
+    def const(self, x):
+        return ir.Constant(self.ints, [x] * _PERMUTE_LANES)
+
+    def splat(self, value, vector):
+        """``value`` in every lane of ``vector``."""
+        one = self.builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(self.i32, 0))
+        return self.builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), self.const(0))
+
+    def table(self, array):
+        """The 16 float32 entries of ``array``, in one register."""
+        return self.builder.load(self.at(array.data, ir.Constant(self.i32, 0), self.floats), align=4)
+
+    def permute(self, table, index):
+        """table[index], lane by lane."""
+        return self.builder.call(self.vpermps, [table, index])
+
+
 @intrinsic
 def permute_lanes(typingctx, codes, start, shift, code, out):
     """out[start:start+16] = code[(codes[start:start+16] >> shift) & 15]: one ``vpermps`` with
@@ -223,27 +257,12 @@ def permute_lanes(typingctx, codes, start, shift, code, out):
     sig = types.void(codes, start, shift, code, out)
 
     def codegen(context, builder, signature, args):
-        codes, start, shift, code, out = [
-            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a for t, a in zip(signature.args, args)
-        ]
-        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-        ints, floats = ir.VectorType(i32, _PERMUTE_LANES), ir.VectorType(f32, _PERMUTE_LANES)
-
-        def at(data, index, vector):
-            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
-
-        raw = builder.zext(builder.load(at(codes.data, start, ir.VectorType(i8, _PERMUTE_LANES)), align=1), ints)
-        amount = builder.trunc(shift, i32) if shift.type.width > 32 else builder.zext(shift, i32)
-        amounts = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(ints, ir.Undefined), amount, ir.Constant(i32, 0)),
-            ir.Constant(ints, ir.Undefined),
-            ir.Constant(ints, [0] * _PERMUTE_LANES),
-        )
-        index = builder.and_(builder.lshr(raw, amounts), ir.Constant(ints, [0xF] * _PERMUTE_LANES))
-        table = builder.load(at(code.data, ir.Constant(i32, 0), floats), align=4)
-        fnty = ir.FunctionType(floats, [floats, ints])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.permvar.sf.512")
-        builder.store(builder.call(fn, [table, index]), at(out.data, start, floats), align=4)
+        lanes = _Lanes(context, builder, signature, args)
+        codes, start, shift, code, out = lanes.args
+        raw = builder.zext(builder.load(lanes.at(codes.data, start, lanes.bytes), align=1), lanes.ints)
+        amount = builder.trunc(shift, lanes.i32) if shift.type.width > 32 else builder.zext(shift, lanes.i32)
+        index = builder.and_(builder.lshr(raw, lanes.splat(amount, lanes.ints)), lanes.const(0xF))
+        builder.store(lanes.permute(lanes.table(code), index), lanes.at(out.data, start, lanes.floats), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -257,29 +276,15 @@ def search_lanes(typingctx, values, start, inv, table, q):
     sig = types.void(values, start, inv, table, q)
 
     def codegen(context, builder, signature, args):
-        values, start, inv, table, q = [
-            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a for t, a in zip(signature.args, args)
-        ]
-        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-        ints, floats = ir.VectorType(i32, _PERMUTE_LANES), ir.VectorType(f32, _PERMUTE_LANES)
-
-        def at(data, index, vector):
-            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
-
-        def const(x):
-            return ir.Constant(ints, [x] * _PERMUTE_LANES)
-
-        scale = builder.insert_element(ir.Constant(floats, ir.Undefined), inv, ir.Constant(i32, 0))
-        scale = builder.shuffle_vector(scale, ir.Constant(floats, ir.Undefined), const(0))
-        u = builder.fmul(builder.load(at(values.data, start, floats), align=4), scale)
-        mids = builder.load(at(table.data, ir.Constant(i32, 0), floats), align=4)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats, ints]), "llvm.x86.avx512.permvar.sf.512")
-        index = const(0)
+        lanes = _Lanes(context, builder, signature, args)
+        values, start, inv, table, q = lanes.args
+        u = builder.fmul(builder.load(lanes.at(values.data, start, lanes.floats), align=4), lanes.splat(inv, lanes.floats))
+        mids, index = lanes.table(table), lanes.const(0)
         for step in (8, 4, 2, 1):  # below = index + step - 1 midpoints at least, where that one is below u
-            below = builder.fcmp_ordered("<", builder.call(fn, [mids, builder.or_(index, const(step - 1))]), u)
-            index = builder.select(below, builder.or_(index, const(step)), index)
-        index = builder.select(builder.fcmp_unordered("uno", u, u), const(int(_NAN_CODE)), index)
-        builder.store(builder.trunc(index, ir.VectorType(i8, _PERMUTE_LANES)), at(q.data, start, ir.VectorType(i8, _PERMUTE_LANES)), align=1)
+            below = builder.fcmp_ordered("<", lanes.permute(mids, builder.or_(index, lanes.const(step - 1))), u)
+            index = builder.select(below, builder.or_(index, lanes.const(step)), index)
+        index = builder.select(builder.fcmp_unordered("uno", u, u), lanes.const(int(_NAN_CODE)), index)
+        builder.store(builder.trunc(index, lanes.bytes), lanes.at(q.data, start, lanes.bytes), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
