@@ -4,7 +4,15 @@ set-up of qoptim.cli.lean, one process per set-up, on the same seed and data ord
     python benchmarks/lean.py                      # every set-up without a result yet (2,000 steps each: hours on 2 cores)
     python benchmarks/lean.py --configs bf16-master24,bf16-master32 --force   # these again
     python benchmarks/lean.py --steps 20 --width 64 --layers 1 --results /tmp/lean   # a smoke run
+    python benchmarks/lean.py --configs fp32-torch-adamw,bf16-master24 --seeds 1,2   # more seeds of these
     python benchmarks/lean.py --table              # the table and docs/lean.png from the results there
+
+One run is one draw: bf16 rounding, 4-bit codes or another seed move the trajectory, and at 512
+tokens a step the final loss of one run moves by several percent with it. ``--seeds`` runs each
+set-up on several seeds (the seed sets the initial weights and the data order); the table gives
+each set-up's mean final validation loss over its seeds, their spread (lowest to highest) and
+the mean's ratio to the baseline's mean. Seed 0's result is ``<set-up>.json``, another seed's
+``<set-up>-seed<N>.json``.
 
 Per set-up (qoptim.cli.demo.train does the training; lean.Tracker counts): the peak bytes per
 parameter of weights + gradients + master corrections + optimizer states, counted from live
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +54,7 @@ TORCHAO = {
 }
 CONFIGS = {**lean.SETUPS, **TORCHAO}
 BASELINE = "fp32-torch-adamw"
-SAME = ("params", "steps", "width", "layers", "context", "batch", "lr", "schedule", "val_batches", "seed", "cpu", "threads", "torch")  # a fair table's
+SAME = ("params", "steps", "width", "layers", "context", "batch", "lr", "schedule", "val_batches", "cpu", "threads", "torch")  # a fair table's
 
 
 def torchao_installed() -> bool:
@@ -93,50 +102,73 @@ def run_all(args) -> int:
         print(f"torchao is not installed: {', '.join(skipped)} skipped (pip install torchao to run it)")
         names = [n for n in names if n not in skipped]
     args.results.mkdir(parents=True, exist_ok=True)
-    shared = ("steps", "width", "layers", "context", "batch", "lr", "schedule", "val_batches", "seed", "evals", "threads")
+    shared = ("steps", "width", "layers", "context", "batch", "lr", "schedule", "val_batches", "evals", "threads")
     forwarded = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared] + (["--quiet"] if args.quiet else [])
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     for name in names:
-        path = args.results / f"{name}.json"
-        if path.exists() and not args.force:
-            print(f"{name}: {path} exists (--force to run it again)")
-            continue
-        print(f"== {name}: {CONFIGS[name].description}", flush=True)
-        # One process per set-up: its allocations, threads and compiled kernels are its own.
-        cmd = [sys.executable, __file__, "--run", name, "--results", str(args.results), *forwarded]
-        done = subprocess.run(cmd)
-        if done.returncode:
-            print(f"{name} failed (exit code {done.returncode})", file=sys.stderr)
-            return done.returncode
+        for seed in seeds:
+            path = args.results / result_name(name, seed)
+            if path.exists() and not args.force:
+                print(f"{name}, seed {seed}: {path} exists (--force to run it again)")
+                continue
+            print(f"== {name}, seed {seed}: {CONFIGS[name].description}", flush=True)
+            # One process per run: its allocations, threads and compiled kernels are its own.
+            cmd = [sys.executable, __file__, "--run", name, "--seed", str(seed), "--results", str(args.results), *forwarded]
+            done = subprocess.run(cmd)
+            if done.returncode:
+                print(f"{name} failed (exit code {done.returncode})", file=sys.stderr)
+                return done.returncode
     return print_table(args)
 
 
-def load(folder: Path) -> list[dict]:
-    found = {json.loads(p.read_text())["config"]: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-    return [found[name] for name in CONFIGS if name in found] + [r for name, r in found.items() if name not in CONFIGS]
+def result_name(name: str, seed: int) -> str:
+    return f"{name}.json" if seed == 0 else f"{name}-seed{seed}.json"
+
+
+def load(folder: Path) -> list[list[dict]]:
+    """The results in ``folder``, one list (its seeds, in order) per set-up; known set-ups first."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        found.setdefault(r["config"], []).append(r)
+    runs = [found.pop(name) for name in CONFIGS if name in found] + list(found.values())
+    return [sorted(seeds, key=lambda r: r.get("seed", 0)) for seeds in runs]
+
+
+def final_losses(seeds: list[dict]) -> list[float]:
+    return [r["result"]["val_losses"][-1] for r in seeds]
 
 
 def ratio(mine: float, base: float | None) -> str:
     return f"{mine / base:.2f}x" if base else "-"
 
 
-def table(results: list[dict]) -> str:
-    base = next((r["result"] for r in results if r["config"] == BASELINE), None)
+def table(runs: list[list[dict]]) -> str:
+    """One row per set-up: bytes and times of its first seed's run, the final validation loss as
+    the mean over its seeds, their spread, and the mean against the baseline's mean."""
+    base_seeds = next((seeds for seeds in runs if seeds[0]["config"] == BASELINE), None)
+    base = base_seeds and base_seeds[0]["result"]
+    base_loss = base_seeds and statistics.mean(final_losses(base_seeds))
     header = ["configuration", "B/param", "weights", "grads", "master", "states", "vs base", "ms/step", "vs base", "opt ms",
-              "val loss", "vs base"]  # fmt: skip
+              "seeds", "val loss", "spread", "vs base"]  # fmt: skip
     rows = [header]
-    for r in results:
+    for seeds in runs:
+        r = seeds[0]
         res, n = r["result"], r["params"]
         parts = [f"{res['train_parts'].get(k, 0) / n:.3f}" for k in ("weights", "grads", "master", "states")]
-        val = res["val_losses"][-1]
+        losses = final_losses(seeds)
+        val = statistics.mean(losses)
         rows.append([
             r["config"], f"{res['train_bytes'] / n:.3f}", *parts, ratio(res["train_bytes"], base and base["train_bytes"]),
             f"{res['ms_per_step']:.1f}", ratio(res["ms_per_step"], base and base["ms_per_step"]),
-            f"{res['optimizer_ms_per_step']:.2f}", f"{val:.4f}",
-            f"{100 * (val / base['val_losses'][-1] - 1):+.2f}%" if base else "-",
+            f"{res['optimizer_ms_per_step']:.2f}", str(len(seeds)), f"{val:.4f}",
+            f"{min(losses):.4f}-{max(losses):.4f}" if len(losses) > 1 else "-",
+            f"{100 * (val / base_loss - 1):+.2f}%" if base else "-",
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    results = [r for seeds in runs for r in seeds]
     first = results[0]
     lines.insert(0, f"GPT of {first['params']:,} parameters (width {first['width']}, {first['layers']} layers, context "
                     f"{first['context']}, batch {first['batch']}, lr {first['lr']}), {first['steps']} steps; {first['cpu']}, "
@@ -148,7 +180,9 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> Path | None:
+def plot(runs: list[list[dict]], path: Path) -> Path | None:
+    """Each set-up's loss curves on its first seed."""
+    results = [seeds[0] for seeds in runs]
     plt = demo.pyplot()
     if plt is None:
         return None
@@ -167,7 +201,7 @@ def plot(results: list[dict], path: Path) -> Path | None:
         a.grid(alpha=0.3)
     ax.legend(fontsize=7)
     first = results[0]
-    fig.suptitle(f"Lean training: GPT of {first['params']:,} parameters, {first['steps']} steps, same data and seed")
+    fig.suptitle(f"Lean training: GPT of {first['params']:,} parameters, {first['steps']} steps, same data and seed (each set-up's first)")
     return demo.save_figure(plt, fig, path)
 
 
@@ -193,6 +227,7 @@ def main() -> int:
                         help="the lr: warmup then cosine decay to 10%% (default; settled last losses), or constant")
     parser.add_argument("--val-batches", type=int, default=32, help="batches each validation loss averages")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: every core this process may use)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds to run each set-up on (default: --seed's one)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--png", type=Path, help="default: docs/lean.png for the default --results, else lean.png there")
     parser.add_argument("--force", action="store_true", help="run set-ups that have a result already")
@@ -206,7 +241,7 @@ def main() -> int:
         return run_all(args)
     out = run_config(args, args.run)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.run}.json").write_text(json.dumps(out, indent=1))
+    (args.results / result_name(args.run, args.seed)).write_text(json.dumps(out, indent=1))
     r = out["result"]
     print(f"{args.run}: {r['train_bytes'] / r['params']:.3f} B/param, {r['ms_per_step']:.1f} ms/step, "
           f"val loss {r['val_losses'][-1]:.4f}")

@@ -24,8 +24,7 @@ from torch import nn
 
 from qoptim.cli import demo, lean, machine
 
-DEFAULT = ("fp32-torch-adamw,fp32-adamw8bit,bf16-adamw8bit,bf16-master24,bf16-master32,bf16-stochastic,bf16-master24-release,"
-           "bf16-4bit-master24-release")
+DEFAULT = ",".join(lean.SETUPS)  # every set-up of qoptim.cli.lean
 PLAIN_8BIT = "bf16-adamw8bit"
 
 

@@ -48,6 +48,21 @@ def test_lean_benchmark_writes_a_result_per_set_up_and_compares_them(tmp_path):
     assert float(rows[LEAN_SETUP][1]) < 16 * 0.5
 
 
+def test_seeds_run_apart_and_the_table_gives_their_mean_and_spread(tmp_path):
+    where = ["--results", str(tmp_path), "--png", str(tmp_path / "lean.png")]
+    done = lean("--configs", "fp32-torch-adamw", "--seeds", "0,1", *TINY, *where)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = [json.loads((tmp_path / name).read_text()) for name in ("fp32-torch-adamw.json", "fp32-torch-adamw-seed1.json")]
+    assert [r["seed"] for r in runs] == [0, 1] and [r["run"]["seed"] for r in runs] == [0, 1]
+    losses = [r["result"]["val_losses"][-1] for r in runs]
+    assert losses[0] != losses[1]  # other initial weights and data order
+    row = next(line.split() for line in lean("--table", *where).stdout.splitlines() if line.startswith("fp32-torch-adamw"))
+    assert len(row) == 14  # configuration, 5 of bytes, vs base, ms/step, vs base, opt ms, seeds, val loss, spread, vs base
+    seeds, mean, spread, versus = row[-4:]
+    assert seeds == "2" and abs(float(mean) - sum(losses) / 2) < 1e-4 and versus == "+0.00%"
+    assert spread == f"{min(losses):.4f}-{max(losses):.4f}"
+
+
 def test_an_unknown_set_up_is_refused(tmp_path):
     done = lean("--configs", "bf16-master16", "--results", str(tmp_path))
     assert done.returncode != 0 and "unknown configuration bf16-master16" in done.stderr
