@@ -10,6 +10,7 @@ A format whose rounding loses the small updates of a moving average (``beta2 = 0
 
     python benchmarks/state_tracking.py                       # 1,000 steps, layers 6 and the head
     python benchmarks/state_tracking.py --formats ao4-nearest,ao4-vsr --steps 300 --every 50
+    python benchmarks/state_tracking.py --table               # the saved result as a Markdown table
 
 Results (JSON, rewritten at each report): benchmarks/results/state_tracking/.
 """
@@ -36,6 +37,16 @@ def adam_step(m: torch.Tensor, v: torch.Tensor, step: int, betas=(0.9, 0.999), e
     return m / (1 - betas[0] ** step) / ((v / (1 - betas[1] ** step)).sqrt() + eps)
 
 
+def markdown(report: dict) -> str:
+    """The saved report as a table: a row per reported step, rms / cos per format."""
+    lines = ["| step | " + " | ".join(f"`{n}` rms / cos" for n in report["formats"]) + " |",
+             "|---:|" + "---:|" * len(report["formats"])]  # fmt: skip
+    for i, step in enumerate(report["steps"]):
+        cells = [f"{report['rms'][n][i]:.3f} / {report['cos'][n][i]:.3f}" for n in report["formats"]]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", default=DEFAULT_FORMATS)
@@ -47,7 +58,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--table", action="store_true", help="print the saved result as a Markdown table")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads((args.results / "tracking.json").read_text())))
+        return
     torch.set_num_threads(args.threads) if args.threads else machine.default_threads()
     formats = {name: CANDIDATES[name] for name in args.formats.split(",")}
 
