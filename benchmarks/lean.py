@@ -180,6 +180,20 @@ def table(runs: list[list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(runs: list[list[dict]]) -> str:
+    """The table's bytes and losses as Markdown (README's table)."""
+    base_seeds = next((seeds for seeds in runs if seeds[0]["config"] == BASELINE), None)
+    base_loss = base_seeds and statistics.mean(final_losses(base_seeds))
+    lines = ["| set-up | B/param | seeds | final val loss (mean) | seeds' spread | vs fp32 AdamW |", "|---|---:|---:|---:|---:|---:|"]
+    for seeds in runs:
+        r, losses = seeds[0], final_losses(seeds)
+        mean = statistics.mean(losses)
+        spread = f"{min(losses):.4f}–{max(losses):.4f}" if len(losses) > 1 else "–"
+        versus = f"{100 * (mean / base_loss - 1):+.1f}%" if base_loss else "–"
+        lines.append(f"| `{r['config']}` | {r['result']['train_bytes'] / r['params']:.3f} | {len(losses)} | {mean:.4f} | {spread} | {versus} |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[list[dict]], path: Path) -> Path | None:
     """Each set-up's loss curves on its first seed."""
     results = [seeds[0] for seeds in runs]
@@ -210,6 +224,9 @@ def print_table(args) -> int:
     if not results:
         print(f"no results in {args.results}")
         return 1
+    if args.markdown:
+        print(markdown(results))
+        return 0
     print(table(results))
     path = plot(results, args.png or (ROOT / "docs" / "lean.png" if args.results == RESULTS else args.results / "lean.png"))
     if path is not None:
@@ -233,6 +250,7 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="run set-ups that have a result already")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--table", action="store_true", help="only print the table and draw the plot from the results")
+    parser.add_argument("--markdown", action="store_true", help="with --table: bytes and losses as Markdown, no plot")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # the child: one set-up, in this process
     args = parser.parse_args()
     if args.table:

@@ -61,6 +61,8 @@ def test_seeds_run_apart_and_the_table_gives_their_mean_and_spread(tmp_path):
     seeds, mean, spread, versus = row[-4:]
     assert seeds == "2" and abs(float(mean) - sum(losses) / 2) < 1e-4 and versus == "+0.00%"
     assert spread == f"{min(losses):.4f}-{max(losses):.4f}"
+    markdown = lean("--table", "--markdown", *where).stdout
+    assert "| `fp32-torch-adamw` | 16.00" in markdown and f"| 2 | {sum(losses) / 2:.4f} |" in markdown
 
 
 def test_an_unknown_set_up_is_refused(tmp_path):
