@@ -139,6 +139,12 @@ def final_losses(seeds: list[dict]) -> list[float]:
     return [r["result"]["val_losses"][-1] for r in seeds]
 
 
+def baseline(runs: list[list[dict]]) -> tuple[dict | None, float | None]:
+    """The baseline's first run's result and its mean final validation loss over its seeds (None, None: no baseline)."""
+    seeds = next((seeds for seeds in runs if seeds[0]["config"] == BASELINE), None)
+    return (seeds[0]["result"], statistics.mean(final_losses(seeds))) if seeds else (None, None)
+
+
 def ratio(mine: float, base: float | None) -> str:
     return f"{mine / base:.2f}x" if base else "-"
 
@@ -146,9 +152,7 @@ def ratio(mine: float, base: float | None) -> str:
 def table(runs: list[list[dict]]) -> str:
     """One row per set-up: bytes and times of its first seed's run, the final validation loss as
     the mean over its seeds, their spread, and the mean against the baseline's mean."""
-    base_seeds = next((seeds for seeds in runs if seeds[0]["config"] == BASELINE), None)
-    base = base_seeds and base_seeds[0]["result"]
-    base_loss = base_seeds and statistics.mean(final_losses(base_seeds))
+    base, base_loss = baseline(runs)
     header = ["configuration", "B/param", "weights", "grads", "master", "states", "vs base", "ms/step", "vs base", "opt ms",
               "seeds", "val loss", "spread", "vs base"]  # fmt: skip
     rows = [header]
@@ -182,8 +186,7 @@ def table(runs: list[list[dict]]) -> str:
 
 def markdown(runs: list[list[dict]]) -> str:
     """The table's bytes and losses as Markdown (README's table)."""
-    base_seeds = next((seeds for seeds in runs if seeds[0]["config"] == BASELINE), None)
-    base_loss = base_seeds and statistics.mean(final_losses(base_seeds))
+    _, base_loss = baseline(runs)
     lines = ["| set-up | B/param | seeds | final val loss (mean) | seeds' spread | vs fp32 AdamW |", "|---|---:|---:|---:|---:|---:|"]
     for seeds in runs:
         r, losses = seeds[0], final_losses(seeds)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import os
 import statistics
 import sys
@@ -370,7 +369,7 @@ def lean(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
 def four_bit(n: int, dtype: torch.dtype, steps: int, rounds: int) -> None:
     """AdamW4bit's and AdamW8bit's steps on the CPU kernel, measured one after the other in each round."""
     contestants = {"qoptim AdamW8bit (cpu kernel)": family_opt("AdamW8bit", lr=1e-3), "qoptim AdamW4bit (cpu kernel)": family_opt("AdamW4bit", lr=1e-3)}
-    if importlib.util.find_spec("torchao") is not None:  # torchao's 4-bit AdamW (torch.compile'd per parameter), beside ours
+    if importable("torchao"):  # torchao's 4-bit AdamW (torch.compile'd per parameter), beside ours
         contestants["torchao AdamW4bit"] = torchao_opt4
     ms = {name: [] for name in contestants}
     state = {}

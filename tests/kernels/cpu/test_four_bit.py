@@ -23,7 +23,7 @@ from support.cpu_states import kernel_oracle, torch_threads, two_threads
 from support.weights import WEIGHT_CASES
 
 from qoptim.kernels import Job, StateSlot, cpu, reference
-from qoptim.kernels.cpu import batch, launch, layout, paths, step
+from qoptim.kernels.cpu import batch, launch, layout, paths
 from qoptim.kernels.cpu.nibbles import nibble_tables_of, nibble_view, quantize
 from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import midpoints, signed_map

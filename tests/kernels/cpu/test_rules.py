@@ -14,7 +14,6 @@ ratios agree to ~1e-16 relative, not bit for bit: the tests check the ratio to 1
 the reference the kernel's ratio and demand the rest of the step bit for bit.
 """
 
-
 import pytest
 import torch
 from support.cpu_states import LAYOUTS, assert_same, copy_state, gradient, kernel_oracle, kernel_ratio, same_ratio, torch_threads

@@ -58,7 +58,6 @@ __all__ = ["WEIGHT_FORMATS", "grad_norm_sq", "plan", "supports", "update", "upda
 WEIGHT_FORMATS = True
 
 
-
 def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
     """A rule of ``kernels.rules.RULES`` with all its states fp32, all 8-bit in 256-blocks, all
     8-bit with one scale, or all 4-bit sharing their bytes, on a flat contiguous CPU parameter
