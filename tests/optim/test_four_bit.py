@@ -14,7 +14,7 @@ from qoptim.quant.formats import FORMATS, format_of, state_map
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 
-KEYS = ["step", "state1", "qmap1", "qmap2", "absmax1", "absmax2"]
+KEYS = ["step", "state1", "qmap1", "qmap2", "absmax1", "absmax2", "rounding_seed"]  # (the seed keys v's rounding)
 
 
 def stepped(cls=AdamW4bit, shape=(70, 90), steps=3, seed=0, **kwargs):
@@ -62,7 +62,8 @@ def test_both_moments_share_one_byte_per_element_and_take_1_0625_bytes_per_param
 def test_the_generic_classes_take_optim_bits_4_and_step_as_the_4_bit_class():
     a, pa = stepped(AdamW4bit, seed=3)
     b, pb = stepped(qoptim.optim.AdamW, seed=3, optim_bits=4)
-    assert torch.equal(pa, pb) and all(torch.equal(a.state[pa][k], b.state[pb][k]) for k in KEYS[1:])
+    assert torch.equal(pa, pb) and all(torch.equal(a.state[pa][k], b.state[pb][k]) for k in KEYS[1:-1])
+    assert a.state[pa]["rounding_seed"] == b.state[pb]["rounding_seed"]
     c, pc = stepped(qoptim.optim.PagedAdam4bit, seed=3, weight_decay=0.01)
     assert c.state[pc]["qmap1"].numel() == 16
 
@@ -119,7 +120,7 @@ def test_checkpoints_load_weights_only_and_continue_in_other_adam_classes():
         assert torch.equal(other.state[q]["state1"], opt.state[p]["state1"])
         q.grad = torch.ones_like(q) * 0.01
         other.step()
-        assert list(other.state[q]) == KEYS and other.state[q]["step"] == 3
+        assert sorted(other.state[q]) == sorted(KEYS) and other.state[q]["step"] == 3
 
 
 def _tampered(saved, key, value):
@@ -189,4 +190,4 @@ def test_bf16_weights_with_a_24_bit_master_and_gradient_release():
     assert losses[-1] < 0.5 * losses[0]
     for p in model.parameters():
         state = opt.state[p]
-        assert list(state)[: len(KEYS)] == KEYS and state["master_correction"].dtype == torch.int8 and p.grad is None
+        assert set(KEYS) < set(state) and state["master_correction"].dtype == torch.int8 and p.grad is None

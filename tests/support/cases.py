@@ -70,7 +70,7 @@ def copy_state(p: torch.Tensor, slots: list[StateSlot]) -> tuple[torch.Tensor, l
     states sharing their bytes, as 4-bit ones do, share the copy)."""
     copies: dict[int, torch.Tensor] = {}
     cloned = [StateSlot(copies.setdefault(id(s.values), s.values.clone()), s.code, None if s.absmax is None else s.absmax.clone(),
-                        s.blocksize, s.shift) for s in slots]  # fmt: skip
+                        s.blocksize, s.shift, s.draw) for s in slots]  # fmt: skip
     return p.clone(), cloned
 
 

@@ -9,8 +9,9 @@ Per chunk, in this order (bitsandbytes' order):
   1. dequantize each state with its old scale,
   2. update parameter and states in fp32 (the rule),
   3. take each block's new scale from the updated fp32 state,
-  4. requantize (a never-negative 8-bit state: a positive value never to code 0, see
-     ``quant.blockwise.raise_positive_from_zero``; the 4-bit unsigned map has no zero code).
+  4. requantize, to nearest (a never-negative 8-bit state: a positive value never to code 0, see
+     ``quant.blockwise.raise_positive_from_zero``; the 4-bit unsigned map has no zero code) or,
+     for a slot with a draw, stochastically (``quant.blockwise.quantize_stochastic``).
 A state's format (8-bit: 256 codes, blocks of 256; 4-bit: 16 codes in half a byte, blocks of 128)
 is ``quant.formats``'s; the slot says which (``StateSlot.bits``, ``shift``).
 The parameter update uses the unquantized fp32 states of step 2. A bf16 / fp16 parameter with a
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..quant import master
-from ..quant.blockwise import block_absmax, dequantize_flat, quantize_with_absmax, raise_positive_from_zero
+from ..quant.blockwise import block_absmax, dequantize_flat, quantize_stochastic, quantize_with_absmax, raise_positive_from_zero
 from ..quant.formats import FORMATS
 from . import rules
 from .types import BLOCK, NEAREST, WHOLE_TENSOR, Hyper, StateSlot, UpdateResult, WeightFormat
@@ -194,6 +195,7 @@ def update(
     parameter values and states exactly as they were.
     """
     check_weights(p, weights)
+    check_draws(slots)
     spec = rules.RULES[rule]
     math_fn, n_states = MATHS[spec.math], spec.states
     if len(slots) != n_states:
@@ -279,6 +281,13 @@ def check_weights(p: torch.Tensor, weights: WeightFormat) -> None:
             raise ValueError("a parameter with a master correction is not rounded stochastically")
 
 
+def check_draws(slots: list[StateSlot]) -> None:
+    """Stochastic rounding is of block-wise codes: a draw on another slot is refused."""
+    for slot in slots:
+        if slot.draw is not None and (not slot.quantized or slot.blocksize == WHOLE_TENSOR):
+            raise ValueError("a state rounded stochastically (a slot's draw) must be quantized block-wise")
+
+
 def _load_param(p: torch.Tensor, weights: WeightFormat, start: int, end: int) -> torch.Tensor:
     """fp32 values of the parameter's elements [start, end): its master, where it has one."""
     if weights.correction is None:
@@ -341,7 +350,11 @@ def _store(slot: StateSlot, new: torch.Tensor, start: int, end: int, bad, whole_
         return
     blocks = slice(start // slot.blocksize, -(-end // slot.blocksize))
     scales = block_absmax(new, slot.blocksize)
-    codes = quantize_with_absmax(new, scales, slot.code, slot.blocksize)
+    if slot.draw is not None:
+        draw = slot.draw._replace(first_index=slot.draw.first_index + start)
+        codes = quantize_stochastic(new, scales, slot.code, slot.blocksize, draw)
+    else:
+        codes = quantize_with_absmax(new, scales, slot.code, slot.blocksize)
     if not signed and slot.bits == 8:  # (the 4-bit unsigned map has no zero code: formats.FORMATS)
         codes = raise_positive_from_zero(codes, new)
     codes = _with_codes(slot, target, codes)

@@ -26,7 +26,9 @@ class StateSlot:
     float32 scale per ``blocksize`` elements, or a single scale when ``blocksize`` is
     ``WHOLE_TENSOR``. A map of 256 codes (8 bits) takes a byte per element; one of 16 (4 bits,
     ``quant.formats``) takes the 4 bits of each byte from ``shift`` up, and another state the
-    other 4. Kernels update ``values`` and ``absmax`` in place.
+    other 4. Kernels update ``values`` and ``absmax`` in place. With a ``draw``, block-wise codes
+    are rounded stochastically (``quant.blockwise.quantize_stochastic``), element i of the slot
+    drawing the bits of index ``draw.first_index + i``; without, to nearest.
     """
 
     values: torch.Tensor
@@ -34,6 +36,7 @@ class StateSlot:
     absmax: torch.Tensor | None = None
     blocksize: int = BLOCK
     shift: int = 0  # 4-bit codes: the lowest bit of this state's code in each byte (0 or 4)
+    draw: Draw | None = None  # stochastic rounding of the codes: the step's key, the first element's index
 
     @property
     def quantized(self) -> bool:

@@ -23,7 +23,7 @@ from . import checkpoint, dtensor, exports, validation, weights
 from .checkpoint import QUANT_STATE_KEY
 from .manager import GlobalOptimManager, settings_args
 from .names import OPTIMIZER_NAMES
-from .state import KEYS, SIGNED_MAP, STEP, TENSOR_KEYS, UNSIGNED_MAP, KeptState, MapCopies, SlotCache, layout_of, new_state
+from .state import KEYS, SIGNED_MAP, STEP, TENSOR_KEYS, UNSIGNED_MAP, KeptState, MapCopies, SlotCache, layout_of, new_state, with_draw
 from .update import ParamUpdate, clip_gradient, hyper_of, run_jobs, total_skipped
 
 __all__ = ["Optimizer8bit", "Optimizer2State", "Optimizer1State", "GlobalOptimManager", "QUANT_STATE_KEY"]
@@ -360,9 +360,8 @@ class _StateOptimizer(Optimizer8bit):
         self._count_skipped(result.skipped_blocks)
 
     def _param_update(self, group, p, gindex, pindex) -> ParamUpdate:
-        """One parameter's update, ready for the kernels; changes nothing (``commit_state`` counts it)."""
-        config = self.get_config(gindex, pindex, group)
-        state = self.state[p]
+        """One parameter's update, ready for the kernels; counts nothing (``commit_state`` does)."""
+        config, state = self.get_config(gindex, pindex, group), self.state[p]
         hp = self.hyper(config, state[STEP] + 1)
         params = dtensor.local(p.detach())  # a DTensor's local shard (FSDP2), updated in place
         flat_p = params.view(-1) if params.is_contiguous() else params.contiguous().view(-1)
@@ -370,9 +369,10 @@ class _StateOptimizer(Optimizer8bit):
         commit: dict[str, Any] = {STEP: hp.step}
         if config["percentile_clipping"] < 100:
             hp = clip_gradient(hp, state, flat_g, config["percentile_clipping"], commit)
-        slots = self._slot_cache.slots_of(p, state, self.layout)
         weights.sync_state(p, state, config, self, (gindex, pindex))
-        job = Job(self.rule, flat_p, flat_g, slots, hp, self.nonfinite == "skip", weights.weight_format(p, state, hp.step))
+        draw = weights.step_draw(p, state, hp.step)
+        slots = with_draw(self._slot_cache.slots_of(p, state, self.layout), self.layout, state, draw)
+        job = Job(self.rule, flat_p, flat_g, slots, hp, self.nonfinite == "skip", weights.weight_format(p, state, config, draw))
         return ParamUpdate(job, params, state, commit)
 
     def hyper(self, config: dict[str, Any], step: int) -> Hyper:

@@ -17,7 +17,8 @@ A parameter's state is a dict, as bitsandbytes keeps it (and as its checkpoints 
   step needs it; qoptim's kernels do not report it, so it stays 0;
 * qoptim's own, for bf16 / fp16 parameters (``weights``): ``master_correction``, int8 or int16 of
   the parameter's shape, which with the weight holds its fp32 master (``master_weight_bits``), and
-  ``rounding_seed``, the int that keys its stochastic rounding (``weight_rounding``).
+  ``rounding_seed``, the int that keys its stochastic rounding (``weight_rounding``); the seed also
+  keys the stochastic rounding of 4-bit second moments, of any parameter (``quant.formats``).
 
 An update rule (``qoptim.kernels.rules``) keeps one slot per running average. bitsandbytes has two
 state keys: a rule with more slots stacks its first ones as rows of ``state1`` (AdEMAMix: the fast
@@ -26,6 +27,7 @@ and the slow momentum in ``state1``, shape ``(2, *p.shape)``; the second moment 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from typing import Any, NamedTuple, Protocol
@@ -34,14 +36,14 @@ import torch
 
 from ..kernels import BLOCK, WHOLE_TENSOR, StateSlot
 from ..kernels.rules import RuleSpec
-from ..quant.formats import FORMATS, StateFormat, format_of
+from ..quant.formats import FORMATS, STOCHASTIC, StateFormat, format_of
 from . import dtensor
 
 __all__ = [
     "BUFFER_KEYS", "CODE_SHIFTS", "GNORM_VEC", "KEYS", "MASTER_CORRECTION", "QMAP_KEYS", "ROUNDING_SEED", "SIGNED_MAP", "STEP", "TENSOR_KEYS",
     "UNORM_VEC", "UNSIGNED_MAP", "VALUE_KEYS",
     "Buffers", "KeptState", "MapCopies", "SlotCache", "StateKeys", "format_of_state", "layout_of", "new_state",
-    "shared_bytes", "slot", "slots",
+    "shared_bytes", "slot", "slots", "with_draw",
 ]  # fmt: skip
 
 
@@ -68,7 +70,7 @@ UNORM_VEC = "unorm_vec"  # LAMB/LARS: the update norm bitsandbytes' step keeps
 TENSOR_KEYS = frozenset({key for keys in KEYS for key in keys} | {GNORM_VEC, UNORM_VEC})
 VALUE_KEYS = frozenset(keys.values for keys in KEYS)
 MASTER_CORRECTION = "master_correction"  # a 16-bit parameter's master correction (``weights``)
-ROUNDING_SEED = "rounding_seed"  # a 16-bit parameter's stochastic rounding seed (``weights``)
+ROUNDING_SEED = "rounding_seed"  # the seed of a parameter's stochastic rounding (``weights``)
 # the state tensors shaped like their parameter that live in the optimizer's buffers (paged when it is)
 BUFFER_KEYS = VALUE_KEYS | {MASTER_CORRECTION}
 QMAP_KEYS = frozenset(keys.qmap for keys in KEYS)
@@ -212,6 +214,16 @@ def slots(state: dict[str, Any], layout) -> list[StateSlot]:
     if shared_bytes(state):  # 4-bit: the second state's codes are the high half of state1's bytes
         return [slot(state, kept.keys, shift=shift) for kept, shift in zip(layout, CODE_SHIFTS)]
     return [slot(state, kept.keys, None if kept.rows == 1 else row) for kept in layout for row in range(kept.rows)]
+
+
+def with_draw(slots: list[StateSlot], layout, state: dict[str, Any], draw) -> list[StateSlot]:
+    """A step's slots: those of never-negative states, where the format rounds them
+    stochastically (``quant.formats``), with the step's ``draw``; the others as they are."""
+    fmt = format_of_state(state)
+    if draw is None or fmt is None or fmt.unsigned_rounding != STOCHASTIC:
+        return slots
+    signs = [kept.signed for kept in layout for _ in range(1 if shared_bytes(state) else kept.rows)]
+    return [s if signed else dataclasses.replace(s, draw=draw) for s, signed in zip(slots, signs)]
 
 
 # The state entries a parameter's slots are views of.

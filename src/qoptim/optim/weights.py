@@ -8,6 +8,10 @@ own through ``GlobalOptimManager.override_config``). An fp32 parameter is its ow
 setting changes it or keeps anything for it. The state follows the setting at each step: a
 parameter gets a zero correction (its weight is its master) when a width is set, its correction
 re-encoded when the width changes, and dropped when it is unset (the weight stays as it is).
+A parameter whose weight or states round stochastically (``weight_rounding="stochastic"``, a
+state format that rounds its second moment stochastically: ``quant.formats``) keeps a seed
+(``rounding_seed``) that keys both: a step's draws are ``step_draw``'s, the weight taking the high
+16 bits of each element's hash and the state the low 16.
 
 The state keeps a 24-bit master's correction as int8 of the parameter's shape, a 32-bit one's as
 uint8 of shape ``(*p.shape, 2)``: the int16 in its two bytes, little-endian (torch.distributed's
@@ -22,12 +26,13 @@ import torch
 
 from ..kernels import NEAREST, WeightFormat
 from ..quant import master
+from ..quant.formats import STOCHASTIC
 from . import dtensor
-from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers
+from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers, format_of_state
 
 __all__ = [
     "SETTINGS_DOC", "WEIGHT_ROUNDINGS", "check_loaded", "check_settings", "correction_bits", "correction_from_values", "correction_values",
-    "master_weight", "sync_state", "weight_format",
+    "master_weight", "step_draw", "sync_state", "weight_format",
 ]  # fmt: skip
 
 WEIGHT_ROUNDINGS = ("nearest", "stochastic")
@@ -61,6 +66,10 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
     """Bring a parameter's weight-format entries in line with its settings (see the module doc).
     ``position`` (group, index) keys a new rounding seed."""
     check_settings(config["master_weight_bits"], config["weight_rounding"])
+    if _rounds_stochastically(p, state, config):
+        state.setdefault(ROUNDING_SEED, _seed(position))
+    else:
+        state.pop(ROUNDING_SEED, None)
     if p.dtype not in master.HALF_PRECISION:
         return
     bits = config["master_weight_bits"]
@@ -75,10 +84,14 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
         dtensor.local(p.detach()).copy_(weight)
         state[MASTER_CORRECTION] = _new_correction(p, bits, buffers)
         _as_integers(state[MASTER_CORRECTION]).copy_(new.view(-1))
-    if config["weight_rounding"] == "stochastic":
-        state.setdefault(ROUNDING_SEED, _seed(position))
-    else:
-        state.pop(ROUNDING_SEED, None)
+
+
+def _rounds_stochastically(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether a parameter's weight or its states round stochastically (and so need a seed)."""
+    fmt = format_of_state(state)
+    return (config["weight_rounding"] == "stochastic" and p.dtype in master.HALF_PRECISION) or (
+        fmt is not None and fmt.unsigned_rounding == STOCHASTIC
+    )
 
 
 def _drop(state: dict[str, Any], position: tuple[int, int]) -> None:
@@ -140,15 +153,22 @@ def _seed(position: tuple[int, int]) -> int:
     return master.lowbias32(master.lowbias32(torch.initial_seed() & 0xFFFFFFFF) ^ master.lowbias32(gindex << 20 ^ pindex))
 
 
-def weight_format(p: torch.Tensor, state: dict[str, Any], step: int) -> WeightFormat:
-    """The kernels' view of a parameter's weight format at ``step``."""
+def weight_format(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], draw: master.Draw | None) -> WeightFormat:
+    """The kernels' view of a parameter's weight format at the step of ``draw`` (``step_draw``)."""
+    if p.dtype not in master.HALF_PRECISION:
+        return NEAREST
     correction = state.get(MASTER_CORRECTION)
-    if correction is not None and p.dtype in master.HALF_PRECISION:
+    if correction is not None:
         return WeightFormat(correction=_as_integers(correction))
-    seed = state.get(ROUNDING_SEED)
-    if seed is not None and p.dtype in master.HALF_PRECISION:
-        return WeightFormat(draw=master.Draw(master.step_key(int(seed), step), _first_index(p)))
+    if draw is not None and config["weight_rounding"] == "stochastic":
+        return WeightFormat(draw=draw)
     return NEAREST
+
+
+def step_draw(p: torch.Tensor, state: dict[str, Any], step: int) -> master.Draw | None:
+    """The draws of a parameter's stochastic rounding at ``step`` (None: it has no seed)."""
+    seed = state.get(ROUNDING_SEED)
+    return None if seed is None else master.Draw(master.step_key(int(seed), step), _first_index(p))
 
 
 def _first_index(p: torch.Tensor) -> int:

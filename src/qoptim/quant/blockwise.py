@@ -16,6 +16,16 @@ block's large one would make the step ``lr * m / eps`` (the "zero-point problem"
 code 1 overestimates it, which can only shrink the step. An exact zero stays code 0, and the maps
 and the checkpoint layout are unchanged. The public ``quantize_blockwise`` keeps plain
 round-to-nearest, as bitsandbytes' ``quantize_blockwise``.
+
+A format may round a state stochastically instead (``formats.StateFormat.unsigned_rounding``;
+``quantize_stochastic``), so that its codes are right on average: with ``u`` as above, ``k`` is
+the last code at or below ``u`` (the first code where ``u`` lies below them all, the last for NaN),
+and the element takes code ``k + 1`` when its 16 random bits ``r`` (``master.state_random_bits``)
+satisfy ``r < (u - code[k]) * step[k]`` in float32, where ``step[k]`` is the float32 of ``65536 /
+(code[k + 1] - code[k])`` and 0 after the last code (``stochastic_steps``): up with probability
+(u - code[k]) / (code[k + 1] - code[k]), to 2**-16. Between the first and last codes the code's
+expected value is ``u``; below the first code the first is taken (a zero-free map's floor), above
+the last the last.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .maps import midpoints, signed_map
+from .master import Draw, state_random_bits
 
 __all__ = [
     "QuantState",
@@ -36,6 +47,8 @@ __all__ = [
     "num_blocks",
     "block_absmax",
     "quantize_with_absmax",
+    "quantize_stochastic",
+    "stochastic_steps",
     "raise_positive_from_zero",
     "SMALLEST_POSITIVE_CODE",
     "dequantize_flat",
@@ -99,6 +112,26 @@ def quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     u = x * inv.repeat_interleave(blocksize)[: x.numel()]
     return torch.bucketize(u, midpoints(code)).to(torch.uint8)
+
+
+def stochastic_steps(code: torch.Tensor) -> torch.Tensor:
+    """float32 65536 / (code[k + 1] - code[k]) per code, 0 for the last (the module doc): the
+    one table of stochastic rounding, which every backend reads rather than divides itself."""
+    return torch.cat([65536.0 / (code[1:] - code[:-1]), code.new_zeros(1)])
+
+
+def quantize_stochastic(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, draw: Draw) -> torch.Tensor:
+    """uint8 codes of a flat float32 tensor, given each block's scale, rounded stochastically
+    (the module doc); element i draws ``state_random_bits(draw.key, draw.first_index + i)``."""
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    u = x * inv.repeat_interleave(blocksize)[: x.numel()]
+    last = code.numel() - 1
+    below = torch.bucketize(u, code[1:], right=True)  # the codes after the first at or below u
+    k = torch.where(u.isnan(), last, below)
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + draw.first_index
+    r = state_random_bits(draw.key, index).to(torch.float32)
+    up = r < (u - code[k]) * stochastic_steps(code)[k]
+    return (k + up).to(torch.uint8)
 
 
 def raise_positive_from_zero(codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,8 @@ import torch
 
 __all__ = [
     "CORRECTION_DTYPES", "FP16_UNIT_SHIFT", "HALF_PRECISION", "MASTER_BITS", "Draw", "FormatError", "bits_of",
-    "correction_dtype", "decode", "encode", "fp16_spacing_exponent", "lowbias32", "random_bits", "step_key",
-    "stochastic_round",
+    "correction_dtype", "decode", "encode", "fp16_spacing_exponent", "lowbias32", "random_bits", "state_random_bits",
+    "step_key", "stochastic_round",
 ]  # fmt: skip
 
 MASTER_BITS = (24, 32)  # the master weight formats (``None``: the weight is its own master)
@@ -232,8 +232,16 @@ def step_key(seed: int, step: int) -> int:
 
 
 def random_bits(key: int, index: torch.Tensor) -> torch.Tensor:
-    """16 uniform random bits (int64 in [0, 65536)) per element index (uint32 wrap-around)."""
+    """16 uniform random bits (int64 in [0, 65536)) per element index (uint32 wrap-around): the
+    high half of the element's hash, which rounds its weight."""
     return lowbias32((index & _U32) ^ key) >> 16
+
+
+def state_random_bits(key: int, index: torch.Tensor) -> torch.Tensor:
+    """The other 16 bits of the same hash (its low half), which round the element's stochastically
+    rounded optimizer state (``quant.blockwise.quantize_stochastic``): one hash an element serves
+    both draws, and neither depends on the other."""
+    return lowbias32((index & _U32) ^ key) & 0xFFFF
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, draw: Draw) -> torch.Tensor:

@@ -11,6 +11,7 @@ well as at zero. LAMB and LARS: the kernel's trust ratio sums in another order t
 (see test_rules.py): it is checked to 1e-9 against the reference's, which then steps with it.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -24,9 +25,12 @@ from support.weights import WEIGHT_CASES
 
 from qoptim.kernels import Job, StateSlot, cpu, reference
 from qoptim.kernels.cpu import batch, launch, layout, paths
-from qoptim.kernels.cpu.nibbles import nibble_tables_of, nibble_view, quantize
+from qoptim.kernels.cpu.nibbles import NO_DRAW, nibble_tables_of, nibble_view, quantize
+from qoptim.kernels.rules import RULES
+from qoptim.quant.blockwise import quantize_stochastic
 from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import midpoints, signed_map
+from qoptim.quant.master import Draw, lowbias32
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (1, 255, 257, 4097)  # 4097: two tasks (PARALLEL_MIN below)
@@ -247,8 +251,8 @@ def test_the_eight_bit_map_is_not_taken_for_four_bits():
 
 
 @njit(_nrt=False, error_model="numpy")  # (as the kernels: their inlined helpers take arrays without reference counts)
-def quantize_on(values, inv, state, q, path):
-    quantize(values, inv, nibble_view(state), q, path)
+def quantize_on(values, inv, state, q, path, lo=0):
+    quantize(values, inv, nibble_view(state), lo, q, path)
 
 
 @pytest.mark.parametrize("name", FORMATS[4].map_names)
@@ -265,9 +269,90 @@ def test_the_quantizer_is_bucketize_on_every_path(name, path):
     specials = torch.tensor([0.0, -0.0, tiny * 2.0**-5, -tiny * 2.0**-5, *extremes])
     u = torch.cat([mids, below, above, code, specials, torch.rand(61) * 2 - 1])
     tables = nibble_tables_of(code)
-    state = (np.zeros(1, np.uint8), np.zeros(1, np.float32), *tables, 0)
+    state = (np.zeros(1, np.uint8), np.zeros(1, np.float32), *tables, 0, NO_DRAW, np.int64(0))
     for inv in (1.0, 0.5, 0.0):
         q = np.zeros(u.numel(), np.uint8)
         quantize_on(u.numpy(), np.float32(inv), state, q, paths.current())
         expected = torch.bucketize(u * inv, mids)
         assert torch.equal(torch.from_numpy(q).long(), expected), f"scale reciprocal {inv}"
+
+
+# ---- stochastic rounding (``quant.blockwise.quantize_stochastic``: the 4-bit second moment's) ------------
+
+
+def drawn(start=randomized, first=0, signed_too=False):
+    """``start``'s states with a draw (key from the seed, first index ``first``) on those never
+    negative, as the optimizers round a 4-bit second moment; ``signed_too``: on every state."""
+
+    def make(rule, n, dtype, seed):
+        p, slots = start(rule, n, FOUR_BIT, dtype) if start is fresh else start(rule, n, dtype, seed)
+        draw = Draw(lowbias32(seed + 7), first)
+        return p, [s if signed and not signed_too else dataclasses.replace(s, draw=draw) for s, signed in zip(slots, RULES[rule].signed)]
+
+    return make
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("rule", FOUR_BIT_RULES)
+def test_stochastic_rounding_is_bit_identical_to_the_reference(rule, dtype):
+    """From zero states and random ones; a first index past 2**32 - n (the index wraps around)."""
+    for n in SIZES:
+        check(rule, dtype, n, True, start=drawn(fresh))
+        check(rule, dtype, n, False, start=drawn(first=(1 << 32) - 100))
+
+
+@pytest.mark.parametrize("path", ["avx2", "portable"], indirect=True)
+def test_stochastic_rounding_on_the_other_paths(path):
+    for n in (255, 4097):
+        check("adam", torch.bfloat16, n, True, weights=WEIGHT_CASES[0], start=drawn(first=12345))
+        check("lion", torch.float32, n, True, start=drawn(signed_too=True))
+
+
+def test_stochastic_rounding_on_many_tasks_and_at_the_edges():
+    """Each task draws its elements' own bits (a large tensor on eight tasks); huge, subnormal,
+    zero, Inf and NaN gradients, NaN scales."""
+    check("adam", torch.float32, (1 << 20) + 4099, True, steps=2, start=drawn(first=3))
+    n = 1000
+    p, slots = drawn()("adam", n, torch.float32, 3)
+    slots[1].absmax[3] = math.nan
+    steps = [(edge_gradient(n, s), hyper("adam", s)) for s in range(1, 5)]
+    assert_backend_matches_reference(two_threads, "adam", p, slots, steps, False)
+
+
+def test_batched_jobs_round_stochastically_with_their_own_draws(monkeypatch):
+    """Small jobs with draws (each its own key and first index) and without, in one update_many."""
+    monkeypatch.setattr(batch, "PART", 1 << 11)
+    cases = [(rule, n, dtype) for rule in ("adam", "lion") for n in (1, 257, 3000, 9000) for dtype in (torch.float32, torch.bfloat16)]
+    jobs = [(drawn(first=seed * 1000) if seed % 3 else randomized)(rule, n, dtype, seed) for seed, (rule, n, dtype) in enumerate(cases)]
+    theirs = [copy_state(p, slots) for p, slots in jobs]
+    calls = count_calls(monkeypatch, batch, "four_bit_batch_task")
+    for number in range(1, 4):
+        grads = [gradient(n, dtype, number) for _, n, dtype in cases]
+        with torch_threads(2):
+            got = cpu.update_many([Job(rule, p, g, slots, hyper(rule, number), True) for (rule, _, _), (p, slots), g in zip(cases, jobs, grads)])
+        for (rule, _, _), (p, slots), (p_ref, slots_ref), g, result in zip(cases, jobs, theirs, grads, got):
+            expected = reference.update(rule, p_ref, g, slots_ref, hyper(rule, number), True)
+            assert int(result.skipped_blocks) == expected.skipped_blocks
+            assert_same_state(p, slots, p_ref, slots_ref, f"step {number}, {rule} of {p.numel()}:")
+    assert calls, "the small 4-bit jobs ran batched"
+
+
+@pytest.mark.parametrize("name", FORMATS[4].map_names)
+@pytest.mark.parametrize("path", ["avx512", "avx2", "portable"], indirect=True)
+def test_the_stochastic_quantizer_is_the_reference_on_every_path(name, path):
+    """Every code and its float neighbours, both zeros, subnormals, the extremes, Inf and NaN, at
+    three scales and an offset into the tensor: ``quantize_stochastic``'s codes, lane for lane."""
+    code = state_map(name)
+    below, above = torch.nextafter(code, torch.tensor(-math.inf)), torch.nextafter(code, torch.tensor(math.inf))
+    tiny = torch.finfo(torch.float32).smallest_normal
+    specials = torch.tensor([0.0, -0.0, tiny * 2.0**-5, -tiny * 2.0**-5, 3.0e38, -3.0e38, math.inf, -math.inf, math.nan, 2.0])
+    u = torch.cat([code, below, above, specials, torch.rand(300) * 2 - 1])
+    tables = nibble_tables_of(code)
+    key, first, lo = 0x9E3779B9, 5, 17
+    state = (np.zeros(1, np.uint8), np.zeros(1, np.float32), *tables, 4, np.int64(key), np.int64(first))
+    for inv in (1.0, 0.5, 0.0):
+        q = np.zeros(u.numel(), np.uint8)
+        quantize_on(u.numpy(), np.float32(inv), state, q, paths.current(), lo)
+        scale = torch.tensor([1.0 / inv if inv else 0.0])
+        expected = quantize_stochastic(u, scale.expand(u.numel()), code, 1, Draw(key, first + lo))
+        assert torch.equal(torch.from_numpy(q), expected), f"scale reciprocal {inv}"

@@ -35,7 +35,7 @@ from .bits import ZERO
 from .jit import JIT
 from .four_bit import four_bit_task
 from .layout import Layout, as_numpy, flat_cpu, kernel_tables, padded, plan, weights_fit
-from .nibbles import HALF_BLOCK, nibble_tables_of
+from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES, constants, marker_of
 from .tables import tables_of
 from .tasks import Pass, eight_bit_task, fp32_task
@@ -49,9 +49,10 @@ BATCH_LIMIT = 1 << 22
 PART = 1 << 17
 
 # Columns of a batch's address table: param, grad, then (values, absmax) per state; then the
-# parameter's weight format: its correction's address, its draw's key and first index.
+# parameter's weight format: its correction's address, its draw's key and first index; then the
+# draw of its stochastically rounded 4-bit states (one per job: the step's), key and first index.
 _P, _G, _STATES = 0, 1, 2
-_C, _KEY, _FIRST = range(_STATES + 2 * KERNEL_STATES, _STATES + 2 * KERNEL_STATES + 3)
+_C, _KEY, _FIRST, _STATE_KEY, _STATE_FIRST = range(_STATES + 2 * KERNEL_STATES, _STATES + 2 * KERNEL_STATES + 5)
 
 
 def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResult]) -> list[UpdateResult]:
@@ -83,7 +84,7 @@ def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | No
     """What jobs must share to run in one call, or None for the one-at-a-time path: a layout
     the kernels cover (``layout.plan``, which leaves out empty tensors: a rank's shard of a
     small parameter can be one), fp32, 8-bit in 256-blocks or 4-bit, the same maps (and 4-bit
-    states the same shifts) and the same weight format (``_weight_form``)."""
+    states the same shifts and roundings) and the same weight format (``_weight_form``)."""
     rule, p, g, slots, hp, skip_nonfinite, weights = job
     if p.numel() >= BATCH_LIMIT or RULES[rule].trust:
         return None
@@ -97,7 +98,7 @@ def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | No
     if layout == Layout.FOUR_BIT:  # the maps by their tables, and where each state's code sits in a byte
         tables = [nibble_tables_of(s.code) for s in slots]
         tables_seen += tables
-        states += tuple((id(t), s.shift) for t, s in zip(tables, slots))
+        states += tuple((id(t), s.shift, s.draw is not None) for t, s in zip(tables, slots))
     # gnorm_scale travels per tensor (percentile clipping scales each gradient on its own)
     hp = hp if hp.gnorm_scale == 1.0 else hp._replace(gnorm_scale=1.0)
     return rule, p.dtype, states, hp, bool(skip_nonfinite), _weight_form(job)
@@ -138,7 +139,7 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
     if layout == Layout.FP32:
         launch.run(fp32_batch_task, ntasks, per_task, (*args, per_part))
     elif layout == Layout.FOUR_BIT:
-        tables = padded(tuple((*nibble_tables_of(s.code), s.shift) for s in jobs[0].slots))
+        tables = padded(tuple((*nibble_tables_of(s.code), s.shift, s.draw is not None) for s in jobs[0].slots))
         paths.on_best_path(lambda path: launch.run(four_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
     else:
         tables = padded(tuple(kernel_tables(tables_of(s.code)) for s in jobs[0].slots))
@@ -172,6 +173,8 @@ def _addresses(job: Job) -> list[int]:
     correction, draw = job.weights
     row.append(0 if correction is None else correction.data_ptr())
     row += [0, 0] if draw is None else [draw.key & 0xFFFFFFFF, draw.first_index]
+    state_draw = next((slot.draw for slot in job.slots if slot.draw is not None), None)  # (the step's: one for all)
+    row += [0, 0] if state_draw is None else [state_draw.key & 0xFFFFFFFF, state_draw.first_index]
     return row
 
 
@@ -217,11 +220,12 @@ def _8bit_state(row, k, n, tables):
 @njit(**JIT)
 def _4bit_state(row, k, n, tables):
     """4-bit state ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it
-    (``tables``: its map tables and shift)."""
-    code, mids, table, shift = tables
+    (``tables``: its map tables, shift and whether it rounds stochastically)."""
+    code, mids, table, uppers, steps, shift, stochastic = tables
     values = _view(row[_STATES + 2 * k], n, np.uint8)
     absmax = _view(row[_STATES + 2 * k + 1], (n + HALF_BLOCK - 1) // HALF_BLOCK, np.float32)
-    return values, absmax, code, mids, table, shift
+    key = row[_STATE_KEY] if stochastic else NO_DRAW
+    return values, absmax, code, mids, table, uppers, steps, shift, key, row[_STATE_FIRST]
 
 
 # The layout and pass of a batch's 8-bit tasks (ints: see ``layout.Layout``)

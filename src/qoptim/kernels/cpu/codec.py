@@ -19,7 +19,7 @@ from .bits import INF_BITS, bits_of, f16_to_f32, f32_to_f16, float_of, magnitude
 from .jit import KERNEL
 
 __all__ = [
-    "decode_bf16", "decode_f16", "encode_bf16", "encode_f16", "random_bits", "stochastic_bf16", "stochastic_f16",
+    "decode_bf16", "decode_f16", "encode_bf16", "encode_f16", "random_bits", "state_random_bits", "stochastic_bf16", "stochastic_f16",
 ]  # fmt: skip
 
 # quant.master's shifts as the kernels' constants: the fp16 correction's unit is gap(w) / 2**shift
@@ -193,6 +193,13 @@ def _lowbias32(builder, v):
     return mix(mix(mix(v, 16, 0x7FEB352D), 15, 0x846CA68B), 16, 0)
 
 
+def _hash_of_index(builder, signature, args):
+    """lowbias32((first + offset) ^ key) of ``random_bits``' arguments, in i32 operations."""
+    key_, first_, offset_ = (_to_i32(builder, v, t, t.signed) for v, t in zip(args, signature.args))
+    index = builder.add(first_, offset_)  # (the low 32 bits of the sum are those of the low 32 bits' sum)
+    return _lowbias32(builder, builder.xor(index, key_))
+
+
 @intrinsic
 def random_bits(typingctx, key, first, offset):
     """quant.master.random_bits(key, first + offset) (integers; uint32 wrap-around), as uint32,
@@ -201,9 +208,19 @@ def random_bits(typingctx, key, first, offset):
         return None
 
     def codegen(context, builder, signature, args):
-        key_, first_, offset_ = (_to_i32(builder, v, t, t.signed) for v, t in zip(args, signature.args))
-        index = builder.add(first_, offset_)  # (the low 32 bits of the sum are those of the low 32 bits' sum)
-        return builder.lshr(_lowbias32(builder, builder.xor(index, key_)), _i32(16))
+        return builder.lshr(_hash_of_index(builder, signature, args), _i32(16))
+
+    return types.uint32(key, first, offset), codegen
+
+
+@intrinsic
+def state_random_bits(typingctx, key, first, offset):
+    """quant.master.state_random_bits(key, first + offset): ``random_bits``' hash, its low 16 bits."""
+    if not all(isinstance(t, types.Integer) for t in (key, first, offset)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.and_(_hash_of_index(builder, signature, args), _i32(0xFFFF))
 
     return types.uint32(key, first, offset), codegen
 

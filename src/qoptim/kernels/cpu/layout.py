@@ -17,7 +17,7 @@ import torch
 
 from ..rules import RULES
 from ..types import BLOCK, WHOLE_TENSOR, StateSlot, WeightFormat
-from .nibbles import HALF_BLOCK, nibble_tables_of
+from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES
 from .tables import QuantTables, tables_of
 
@@ -58,6 +58,8 @@ def _layout(n: int, slots: list[StateSlot]) -> Layout | None:
         return Layout.FP32 if all(flat_cpu(s.values, torch.float32, n) for s in slots) else None
     if any(s.quantized and s.bits == 4 for s in slots):
         return Layout.FOUR_BIT if _four_bit(n, slots) else None
+    if any(s.draw is not None for s in slots):  # (stochastic rounding: of 4-bit codes only)
+        return None
     blocksize = slots[0].blocksize
     if blocksize not in (BLOCK, WHOLE_TENSOR):
         return None
@@ -133,8 +135,16 @@ def kernel_state(slot: StateSlot, layout: Layout):
         return slot.values.detach().numpy()
     if layout == Layout.FOUR_BIT:
         tables = nibble_tables_of(slot.code)
-        return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift
+        return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift, *draw_of(slot)
     return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), kernel_tables(tables_of(slot.code))
+
+
+def draw_of(slot: StateSlot) -> tuple:
+    """A 4-bit state's draw as the kernels take it: (its key, the index of its first element),
+    the key ``NO_DRAW`` where it rounds to nearest."""
+    if slot.draw is None:
+        return NO_DRAW, np.int64(0)
+    return np.int64(slot.draw.key & 0xFFFFFFFF), np.int64(slot.draw.first_index)
 
 
 def kernel_tables(tables: QuantTables) -> tuple:

@@ -11,7 +11,11 @@ the code index of ``u = x * inv`` is the number of the map's 15 float32 midpoint
 below ``u``, NaN after them all (index 15): ``code_index``, the one definition of an element's
 rounding. Its fifteen comparisons, added up without a branch, vectorize on every path; the
 AVX-512 path does the same count as a binary search of 4 register permutes (``search_lanes``,
-~4x fewer instructions), tested equal to it on every code. Decoding looks
+~4x fewer instructions), tested equal to it on every code. A state with a draw (its key >= 0)
+rounds stochastically instead, as ``quant.blockwise.quantize_stochastic``: the code at or below
+``u`` by the same branch-free count over the codes after the first (NaN after them all), then up
+when the element's 16 random bits (``codec.state_random_bits``) lie below ``(u - code[k]) *
+steps[k]``, both looked up in the tables the reference computed (``stochastic_steps``). Decoding looks
 the 16 codes up: on the AVX-512 path with one register permute per 16 elements (the map is one
 register), on the AVX2 path with the gathers of ``gather``, elsewhere in a scalar loop.
 """
@@ -27,17 +31,19 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ...quant.blockwise import stochastic_steps
 from ...quant.formats import FORMATS
 from ...quant.maps import midpoints
 from .bits import ONE, ZERO
+from .codec import state_random_bits
 from .gather import LANES, lookup_lanes
 from .jit import INLINE
 from .paths import PermutePath, VectorPath, is_path
 from .tables import cached_by_tensor
 
 __all__ = [
-    "CODES", "HALF_BLOCK", "NibbleTables", "Nibbles", "code_index", "decode", "encode", "nibble_tables_of", "nibble_view", "quantize",
-    "search_lanes",
+    "CODES", "HALF_BLOCK", "NO_DRAW", "NibbleTables", "Nibbles", "code_index", "decode", "encode", "floor_index", "nibble_tables_of",
+    "nibble_view", "quantize", "search_lanes",
 ]  # fmt: skip
 
 CODES = FORMATS[4].codes  # codes per map (16)
@@ -45,6 +51,7 @@ HALF_BLOCK = FORMATS[4].blocksize  # elements per scale (128): two to a 256-bloc
 _NAN_CODE = np.int32(CODES - 1)  # torch.bucketize's answer for NaN: after every midpoint
 _LOW, _HIGH = 0, 4  # a state's shift: its code in the low or the high 4 bits of each byte
 _PERMUTE_LANES = 16  # a map's 16 float32 codes fill one AVX-512 register
+NO_DRAW = np.int64(-1)  # a state's key when it rounds to nearest (a draw's key is a uint32)
 
 
 class NibbleTables(NamedTuple):
@@ -53,6 +60,8 @@ class NibbleTables(NamedTuple):
     code: np.ndarray  # float32[16], the map (for decoding)
     mids: tuple  # its 15 float32 midpoints, as numpy float32 scalars: a tuple the kernels keep in registers
     table: np.ndarray  # float32[16], the midpoints then +inf: the permute path's search (``search_lanes``)
+    uppers: tuple  # the codes after the first, as numpy float32 scalars: stochastic rounding's count
+    steps: np.ndarray  # float32[16], ``blockwise.stochastic_steps``: stochastic rounding's scale per code
 
 
 def nibble_tables_for(code: torch.Tensor) -> NibbleTables | None:
@@ -63,7 +72,8 @@ def nibble_tables_for(code: torch.Tensor) -> NibbleTables | None:
     if code.numel() != CODES or np.isnan(mids).any() or (mids[1:] < mids[:-1]).any():
         return None
     table = np.append(mids, np.float32(np.inf)).astype(np.float32)
-    return NibbleTables(code.numpy().copy(), tuple(np.float32(m) for m in mids), table)
+    uppers = tuple(np.float32(c) for c in code.numpy()[1:])
+    return NibbleTables(code.numpy().copy(), tuple(np.float32(m) for m in mids), table, uppers, stochastic_steps(code).numpy())
 
 
 def nibble_tables_of(code: torch.Tensor) -> NibbleTables | None:
@@ -79,19 +89,23 @@ class Nibbles(NamedTuple):
     code: np.ndarray  # float32[16], its map
     mids: tuple  # the map's 15 midpoints
     table: np.ndarray  # the midpoints then +inf
+    uppers: tuple  # the codes after the first
+    steps: np.ndarray  # stochastic rounding's scale per code
     shift: int  # 0 or 4: where its code sits in each byte
+    key: int  # its draws' key (``NO_DRAW``: rounded to nearest)
+    first: int  # the index in the whole parameter of its first element (its draws')
 
 
 def nibble_view(state):
-    """A 4-bit state, given as the plain tuple (codes, scales, code, mids, table, shift) (Numba
-    types plain tuples in C), as a ``Nibbles``."""
+    """A 4-bit state, given as the plain tuple (codes, scales, *``NibbleTables``, shift, key,
+    first) (Numba types plain tuples in C), as a ``Nibbles``."""
 
 
 @overload(nibble_view, jit_options=INLINE)
 def _nibble_view_impl(state):
     def view(state):
-        codes, scales, code, mids, table, shift = state
-        return Nibbles(codes, scales, code, mids, table, shift)
+        codes, scales, code, mids, table, uppers, steps, shift, key, first = state
+        return Nibbles(codes, scales, code, mids, table, uppers, steps, shift, key, first)
 
     return view
 
@@ -132,9 +146,9 @@ def encode(states, ns, lo, hi, x0, x1, inv0, inv1, q0, q1, path):
     many bytes."""
     codes = states[0].codes[lo:hi]
     s0, s1 = states[0], states[1]
-    quantize(x0, inv0, s0, q0, path)
+    quantize(x0, inv0, s0, lo, q0, path)
     if ns > 1:
-        quantize(x1, inv1, s1, q1, path)
+        quantize(x1, inv1, s1, lo, q1, path)
         if s0.shift == _LOW:  # (the shifts as constants in each loop: a shift by 4 of every lane)
             _pack(codes, q0, q1)
         else:
@@ -146,11 +160,38 @@ def encode(states, ns, lo, hi, x0, x1, inv0, inv1, q0, q1, path):
 
 
 @njit(**INLINE)
-def quantize(values, inv, state, q, path):
-    """q[j] = ``code_index(values[j], inv, state.mids)``, many lanes at a time on the permute path."""
+def quantize(values, inv, state, lo, q, path):
+    """q[j] = ``code_index(values[j], inv, state.mids)``, many lanes at a time on the permute path;
+    with a draw, the code of values[j] rounded stochastically (element ``lo + j``'s draw)."""
+    if state.key != NO_DRAW:
+        _quantize_stochastic(values, inv, state, lo, q)
+        return
     mids = state.mids
     for j in range(_quantize_lanes_prefix(values, inv, state.table, q, path), values.size):
         q[j] = np.uint8(code_index(values[j], inv, mids))
+
+
+@njit(**INLINE)
+def _quantize_stochastic(values, inv, state, lo, q):
+    """q[j] = the code of ``values[j] * inv`` rounded stochastically (the module doc), element j
+    drawing the bits of index ``state.first + lo + j``."""
+    code, steps, uppers, key, first = state.code, state.steps, state.uppers, state.key, state.first + lo
+    for j in range(values.size):
+        u = values[j] * inv
+        k = floor_index(u, uppers)
+        r = np.float32(state_random_bits(key, first, j))
+        q[j] = np.uint8(k + 1) if r < (u - code[k]) * steps[k] else np.uint8(k)
+
+
+@njit(**INLINE)
+def floor_index(u, uppers):
+    """The index of the last code at or below ``u`` (0 where ``u`` lies below every code after the
+    first, the last for NaN): 15 less the codes after the first that lie above ``u``."""
+    c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = uppers
+    above = (_below(u, c1) + _below(u, c2) + _below(u, c3) + _below(u, c4) + _below(u, c5) + _below(u, c6) + _below(u, c7)
+             + _below(u, c8) + _below(u, c9) + _below(u, c10) + _below(u, c11) + _below(u, c12) + _below(u, c13)
+             + _below(u, c14) + _below(u, c15))  # fmt: skip
+    return _NAN_CODE - np.int32(above)
 
 
 @njit(**INLINE)

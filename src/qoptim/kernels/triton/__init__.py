@@ -66,6 +66,8 @@ def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
     spec = RULES.get(rule)
     if spec is None or p.dtype not in PARAM_DTYPES or len(slots) != spec.states:
         return False
+    if any(s.draw is not None for s in slots):  # stochastically rounded states: the reference's, for now
+        return False
     return states_layout(slots) is not None
 
 
