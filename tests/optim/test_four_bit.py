@@ -4,12 +4,15 @@ and the lean-training settings on top. Closeness to torch is test_adam's; resume
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from support import dequantized, round_trip
 
 import qoptim
 from qoptim.optim import AdamW4bit, AdamW8bit, Lion8bit
+from qoptim.optim import weights
 from qoptim.quant.formats import FORMATS, format_of, state_map
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
@@ -139,6 +142,7 @@ def _tampered(saved, key, value):
     ("absmax2", torch.ones(10), "absmax2 must be a float32 tensor of shape \\(50,\\)"),
     ("absmax1", None, "without their scales"),
     ("state1", torch.zeros(70, 91, dtype=torch.uint8), "state1 must be"),
+    ("rounding_seed", -1, "rounding_seed must be an int in \\[0, 2\\*\\*32\\)"),
 ])  # fmt: skip
 def test_a_tampered_4_bit_state_is_rejected_and_nothing_changes(key, value, message):
     opt, p = stepped(steps=2)
@@ -191,3 +195,66 @@ def test_bf16_weights_with_a_24_bit_master_and_gradient_release():
     for p in model.parameters():
         state = opt.state[p]
         assert set(KEYS) < set(state) and state["master_correction"].dtype == torch.int8 and p.grad is None
+
+
+# ---- the second moment's stochastic rounding (quant.formats) ------------------------------------
+
+
+def v_codes(opt, p):
+    return opt.state[p]["state1"] >> 4
+
+
+def test_the_second_moment_is_rounded_stochastically_with_each_parameters_seed():
+    """Two parameters with the same values and gradients: the same first moments (rounded to
+    nearest), second moments drawn apart (each its own seed); a value between two codes takes both."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 128))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt = AdamW4bit([a, b], min_8bit_size=0)
+    a.grad = b.grad = torch.randn(64, 128)
+    opt.step()
+    sa, sb = opt.state[a], opt.state[b]
+    assert sa["rounding_seed"] != sb["rounding_seed"]
+    assert torch.equal(sa["state1"] & 0xF, sb["state1"] & 0xF) and torch.equal(sa["absmax2"], sb["absmax2"])
+    assert not torch.equal(v_codes(opt, a), v_codes(opt, b))
+    p = torch.nn.Parameter(torch.zeros(4096))
+    opt = AdamW4bit([p], lr=0.0, min_8bit_size=0)
+    p.grad = torch.cat([torch.ones(1), torch.full((4095,), math.sqrt(0.5 / 16 + 0.5 / 8))])  # v between codes 0 and 1
+    opt.step()
+    assert set(v_codes(opt, p)[1:128].tolist()) == {0, 1}
+
+
+def test_the_seed_is_kept_by_any_parameter_with_4_bit_states_and_no_other():
+    opt, p = stepped(shape=(4096,))
+    assert isinstance(opt.state[p]["rounding_seed"], int)
+    opt, p = stepped(shape=(4095,))  # fp32 states (min_8bit_size)
+    assert "rounding_seed" not in opt.state[p]
+    opt, p = stepped(AdamW8bit, shape=(4096,))
+    assert "rounding_seed" not in opt.state[p]
+
+
+def test_a_bf16_weight_is_rounded_to_nearest_though_its_states_have_a_seed():
+    opt, p = stepped(shape=(4096,), steps=1)
+    q = torch.nn.Parameter(p.detach().bfloat16())
+    config = {"weight_rounding": "nearest", "master_weight_bits": None}
+    draw = weights.step_draw(q, opt.state[p], 2)
+    assert draw is not None and weights.weight_format(q, opt.state[p], config, draw).nearest
+    assert weights.weight_format(q, opt.state[p], {**config, "weight_rounding": "stochastic"}, draw).draw == draw
+
+
+def test_a_checkpoint_without_a_seed_gets_one_and_goes_on():
+    """A 4-bit checkpoint of before the seed (or one whose seed was dropped) loads, takes the seed
+    its position gives, and steps as a run that had it."""
+    opt, p = stepped(steps=2)
+    saved = round_trip(opt.state_dict())
+    seedless = {**saved, "state": {0: {k: v for k, v in saved["state"][0].items() if k != "rounding_seed"}}}
+    runs = []
+    for checkpoint in (saved, seedless):
+        q = torch.nn.Parameter(p.detach().clone())
+        other = AdamW4bit([q])
+        other.load_state_dict(checkpoint)
+        q.grad = torch.full_like(q, 0.01)
+        other.step()
+        runs.append((q, other.state[q]))
+    assert runs[1][1]["rounding_seed"] == runs[0][1]["rounding_seed"]  # (the same position, torch's seed alike)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]["state1"], runs[1][1]["state1"])

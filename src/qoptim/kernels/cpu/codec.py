@@ -19,7 +19,7 @@ from .bits import INF_BITS, bits_of, f16_to_f32, f32_to_f16, float_of, magnitude
 from .jit import KERNEL
 
 __all__ = [
-    "decode_bf16", "decode_f16", "encode_bf16", "encode_f16", "random_bits", "state_random_bits", "stochastic_bf16", "stochastic_f16",
+    "decode_bf16", "decode_f16", "encode_bf16", "encode_f16", "lowbias32_ir", "random_bits", "state_random_bits", "stochastic_bf16", "stochastic_f16",
 ]  # fmt: skip
 
 # quant.master's shifts as the kernels' constants: the fp16 correction's unit is gap(w) / 2**shift
@@ -183,12 +183,14 @@ def encode_f16(x, c_like):
 # ---- stochastic rounding ------------------------------------------------------------------------
 
 
-def _lowbias32(builder, v):
-    """quant.master.lowbias32 of i32 ``v``, in i32 operations."""
+def lowbias32_ir(builder, v, const=None):
+    """quant.master.lowbias32 of i32 ``v`` (or of each lane of a vector of i32, ``const`` making
+    its constants: a value in every lane), in i32 operations."""
+    const = const or _i32
 
     def mix(v, shift, factor):
-        v = builder.xor(v, builder.lshr(v, _i32(shift)))
-        return builder.mul(v, _i32(factor)) if factor else v
+        v = builder.xor(v, builder.lshr(v, const(shift)))
+        return builder.mul(v, const(factor)) if factor else v
 
     return mix(mix(mix(v, 16, 0x7FEB352D), 15, 0x846CA68B), 16, 0)
 
@@ -197,7 +199,7 @@ def _hash_of_index(builder, signature, args):
     """lowbias32((first + offset) ^ key) of ``random_bits``' arguments, in i32 operations."""
     key_, first_, offset_ = (_to_i32(builder, v, t, t.signed) for v, t in zip(args, signature.args))
     index = builder.add(first_, offset_)  # (the low 32 bits of the sum are those of the low 32 bits' sum)
-    return _lowbias32(builder, builder.xor(index, key_))
+    return lowbias32_ir(builder, builder.xor(index, key_))
 
 
 @intrinsic

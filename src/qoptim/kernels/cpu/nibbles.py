@@ -35,7 +35,7 @@ from ...quant.blockwise import stochastic_steps
 from ...quant.formats import FORMATS
 from ...quant.maps import midpoints
 from .bits import ONE, ZERO
-from .codec import state_random_bits
+from .codec import lowbias32_ir, state_random_bits
 from .gather import LANES, lookup_lanes
 from .jit import INLINE
 from .paths import PermutePath, VectorPath, is_path
@@ -61,6 +61,7 @@ class NibbleTables(NamedTuple):
     mids: tuple  # its 15 float32 midpoints, as numpy float32 scalars: a tuple the kernels keep in registers
     table: np.ndarray  # float32[16], the midpoints then +inf: the permute path's search (``search_lanes``)
     uppers: tuple  # the codes after the first, as numpy float32 scalars: stochastic rounding's count
+    bounds: np.ndarray  # float32[16], the codes after the first then +inf: the permute path's count (``stochastic_lanes``)
     steps: np.ndarray  # float32[16], ``blockwise.stochastic_steps``: stochastic rounding's scale per code
 
 
@@ -72,8 +73,10 @@ def nibble_tables_for(code: torch.Tensor) -> NibbleTables | None:
     if code.numel() != CODES or np.isnan(mids).any() or (mids[1:] < mids[:-1]).any():
         return None
     table = np.append(mids, np.float32(np.inf)).astype(np.float32)
-    uppers = tuple(np.float32(c) for c in code.numpy()[1:])
-    return NibbleTables(code.numpy().copy(), tuple(np.float32(m) for m in mids), table, uppers, stochastic_steps(code).numpy())
+    uppers = code.numpy()[1:]
+    bounds = np.append(uppers, np.float32(np.inf)).astype(np.float32)
+    steps = stochastic_steps(code).numpy()
+    return NibbleTables(code.numpy().copy(), tuple(np.float32(m) for m in mids), table, tuple(np.float32(c) for c in uppers), bounds, steps)
 
 
 def nibble_tables_of(code: torch.Tensor) -> NibbleTables | None:
@@ -90,6 +93,7 @@ class Nibbles(NamedTuple):
     mids: tuple  # the map's 15 midpoints
     table: np.ndarray  # the midpoints then +inf
     uppers: tuple  # the codes after the first
+    bounds: np.ndarray  # the codes after the first then +inf
     steps: np.ndarray  # stochastic rounding's scale per code
     shift: int  # 0 or 4: where its code sits in each byte
     key: int  # its draws' key (``NO_DRAW``: rounded to nearest)
@@ -104,8 +108,8 @@ def nibble_view(state):
 @overload(nibble_view, jit_options=INLINE)
 def _nibble_view_impl(state):
     def view(state):
-        codes, scales, code, mids, table, uppers, steps, shift, key, first = state
-        return Nibbles(codes, scales, code, mids, table, uppers, steps, shift, key, first)
+        codes, scales, code, mids, table, uppers, bounds, steps, shift, key, first = state
+        return Nibbles(codes, scales, code, mids, table, uppers, bounds, steps, shift, key, first)
 
     return view
 
@@ -164,7 +168,7 @@ def quantize(values, inv, state, lo, q, path):
     """q[j] = ``code_index(values[j], inv, state.mids)``, many lanes at a time on the permute path;
     with a draw, the code of values[j] rounded stochastically (element ``lo + j``'s draw)."""
     if state.key != NO_DRAW:
-        _quantize_stochastic(values, inv, state, lo, q)
+        _quantize_stochastic(values, inv, state, lo, q, path)
         return
     mids = state.mids
     for j in range(_quantize_lanes_prefix(values, inv, state.table, q, path), values.size):
@@ -172,11 +176,11 @@ def quantize(values, inv, state, lo, q, path):
 
 
 @njit(**INLINE)
-def _quantize_stochastic(values, inv, state, lo, q):
+def _quantize_stochastic(values, inv, state, lo, q, path):
     """q[j] = the code of ``values[j] * inv`` rounded stochastically (the module doc), element j
-    drawing the bits of index ``state.first + lo + j``."""
+    drawing the bits of index ``state.first + lo + j``; 16 lanes at a time on the permute path."""
     code, steps, uppers, key, first = state.code, state.steps, state.uppers, state.key, state.first + lo
-    for j in range(values.size):
+    for j in range(_stochastic_lanes_prefix(values, inv, state, first, q, path), values.size):
         u = values[j] * inv
         k = floor_index(u, uppers)
         r = np.float32(state_random_bits(key, first, j))
@@ -222,6 +226,25 @@ def _quantize_lanes_prefix_impl(values, inv, table, q, path):
         done = values.size // _PERMUTE_LANES * _PERMUTE_LANES
         for j in range(0, done, _PERMUTE_LANES):
             search_lanes(values, j, inv, table, q)
+        return done
+
+    return permute
+
+
+def _stochastic_lanes_prefix(values, inv, state, first, q, path):
+    """Do ``_quantize_stochastic``'s work 16 lanes at a time on the permute path
+    (``stochastic_lanes``); return how many elements were done (none on the other paths)."""
+
+
+@overload(_stochastic_lanes_prefix, jit_options=dict(forceinline=True))
+def _stochastic_lanes_prefix_impl(values, inv, state, first, q, path):
+    if not is_path(path, PermutePath):
+        return lambda values, inv, state, first, q, path: 0
+
+    def permute(values, inv, state, first, q, path):
+        done = values.size // _PERMUTE_LANES * _PERMUTE_LANES
+        for j in range(0, done, _PERMUTE_LANES):
+            stochastic_lanes(values, j, inv, state.bounds, state.code, state.steps, state.key, first, q)
         return done
 
     return permute
@@ -325,6 +348,36 @@ def search_lanes(typingctx, values, start, inv, table, q):
             below = builder.fcmp_ordered("<", lanes.permute(mids, builder.or_(index, lanes.const(step - 1))), u)
             index = builder.select(below, builder.or_(index, lanes.const(step)), index)
         index = builder.select(builder.fcmp_unordered("uno", u, u), lanes.const(int(_NAN_CODE)), index)
+        builder.store(builder.trunc(index, lanes.bytes), lanes.at(q.data, start, lanes.bytes), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def stochastic_lanes(typingctx, values, start, inv, bounds, code, steps, key, first, q):
+    """``_quantize_stochastic`` on 16 lanes from ``start``: k = the count of ``bounds`` (the codes
+    after the first, then +inf) at or below u = values * inv, by a binary search of 4 ``vpermps``
+    as ``search_lanes``'s (NaN to the last code); code[k] and steps[k] by a ``vpermps`` each; each
+    lane's hash of index ``first + start + lane`` (``codec.lowbias32_ir`` on 16 lanes), its low
+    16 bits below (u - code[k]) * steps[k] rounding up."""
+    sig = types.void(values, start, inv, bounds, code, steps, key, first, q)
+
+    def codegen(context, builder, signature, args):
+        lanes = _Lanes(context, builder, signature, args)
+        values, start, inv, bounds, code, steps, key, first, q = lanes.args
+        u = builder.fmul(builder.load(lanes.at(values.data, start, lanes.floats), align=4), lanes.splat(inv, lanes.floats))
+        table, index = lanes.table(bounds), lanes.const(0)
+        for step in (8, 4, 2, 1):  # index + step - 1 bounds at least at or below u, where that one is
+            at_or_below = builder.fcmp_ordered("<=", lanes.permute(table, builder.or_(index, lanes.const(step - 1))), u)
+            index = builder.select(at_or_below, builder.or_(index, lanes.const(step)), index)
+        index = builder.select(builder.fcmp_unordered("uno", u, u), lanes.const(int(_NAN_CODE)), index)
+        gap = builder.fmul(builder.fsub(u, lanes.permute(lanes.table(code), index)), lanes.permute(lanes.table(steps), index))
+        base = builder.add(builder.trunc(first, lanes.i32), builder.trunc(start, lanes.i32))
+        element = builder.add(lanes.splat(base, lanes.ints), ir.Constant(lanes.ints, list(range(_PERMUTE_LANES))))
+        hashed = lowbias32_ir(builder, builder.xor(element, lanes.splat(builder.trunc(key, lanes.i32), lanes.ints)), lanes.const)
+        r = builder.sitofp(builder.and_(hashed, lanes.const(0xFFFF)), lanes.floats)
+        index = builder.add(index, builder.zext(builder.fcmp_ordered("<", r, gap), lanes.ints))
         builder.store(builder.trunc(index, lanes.bytes), lanes.at(q.data, start, lanes.bytes), align=1)
         return context.get_dummy_value()
 
