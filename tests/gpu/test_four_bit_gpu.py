@@ -14,12 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 from support import (FOUR_BIT, FOUR_BIT_RULES, PARAM_DTYPES, assert_same, assert_same_state, dtype_id, exact_sqrt, fresh,
-                     gradient, hyper)  # fmt: skip
+                     gradient, hyper, with_draws)  # fmt: skip
 from support.weights import HALF_DTYPES, WEIGHT_CASES
 
 import qoptim
 from qoptim.kernels import reference, rules
 from qoptim.kernels.types import Job, StateSlot
+from qoptim.quant import master
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,8 +32,8 @@ BATCHED_RULES = tuple(rule for rule in FOUR_BIT_RULES if not rules.RULES[rule].t
 def on_cpu(p: torch.Tensor, slots: list[StateSlot]) -> tuple[torch.Tensor, list[StateSlot]]:
     """CPU copies of a parameter and its states (states sharing their bytes share the copy)."""
     moved: dict[int, torch.Tensor] = {}
-    return p.cpu(), [StateSlot(moved.setdefault(id(s.values), s.values.cpu()), s.code.cpu(), s.absmax.cpu(), s.blocksize, s.shift)
-                     for s in slots]  # fmt: skip
+    return p.cpu(), [StateSlot(moved.setdefault(id(s.values), s.values.cpu()), s.code.cpu(), s.absmax.cpu(), s.blocksize, s.shift,
+                               s.draw) for s in slots]  # fmt: skip
 
 
 def with_kernel_ratio(monkeypatch, tk, job: Job) -> None:
@@ -53,16 +54,22 @@ def assert_step_matches_cpu_reference(monkeypatch, tk, job: Job, cpu_job: Job, w
         assert_same(job.weights.correction.cpu(), cpu_job.weights.correction, f"{where} master correction")
 
 
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("skip_nonfinite", [True, False], ids=["skip", "propagate"])
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("rule", FOUR_BIT_RULES)
-def test_kernel_matches_cpu_reference(triton_backend, monkeypatch, rule, dtype, skip_nonfinite):
-    """Five steps (NaN / Inf gradients on steps 2, 3 and 5) at odd sizes, bit for bit."""
+def test_kernel_matches_cpu_reference(triton_backend, monkeypatch, rule, dtype, skip_nonfinite, stochastic):
+    """Five steps (NaN / Inf gradients on steps 2, 3 and 5) at odd sizes, bit for bit; the
+    never-negative states rounded to nearest, or stochastically (each step its key, the elements'
+    indices wrapping around 2**32)."""
     with exact_sqrt():
         for n in SIZES:
             p, slots = fresh(rule, n, FOUR_BIT, dtype, CUDA)
             p_ref, slots_ref = on_cpu(p, slots)
             for step in range(1, 6):
+                if stochastic:
+                    draw = master.Draw(master.step_key(n, step), (1 << 32) - 1000)
+                    slots, slots_ref = with_draws(rule, slots, draw), with_draws(rule, slots_ref, draw)
                 g, hp = gradient(n, dtype, step), hyper(rule, step)
                 job = Job(rule, p, g.to(CUDA), slots, hp, skip_nonfinite)
                 cpu_job = Job(rule, p_ref, g, slots_ref, hp, skip_nonfinite)

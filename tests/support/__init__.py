@@ -4,7 +4,7 @@
 - ``states``: an optimizer state's values, dequantized; a checkpoint round trip;
 - ``numerics``: spacing of floats, a correctly rounded sqrt for the reference;
 - ``cases``: the fused backends' cases from ``kernels.rules.RULES``: rules, layouts (4-bit too), dtypes,
-  fresh states, gradients, each rule's hyperparameters;
+  fresh states (and their draws: stochastic rounding), gradients, each rule's hyperparameters;
 - ``oracle``: a backend's update against the reference's, bit for bit, step by step;
 - ``spy``: counting the calls of a function;
 - ``interpreter``: the marks of the tests that run in Triton's interpreter;
@@ -17,7 +17,8 @@
 - ``cpu_states``: parameters, states, gradients and checks of the CPU kernel's tests (imported as ``support.cpu_states``).
 """
 
-from .cases import FOUR_BIT, FOUR_BIT_RULES, LAYOUTS, PARAM_DTYPES, RULES, TRUST_RULES, copy_state, dtype_id, fresh, gradient, hyper
+from .cases import (FOUR_BIT, FOUR_BIT_RULES, LAYOUTS, PARAM_DTYPES, RULES, TRUST_RULES, copy_state, dtype_id, fresh, gradient,
+                    hyper, with_draws)  # fmt: skip
 from .interpreter import INTERPRETER_MARKS, INTERPRETING
 from .launch import WORKERS, free_port, launch
 from .numerics import exact_sqrt, ulp
@@ -30,5 +31,5 @@ __all__ = [
     "DTYPES", "FOUR_BIT", "FOUR_BIT_RULES", "INTERPRETER_MARKS", "INTERPRETING", "LAYOUTS", "PARAM_DTYPES", "RULES", "SHAPES", "TRUST_RULES",
     "assert_backend_matches_reference", "assert_same", "assert_same_state", "block_scales", "clone_params", "copy_state", "count_calls",
     "dequantized", "dtype_id", "exact_sqrt", "free_port", "fresh", "gradient", "gradients", "hyper", "launch", "make_params",
-    "round_trip", "ulp", "WORKERS",
+    "round_trip", "ulp", "with_draws", "WORKERS",
 ]  # fmt: skip

@@ -6,6 +6,7 @@ choose it); gradients with NaN and Inf; each rule's hyperparameters, step by ste
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -15,6 +16,7 @@ from qoptim.kernels import rules
 from qoptim.kernels.types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot
 from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import signed_map, unsigned_map
+from qoptim.quant.master import Draw
 
 from .params import DTYPES
 
@@ -63,6 +65,13 @@ def four_bit_slots(signed: tuple[bool, ...], n: int, device: torch.device | str 
     values = torch.full((n,), sum(z << (4 * i) for i, z in enumerate(zeros)), dtype=torch.uint8, device=device)
     scales = math.ceil(n / fmt.blocksize)
     return [StateSlot(values, code, torch.zeros(scales, device=device), fmt.blocksize, 4 * i) for i, code in enumerate(codes)]
+
+
+def with_draws(rule: str, slots: list[StateSlot], draw: Draw, signed_too: bool = False) -> list[StateSlot]:
+    """``slots`` with ``draw`` on ``rule``'s never-negative states, as the optimizers round a 4-bit
+    second moment stochastically (``signed_too``: on every state); the values are the same tensors."""
+    signs = rules.RULES[rule].signed
+    return [s if signed and not signed_too else dataclasses.replace(s, draw=draw) for s, signed in zip(slots, signs, strict=True)]
 
 
 def copy_state(p: torch.Tensor, slots: list[StateSlot]) -> tuple[torch.Tensor, list[StateSlot]]:

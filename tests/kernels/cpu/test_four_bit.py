@@ -11,7 +11,6 @@ well as at zero. LAMB and LARS: the kernel's trust ratio sums in another order t
 (see test_rules.py): it is checked to 1e-9 against the reference's, which then steps with it.
 """
 
-import dataclasses
 import math
 
 import numpy as np
@@ -19,14 +18,13 @@ import pytest
 import torch
 from numba import njit
 from support import FOUR_BIT, FOUR_BIT_RULES, assert_backend_matches_reference, assert_same_state, copy_state, fresh
-from support import count_calls, gradient, hyper
+from support import count_calls, gradient, hyper, with_draws
 from support.cpu_states import kernel_oracle, torch_threads, two_threads
 from support.weights import WEIGHT_CASES
 
 from qoptim.kernels import Job, StateSlot, cpu, reference
 from qoptim.kernels.cpu import batch, launch, layout, paths
 from qoptim.kernels.cpu.nibbles import NO_DRAW, nibble_tables_of, nibble_view, quantize
-from qoptim.kernels.rules import RULES
 from qoptim.quant.blockwise import quantize_stochastic
 from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import midpoints, signed_map
@@ -286,8 +284,7 @@ def drawn(start=randomized, first=0, signed_too=False):
 
     def make(rule, n, dtype, seed):
         p, slots = start(rule, n, FOUR_BIT, dtype) if start is fresh else start(rule, n, dtype, seed)
-        draw = Draw(lowbias32(seed + 7), first)
-        return p, [s if signed and not signed_too else dataclasses.replace(s, draw=draw) for s, signed in zip(slots, RULES[rule].signed)]
+        return p, with_draws(rule, slots, Draw(lowbias32(seed + 7), first), signed_too)
 
     return make
 

@@ -2,7 +2,8 @@
 under Triton's interpreter (``TRITON_INTERPRET=1``, see ``support.interpreter``): every rule of
 ``FOUR_BIT_RULES`` (two states' codes sharing one byte per element, 16-code maps, a scale per
 128 elements), every parameter dtype, odd sizes, NaN / Inf gradients skipped per 256-block or
-propagated, the weight formats, the batched path, and the layouts ``supports`` refuses.
+propagated, the weight formats, the batched path, states rounded stochastically (a slot's draw),
+and the layouts and draws ``supports`` refuses.
 
 As in ``test_rules.py``, the reference gets a correctly rounded square root, and LAMB's and
 LARS's steps are checked given the reference's trust ratio (``test_trust_ratio_matches_reference``
@@ -18,13 +19,15 @@ import pytest
 import torch
 from support import (FOUR_BIT, FOUR_BIT_RULES, INTERPRETER_MARKS, INTERPRETING, PARAM_DTYPES, TRUST_RULES,
                      assert_backend_matches_reference, assert_same, assert_same_state, copy_state, count_calls, dtype_id,
-                     exact_sqrt, fresh, gradient, hyper)  # fmt: skip
+                     exact_sqrt, fresh, gradient, hyper, with_draws)  # fmt: skip
 from support.weights import HALF_DTYPES, WEIGHT_CASES
 
 from qoptim.kernels import reference, rules
 from qoptim.kernels.types import BLOCK, Job, StateSlot
+from qoptim.quant.blockwise import quantize_stochastic
 from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import midpoints
+from qoptim.quant.master import Draw, lowbias32
 
 pytestmark = INTERPRETER_MARKS
 pytest.importorskip("triton")
@@ -35,7 +38,8 @@ import triton.language as tl  # noqa: E402
 from qoptim.kernels import triton as tk  # noqa: E402
 from support.triton_oracle import oracle  # noqa: E402,F401  (the fixture)
 from qoptim.kernels.triton import batch, launch  # noqa: E402
-from qoptim.kernels.triton.states import round_to_code  # noqa: E402
+from qoptim.kernels.triton.draws import state_random_bits  # noqa: E402
+from qoptim.kernels.triton.states import round_stochastically, round_to_code  # noqa: E402
 
 assert tk.INTERPRETED or not INTERPRETING, "triton was imported before TRITON_INTERPRET was set"
 
@@ -45,6 +49,8 @@ SIZE_STEPS = {1: 3, 255: 3, 257: 4, 4097: 5}
 HALF = FORMATS[4].blocksize
 BATCHED_RULES = tuple(rule for rule in FOUR_BIT_RULES if not rules.RULES[rule].trust)
 ONE_STATE_RULES = tuple(rule for rule in FOUR_BIT_RULES if rules.RULES[rule].states == 1)
+KEY = 0x9E3779B9  # a draw's key past 2**31 (the kernel takes it as a uint32)
+NEAR_WRAP = (1 << 32) - 100  # a draw's first index from which the elements' indices wrap around 2**32
 
 
 def started(rule: str, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[StateSlot]]:
@@ -60,6 +66,12 @@ def started(rule: str, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[S
 def check_steps(p, slots, rule: str, steps: int, skip_nonfinite: bool = True, weights=None) -> list[int]:
     run = ((gradient(p.numel(), p.dtype, step), hyper(rule, step)) for step in range(1, steps + 1))
     return assert_backend_matches_reference(tk.update, rule, p, slots, run, skip_nonfinite, weights)
+
+
+def drawn(rule: str, p, slots, first: int = 0, signed_too: bool = False, key: int = KEY):
+    """``p`` and its states, a draw of ``key`` from index ``first`` on the never-negative ones (as
+    the optimizers round a 4-bit second moment; ``signed_too``: on every state)."""
+    return p, with_draws(rule, slots, Draw(key, first), signed_too)
 
 
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=dtype_id)
@@ -234,6 +246,101 @@ def test_mixed_jobs_split_into_batches(oracle, monkeypatch):
     assert {j.rule for call in batches for j in call[0] if j.slots[0].bits == 4} == {"adam", "lion"}
 
 
+# ---- stochastic rounding (a slot's draw: ``quant.blockwise.quantize_stochastic``) ----------------
+
+
+@pytest.mark.parametrize("rule", FOUR_BIT_RULES)
+def test_stochastic_states_match_reference(oracle, rule):
+    """A draw on the never-negative state (none in Lion's, SGD's, LARS's), from zero states (first
+    index 0) and random ones (the indices wrapping around 2**32), the dtype changing over the rules."""
+    dtype = PARAM_DTYPES[FOUR_BIT_RULES.index(rule) % len(PARAM_DTYPES)]
+    for n, steps in SIZE_STEPS.items():
+        check_steps(*drawn(rule, *fresh(rule, n, FOUR_BIT, dtype)), rule, steps)
+        check_steps(*drawn(rule, *started(rule, n, dtype), first=NEAR_WRAP), rule, steps)
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False], ids=["skip", "propagate"])
+@pytest.mark.parametrize("rule", ["adam", "lion", "rmsprop"])
+def test_draws_on_every_state_with_nonfinite_gradients(oracle, rule, skip_nonfinite):
+    """A draw on the signed states too (the kernel rounds any 4-bit state that has one), a first
+    index past 2**32; NaN / Inf gradients skipped per 256-block or propagated (a NaN scale: code 15)."""
+    p, slots = drawn(rule, *started(rule, 1000, torch.float32), first=NEAR_WRAP + 500, signed_too=True)
+    skipped = check_steps(p, slots, rule, 5, skip_nonfinite)
+    assert skipped[4] == (2 if skip_nonfinite else 0) and bool(slots[0].absmax.isnan().any()) != skip_nonfinite
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=[case.name for case in WEIGHT_CASES])
+@pytest.mark.parametrize("rule", ["adam", "rmsprop"])
+def test_stochastic_states_with_weight_formats_match_reference(oracle, rule, case):
+    """16-bit parameters with a master correction, or rounded stochastically with the states'
+    draw the weight's, as the optimizers make them (each step's key: the high 16 bits of an
+    element's hash round its weight, the low 16 its second moment); both dtypes over the rules."""
+    dtype = HALF_DTYPES[(("adam", "rmsprop").index(rule) + WEIGHT_CASES.index(case)) % 2]
+    for n, steps in ((257, 3), (4097, 5)):
+        p, slots = fresh(rule, n, FOUR_BIT, dtype)
+        if not case.stochastic:
+            check_steps(*drawn(rule, p, slots, first=n), rule, steps, weights=case)
+            continue
+        for step in range(1, steps + 1):  # a step a call, the states drawing the step's draw
+            g, hp = gradient(n, dtype, step), hyper(rule, step)
+            slots = with_draws(rule, slots, case.at(None, hp).draw)
+            assert_backend_matches_reference(tk.update, rule, p, slots, [(g, hp)], True, case)
+
+
+def test_only_the_states_with_a_draw_round_stochastically():
+    """Adam's second moment takes other codes than rounded to nearest; its first moment the same."""
+    p, slots = started("adam", 4097, torch.float32)
+    p_drawn, slots_drawn = drawn("adam", *copy_state(p, slots))
+    g, hp = gradient(4097, torch.float32, 1), hyper("adam", 1)
+    tk.update("adam", p, g, slots, hp)
+    tk.update("adam", p_drawn, g, slots_drawn, hp)
+    nearest, stochastic = slots[0].values, slots_drawn[0].values
+    assert torch.equal(nearest & 0xF, stochastic & 0xF) and not torch.equal(nearest >> 4, stochastic >> 4)
+
+
+def test_a_batch_rounds_each_jobs_states_with_its_own_draw(oracle, monkeypatch):
+    """Small jobs with draws (each its own key and first index, one wrapping around 2**32) and
+    without, in ``update_many``: one launch for those with draws of a rule, one for those without
+    (the states' roundings are a switch of the kernel), each job as the reference."""
+    batches = count_calls(monkeypatch, batch, "run")
+    tensors = []
+    for i, (rule, n, dtype) in enumerate([("adam", n, torch.bfloat16) for n in (1, 255, 257, 1000, 3000, 40)]
+                                         + [("rmsprop", n, torch.float16) for n in (300, 700, 100)]):  # fmt: skip
+        p, slots = started(rule, n, dtype)
+        first = NEAR_WRAP if i == 4 else 1000 * i
+        tensors.append((rule, *(drawn(rule, p, slots, first, key=lowbias32(i)) if i % 3 else (p, slots))))
+    for step in range(1, 4):
+        jobs = [job(rule, p, slots, step, i) for i, (rule, p, slots) in enumerate(tensors)]
+        twins = [twin(j) for j in jobs]
+        assert_same_as_reference(jobs, twins, tk.update_many(jobs))
+        # a launch each: Adam's 4 jobs with draws, its 2 without, RMSprop's 2 with (its one without: alone)
+        assert len(batches) == 3 * step and sorted(len(call[0]) for call in batches[-3:]) == [2, 2, 4]
+
+
+@triton.jit
+def _stochastic_codes_kernel(u_ptr, code_ptr, steps_ptr, out_ptr, n, key, first, SIZE: tl.constexpr):
+    offs = tl.arange(0, SIZE)
+    mask = offs < n
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    r = state_random_bits(key.to(tl.uint32), first.to(tl.int64) + offs).to(tl.float32)
+    tl.store(out_ptr + offs, round_stochastically(u, code_ptr, steps_ptr, r, 4), mask=mask)
+
+
+@pytest.mark.parametrize("name", FORMATS[4].map_names)
+def test_round_stochastically_is_quantize_stochastic(name):
+    """Every code and the floats next to it, the midpoints and theirs, zeros, NaN, infinities,
+    subnormals and random values, drawing indices that wrap around 2**32: the reference's codes."""
+    code = state_map(name)
+    u = torch.cat([edge_values(code), code.nextafter(torch.tensor(math.inf)), code.nextafter(torch.tensor(-math.inf)),
+                   torch.rand(300, generator=torch.Generator().manual_seed(1)) * 2 - 1])  # fmt: skip
+    for first in (0, NEAR_WRAP):
+        out = torch.empty(u.numel(), dtype=torch.int32)
+        _stochastic_codes_kernel[(1,)](u, code, launch.steps_table(code), out, u.numel(), KEY, first,
+                                       SIZE=triton.next_power_of_2(u.numel()))  # fmt: skip
+        expected = quantize_stochastic(u, torch.ones(u.numel()), code, 1, Draw(KEY, first))
+        assert_same(out, expected.to(torch.int32), f"{name}, first index {first}")
+
+
 # ---- what supports() refuses -------------------------------------------------------------------
 
 
@@ -272,7 +379,19 @@ def test_refuses_mixed_layouts_and_other_packings():
     assert not tk.supports("adam", p.double(), slots)
 
 
+def test_refuses_draws_but_one_on_4bit_states():
+    """Stochastic rounding of 4-bit codes only, with one draw for a parameter's states (as the
+    optimizers give them): a draw on 8-bit or fp32 states, or two draws, are the reference's."""
+    p = torch.randn(300)
+    for layout in ("blockwise", "whole_tensor", "fp32"):
+        refused("adam", p, drawn("adam", *fresh("adam", 300, layout, torch.float32))[1])
+    _, slots = started("adam", 300, torch.float32)
+    assert tk.supports("adam", p, drawn("adam", p, slots, signed_too=True)[1])
+    refused("adam", p, [dataclasses.replace(slot, draw=Draw(KEY, i)) for i, slot in enumerate(slots)])
+
+
 def test_update_many_leaves_refused_states_to_the_reference(oracle):
-    jobs = [job("adam", torch.randn(300), apart(started("adam", 300, torch.float32)[1]), 1)]
+    jobs = [job("adam", torch.randn(300), apart(started("adam", 300, torch.float32)[1]), 1),
+            job("adam", *drawn("adam", *fresh("adam", 300, "blockwise", torch.float32)), 1)]  # fmt: skip
     twins = [twin(j) for j in jobs]
     assert_same_as_reference(jobs, twins, tk.update_many(jobs))

@@ -36,10 +36,11 @@ def block_kernel_signature(layout: int, param_dtype: str, constants: dict, draw_
     signature = {name: "fp32" for name in block_kernel.arg_names}  # the scalars
     signature.update(p_ptr=f"*{param_dtype}", g_ptr=f"*{param_dtype}", skipped_ptr="*i64", n="i32", n_blocks="i32")
     signature.update(c_ptr=CORRECTION_TYPES.get(constants["WEIGHTS"], f"*{param_dtype}"), draw_key=draw_key, draw_first="i32")
+    signature.update(state_key=draw_key, state_first="i32")
     signature.update(table_ptr="*i64", owner_ptr="*i64")
     for i in range(rules.MAX_STATES):
         signature[f"s{i}_ptr"] = "*fp32" if layout == 0 else "*u8"
-        signature.update({f"{a}{i}_ptr": "*fp32" for a in ("code", "mids", "absmax")})
+        signature.update({f"{a}{i}_ptr": "*fp32" for a in ("code", "rounding", "absmax")})
     signature.update(new_scales_ptr="*fp32", peaks_ptr="*fp32", sums_ptr="*fp64", trust_ptr="*fp32")
     signature.update({name: "constexpr" for name in constants})
     return signature
@@ -58,11 +59,11 @@ COMPILED = [(rule, 1, "bf16", 0, False) for rule in RULES] + [("adam", 0, "fp32"
 ROWS, NUM_WARPS = 4, 4  # launch.rows_per_program and launch.LAUNCH_OPTIONS on the GPU
 
 
-def compile_block_kernel(rule, layout, param_dtype, pass_, batched, weights=NEAREST_WEIGHTS.value, draw_key="i32"):
-    """The block kernel's sm_90 compile of these switches."""
+def compile_block_kernel(rule, layout, param_dtype, pass_, batched, weights=NEAREST_WEIGHTS.value, draw_key="i32", stochastic=0):
+    """The block kernel's sm_90 compile of these switches (``stochastic``: its ``STOCHASTIC_STATES``)."""
     spec = rules.RULES[rule]
     constants = dict(RULE=MATH_SWITCH[spec.math], N_STATES=spec.states, LAYOUT=layout, PASS=pass_,
-                     NEVER_NEGATIVE=never_negative_mask(spec), DECAY=1 + (pass_ == 2),
+                     NEVER_NEGATIVE=never_negative_mask(spec), STOCHASTIC_STATES=stochastic, DECAY=1 + (pass_ == 2),
                      TRUST=spec.trust, NESTEROV=True, FIRST_STEP=False, SCALE_GRAD=True, SKIP=True, WEIGHTS=weights,
                      PARAM_BF16=param_dtype == "bf16", ROWS=ROWS, BLOCK_SIZE=BLOCK, BATCHED=batched)  # fmt: skip
     source = ASTSource(block_kernel, block_kernel_signature(layout, param_dtype, constants, draw_key), constexprs=constants)
@@ -139,3 +140,21 @@ def test_weight_formats_compile_with_exact_ops(name, param_dtype, rule, layout, 
         assert "cvt.rzi.s32.f32" in ptx  # the floor of rounding half away from zero (of a magnitude)
     if pass_ == 0 and weights in (MASTER_24, MASTER_32):  # the correction is written
         assert ("st.global.b8" in ptx or "st.global.u8" in ptx) if weights == MASTER_24 else ("st.global.b16" in ptx)
+
+
+# (rule, param dtype, weight format, batched, STOCHASTIC_STATES): 4-bit states rounded stochastically,
+# the second moment (with the weight's stochastic rounding too: both halves of one hash), both
+# states, a one-state rule's, in a batch
+STOCHASTIC_STATES = [("adam", "bf16", STOCHASTIC_WEIGHTS.value, False, 2), ("adam", "fp16", MASTER_32.value, False, 3),
+                     ("lion", "fp32", NEAREST_WEIGHTS.value, False, 1), ("rmsprop", "bf16", STOCHASTIC_WEIGHTS.value, True, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("rule, param_dtype, weights, batched, stochastic", STOCHASTIC_STATES)
+def test_stochastic_states_compile_with_exact_ops(rule, param_dtype, weights, batched, stochastic):
+    """The stochastic quantizer: ``(u - code[k]) * steps[k]`` a subtract then a multiply, never
+    contracted, no approximate op; the hash in 32-bit integer multiplies."""
+    kernel = compile_block_kernel(rule, BLOCKWISE_4BIT.value, param_dtype, 0, batched, weights, "u32", stochastic)
+    ptx = kernel.asm["ptx"]
+    assert_exact_float_ops(ptx)
+    assert len(kernel.asm["cubin"]) > 0
+    assert "mul.lo.s32" in ptx or "mul.lo.u32" in ptx  # lowbias32's wrapping multiplies

@@ -1,17 +1,18 @@
 """The CUDA backend: fused Triton kernels for every rule of the reference (Adam / AdamW, AdEMAMix,
 Lion, SGD, LARS, RMSprop, Adagrad, LAMB), with 8-bit states in 256-blocks, 8-bit states with one
 scale per tensor, 4-bit states in 128-blocks (two states' codes in one byte per element: rules of
-at most two states), or fp32 states, on fp32 / fp16 / bf16 parameters, in every weight format
-(``types.WeightFormat``: a 24- or 32-bit master decoded, updated and encoded again in the same
-pass, or stochastic rounding; ``weights``).
+at most two states, rounded to nearest or, with a draw, stochastically), or fp32 states, on fp32 /
+fp16 / bf16 parameters, in every weight format (``types.WeightFormat``: a 24- or 32-bit master
+decoded, updated and encoded again in the same pass, or stochastic rounding; ``weights``).
 
 The modules, one idea each (what a rule is, its states, decay and float constants, is
 ``kernels.rules``', shared with every backend):
   * ``rules``: each rule's per-element math on the device, and ``apply_rule``;
   * ``weights``: reading and writing a parameter in its weight format (``quant.master`` on tiles);
-  * ``states``: reading and writing the states in each layout, and the quantizer;
+  * ``draws``: the random bits of stochastic rounding, of weights and of 4-bit states;
+  * ``states``: reading and writing the states in each layout, and the quantizers;
   * ``block``: the one block kernel that dequantizes, applies a rule, requantizes;
-  * ``launch``: what a launch takes: layouts, pointers, a step's floats and switches, search tables;
+  * ``launch``: what a launch takes: layouts, pointers, a step's floats and switches, rounding tables;
   * ``trust``: LAMB's and LARS's trust ratio, made on the device;
   * ``batch``: many small parameters in one launch;
   * here: the seam (``supports``, ``update``, ``update_many``, ...) and ``Step``, a step's passes.
@@ -47,7 +48,7 @@ from ..types import BLOCK, NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightF
 from . import batch
 from .block import NORMS_PASS, PEAKS_PASS, STEP_PASS, block_kernel
 from .launch import (INTERPRETED, LAUNCH_OPTIONS, SCALAR_LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program,
-                     states_layout, step_arguments)  # fmt: skip
+                     state_draw, states_layout, step_arguments)  # fmt: skip
 from .rules import MATH_SWITCH
 from .states import WHOLE_TENSOR_8BIT
 from .trust import TrustRatio, ratio_from_sums
@@ -66,9 +67,7 @@ def supports(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> bool:
     spec = RULES.get(rule)
     if spec is None or p.dtype not in PARAM_DTYPES or len(slots) != spec.states:
         return False
-    if any(s.draw is not None for s in slots):  # stochastically rounded states: the reference's, for now
-        return False
-    return states_layout(slots) is not None
+    return states_layout(slots) is not None  # (which says which draws of the states the kernel takes)
 
 
 def grad_norm_sq(g: torch.Tensor) -> float:
@@ -176,8 +175,8 @@ class Step:
         self.skipped = torch.zeros(1, dtype=torch.int64, device=p.device)
         self.trust = None  # TrustRatio, once made
         self.pointer_args = pointer_args(p, g, slots, weights)
-        self.draw_args = draw_args(weights)
-        self.scalars, self.flags = step_arguments(self.spec, p, self.layout, hp, skip_nonfinite, weights)
+        self.draw_args = (*draw_args(weights.draw), *draw_args(state_draw(slots)))  # the weight's, then the states'
+        self.scalars, self.flags = step_arguments(self.spec, p, slots, hp, skip_nonfinite, weights)
 
     def run(self, pass_, new_scales=None, peaks=None, sums=None) -> None:
         """One pass of the block kernel; the buffers a pass does not read get placeholders."""

@@ -4,14 +4,16 @@ A launch costs tens of microseconds of host time (argument handling, the driver)
 tensor's update takes about one on the GPU: a model's hundreds of biases, norms and small
 projections would spend the optimizer step launching kernels. Here the parameters of a step that
 share a rule, a dtype, a state layout, a weight format (a master of one width, stochastic
-rounding, or neither), and the kernel's float arguments and switches (each tensor's gradient
-scale and draw aside) go in one launch of the block kernel in its ``BATCHED`` mode.
+rounding, or neither), which states round stochastically, and the kernel's float arguments and
+switches (each tensor's gradient scale and draws aside) go in one launch of the block kernel in
+its ``BATCHED`` mode.
 
 A batch's one int64 buffer, built on the host and copied to the device in one transfer:
   * the table, a row per tensor (``block.TABLE_COLUMNS``): the kernel's pointer arguments
-    (param, grad, master correction, each state's values, code map, midpoints and scales), the
+    (param, grad, master correction, each state's values, code map, rounding table and scales), the
     element count, the tensor's first program, its gradient scale (percentile clipping's, per
-    tensor), and its draw's key and first index (stochastic rounding: a key per parameter);
+    tensor), and the key and first index of its weight's draw and of its states' (stochastic
+    rounding: a key per parameter);
   * the owner of each program (a row of the table): every tensor gets whole programs of ``ROWS``
     blocks, so each tile lies within one tensor and the tile code is that of a launch of its
     own: the same result, bit for bit;
@@ -34,9 +36,10 @@ import torch
 
 from ..rules import RULES
 from ..types import BLOCK, Job
-from .block import (DRAW_FIRST_COLUMN, DRAW_KEY_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN, N_COLUMN, POINTERS, STEP_PASS,
-                    TABLE_COLUMNS, block_kernel)  # fmt: skip
-from .launch import LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program, step_arguments, weight_switch
+from .block import (DRAW_FIRST_COLUMN, DRAW_KEY_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN, N_COLUMN, POINTERS,
+                    STATE_FIRST_COLUMN, STATE_KEY_COLUMN, STEP_PASS, TABLE_COLUMNS, block_kernel)  # fmt: skip
+from .launch import (LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program, state_draw, step_arguments,
+                     stochastic_mask, weight_switch)  # fmt: skip
 from .states import BLOCKWISE_4BIT, BLOCKWISE_8BIT, FP32_STATES
 
 __all__ = ["BATCH_LIMIT", "batch_key", "run", "upload"]
@@ -56,16 +59,17 @@ def batch_key(job: Job) -> tuple | None:
     if RULES[rule].trust or layout not in _BATCHED_LAYOUTS or not 0 < p.numel() < BATCH_LIMIT:
         return None
     # the gradient scale travels per tensor (percentile clipping scales each gradient on its own),
-    # and so does a draw (a key per parameter); a weight format is a switch of the kernel
-    return rule, p.device, p.dtype, layout, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite), weight_switch(p, job.weights)
+    # and so do draws (a key per parameter); a weight format and the states' roundings are switches
+    # of the kernel
+    return (rule, p.device, p.dtype, layout, hp._replace(gnorm_scale=1.0), bool(skip_nonfinite), weight_switch(p, job.weights),
+            stochastic_mask(slots))  # fmt: skip
 
 
 def run(jobs: list[Job]) -> tuple[torch.Tensor, ...]:
     """One launch for the jobs of one batch key; each job's skipped-block count, as a 0-d int64
     device tensor."""
     first = jobs[0]
-    layout = layout_of(first.slots[0])
-    scalars, flags = step_arguments(RULES[first.rule], first.p, layout, first.hp, first.skip_nonfinite, first.weights)
+    scalars, flags = step_arguments(RULES[first.rule], first.p, first.slots, first.hp, first.skip_nonfinite, first.weights)
     flags["SCALE_GRAD"] = any(job.hp.gnorm_scale != 1.0 for job in jobs)  # x * 1.0 is x: the others lose nothing
     sizes = np.array([job.p.numel() for job in jobs], dtype=np.int64)
     rows = rows_per_program(-(-int(sizes.max()) // BLOCK))
@@ -78,8 +82,9 @@ def run(jobs: list[Job]) -> tuple[torch.Tensor, ...]:
     types_only = tensors[0]  # the kernel reads each tensor's pointers from the table
     other_passes = [skipped] * 4  # new scales, peaks, sums, trust factor: unread placeholders
     grid = (int(programs.sum()),)
-    block_kernel[grid](*types_only, *other_passes, skipped, table, owner, 0, 0, 0, 0, *scalars, PASS=STEP_PASS.value, ROWS=rows,
-                       BATCHED=True, **flags, **LAUNCH_OPTIONS)  # fmt: skip
+    sizes_and_draws = [0] * 6  # n, n_blocks, the weight's and the states' draws: each tensor's own, in the table
+    block_kernel[grid](*types_only, *other_passes, skipped, table, owner, *sizes_and_draws, *scalars, PASS=STEP_PASS.value,
+                       ROWS=rows, BATCHED=True, **flags, **LAUNCH_OPTIONS)  # fmt: skip
     return skipped.unbind()
 
 
@@ -91,7 +96,8 @@ def upload(jobs: list[Job], tensors: list, sizes: np.ndarray, programs: np.ndarr
     table[:, N_COLUMN.value] = sizes
     table[:, FIRST_PROGRAM_COLUMN.value] = np.cumsum(programs) - programs
     table[:, GNORM_SCALE_COLUMN.value] = np.array([job.hp.gnorm_scale for job in jobs], dtype=np.float32).view(np.int32)
-    table[:, [DRAW_KEY_COLUMN.value, DRAW_FIRST_COLUMN.value]] = [draw_args(job.weights) for job in jobs]
+    table[:, [DRAW_KEY_COLUMN.value, DRAW_FIRST_COLUMN.value]] = [draw_args(job.weights.draw) for job in jobs]
+    table[:, [STATE_KEY_COLUMN.value, STATE_FIRST_COLUMN.value]] = [draw_args(state_draw(job.slots)) for job in jobs]
     owner = np.repeat(np.arange(len(jobs), dtype=np.int64), programs)
     counters = np.zeros(len(jobs), dtype=np.int64)
     buffer = _to_device(np.concatenate([table.ravel(), owner, counters]), device)

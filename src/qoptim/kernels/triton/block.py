@@ -3,10 +3,11 @@
 Each program owns ``ROWS`` 256-blocks as a [ROWS, 256] tile and does, per block, what the
 reference does per chunk and in the same float-op order: dequantize each state with its old
 scale, apply the rule in fp32 (``rules.apply_rule``), take the new scales, requantize by the
-count of midpoints below ``x * (1 / scale)`` (``states``: every state layout, 4-bit included),
-write the parameter back in its weight format (``weights``: rounded to nearest even,
-stochastically, or encoded as a master with its correction, which is read decoded). Blocks whose
-gradient holds a NaN or Inf keep their parameter, correction and states (``SKIP``).
+count of midpoints below ``x * (1 / scale)``, or stochastically where a 4-bit state has a draw
+(``states``: every state layout, 4-bit included), write the parameter back in its weight format
+(``weights``: rounded to nearest even, stochastically, or encoded as a master with its correction,
+which is read decoded). Blocks whose gradient holds a NaN or Inf keep their parameter, correction
+and states (``SKIP``).
 
 Three passes over the same tile code, a compile-time switch:
   * ``STEP_PASS`` writes the parameter and the states;
@@ -16,7 +17,7 @@ Three passes over the same tile code, a compile-time switch:
     square roots make the trust ratio (see ``trust``).
 
 One launch covers one flat parameter, or (``BATCHED``) many: each program then finds its tensor's
-pointers, size, gradient scale, draw and skip counter in a row of an int64 table (``batch``)
+pointers, size, gradient scale, draws and skip counter in a row of an int64 table (``batch``)
 and runs the same tile code on them.
 
 What a launch takes (the layout of a state, its kernel arguments, the float arguments and
@@ -38,13 +39,13 @@ STEP_PASS, PEAKS_PASS, NORMS_PASS = (tl.constexpr(i) for i in range(3))
 
 # The kernel takes MAX_STATES (3) states whatever the rule; a rule with fewer gets placeholders.
 # A batch table's row (int64): the kernel's pointer arguments in its order (param, grad, master
-# correction, then values, code, midpoints, scales of each state), then the tensor's element
-# count, its first program, its gradient scale (float32 bits), and its draw's key and first index
-# (stochastic rounding).
+# correction, then values, code, rounding table, scales of each state), then the tensor's element
+# count, its first program, its gradient scale (float32 bits), its weight's draw's key and first
+# index, and its states' draw's key and first index (stochastic rounding).
 POINTERS = 3 + 4 * MAX_STATES
-N_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN, DRAW_KEY_COLUMN, DRAW_FIRST_COLUMN = (
-    tl.constexpr(POINTERS + i) for i in range(5))  # fmt: skip
-TABLE_COLUMNS = tl.constexpr(POINTERS + 5)
+(N_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN, DRAW_KEY_COLUMN, DRAW_FIRST_COLUMN, STATE_KEY_COLUMN,
+ STATE_FIRST_COLUMN) = (tl.constexpr(POINTERS + i) for i in range(7))  # fmt: skip
+TABLE_COLUMNS = tl.constexpr(POINTERS + 7)
 
 
 @triton.jit
@@ -81,19 +82,20 @@ def _address(row, column: tl.constexpr, like):
 
 
 @triton.jit
-def _state_addresses(row, column: tl.constexpr, values_ptr, code_ptr, mids_ptr, absmax_ptr):
+def _state_addresses(row, column: tl.constexpr, values_ptr, code_ptr, rounding_ptr, absmax_ptr):
     """One state's four pointers from a batch table's ``row``, from ``column`` on."""
-    return (_address(row, column, values_ptr), _address(row, column + 1, code_ptr), _address(row, column + 2, mids_ptr),
+    return (_address(row, column, values_ptr), _address(row, column + 1, code_ptr), _address(row, column + 2, rounding_ptr),
             _address(row, column + 3, absmax_ptr))  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["draw_key", "draw_first"])
+@triton.jit(do_not_specialize=["draw_key", "draw_first", "state_key", "state_first"])
 def block_kernel(
     p_ptr, g_ptr,
     c_ptr,  # MASTER_24 / MASTER_32: the master correction (int8 / int16); otherwise a placeholder
-    s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr,
-    s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr,
-    s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr,
+    # each state's values, code map, rounding table (its midpoints, or its stochastic steps), scales
+    s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr,
+    s1_ptr, code1_ptr, rounding1_ptr, absmax1_ptr,
+    s2_ptr, code2_ptr, rounding2_ptr, absmax2_ptr,
     new_scales_ptr,  # whole-tensor layout, STEP_PASS: the new global scale of each state
     peaks_ptr,  # PEAKS_PASS: N_STATES float32 peaks per program
     sums_ptr,  # NORMS_PASS: two float64 sums of squares per program
@@ -103,36 +105,46 @@ def block_kernel(
     owner_ptr,  # BATCHED: the table row of each program
     n, n_blocks,
     draw_key, draw_first,  # STOCHASTIC_WEIGHTS: the step's key (< 2**32) and the first element's index (mod 2**32)
+    state_key, state_first,  # STOCHASTIC_STATES: the same, of the states' draw
     # kernels.rules.Scalars, in its order
     beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, alpha, eps, weight_decay, decay_factor,
     step_size, bias_correction1, bias_correction2, bias_correction2_sqrt, one_minus_dampening, gnorm_scale,
     RULE: tl.constexpr, N_STATES: tl.constexpr, LAYOUT: tl.constexpr, PASS: tl.constexpr, NEVER_NEGATIVE: tl.constexpr,
+    STOCHASTIC_STATES: tl.constexpr,
     DECAY: tl.constexpr, TRUST: tl.constexpr, NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr,  # kernels.rules.Switches
     SCALE_GRAD: tl.constexpr, SKIP: tl.constexpr, WEIGHTS: tl.constexpr,
     PARAM_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BATCHED: tl.constexpr,
 ):  # fmt: skip
     """One pass of one rule over ``ROWS`` blocks of a flat parameter (the states past
     ``N_STATES`` are placeholders, never read). ``NEVER_NEGATIVE``: bit i set where the rule's
-    state i is never negative (``kernels.rules.RuleSpec.signed``). ``WEIGHTS``: the parameter's
+    state i is never negative (``kernels.rules.RuleSpec.signed``). ``STOCHASTIC_STATES``: bit i
+    set where state i is rounded stochastically (``states``). ``WEIGHTS``: the parameter's
     weight format (``weights``). ``BATCHED``: the parameter is the one of this program's table row,
     and the pointer arguments are placeholders that only give the types."""
     pid = tl.program_id(0).to(tl.int64)
     key = draw_key.to(tl.uint32)
     first = draw_first.to(tl.int64)
+    states_key = state_key.to(tl.uint32)
+    states_first = state_first.to(tl.int64)
     if BATCHED:  # columns: param, grad, correction, then four per state (see POINTERS)
         tensor = tl.load(owner_ptr + pid)
         row = table_ptr + tensor * TABLE_COLUMNS
         p_ptr = _address(row, 0, p_ptr)
         g_ptr = _address(row, 1, g_ptr)
         c_ptr = _address(row, 2, c_ptr)
-        s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr = _state_addresses(row, 3, s0_ptr, code0_ptr, mids0_ptr, absmax0_ptr)
+        s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr = _state_addresses(row, 3, s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr)
         if N_STATES > 1:
-            s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr = _state_addresses(row, 7, s1_ptr, code1_ptr, mids1_ptr, absmax1_ptr)
+            s1_ptr, code1_ptr, rounding1_ptr, absmax1_ptr = _state_addresses(row, 7, s1_ptr, code1_ptr, rounding1_ptr,
+                                                                             absmax1_ptr)  # fmt: skip
         if N_STATES > 2:
-            s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr = _state_addresses(row, 11, s2_ptr, code2_ptr, mids2_ptr, absmax2_ptr)
+            s2_ptr, code2_ptr, rounding2_ptr, absmax2_ptr = _state_addresses(row, 11, s2_ptr, code2_ptr, rounding2_ptr,
+                                                                             absmax2_ptr)  # fmt: skip
         if WEIGHTS == STOCHASTIC_WEIGHTS:
             key = tl.load(row + DRAW_KEY_COLUMN).to(tl.uint32)
             first = tl.load(row + DRAW_FIRST_COLUMN)
+        if STOCHASTIC_STATES != 0:
+            states_key = tl.load(row + STATE_KEY_COLUMN).to(tl.uint32)
+            states_first = tl.load(row + STATE_FIRST_COLUMN)
         n = tl.load(row + N_COLUMN)
         n_blocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
         pid -= tl.load(row + FIRST_PROGRAM_COLUMN)  # programs are the tensor's own: a tile lies within it
@@ -183,9 +195,10 @@ def block_kernel(
                 _store_peaks(peaks_ptr + N_STATES * pid, s0, s1, s2, mask, N_STATES)
             else:
                 store_weights(p_ptr, c_ptr, p, offs, mask & (keep == 0), key, first, WEIGHTS, PARAM_BF16)
-                store_states(s0_ptr, mids0_ptr, absmax0_ptr, s1_ptr, mids1_ptr, absmax1_ptr, s2_ptr, mids2_ptr, absmax2_ptr,
-                             new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask, n, bad, LAYOUT, N_STATES,
-                             NEVER_NEGATIVE, BLOCK_SIZE)  # fmt: skip
+                store_states(s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr, s1_ptr, code1_ptr, rounding1_ptr, absmax1_ptr,
+                             s2_ptr, rounding2_ptr, absmax2_ptr, new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask,
+                             n, bad, states_key, states_first, LAYOUT, N_STATES, NEVER_NEGATIVE, STOCHASTIC_STATES,
+                             BLOCK_SIZE)  # fmt: skip
 
 
 # The kernel's float arguments are kernels.rules.Scalars, passed positionally in its order; its

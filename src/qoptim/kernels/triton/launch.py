@@ -1,6 +1,7 @@
 """What a launch of the block kernel takes: the layout switch of the states, the pointer arguments,
-the float arguments and switches of one step (the weight format's included, and its draw), the
-tile height, and the quantizer's search tables.
+the float arguments and switches of one step (the weight format's and the states' roundings
+included, and their draws), the tile height, and the quantizer's tables of each map (midpoints
+for rounding to nearest, steps for rounding stochastically).
 
 Every float argument is a field of ``kernels.rules.Scalars``, computed in double on the host
 exactly as the reference writes it, and rounded to float32 by the launch, as torch rounds a
@@ -18,6 +19,7 @@ import torch
 import triton
 
 from ...quant import master
+from ...quant.blockwise import stochastic_steps
 from ...quant.maps import midpoints
 from ..rules import MAX_STATES, RuleSpec, Switches, switches
 from ...quant.formats import FORMATS
@@ -54,12 +56,17 @@ def layout_of(slot: StateSlot) -> int | None:
 def states_layout(slots: list[StateSlot]) -> int | None:
     """The one layout switch of a parameter's states, or None where they are in no layout a
     kernel covers, or in several. 4-bit states must share their bytes as the kernel reads them:
-    one tensor, state i's code from bit ``4 * i`` up (``StateSlot.shift``), at most two states."""
+    one tensor, state i's code from bit ``4 * i`` up (``StateSlot.shift``), at most two states.
+    The kernel rounds stochastically only 4-bit states, all with one draw (the step's, as the
+    optimizers give it): a draw elsewhere, or two draws, are left to the reference."""
     layouts = {layout_of(slot) for slot in slots}
     if len(layouts) != 1:
         return None
     layout = layouts.pop()
     if layout == BLOCKWISE_4BIT.value and not _shares_bytes(slots):
+        return None
+    draws = {slot.draw for slot in slots if slot.draw is not None}
+    if draws and (layout != BLOCKWISE_4BIT.value or len(draws) > 1):
         return None
     return layout
 
@@ -72,8 +79,8 @@ def _shares_bytes(slots: list[StateSlot]) -> bool:
 
 def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], weights: WeightFormat) -> list[torch.Tensor]:
     """The kernel's first ``POINTERS`` arguments: param, grad, master correction, then each
-    state's values, code, midpoints and scales; what a rule, layout or weight format does not
-    read gets an unread placeholder."""
+    state's values, code, rounding table (``rounding_table``) and scales; what a rule, layout or
+    weight format does not read gets an unread placeholder."""
     padded = slots + slots[:1] * (MAX_STATES - len(slots))
     correction = p if weights.correction is None else weights.correction
     return [p, g, correction, *(arg for slot in padded for arg in _state_args(slot))]
@@ -82,21 +89,28 @@ def pointer_args(p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], weigh
 def _state_args(slot: StateSlot) -> tuple[torch.Tensor, ...]:
     if not slot.quantized:
         return slot.values, slot.values, slot.values, slot.values
-    return slot.values, slot.code, search_table(slot.code), slot.absmax
+    return slot.values, slot.code, rounding_table(slot), slot.absmax
 
 
-def step_arguments(spec: RuleSpec, p: torch.Tensor, layout: int, hp: Hyper, skip_nonfinite: bool,
+def rounding_table(slot: StateSlot) -> torch.Tensor:
+    """The table a quantized state is rounded with: its map's steps where it has a draw
+    (``steps_table``: rounded stochastically), else its midpoints (``search_table``: to nearest)."""
+    return search_table(slot.code) if slot.draw is None else steps_table(slot.code)
+
+
+def step_arguments(spec: RuleSpec, p: torch.Tensor, slots: list[StateSlot], hp: Hyper, skip_nonfinite: bool,
                    weights: WeightFormat) -> tuple[list[float], dict]:  # fmt: skip
     """The kernel's float arguments (``rules.Scalars``, in its order) and compile-time switches
-    for one step of a parameter like ``p`` in ``weights``' format, all but the tile height
-    ``ROWS`` and ``BATCHED``."""
+    for one step of a parameter like ``p`` with states like ``slots`` in ``weights``' format,
+    all but the tile height ``ROWS`` and ``BATCHED``."""
     # floats, all of them: an int argument would make the kernel take (and specialize on) an int
     scalars = [float(x) for x in spec.scalars(hp)]
     flags = dict(
         RULE=MATH_SWITCH[spec.math],
         N_STATES=spec.states,
         NEVER_NEGATIVE=never_negative_mask(spec),
-        LAYOUT=layout,
+        STOCHASTIC_STATES=stochastic_mask(slots),
+        LAYOUT=layout_of(slots[0]),
         SCALE_GRAD=hp.gnorm_scale != 1.0,
         SKIP=bool(skip_nonfinite),
         WEIGHTS=weight_switch(p, weights),
@@ -116,12 +130,24 @@ def weight_switch(p: torch.Tensor, weights: WeightFormat) -> int:
     return NEAREST_WEIGHTS.value if weights.draw is None else STOCHASTIC_WEIGHTS.value
 
 
-def draw_args(weights: WeightFormat) -> tuple[int, int]:
-    """The kernel's ``draw_key`` and ``draw_first``: the draw's key and its first index modulo
-    2**32 (an element's draw reads only the low 32 bits of its index); zeros without a draw."""
-    if weights.draw is None:
+def draw_args(draw: master.Draw | None) -> tuple[int, int]:
+    """A draw as the kernel takes it (the weight's ``draw_key`` and ``draw_first``, the states'
+    ``state_key`` and ``state_first``): its key and its first index modulo 2**32 (an element's
+    draw reads only the low 32 bits of its index); zeros without a draw."""
+    if draw is None:
         return 0, 0
-    return weights.draw.key & 0xFFFFFFFF, weights.draw.first_index & 0xFFFFFFFF
+    return draw.key & 0xFFFFFFFF, draw.first_index & 0xFFFFFFFF
+
+
+def state_draw(slots: list[StateSlot]) -> master.Draw | None:
+    """The one draw of a parameter's stochastically rounded states (``states_layout`` admits no
+    two), or None where they all round to nearest."""
+    return next((slot.draw for slot in slots if slot.draw is not None), None)
+
+
+def stochastic_mask(slots: list[StateSlot]) -> int:
+    """The kernel's ``STOCHASTIC_STATES``: bit i set where state i is rounded stochastically."""
+    return sum(1 << i for i, slot in enumerate(slots) if slot.draw is not None)
 
 
 def never_negative_mask(spec: RuleSpec) -> int:
@@ -150,11 +176,11 @@ def rows_per_program(n_blocks: int) -> int:
     return min(64, triton.next_power_of_2(n_blocks))
 
 
-# id(code map) -> (weak reference to it, its version and address then, its search table): the
-# optimizers pass the same map tensor every step (one per map kind and device, shared by all the
-# parameters there), so its table is built once, not every step. Bounded for callers that make
-# maps of their own (a copy per parameter would fill it with small tables).
-_SEARCH_TABLES: dict[int, tuple] = {}
+# (id(code map), builder) -> (weak reference to the map, its version and address then, its
+# table): the optimizers pass the same map tensor every step (one per map kind and device, shared
+# by all the parameters there), so its tables are built once, not every step. Bounded for callers
+# that make maps of their own (a copy per parameter would fill it with small tables).
+_MAP_TABLES: dict[tuple, tuple] = {}
 SEARCH_TABLES_MAX = 16384  # a module setting, so that a test can make the cache clear itself
 
 
@@ -162,21 +188,38 @@ def search_table(code: torch.Tensor) -> torch.Tensor:
     """The midpoints of ``code`` and an unread +inf sentinel (256 floats for the 8-step search of
     an 8-bit map, 16 for the 4-step search of a 4-bit one: ``states.round_to_code``), cached by
     the map tensor itself while it is unchanged in place."""
-    seen = _SEARCH_TABLES.get(id(code))
+    return _cached_table(code, _midpoints_and_sentinel)
+
+
+def steps_table(code: torch.Tensor) -> torch.Tensor:
+    """``quant.blockwise.stochastic_steps`` of ``code``, the steps of its stochastic rounding
+    (``states.round_stochastically``): the reference's table itself, not one divided again here;
+    cached as ``search_table``."""
+    return _cached_table(code, stochastic_steps)
+
+
+def _midpoints_and_sentinel(code: torch.Tensor) -> torch.Tensor:
+    sentinel = torch.full((1,), math.inf, dtype=torch.float32, device=code.device)
+    return torch.cat([midpoints(code), sentinel])
+
+
+def _cached_table(code: torch.Tensor, build) -> torch.Tensor:
+    """``build(code)``, made once per map tensor while it is unchanged in place."""
+    key = (id(code), build)
+    seen = _MAP_TABLES.get(key)
     stamp = (code._version, code.data_ptr())
     if seen is not None and seen[0]() is code and seen[1] == stamp:
         return seen[2]
-    sentinel = torch.full((1,), math.inf, dtype=torch.float32, device=code.device)
-    table = torch.cat([midpoints(code), sentinel])
-    if len(_SEARCH_TABLES) >= SEARCH_TABLES_MAX:
+    table = build(code)
+    if len(_MAP_TABLES) >= SEARCH_TABLES_MAX:
         _forget_dead_maps()
-    _SEARCH_TABLES[id(code)] = (weakref.ref(code), stamp, table)
+    _MAP_TABLES[key] = (weakref.ref(code), stamp, table)
     return table
 
 
 def _forget_dead_maps() -> None:
     """Drop the tables of maps gone; all of them if that frees too little."""
-    for key in [key for key, (ref, _, _) in _SEARCH_TABLES.items() if ref() is None]:
-        del _SEARCH_TABLES[key]
-    if len(_SEARCH_TABLES) >= SEARCH_TABLES_MAX // 2:
-        _SEARCH_TABLES.clear()
+    for key in [key for key, (ref, _, _) in _MAP_TABLES.items() if ref() is None]:
+        del _MAP_TABLES[key]
+    if len(_MAP_TABLES) >= SEARCH_TABLES_MAX // 2:
+        _MAP_TABLES.clear()

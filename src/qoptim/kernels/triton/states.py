@@ -14,10 +14,19 @@ Requantizing a state (any layout): the new scale is the block's max |x| (NaN whe
 among its values, as torch.amax), its inverse ``1 / scale`` in float32 (0 for a zero or NaN
 scale), and an element's code is the count of the map's float32 midpoints strictly below
 ``u = x * inverse``, as ``torch.bucketize`` counts them (``round_to_code``: the one place that
-rounds). A never-negative 8-bit state's positive value never takes code 0 (the 4-bit unsigned
-map has no zero code). Blocks in ``bad`` (a NaN or Inf gradient) keep their bytes and scales,
-except in the whole-tensor layout, where every element is recoded with the new global scale (as
-the reference).
+rounds to nearest). A never-negative 8-bit state's positive value never takes code 0 (the 4-bit
+unsigned map has no zero code). Blocks in ``bad`` (a NaN or Inf gradient) keep their bytes and
+scales, except in the whole-tensor layout, where every element is recoded with the new global
+scale (as the reference).
+
+A 4-bit state with a draw (``StateSlot.draw``: the optimizers' second moments) is rounded
+stochastically instead, as ``quant.blockwise.quantize_stochastic`` (``round_stochastically``):
+the same ``u``, the last code at or below it (the count of the codes after the first at or below
+``u``, NaN after them all), one up where the element's 16 random bits (``draws.state_random_bits``)
+lie below ``(u - code[k]) * steps[k]``, the steps read from the table the reference computes
+(``launch.steps_table``). Which states do is a compile-time bitmask (``STOCHASTIC_STATES``): a
+state rounded to nearest runs the same code as without it, and its table pointer is the midpoints,
+a stochastic one's the steps (the ``rounding`` table of each state).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import triton.language as tl
 
 from ...quant import blockwise
 from ...quant.formats import FORMATS
+from .draws import state_random_bits
 
 # State layouts, a compile-time switch (see the module docstring).
 FP32_STATES, BLOCKWISE_8BIT, WHOLE_TENSOR_8BIT, BLOCKWISE_4BIT = (tl.constexpr(i) for i in range(4))
@@ -41,21 +51,43 @@ NIBBLE = tl.constexpr(FORMATS[4].bits)
 
 
 @triton.jit
-def round_to_code(x, inv_scale, mids_ptr, BITS: tl.constexpr):
-    """int32 index of the code of each x: the number of the ``2**BITS - 1`` midpoints strictly
-    below u = x * inv_scale.
+def count_below(u, bounds_ptr, BITS: tl.constexpr, AT_OR_BELOW: tl.constexpr):
+    """int32 count of the ``2**BITS - 1`` sorted floats at ``bounds_ptr`` that lie strictly below
+    each u (``AT_OR_BELOW``: at or below), NaN counting them all.
 
-    A branchless binary search over ``mids_ptr`` (``2**BITS`` floats, the last one an unread
-    sentinel). The test is ``not (mid >= u)`` rather than ``mid < u`` so that a NaN lands on the
-    last code, where torch.bucketize puts it.
+    A branchless binary search of ``BITS`` loads. The test is ``not (bound >= u)`` (``not (bound >
+    u)``) rather than ``bound < u`` (``bound <= u``) so that a NaN lands after every bound, where
+    torch.bucketize puts it.
     """
-    u = x * inv_scale
-    index = tl.zeros(x.shape, dtype=tl.int32)
+    index = tl.zeros(u.shape, dtype=tl.int32)
     for k in tl.static_range(BITS):
         step = 2 ** (BITS - 1 - k)  # 2**(BITS - 1), ..., 1 (a constexpr)
-        mid = tl.load(mids_ptr + index + (step - 1))
-        index += tl.where(mid >= u, 0, step)
+        bound = tl.load(bounds_ptr + index + (step - 1))
+        if AT_OR_BELOW:
+            above = bound > u
+        else:
+            above = bound >= u
+        index += tl.where(above, 0, step)
     return index
+
+
+@triton.jit
+def round_to_code(x, inv_scale, mids_ptr, BITS: tl.constexpr):
+    """int32 index of the code nearest each x: the number of the ``2**BITS - 1`` midpoints
+    strictly below u = x * inv_scale (``mids_ptr``: ``2**BITS`` floats, the last one an unread
+    sentinel), NaN on the last code, as torch.bucketize."""
+    return count_below(x * inv_scale, mids_ptr, BITS, False)
+
+
+@triton.jit
+def round_stochastically(u, code_ptr, steps_ptr, r, BITS: tl.constexpr):
+    """int32 index of the code of each u rounded stochastically, as quant.blockwise.quantize_stochastic:
+    k, the last of the ``2**BITS`` codes at or below u (the codes after the first at or below it;
+    NaN: the last), then k + 1 where ``r`` (float32 of 16 random bits) < (u - code[k]) * steps[k].
+    The difference is rounded to float32 before the product (two roundings, as torch's)."""
+    k = count_below(u, code_ptr + 1, BITS, True)
+    distance = u - tl.load(code_ptr + k)
+    return k + (r < distance * tl.load(steps_ptr + k)).to(tl.int32)
 
 
 @triton.jit
@@ -109,9 +141,10 @@ def _dequantize_nibbles(codes, code_ptr, absmax_ptr, rows, n, low_half):
 
 
 @triton.jit
-def _requantize_nibbles(x, mids_ptr, absmax_ptr, mask, rows, n, bad, low_half):
+def _requantize_nibbles(x, code_ptr, rounding_ptr, absmax_ptr, mask, rows, n, bad, low_half, r, STOCHASTIC: tl.constexpr):
     """int32 4-bit codes of one state's updated tile; writes the new scale of each 128-block,
-    but those of the blocks in ``bad``."""
+    but those of the blocks in ``bad``. Rounded to nearest (``rounding_ptr``: the midpoints), or
+    ``STOCHASTIC``ally (``rounding_ptr``: the steps; ``r``: each element's random bits)."""
     magnitude = tl.where(mask, tl.abs(x), 0.0)
     low = nan_max(tl.where(low_half, magnitude, 0.0), 1)
     high = nan_max(tl.where(low_half, 0.0, magnitude), 1)
@@ -120,7 +153,9 @@ def _requantize_nibbles(x, mids_ptr, absmax_ptr, mask, rows, n, bad, low_half):
     tl.store(absmax_ptr + first, low, mask=good & (first * HALF_BLOCK < n))
     tl.store(absmax_ptr + first + 1, high, mask=good & ((first + 1) * HALF_BLOCK < n))
     inv_scale = tl.where(low_half, _inverse(low)[:, None], _inverse(high)[:, None])
-    return round_to_code(x, inv_scale, mids_ptr, NIBBLE)
+    if STOCHASTIC:
+        return round_stochastically(x * inv_scale, code_ptr, rounding_ptr, r, NIBBLE)
+    return round_to_code(x, inv_scale, rounding_ptr, NIBBLE)
 
 
 @triton.jit
@@ -151,27 +186,35 @@ def load_states(s0_ptr, code0_ptr, absmax0_ptr, s1_ptr, code1_ptr, absmax1_ptr, 
 
 
 @triton.jit
-def store_states(s0_ptr, mids0_ptr, absmax0_ptr, s1_ptr, mids1_ptr, absmax1_ptr, s2_ptr, mids2_ptr, absmax2_ptr,
-                 new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask, n, bad, LAYOUT: tl.constexpr,
-                 N_STATES: tl.constexpr, NEVER_NEGATIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr):  # fmt: skip
+def store_states(s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr, s1_ptr, code1_ptr, rounding1_ptr, absmax1_ptr, s2_ptr,
+                 rounding2_ptr, absmax2_ptr, new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask, n, bad, state_key,
+                 state_first, LAYOUT: tl.constexpr, N_STATES: tl.constexpr, NEVER_NEGATIVE: tl.constexpr,
+                 STOCHASTIC_STATES: tl.constexpr, BLOCK_SIZE: tl.constexpr):  # fmt: skip
     """Write the states' updated tiles (see the module docstring); ``packed``: ``load_states``'
-    bytes. ``NEVER_NEGATIVE``: bit i set where state i is never negative."""
+    bytes. ``NEVER_NEGATIVE``: bit i set where state i is never negative. ``STOCHASTIC_STATES``
+    (4-bit layout): bit i set where state i is rounded stochastically, each element drawing the
+    bits of its index in the parameter (``state_first`` + its offset, int64) under uint32 ``state_key``."""
     if LAYOUT == BLOCKWISE_4BIT:
         low_half = (tl.arange(0, BLOCK_SIZE) < HALF_BLOCK)[None, :]
-        codes = _requantize_nibbles(s0, mids0_ptr, absmax0_ptr, mask, rows, n, bad, low_half)
+        r = 0.0  # unread where no state is rounded stochastically
+        if STOCHASTIC_STATES != 0:
+            r = state_random_bits(state_key, state_first + offs).to(tl.float32)  # (one hash for both states)
+        codes = _requantize_nibbles(s0, code0_ptr, rounding0_ptr, absmax0_ptr, mask, rows, n, bad, low_half, r,
+                                    (STOCHASTIC_STATES & 1) != 0)  # fmt: skip
         if N_STATES > 1:
-            codes |= _requantize_nibbles(s1, mids1_ptr, absmax1_ptr, mask, rows, n, bad, low_half) << NIBBLE
+            codes |= _requantize_nibbles(s1, code1_ptr, rounding1_ptr, absmax1_ptr, mask, rows, n, bad, low_half, r,
+                                         (STOCHASTIC_STATES & 2) != 0) << NIBBLE  # fmt: skip
         else:
             codes |= packed & 0xF0  # the other state's half of the byte, as it was
         tl.store(s0_ptr + offs, codes.to(tl.uint8), mask=mask & (bad[:, None] == 0))
     else:
-        _store_state(s0_ptr, mids0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT,
+        _store_state(s0_ptr, rounding0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT,
                      (NEVER_NEGATIVE & 1) == 0)  # fmt: skip
         if N_STATES > 1:
-            _store_state(s1_ptr, mids1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask, bad, LAYOUT,
+            _store_state(s1_ptr, rounding1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask, bad, LAYOUT,
                          (NEVER_NEGATIVE & 2) == 0)  # fmt: skip
         if N_STATES > 2:
-            _store_state(s2_ptr, mids2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad, LAYOUT,
+            _store_state(s2_ptr, rounding2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad, LAYOUT,
                          (NEVER_NEGATIVE & 4) == 0)  # fmt: skip
 
 

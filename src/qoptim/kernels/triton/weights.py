@@ -12,8 +12,8 @@ The format is a compile-time switch of the kernel (``WEIGHTS``, made by ``launch
 Exactness: every step is an integer op on bit patterns, a conversion that is exact or correctly
 rounded (fp32 <-> fp16, which the interpreter and the GPU round to nearest even as torch does),
 or a float op by a power of two built from bits (never exp2); rounding half away from zero is
-a floor and a compare (never ``floor(x + 0.5)``, which rounds the sum first). The hash is uint32
-arithmetic (wrapping multiplies, logical shifts).
+a floor and a compare (never ``floor(x + 0.5)``, which rounds the sum first). The random bits are
+``draws``' (the hash's high half; the stochastically rounded 4-bit states take its low half).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ...quant import master
+from .draws import random_bits
 
 # The weight format, a compile-time switch (see the module docstring).
 NEAREST_WEIGHTS, MASTER_24, MASTER_32, STOCHASTIC_WEIGHTS = (tl.constexpr(i) for i in range(4))
@@ -182,7 +183,7 @@ def store_weights(p_ptr, c_ptr, p, offs, mask, draw_key, draw_first, WEIGHTS: tl
         tl.store(p_ptr + offs, weight, mask=mask)
         tl.store(c_ptr + offs, c.to(c_ptr.dtype.element_ty), mask=mask)
     elif WEIGHTS == STOCHASTIC_WEIGHTS:
-        r = _random_bits(draw_key, draw_first + offs)
+        r = random_bits(draw_key, draw_first + offs)
         if PARAM_BF16:
             weight = _stochastic_bf16(p, r)
         else:
@@ -195,22 +196,6 @@ def store_weights(p_ptr, c_ptr, p, offs, mask, draw_key, draw_first, WEIGHTS: tl
 
 
 # ---- stochastic rounding ---------------------------------------------------------------------
-
-
-@triton.jit
-def _lowbias32(x):
-    """master.lowbias32 on uint32 (multiplies wrap around)."""
-    x = x ^ (x >> 16)
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _random_bits(key, index):
-    """master.random_bits: 16 random bits (uint32) of int64 element ``index`` (its low 32 bits)."""
-    return _lowbias32(index.to(tl.uint32) ^ key) >> 16
 
 
 @triton.jit
