@@ -116,8 +116,11 @@ def quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 
 def stochastic_steps(code: torch.Tensor) -> torch.Tensor:
     """float32 65536 / (code[k + 1] - code[k]) per code, 0 for the last (the module doc): the
-    one table of stochastic rounding, which every backend reads rather than divides itself."""
-    return torch.cat([65536.0 / (code[1:] - code[:-1]), code.new_zeros(1)])
+    one table of stochastic rounding, which every backend reads rather than divides itself. It is
+    divided on the CPU, IEEE-rounded (a GPU may divide as a reciprocal times 65536), and so is the
+    same table wherever it is used."""
+    host = code.detach().to("cpu", torch.float32)
+    return torch.cat([65536.0 / (host[1:] - host[:-1]), host.new_zeros(1)]).to(code.device)
 
 
 def quantize_stochastic(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, draw: Draw) -> torch.Tensor:
