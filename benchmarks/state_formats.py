@@ -129,7 +129,7 @@ CANDIDATES = {
         Candidate("sqrt-v-dither", "sqrt-companded dither for both m and sqrt(v)", M_DITHER_SQRT, V_ROOT_DITHER),
     )
 }
-REFERENCES = ("fp32-adamw", "qoptim-adamw8bit", "qoptim-adamw4bit")  # the last: the library's 4-bit format (ao4-nearest's)
+REFERENCES = ("fp32-adamw", "qoptim-adamw8bit", "qoptim-adamw4bit")  # the last: the library's 4-bit format (ao4-vsr's, keyed)
 
 
 # ---- storing a moment -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from support import DTYPES, SHAPES, block_scales, clone_params, dequantized, gradients, make_params, ulp
 
 import qoptim as bnb
-from qoptim.quant.formats import FORMATS, state_map
+from qoptim.quant.formats import FORMATS, STOCHASTIC, state_map
 
 LR = 1e-3
 # torch counterpart of each class, and the weight decay to test it with
@@ -32,15 +32,19 @@ EIGHT_BIT = {"Adam8bit", "PagedAdam8bit", "AdamW8bit", "PagedAdamW8bit"}
 FOUR_BIT = {"Adam4bit", "PagedAdam4bit", "AdamW4bit", "PagedAdamW4bit"}
 
 
-def _half_gap(bits: int, i: int) -> float:
-    """Largest distance from a value in [0 or -1, 1] to its nearest code of state{i}'s map, as a
-    fraction of the block's absmax: half the widest gap between codes (the 4-bit unsigned map:
-    also the distance from 0 to its lowest code, 1/16)."""
-    code = state_map(FORMATS[bits].map_name(i == 1))
-    return max(((code[1:] - code[:-1]).max() / 2).item(), code[0].item() if i == 2 else 0.0)
+def _rounding_bound(bits: int, i: int) -> float:
+    """Largest distance from a value in [0 or -1, 1] to the code state{i} may round it to, as a
+    fraction of the block's absmax: half the widest gap between codes to nearest, the widest gap
+    stochastically (the 4-bit second moment: either code around it); for the 4-bit unsigned map
+    at least the distance from 0 to its lowest code, 1/16."""
+    fmt, signed = FORMATS[bits], i == 1
+    code = state_map(fmt.map_name(signed))
+    widest = (code[1:] - code[:-1]).max().item()
+    stochastic = not signed and fmt.unsigned_rounding == STOCHASTIC
+    return max(widest if stochastic else widest / 2, 0.0 if signed else code[0].item())
 
 
-HALF_GAP = {(bits, i): _half_gap(bits, i) for bits in FORMATS for i in (1, 2)}
+ROUNDING_BOUND = {(bits, i): _rounding_bound(bits, i) for bits in FORMATS for i in (1, 2)}
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported")
 
@@ -61,8 +65,8 @@ LAYOUTS = [(name, True) for name in CLASSES] + [(name, False) for name in sorted
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_each_step_matches_torch_given_the_same_moments(name, dtype, shape, block_wise):
     """Step by step, over 50 steps: with torch's moments reset to ours before each step,
-    the parameter update agrees to float rounding, and each 8-bit moment is within its
-    quantization bound (half a code gap times the block's scale) of torch's."""
+    the parameter update agrees to float rounding, and each quantized moment is within its
+    rounding bound (``_rounding_bound`` times the block's scale) of torch's."""
     cls, torch_cls, wd = CLASSES[name]
     (p,) = make_params(shape, dtype)
     (ref,) = clone_params([p], torch.float32)
@@ -95,7 +99,7 @@ def test_each_step_matches_torch_given_the_same_moments(name, dtype, shape, bloc
                 torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
                 continue
             assert state["state1"].dtype == torch.uint8 and (bits == 4 or state[f"state{i}"].dtype == torch.uint8)
-            bound = (HALF_GAP[bits, i] + 1e-6) * block_scales(state, i, p.numel())
+            bound = (ROUNDING_BOUND[bits, i] + 1e-6) * block_scales(state, i, p.numel())
             excess = ((ours - theirs).view(-1).abs() - bound).max().item()
             assert excess <= 0, f"state{i} off by up to {excess} beyond its quantization bound"
 

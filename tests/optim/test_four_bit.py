@@ -258,3 +258,14 @@ def test_a_checkpoint_without_a_seed_gets_one_and_goes_on():
         runs.append((q, other.state[q]))
     assert runs[1][1]["rounding_seed"] == runs[0][1]["rounding_seed"]  # (the same position, torch's seed alike)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]["state1"], runs[1][1]["state1"])
+
+
+def test_the_seed_is_the_same_whatever_torchs_seed():
+    """Every process must round alike (DDP's replicas, FSDP2's shards), and torch's seed differs
+    between processes unless each sets it: the seed comes from the parameter's place alone."""
+    seeds = []
+    for torch_seed in (1, 2):
+        torch.manual_seed(torch_seed)
+        opt, p = stepped(shape=(4096,), steps=1)
+        seeds.append(opt.state[p]["rounding_seed"])
+    assert seeds[0] == seeds[1]

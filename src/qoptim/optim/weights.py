@@ -145,12 +145,16 @@ def correction_from_values(values: torch.Tensor, bits: Any) -> torch.Tensor:
     return integers if bits == 24 else integers.view(torch.uint8).view(*values.shape, 2)
 
 
+_SEED_SALT = 0x9E3779B9  # (so that the first parameter's seed is not lowbias32's fixed point, 0)
+
+
 def _seed(position: tuple[int, int]) -> int:
-    """A parameter's rounding seed: from torch's seed and its place in the groups, so it draws
-    nothing from torch's generator, every rank of a sharded parameter has the same, and a run
-    seeded alike rounds alike. It is kept in the state: a resumed run goes on with it."""
+    """A parameter's rounding seed: from its place in the groups alone, so it draws nothing from
+    torch's generator and every process has the same, whatever its torch seed (DDP's replicas and
+    FSDP2's shards of a parameter must round alike: torch's seed differs between processes unless
+    each sets it alike). It is kept in the state: a resumed run goes on with it."""
     gindex, pindex = position
-    return master.lowbias32(master.lowbias32(torch.initial_seed() & 0xFFFFFFFF) ^ master.lowbias32(gindex << 20 ^ pindex))
+    return master.lowbias32(master.lowbias32(gindex << 20 ^ pindex) ^ _SEED_SALT)
 
 
 def weight_format(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], draw: master.Draw | None) -> WeightFormat:

@@ -11,6 +11,7 @@ well as at zero. LAMB and LARS: the kernel's trust ratio sums in another order t
 (see test_rules.py): it is checked to 1e-9 against the reference's, which then steps with it.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -353,3 +354,27 @@ def test_the_stochastic_quantizer_is_the_reference_on_every_path(name, path):
         scale = torch.tensor([1.0 / inv if inv else 0.0])
         expected = quantize_stochastic(u, scale.expand(u.numel()), code, 1, Draw(key, first + lo))
         assert torch.equal(torch.from_numpy(q), expected), f"scale reciprocal {inv}"
+
+
+def test_states_with_draws_of_their_own_are_not_batched_and_fp32_states_take_none(monkeypatch):
+    """The optimizers give a step's states one draw; a job whose states carry two takes the
+    one-at-a-time path (a batch row holds one), bit for bit as the reference; a draw on fp32
+    states is the reference's to refuse, not the kernels' to ignore."""
+    jobs = []
+    for seed, n in enumerate((300, 700)):
+        p, slots = randomized("adam", n, torch.float32, seed)
+        jobs.append((p, [dataclasses.replace(s, draw=Draw(lowbias32(seed * 2 + i), i)) for i, s in enumerate(slots)]))
+    theirs = [copy_state(p, slots) for p, slots in jobs]
+    calls = count_calls(monkeypatch, batch, "four_bit_batch_task")
+    grads = [gradient(p.numel(), p.dtype, 1) for p, _ in jobs]
+    got = cpu.update_many([Job("adam", p, g, slots, hyper("adam", 1), True) for (p, slots), g in zip(jobs, grads)])
+    for (p, slots), (p_ref, slots_ref), g, result in zip(jobs, theirs, grads, got):
+        expected = reference.update("adam", p_ref, g, slots_ref, hyper("adam", 1), True)
+        assert int(result.skipped_blocks) == expected.skipped_blocks
+        assert_same_state(p, slots, p_ref, slots_ref, f"adam of {p.numel()}:")
+    assert not calls
+    p, slots = fresh("adam", 300, "fp32", torch.float32)
+    slots = [dataclasses.replace(s, draw=Draw(1)) for s in slots]
+    assert layout.plan("adam", p, slots) is None
+    with pytest.raises(ValueError, match="quantized block-wise"):
+        cpu.update("adam", p, gradient(300, torch.float32, 1), slots, hyper("adam", 1), True)

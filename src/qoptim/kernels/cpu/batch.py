@@ -90,6 +90,8 @@ def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | No
         return None
     if layout not in (Layout.FP32, Layout.BLOCK, Layout.FOUR_BIT) or not flat_cpu(g, p.dtype, p.numel()) or not weights_fit(p, weights):
         return None
+    if len({s.draw for s in slots if s.draw is not None}) > 1:  # (a batch row holds one states' draw: the step's)
+        return None
     states = (layout,)
     if layout == Layout.BLOCK:  # and the maps, by their tables
         tables = [tables_of(s.code) for s in slots]

@@ -54,12 +54,12 @@ def _layout(n: int, slots: list[StateSlot]) -> Layout | None:
     """The states' layout where they share one the kernels cover: flat contiguous CPU tensors;
     8-bit ones with the scales of their block size and a map of 256 float32 codes on the CPU
     that has tables (``tables_of``: a sorted one)."""
-    if not any(s.quantized for s in slots):
-        return Layout.FP32 if all(flat_cpu(s.values, torch.float32, n) for s in slots) else None
     if any(s.quantized and s.bits == 4 for s in slots):
         return Layout.FOUR_BIT if _four_bit(n, slots) else None
-    if any(s.draw is not None for s in slots):  # (stochastic rounding: of 4-bit codes only)
+    if any(s.draw is not None for s in slots):  # (the kernels round 4-bit codes stochastically, no other state)
         return None
+    if not any(s.quantized for s in slots):
+        return Layout.FP32 if all(flat_cpu(s.values, torch.float32, n) for s in slots) else None
     blocksize = slots[0].blocksize
     if blocksize not in (BLOCK, WHOLE_TENSOR):
         return None
