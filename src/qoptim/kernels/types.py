@@ -48,6 +48,13 @@ class StateSlot:
         return 4 if self.code is not None and self.code.numel() == 16 else 8
 
 
+def state_draw(slots: list[StateSlot]) -> Draw | None:
+    """The draw of a parameter's stochastically rounded states, or None where they all round to
+    nearest. The optimizers give a step's states one draw; backends that keep one per parameter
+    (a batch row, a launch's arguments) take a job with two the slow way."""
+    return next((slot.draw for slot in slots if slot.draw is not None), None)
+
+
 class Hyper(NamedTuple):
     """A step's hyperparameters for one parameter, as Python numbers."""
 

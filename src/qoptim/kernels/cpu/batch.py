@@ -29,7 +29,7 @@ from numba.extending import intrinsic, overload
 
 from .. import reference
 from ..rules import RULES
-from ..types import BLOCK, Job, UpdateResult
+from ..types import BLOCK, Job, UpdateResult, state_draw
 from . import launch, paths
 from .bits import ZERO
 from .jit import JIT
@@ -175,8 +175,8 @@ def _addresses(job: Job) -> list[int]:
     correction, draw = job.weights
     row.append(0 if correction is None else correction.data_ptr())
     row += [0, 0] if draw is None else [draw.key & 0xFFFFFFFF, draw.first_index]
-    state_draw = next((slot.draw for slot in job.slots if slot.draw is not None), None)  # (the step's: one for all)
-    row += [0, 0] if state_draw is None else [state_draw.key & 0xFFFFFFFF, state_draw.first_index]
+    draw = state_draw(job.slots)
+    row += [0, 0] if draw is None else [draw.key & 0xFFFFFFFF, draw.first_index]
     return row
 
 

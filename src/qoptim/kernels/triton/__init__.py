@@ -44,11 +44,11 @@ import triton
 
 from .. import reference
 from ..rules import RULES
-from ..types import BLOCK, NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat
+from ..types import BLOCK, NEAREST, Hyper, Job, StateSlot, UpdateResult, WeightFormat, state_draw
 from . import batch
 from .block import NORMS_PASS, PEAKS_PASS, STEP_PASS, block_kernel
 from .launch import (INTERPRETED, LAUNCH_OPTIONS, SCALAR_LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program,
-                     state_draw, states_layout, step_arguments)  # fmt: skip
+                     states_layout, step_arguments)  # fmt: skip
 from .rules import MATH_SWITCH
 from .states import WHOLE_TENSOR_8BIT
 from .trust import TrustRatio, ratio_from_sums

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from ..rules import RULES
-from ..types import BLOCK, Job
+from ..types import BLOCK, Job, state_draw
 from .block import (DRAW_FIRST_COLUMN, DRAW_KEY_COLUMN, FIRST_PROGRAM_COLUMN, GNORM_SCALE_COLUMN, N_COLUMN, POINTERS,
                     STATE_FIRST_COLUMN, STATE_KEY_COLUMN, STEP_PASS, TABLE_COLUMNS, block_kernel)  # fmt: skip
-from .launch import (LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program, state_draw, step_arguments,
+from .launch import (LAUNCH_OPTIONS, draw_args, layout_of, pointer_args, rows_per_program, step_arguments,
                      stochastic_mask, weight_switch)  # fmt: skip
 from .states import BLOCKWISE_4BIT, BLOCKWISE_8BIT, FP32_STATES
 

@@ -139,12 +139,6 @@ def draw_args(draw: master.Draw | None) -> tuple[int, int]:
     return draw.key & 0xFFFFFFFF, draw.first_index & 0xFFFFFFFF
 
 
-def state_draw(slots: list[StateSlot]) -> master.Draw | None:
-    """The one draw of a parameter's stochastically rounded states (``states_layout`` admits no
-    two), or None where they all round to nearest."""
-    return next((slot.draw for slot in slots if slot.draw is not None), None)
-
-
 def stochastic_mask(slots: list[StateSlot]) -> int:
     """The kernel's ``STOCHASTIC_STATES``: bit i set where state i is rounded stochastically."""
     return sum(1 << i for i, slot in enumerate(slots) if slot.draw is not None)
