@@ -35,7 +35,7 @@ from torch import nn
 
 from qoptim import optim as qoptim_optim
 from qoptim.cli import demo, machine
-from qoptim.quant.maps import create_dynamic_map
+from qoptim.quant.maps import create_dynamic_map, signed_map, unsigned_map
 
 RESULTS = Path(__file__).parent / "results" / "state_formats"
 BLOCK = 128
@@ -45,6 +45,7 @@ LEVELS = 16
 
 DYNAMIC4 = create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)  # torchao's / lpmm's m map
 LINEAR4 = torch.linspace(0, 1, LEVELS + 1)[1:]  # zero-free {1/16 .. 1}: lpmm's and torchao's v map
+SIGNED8, UNSIGNED8 = signed_map(), unsigned_map()  # bitsandbytes' 8-bit maps (blocks of 256)
 
 
 # ---- rounding a scaled value u (|u| <= 1) to one of a sorted map's codes ----------------------
@@ -88,12 +89,23 @@ class StateCodec:
 
     name: str
     quantize: Callable  # (u, gen) -> the decoded value of u's code
-    scales: str = "block"  # "block": absmax per 128; "rank1": min of row and column absmax (2-D)
+    scales: str = "block"  # "block": absmax per ``block`` elements; "rank1": min of row and column absmax (2-D)
     root: bool = False  # store sqrt(v) (companding of the second moment), squared again on decoding
+    block: int = BLOCK
 
 
 def _mapped(code: torch.Tensor, rounding) -> Callable:
     return lambda u, gen: rounding(u, code, gen)
+
+
+def _off_zero(code: torch.Tensor, rounding) -> Callable:
+    """``rounding`` to an unsigned map with a zero code, a positive value never to 0 but to the
+    smallest positive code (qoptim's rule for 8-bit second moments, ``quant.blockwise``)."""
+    def rounded(u, gen):
+        value = rounding(u, code, gen)
+        return torch.where((u > 0) & (value == 0), code[1], value)
+
+    return rounded
 
 
 M_NEAREST = StateCodec("dyn4", _mapped(DYNAMIC4, nearest))
@@ -106,6 +118,9 @@ V_DITHER = StateCodec("lin-dither", lambda u, gen: dithered_linear(u, False, gen
 V_RANK1 = StateCodec("lin4-rank1", _mapped(LINEAR4, nearest), scales="rank1")
 V_ROOT = StateCodec("sqrt-lin4", _mapped(LINEAR4, nearest), root=True)
 V_ROOT_DITHER = StateCodec("sqrt-lin-dither", lambda u, gen: dithered_linear(u, False, gen), root=True)
+M8_NEAREST = StateCodec("dyn8", _mapped(SIGNED8, nearest), block=256)
+V8_NEAREST = StateCodec("udyn8", _off_zero(UNSIGNED8, nearest), block=256)
+V8_STOCHASTIC = StateCodec("udyn8-sr", _off_zero(UNSIGNED8, stochastic), block=256)
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,8 @@ CANDIDATES = {
         Candidate("dither-sqrt", "subtractive dither, m companded by sqrt, v linear", M_DITHER_SQRT, V_DITHER),
         Candidate("sqrt-v-nearest", "dynamic m, sqrt(v) on the zero-free linear map, nearest", M_NEAREST, V_ROOT),
         Candidate("sqrt-v-dither", "sqrt-companded dither for both m and sqrt(v)", M_DITHER_SQRT, V_ROOT_DITHER),
+        Candidate("bnb8-nearest", "bitsandbytes' 8-bit format: dynamic maps, blocks of 256, nearest", M8_NEAREST, V8_NEAREST),
+        Candidate("bnb8-vsr", "the 8-bit maps, m to nearest, v stochastic", M8_NEAREST, V8_STOCHASTIC),
     )
 }
 REFERENCES = ("fp32-adamw", "qoptim-adamw8bit", "qoptim-adamw4bit")  # the last: the library's 4-bit format (ao4-vsr's, keyed)
@@ -135,11 +152,11 @@ REFERENCES = ("fp32-adamw", "qoptim-adamw8bit", "qoptim-adamw4bit")  # the last:
 # ---- storing a moment -------------------------------------------------------------------------
 
 
-def _block_scales(x: torch.Tensor) -> torch.Tensor:
+def _block_scales(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     flat = x.reshape(-1)
-    pad = (-flat.numel()) % BLOCK
-    blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, BLOCK).amax(dim=1)
-    return blocks.repeat_interleave(BLOCK)[: flat.numel()].view(x.shape)
+    pad = (-flat.numel()) % block
+    blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, block).amax(dim=1)
+    return blocks.repeat_interleave(block)[: flat.numel()].view(x.shape)
 
 
 def _rank1_scales(x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +169,8 @@ def _rank1_scales(x: torch.Tensor) -> torch.Tensor:
 def store(x: torch.Tensor, codec: StateCodec, gen: torch.Generator) -> torch.Tensor:
     """x as its codec keeps it, decoded again (what the next step reads)."""
     if codec.root:
-        return store(x.sqrt(), StateCodec(codec.name, codec.quantize, codec.scales), gen).square()
-    scales = _rank1_scales(x) if codec.scales == "rank1" else _block_scales(x)
+        return store(x.sqrt(), StateCodec(codec.name, codec.quantize, codec.scales, block=codec.block), gen).square()
+    scales = _rank1_scales(x) if codec.scales == "rank1" else _block_scales(x, codec.block)
     u = torch.where(scales > 0, x / scales, torch.zeros_like(x))
     return codec.quantize(u, gen) * scales
 
