@@ -51,8 +51,13 @@ class StateSlot:
 def state_draw(slots: list[StateSlot]) -> Draw | None:
     """The draw of a parameter's stochastically rounded states, or None where they all round to
     nearest. The optimizers give a step's states one draw; backends that keep one per parameter
-    (a batch row, a launch's arguments) take a job with two the slow way."""
+    (a batch row, a launch's arguments) take a job with two the slow way (``one_state_draw``)."""
     return next((slot.draw for slot in slots if slot.draw is not None), None)
+
+
+def one_state_draw(slots: list[StateSlot]) -> bool:
+    """Whether the states draw alike (one draw, or none): what ``state_draw`` stands for."""
+    return len({slot.draw for slot in slots if slot.draw is not None}) <= 1
 
 
 class Hyper(NamedTuple):

@@ -43,7 +43,7 @@ __all__ = [
     "BUFFER_KEYS", "CODE_SHIFTS", "GNORM_VEC", "KEYS", "MASTER_CORRECTION", "QMAP_KEYS", "ROUNDING_SEED", "SIGNED_MAP", "STEP", "TENSOR_KEYS",
     "UNORM_VEC", "UNSIGNED_MAP", "VALUE_KEYS",
     "Buffers", "KeptState", "MapCopies", "SlotCache", "StateKeys", "format_of_state", "layout_of", "new_state",
-    "shared_bytes", "slot", "slots", "with_draw",
+    "rounds_stochastically", "shared_bytes", "slot", "slots", "with_draw",
 ]  # fmt: skip
 
 
@@ -216,11 +216,17 @@ def slots(state: dict[str, Any], layout) -> list[StateSlot]:
     return [slot(state, kept.keys, None if kept.rows == 1 else row) for kept in layout for row in range(kept.rows)]
 
 
+def rounds_stochastically(state: dict[str, Any]) -> bool:
+    """Whether a parameter's states are in a format that rounds its never-negative states
+    stochastically (``quant.formats``)."""
+    fmt = format_of_state(state)
+    return fmt is not None and fmt.unsigned_rounding == STOCHASTIC
+
+
 def with_draw(slots: list[StateSlot], layout, state: dict[str, Any], draw) -> list[StateSlot]:
     """A step's slots: those of never-negative states, where the format rounds them
-    stochastically (``quant.formats``), with the step's ``draw``; the others as they are."""
-    fmt = format_of_state(state)
-    if draw is None or fmt is None or fmt.unsigned_rounding != STOCHASTIC:
+    stochastically (``rounds_stochastically``), with the step's ``draw``; the others as they are."""
+    if draw is None or not rounds_stochastically(state):
         return slots
     signs = [kept.signed for kept in layout for _ in range(1 if shared_bytes(state) else kept.rows)]
     return [s if signed else dataclasses.replace(s, draw=draw) for s, signed in zip(slots, signs)]

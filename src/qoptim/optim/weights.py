@@ -26,9 +26,8 @@ import torch
 
 from ..kernels import NEAREST, WeightFormat
 from ..quant import master
-from ..quant.formats import STOCHASTIC
 from . import dtensor
-from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers, format_of_state
+from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers, rounds_stochastically
 
 __all__ = [
     "SETTINGS_DOC", "WEIGHT_ROUNDINGS", "check_loaded", "check_settings", "correction_bits", "correction_from_values", "correction_values",
@@ -88,10 +87,7 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
 
 def _rounds_stochastically(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any]) -> bool:
     """Whether a parameter's weight or its states round stochastically (and so need a seed)."""
-    fmt = format_of_state(state)
-    return (config["weight_rounding"] == "stochastic" and p.dtype in master.HALF_PRECISION) or (
-        fmt is not None and fmt.unsigned_rounding == STOCHASTIC
-    )
+    return (config["weight_rounding"] == "stochastic" and p.dtype in master.HALF_PRECISION) or rounds_stochastically(state)
 
 
 def _drop(state: dict[str, Any], position: tuple[int, int]) -> None:

@@ -107,11 +107,15 @@ def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _scaled(x: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """u = x * (1 / its block's scale) in float32, 0 in an all-zero block: what both roundings round."""
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    return x * inv.repeat_interleave(blocksize)[: x.numel()]
+
+
 def quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """uint8 codes of a flat float32 tensor, given each block's scale."""
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    u = x * inv.repeat_interleave(blocksize)[: x.numel()]
-    return torch.bucketize(u, midpoints(code)).to(torch.uint8)
+    return torch.bucketize(_scaled(x, absmax, blocksize), midpoints(code)).to(torch.uint8)
 
 
 def stochastic_steps(code: torch.Tensor) -> torch.Tensor:
@@ -126,8 +130,7 @@ def stochastic_steps(code: torch.Tensor) -> torch.Tensor:
 def quantize_stochastic(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, draw: Draw) -> torch.Tensor:
     """uint8 codes of a flat float32 tensor, given each block's scale, rounded stochastically
     (the module doc); element i draws ``state_random_bits(draw.key, draw.first_index + i)``."""
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    u = x * inv.repeat_interleave(blocksize)[: x.numel()]
+    u = _scaled(x, absmax, blocksize)
     last = code.numel() - 1
     below = torch.bucketize(u, code[1:], right=True)  # the codes after the first at or below u
     k = torch.where(u.isnan(), last, below)

@@ -31,10 +31,9 @@ import torch
 
 from .maps import create_dynamic_map, signed_map, unsigned_map
 
-__all__ = ["FORMATS", "MAP_NAMES", "NEAREST", "ROUNDINGS", "STOCHASTIC", "StateFormat", "format_of", "state_map"]
+__all__ = ["FORMATS", "MAP_NAMES", "NEAREST", "STOCHASTIC", "StateFormat", "format_of", "state_map"]
 
 NEAREST, STOCHASTIC = "nearest", "stochastic"  # how a never-negative state's values round to its codes
-ROUNDINGS = (NEAREST, STOCHASTIC)
 
 
 def _linear_zero_free(bits: int) -> torch.Tensor:
@@ -73,7 +72,7 @@ class StateFormat(NamedTuple):
     signed_map: str
     unsigned_map: str
     zero_free_unsigned: bool  # the unsigned map has no zero code (else a positive value is raised past it)
-    unsigned_rounding: str = NEAREST  # how a never-negative state rounds to its codes (ROUNDINGS)
+    unsigned_rounding: str = NEAREST  # how a never-negative state rounds to its codes (NEAREST or STOCHASTIC)
 
     @property
     def codes(self) -> int:

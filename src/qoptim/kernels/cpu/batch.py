@@ -29,7 +29,7 @@ from numba.extending import intrinsic, overload
 
 from .. import reference
 from ..rules import RULES
-from ..types import BLOCK, Job, UpdateResult, state_draw
+from ..types import BLOCK, Job, UpdateResult, one_state_draw, state_draw
 from . import launch, paths
 from .bits import ZERO
 from .jit import JIT
@@ -90,7 +90,7 @@ def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | No
         return None
     if layout not in (Layout.FP32, Layout.BLOCK, Layout.FOUR_BIT) or not flat_cpu(g, p.dtype, p.numel()) or not weights_fit(p, weights):
         return None
-    if len({s.draw for s in slots if s.draw is not None}) > 1:  # (a batch row holds one states' draw: the step's)
+    if not one_state_draw(slots):  # (a batch row holds one states' draw: the step's)
         return None
     states = (layout,)
     if layout == Layout.BLOCK:  # and the maps, by their tables

@@ -42,7 +42,7 @@ from .paths import PermutePath, VectorPath, is_path
 from .tables import cached_by_tensor
 
 __all__ = [
-    "CODES", "HALF_BLOCK", "NO_DRAW", "NibbleTables", "Nibbles", "code_index", "decode", "encode", "floor_index", "nibble_tables_of",
+    "CODES", "HALF_BLOCK", "NO_DRAW", "NibbleTables", "Nibbles", "code_index", "decode", "encode", "nibble_tables_of",
     "nibble_view", "quantize", "search_lanes",
 ]  # fmt: skip
 
@@ -281,8 +281,9 @@ def _decode_lanes_prefix_impl(codes, shift, code, q, out, path):
 
 
 class _Lanes:
-    """What both intrinsics build their 16-lane code with: the arguments as arrays, the vector
-    types, pointers to 16 elements, a scalar in every lane, and ``vpermps`` (AVX-512F)."""
+    """What the intrinsics build their 16-lane code with: the arguments as arrays, the vector
+    types, pointers to 16 elements, a scalar in every lane, ``vpermps`` (AVX-512F), the scaled
+    values and the register binary search both quantizers share."""
 
     def __init__(self, context, builder, signature, args):
         self.builder = builder
@@ -313,6 +314,21 @@ class _Lanes:
         """table[index], lane by lane."""
         return self.builder.call(self.vpermps, [table, index])
 
+    def scaled(self, values, start, inv):
+        """u = values[start:start+16] * inv."""
+        loaded = self.builder.load(self.at(values.data, start, self.floats), align=4)
+        return self.builder.fmul(loaded, self.splat(inv, self.floats))
+
+    def count(self, table, u, compare: str):
+        """The count of the 15 sorted bounds in register ``table`` (then an unread +inf) that
+        ``compare`` u ("<": below it, "<=": at or below), by a branch-free binary search of 4
+        ``vpermps``; NaN counts them all (the last code)."""
+        builder, index = self.builder, self.const(0)
+        for step in (8, 4, 2, 1):  # index + step - 1 bounds at least pass, where that one does
+            passes = builder.fcmp_ordered(compare, self.permute(table, builder.or_(index, self.const(step - 1))), u)
+            index = builder.select(passes, builder.or_(index, self.const(step)), index)
+        return builder.select(builder.fcmp_unordered("uno", u, u), self.const(int(_NAN_CODE)), index)
+
 
 @intrinsic
 def permute_lanes(typingctx, codes, start, shift, code, out):
@@ -342,12 +358,8 @@ def search_lanes(typingctx, values, start, inv, table, q):
     def codegen(context, builder, signature, args):
         lanes = _Lanes(context, builder, signature, args)
         values, start, inv, table, q = lanes.args
-        u = builder.fmul(builder.load(lanes.at(values.data, start, lanes.floats), align=4), lanes.splat(inv, lanes.floats))
-        mids, index = lanes.table(table), lanes.const(0)
-        for step in (8, 4, 2, 1):  # below = index + step - 1 midpoints at least, where that one is below u
-            below = builder.fcmp_ordered("<", lanes.permute(mids, builder.or_(index, lanes.const(step - 1))), u)
-            index = builder.select(below, builder.or_(index, lanes.const(step)), index)
-        index = builder.select(builder.fcmp_unordered("uno", u, u), lanes.const(int(_NAN_CODE)), index)
+        u = lanes.scaled(values, start, inv)
+        index = lanes.count(lanes.table(table), u, "<")
         builder.store(builder.trunc(index, lanes.bytes), lanes.at(q.data, start, lanes.bytes), align=1)
         return context.get_dummy_value()
 
@@ -366,12 +378,8 @@ def stochastic_lanes(typingctx, values, start, inv, bounds, code, steps, key, fi
     def codegen(context, builder, signature, args):
         lanes = _Lanes(context, builder, signature, args)
         values, start, inv, bounds, code, steps, key, first, q = lanes.args
-        u = builder.fmul(builder.load(lanes.at(values.data, start, lanes.floats), align=4), lanes.splat(inv, lanes.floats))
-        table, index = lanes.table(bounds), lanes.const(0)
-        for step in (8, 4, 2, 1):  # index + step - 1 bounds at least at or below u, where that one is
-            at_or_below = builder.fcmp_ordered("<=", lanes.permute(table, builder.or_(index, lanes.const(step - 1))), u)
-            index = builder.select(at_or_below, builder.or_(index, lanes.const(step)), index)
-        index = builder.select(builder.fcmp_unordered("uno", u, u), lanes.const(int(_NAN_CODE)), index)
+        u = lanes.scaled(values, start, inv)
+        index = lanes.count(lanes.table(bounds), u, "<=")
         gap = builder.fmul(builder.fsub(u, lanes.permute(lanes.table(code), index)), lanes.permute(lanes.table(steps), index))
         base = builder.add(builder.trunc(first, lanes.i32), builder.trunc(start, lanes.i32))
         element = builder.add(lanes.splat(base, lanes.ints), ir.Constant(lanes.ints, list(range(_PERMUTE_LANES))))

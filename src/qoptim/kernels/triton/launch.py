@@ -23,7 +23,7 @@ from ...quant.blockwise import stochastic_steps
 from ...quant.maps import midpoints
 from ..rules import MAX_STATES, RuleSpec, Switches, switches
 from ...quant.formats import FORMATS
-from ..types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, WeightFormat
+from ..types import BLOCK, WHOLE_TENSOR, Hyper, StateSlot, WeightFormat, one_state_draw, state_draw
 from .rules import MATH_SWITCH
 from .states import BLOCKWISE_4BIT, BLOCKWISE_8BIT, FP32_STATES, WHOLE_TENSOR_8BIT
 from .weights import MASTER_24, MASTER_32, NEAREST_WEIGHTS, STOCHASTIC_WEIGHTS
@@ -65,8 +65,7 @@ def states_layout(slots: list[StateSlot]) -> int | None:
     layout = layouts.pop()
     if layout == BLOCKWISE_4BIT.value and not _shares_bytes(slots):
         return None
-    draws = {slot.draw for slot in slots if slot.draw is not None}
-    if draws and (layout != BLOCKWISE_4BIT.value or len(draws) > 1):
+    if state_draw(slots) is not None and (layout != BLOCKWISE_4BIT.value or not one_state_draw(slots)):
         return None
     return layout
 
