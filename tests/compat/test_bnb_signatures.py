@@ -18,8 +18,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not support
 
 # qoptim's documented additions to bitsandbytes 0.50.2's constructors: (name, default)
 EXTRA_ARGS = {"percentile_clipping": 100, "block_wise": True, "nonfinite": "skip", "master_weight_bits": None,
-              "weight_rounding": "nearest"}  # fmt: skip
-LAST_ARGS = ["nonfinite", "master_weight_bits", "weight_rounding"]  # qoptim's own, last; the lean-training ones keyword-only
+              "weight_rounding": "nearest", "state_rounding": None}  # fmt: skip
+# qoptim's own, last; the lean-training ones keyword-only (state_rounding where a state is never negative)
+LAST_ARGS = ["nonfinite", "master_weight_bits", "weight_rounding"]
+NEVER_NEGATIVE_STATE = {"Adam", "AdamW", "AdEMAMix", "LAMB", "RMSprop", "Adagrad", "Optimizer2State", "Optimizer1State"}
 
 
 def bnb_counterpart(bnb, name: str):
@@ -43,9 +45,15 @@ def test_signature_matches_bnb(bnb, name):
             i = order.index("min_8bit_size")
             assert order[i + 1 : i + 3] == ["percentile_clipping", "block_wise"]
         if "nonfinite" in order:
-            assert order[-3:] == LAST_ARGS
-            assert [kind for n, kind, _ in q_params[-2:]] == [inspect.Parameter.KEYWORD_ONLY] * 2
+            last = LAST_ARGS + ["state_rounding"] * (_family(name) in NEVER_NEGATIVE_STATE)
+            assert order[-len(last) :] == last
+            assert [kind for n, kind, _ in q_params[-len(last) + 1 :]] == [inspect.Parameter.KEYWORD_ONLY] * (len(last) - 1)
     assert [t for t in q_params if t[0] not in EXTRA_ARGS] == comparable(b_sig)
+
+
+def _family(name: str) -> str:
+    """A class's family: its name without Paged, 8bit, 32bit, 4bit."""
+    return name.removeprefix("Paged").removesuffix("8bit").removesuffix("32bit").removesuffix("4bit")
 
 
 METHODS = {

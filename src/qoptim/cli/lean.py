@@ -36,6 +36,7 @@ class Setup:
     optimizer: str = "adamw8bit"  # torch_adamw, or a qoptim optimizer's name in lower case
     master_weight_bits: int | None = None
     weight_rounding: str = "nearest"
+    state_rounding: str | None = None  # how v rounds to its codes (None: the states' format's way)
     # None: no gradient release. Otherwise qoptim.release_gradients' bucket_bytes; 0 updates and frees
     # each gradient as soon as it is complete (the least gradient memory: one tensor's at a time).
     release_bucket_bytes: int | None = None
@@ -50,13 +51,15 @@ class Setup:
         return getattr(optimizer_classes().get(self.optimizer), "fixed_bits", None) or 32
 
     def options(self) -> dict[str, Any]:
-        """The optimizer's keyword arguments for the master weight and rounding (only those that
+        """The optimizer's keyword arguments for the master weight and roundings (only those that
         differ from the defaults, so that a set-up without them builds any optimizer)."""
         options: dict[str, Any] = {}
         if self.master_weight_bits is not None:
             options["master_weight_bits"] = self.master_weight_bits
         if self.weight_rounding != "nearest":
             options["weight_rounding"] = self.weight_rounding
+        if self.state_rounding is not None:
+            options["state_rounding"] = self.state_rounding
         return options
 
 
@@ -78,8 +81,16 @@ SETUPS: dict[str, Setup] = {
         Setup("bf16-stochastic", "bf16 weights, AdamW8bit, stochastic rounding", weight_rounding="stochastic"),
         Setup("bf16-master24-release", "bf16 weights, AdamW8bit, 24-bit master, gradient release",
               master_weight_bits=24, release_bucket_bytes=0),  # fmt: skip
+        Setup("fp32-adamw8bit-v-stochastic", "fp32 weights, AdamW8bit, v rounded stochastically", "float32",
+              state_rounding="stochastic"),  # fmt: skip
+        Setup("bf16-master32-v-stochastic", "bf16 weights, AdamW8bit with v rounded stochastically, 32-bit master",
+              master_weight_bits=32, state_rounding="stochastic"),  # fmt: skip
+        Setup("bf16-master24-release-v-stochastic", "bf16 weights, AdamW8bit with v rounded stochastically, 24-bit master, "
+              "gradient release", master_weight_bits=24, release_bucket_bytes=0, state_rounding="stochastic"),  # fmt: skip
         Setup("bf16-4bit-master24-release", "bf16 weights, AdamW4bit, 24-bit master, gradient release", optimizer="adamw4bit",
               master_weight_bits=24, release_bucket_bytes=0),  # fmt: skip
+        Setup("bf16-4bit-master24-release-v-nearest", "bf16 weights, AdamW4bit with v rounded to nearest, 24-bit master, "
+              "gradient release", optimizer="adamw4bit", master_weight_bits=24, release_bucket_bytes=0, state_rounding="nearest"),  # fmt: skip
     )
 }
 # the demo's short names of the leanest set-ups with 8-bit and with 4-bit states

@@ -11,14 +11,14 @@ __all__ = ["Adagrad", "Adagrad8bit", "Adagrad32bit"]
 class Adagrad(FixedVariant, Optimizer1State):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip", *,
-                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
+                 master_weight_bits=None, weight_rounding="nearest", state_rounding=None):  # fmt: skip
         if initial_accumulator_value != 0.0:
             raise ValueError("Initial accumulator value != 0.0 not supported!")
         if not lr_decay >= 0.0:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
         super().__init__("adagrad", params, lr, (0.0, 0.0), eps, weight_decay, self.state_bits(optim_bits), args, min_8bit_size,
                          percentile_clipping, block_wise, nonfinite=nonfinite,
-                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding, state_rounding=state_rounding)  # fmt: skip
         self.add_group_defaults(lr_decay=lr_decay)
 
     def hyper(self, config, step):

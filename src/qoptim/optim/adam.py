@@ -17,11 +17,11 @@ class AdamFamily(FixedVariant, Optimizer2State):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False, nonfinite="skip", *,
-                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
+                 master_weight_bits=None, weight_rounding="nearest", state_rounding=None):  # fmt: skip
         super().__init__(self.family_name, params, lr, betas, eps, weight_decay, self.state_bits(optim_bits, amsgrad), args,
                          min_8bit_size, percentile_clipping, block_wise, is_paged=is_paged or self.fixed_paged,
                          nonfinite=nonfinite,
-                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding, state_rounding=state_rounding)  # fmt: skip
 
 
 Adam = variant(AdamFamily, "Adam")

@@ -18,7 +18,7 @@ __all__ = ["AdEMAMix", "AdEMAMix8bit", "AdEMAMix32bit", "PagedAdEMAMix", "PagedA
 class AdEMAMix(FixedVariant, Optimizer2State):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None, eps=1e-8,
                  weight_decay=1e-2, optim_bits=32, min_8bit_size=4096, is_paged=False, nonfinite="skip", *,
-                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
+                 master_weight_bits=None, weight_rounding="nearest", state_rounding=None):  # fmt: skip
         if not isinstance(betas, (tuple, list)) or len(betas) != 3:
             raise ValueError(f"Invalid betas: {betas!r}; AdEMAMix takes three (beta1, beta2, beta3)")
         if not alpha >= 0:
@@ -29,7 +29,7 @@ class AdEMAMix(FixedVariant, Optimizer2State):
         super().__init__("ademamix", params, lr, betas, eps, weight_decay, self.state_bits(optim_bits), None, min_8bit_size,
                          is_paged=is_paged or self.fixed_paged, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
                          nonfinite=nonfinite,
-                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding, state_rounding=state_rounding)  # fmt: skip
 
     def hyper(self, config, step):
         hp = super().hyper(config, step)

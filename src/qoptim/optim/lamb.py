@@ -17,10 +17,10 @@ class LAMB(FixedVariant, Optimizer2State):
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
                  adam_w_mode=True, optim_bits=32, args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
                  max_unorm=1.0, nonfinite="skip", *,
-                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
+                 master_weight_bits=None, weight_rounding="nearest", state_rounding=None):  # fmt: skip
         super().__init__("lamb", params, lr, betas, eps, weight_decay, self.state_bits(optim_bits, amsgrad), args, min_8bit_size,
                          percentile_clipping, block_wise, max_unorm=max_unorm, nonfinite=nonfinite,
-                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding, state_rounding=state_rounding)  # fmt: skip
         self.add_group_defaults(bias_correction=bias_correction, adam_w_mode=adam_w_mode)
 
     def hyper(self, config, step):

@@ -18,7 +18,7 @@ __all__ = ["ARGS_KEYS", "GlobalOptimManager", "settings_args"]
 
 # settings every parameter takes from its optimizer's ``args`` (bitsandbytes' MockArgs), unless overridden
 ARGS_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "max_unorm", "skip_zeros", "block_wise", "master_weight_bits",
-             "weight_rounding")  # fmt: skip
+             "weight_rounding", "state_rounding")  # fmt: skip
 
 
 class GlobalOptimManager:

@@ -283,7 +283,7 @@ class _StateOptimizer(Optimizer8bit):
     def __init__(self, optimizer_name: str, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.0, skip_zeros=False,
                  is_paged=False, alpha=0.0, t_alpha=None, t_beta3=None, nonfinite="skip", *, master_weight_bits=None,
-                 weight_rounding="nearest"):  # fmt: skip
+                 weight_rounding="nearest", state_rounding=None):  # fmt: skip
         name = OPTIMIZER_NAMES.get(optimizer_name)
         if name is None or len(layout_of(name.spec)) != self.n_states:
             known = sorted(k for k, n in OPTIMIZER_NAMES.items() if len(layout_of(n.spec)) == self.n_states)
@@ -293,7 +293,7 @@ class _StateOptimizer(Optimizer8bit):
         validation.check_hyper(lr, betas, eps, weight_decay)
         validation.check_settings(optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
                                   max_unorm=max_unorm, skip_zeros=skip_zeros, block_wise=block_wise, is_paged=is_paged,
-                                  nonfinite=nonfinite, layer_wise=name.spec.trust, four_bit=name.four_bit)  # fmt: skip
+                                  nonfinite=nonfinite, state_rounding=state_rounding, spec=name.spec, four_bit=name.four_bit)  # fmt: skip
         weights.check_settings(master_weight_bits, weight_rounding)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if self.n_states == 2:  # bitsandbytes' two-state groups also carry AdEMAMix's settings
@@ -307,8 +307,8 @@ class _StateOptimizer(Optimizer8bit):
         self.four_bit = name.four_bit
         self.nonfinite = nonfinite
         self.args = settings_args(args, optim_bits=optim_bits, min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
-                                  block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros,
-                                  master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
+                                  block_wise=block_wise, max_unorm=max_unorm, skip_zeros=skip_zeros, master_weight_bits=master_weight_bits,
+                                  weight_rounding=weight_rounding, state_rounding=state_rounding)  # fmt: skip
 
     def add_group_defaults(self, **defaults) -> None:
         """Settings of a family's own (nesterov, lr_decay, ...), kept in every param group."""
@@ -371,7 +371,7 @@ class _StateOptimizer(Optimizer8bit):
             hp = clip_gradient(hp, state, flat_g, config["percentile_clipping"], commit)
         weights.sync_state(p, state, config, self, (gindex, pindex))
         draw = weights.step_draw(p, state, hp.step)
-        slots = with_draw(self._slot_cache.slots_of(p, state, self.layout), self.layout, state, draw)
+        slots = with_draw(self._slot_cache.slots_of(p, state, self.layout), self.layout, state, config, draw)
         job = Job(self.rule, flat_p, flat_g, slots, hp, self.nonfinite == "skip", weights.weight_format(p, state, config, draw))
         return ParamUpdate(job, params, state, commit)
 
@@ -394,7 +394,7 @@ class Optimizer1State(_StateOptimizer):
 
     def __init__(self, optimizer_name, params, lr=1e-3, betas=(0.9, 0.0), eps=1e-8, weight_decay=0.0, optim_bits=32, args=None,
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, max_unorm=0.0, skip_zeros=False, is_paged=False,
-                 nonfinite="skip", *, master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
+                 nonfinite="skip", *, master_weight_bits=None, weight_rounding="nearest", state_rounding=None):  # fmt: skip
         super().__init__(optimizer_name, params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size, percentile_clipping,
                          block_wise, max_unorm, skip_zeros, is_paged, nonfinite=nonfinite, master_weight_bits=master_weight_bits,
-                         weight_rounding=weight_rounding)  # fmt: skip
+                         weight_rounding=weight_rounding, state_rounding=state_rounding)  # fmt: skip

@@ -11,7 +11,7 @@ __all__ = ["RMSprop", "RMSprop8bit", "RMSprop32bit"]
 class RMSprop(FixedVariant, Optimizer1State):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False, optim_bits=32,
                  args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True, nonfinite="skip", *,
-                 master_weight_bits=None, weight_rounding="nearest"):  # fmt: skip
+                 master_weight_bits=None, weight_rounding="nearest", state_rounding=None):  # fmt: skip
         name = type(self).__name__
         if alpha == 0:
             raise NotImplementedError("RMSprop with alpha==0.0 is not supported!")
@@ -22,7 +22,7 @@ class RMSprop(FixedVariant, Optimizer1State):
         # bitsandbytes keeps (alpha, momentum) in betas
         super().__init__("rmsprop", params, lr, (alpha, momentum), eps, weight_decay, self.state_bits(optim_bits), args,
                          min_8bit_size, percentile_clipping, block_wise, nonfinite=nonfinite,
-                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding)  # fmt: skip
+                         master_weight_bits=master_weight_bits, weight_rounding=weight_rounding, state_rounding=state_rounding)  # fmt: skip
 
 
     def hyper(self, config, step):

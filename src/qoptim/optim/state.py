@@ -18,7 +18,8 @@ A parameter's state is a dict, as bitsandbytes keeps it (and as its checkpoints 
 * qoptim's own, for bf16 / fp16 parameters (``weights``): ``master_correction``, int8 or int16 of
   the parameter's shape, which with the weight holds its fp32 master (``master_weight_bits``), and
   ``rounding_seed``, the int that keys its stochastic rounding (``weight_rounding``); the seed also
-  keys the stochastic rounding of 4-bit second moments, of any parameter (``quant.formats``).
+  keys the stochastic rounding of never-negative states (``state_rounding``: the 4-bit format's
+  own, an 8-bit option), of any parameter.
 
 An update rule (``qoptim.kernels.rules``) keeps one slot per running average. bitsandbytes has two
 state keys: a rule with more slots stacks its first ones as rows of ``state1`` (AdEMAMix: the fast
@@ -216,17 +217,17 @@ def slots(state: dict[str, Any], layout) -> list[StateSlot]:
     return [slot(state, kept.keys, None if kept.rows == 1 else row) for kept in layout for row in range(kept.rows)]
 
 
-def rounds_stochastically(state: dict[str, Any]) -> bool:
-    """Whether a parameter's states are in a format that rounds its never-negative states
-    stochastically (``quant.formats``)."""
+def rounds_stochastically(state: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Whether a parameter's never-negative states round stochastically: they are quantized, and
+    ``config["state_rounding"]`` says so, or leaves it to their format (``quant.formats``)."""
     fmt = format_of_state(state)
-    return fmt is not None and fmt.unsigned_rounding == STOCHASTIC
+    return fmt is not None and (config.get("state_rounding") or fmt.unsigned_rounding) == STOCHASTIC
 
 
-def with_draw(slots: list[StateSlot], layout, state: dict[str, Any], draw) -> list[StateSlot]:
-    """A step's slots: those of never-negative states, where the format rounds them
-    stochastically (``rounds_stochastically``), with the step's ``draw``; the others as they are."""
-    if draw is None or not rounds_stochastically(state):
+def with_draw(slots: list[StateSlot], layout, state: dict[str, Any], config: dict[str, Any], draw) -> list[StateSlot]:
+    """A step's slots: those of never-negative states, where they round stochastically
+    (``rounds_stochastically``), with the step's ``draw``; the others as they are."""
+    if draw is None or not rounds_stochastically(state, config):
         return slots
     signs = [kept.signed for kept in layout for _ in range(1 if shared_bytes(state) else kept.rows)]
     return [s if signed else dataclasses.replace(s, draw=draw) for s, signed in zip(slots, signs)]

@@ -8,12 +8,19 @@ from typing import Any
 
 import torch
 
+from ..quant.formats import NEAREST, STOCHASTIC
 from . import dtensor
 
-__all__ = ["NONFINITE_MODES", "PARAM_DTYPES", "check_group", "check_hyper", "check_param", "check_settings"]
+__all__ = [
+    "NONFINITE_MODES", "PARAM_DTYPES", "STATE_ROUNDINGS", "check_group", "check_hyper", "check_param", "check_settings",
+    "check_state_rounding",
+]  # fmt: skip
 
 NONFINITE_MODES = ("skip", "raise", "propagate")  # what a NaN/Inf gradient does
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# How never-negative quantized states round to their codes (``state_rounding``): None, their
+# format's own way (8-bit: to nearest, as bitsandbytes; 4-bit: stochastically), or either way.
+STATE_ROUNDINGS = (None, NEAREST, STOCHASTIC)
 
 
 def check_hyper(lr, betas, eps, weight_decay) -> None:
@@ -34,15 +41,23 @@ def check_hyper(lr, betas, eps, weight_decay) -> None:
 
 
 def check_settings(*, optim_bits, min_8bit_size, percentile_clipping, max_unorm, skip_zeros, block_wise, is_paged, nonfinite,
-                   layer_wise: bool, four_bit: bool) -> None:  # fmt: skip
-    """The constructor's settings besides the hyperparameters (``layer_wise``: LAMB and LARS take
-    ``max_unorm``; ``four_bit``: the rule takes 4-bit states)."""
+                   state_rounding, spec, four_bit: bool) -> None:  # fmt: skip
+    """The constructor's settings besides the hyperparameters, for a rule of ``spec`` (``kernels.rules.RuleSpec``:
+    LAMB and LARS, layer-wise, take ``max_unorm``; rounding takes a never-negative state); ``four_bit``: the rule
+    takes 4-bit states."""
+    check_state_rounding(state_rounding)
+    if state_rounding == STOCHASTIC and all(spec.signed):
+        raise ValueError("state_rounding='stochastic' rounds never-negative states (second moments, sums of squares); "
+                         "this optimizer's states may all be negative, and round to nearest")  # fmt: skip
+    if state_rounding == STOCHASTIC and block_wise is not True:
+        raise ValueError("state_rounding='stochastic' rounds block-wise states: block_wise=False (one scale per tensor) "
+                         "is not supported with it")  # fmt: skip
     check_bits(optim_bits, block_wise, four_bit, ValueError)
     if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
         raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
     if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) or not 1 <= percentile_clipping <= 100:
         raise ValueError(f"percentile_clipping must be an int in [1, 100] (100 disables it), got {percentile_clipping!r}")
-    if not isinstance(max_unorm, numbers.Real) or max_unorm < 0 or (max_unorm and not layer_wise):
+    if not isinstance(max_unorm, numbers.Real) or max_unorm < 0 or (max_unorm and not spec.trust):
         raise ValueError(f"max_unorm must be 0, or >= 0 for LAMB and LARS (layer-wise), got max_unorm={max_unorm!r}")
     if skip_zeros:
         raise ValueError("skip_zeros=True is not supported: elements with zero gradient get the ordinary update")
@@ -51,6 +66,11 @@ def check_settings(*, optim_bits, min_8bit_size, percentile_clipping, max_unorm,
             raise ValueError(f"{flag} must be True or False, got {value!r}")
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+
+
+def check_state_rounding(state_rounding: Any) -> None:
+    if state_rounding not in STATE_ROUNDINGS:
+        raise ValueError(f"state_rounding must be one of {STATE_ROUNDINGS}, got {state_rounding!r}")
 
 
 def check_bits(optim_bits, block_wise, four_bit: bool, error: type[Exception]) -> None:

@@ -8,8 +8,8 @@ own through ``GlobalOptimManager.override_config``). An fp32 parameter is its ow
 setting changes it or keeps anything for it. The state follows the setting at each step: a
 parameter gets a zero correction (its weight is its master) when a width is set, its correction
 re-encoded when the width changes, and dropped when it is unset (the weight stays as it is).
-A parameter whose weight or states round stochastically (``weight_rounding="stochastic"``, a
-state format that rounds its second moment stochastically: ``quant.formats``) keeps a seed
+A parameter whose weight or states round stochastically (``weight_rounding="stochastic"``;
+``state_rounding="stochastic"``, the 4-bit states' default: ``state.rounds_stochastically``) keeps a seed
 (``rounding_seed``) that keys both: a step's draws are ``step_draw``'s, the weight taking the high
 16 bits of each element's hash and the state the low 16.
 
@@ -26,7 +26,7 @@ import torch
 
 from ..kernels import NEAREST, WeightFormat
 from ..quant import master
-from . import dtensor
+from . import dtensor, validation
 from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers, rounds_stochastically
 
 __all__ = [
@@ -44,8 +44,11 @@ SETTINGS_DOC = """
     fp32 master which every step updates (32 bits on bf16: the fp32 master bit for bit; the weight
     is the master rounded to nearest); ``weight_rounding="stochastic"`` instead rounds the updated
     weight stochastically. fp32 parameters are their own master: neither setting changes them or
-    keeps anything for them. ``master_weight(p)`` returns a parameter's fp32 master. See the
-    README's "Lean training" section.
+    keeps anything for them. ``master_weight(p)`` returns a parameter's fp32 master.
+    ``state_rounding`` rounds the never-negative quantized states (second moments, sums of
+    squares): ``"nearest"`` (8-bit states' default, bitsandbytes'), ``"stochastic"`` (right on
+    average, keyed by seed, step and element; 4-bit states' default), None for the default. See
+    the README's "Lean training" section.
 """
 
 
@@ -65,6 +68,7 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
     """Bring a parameter's weight-format entries in line with its settings (see the module doc).
     ``position`` (group, index) keys a new rounding seed."""
     check_settings(config["master_weight_bits"], config["weight_rounding"])
+    validation.check_state_rounding(config.get("state_rounding"))
     if _rounds_stochastically(p, state, config):
         state.setdefault(ROUNDING_SEED, _seed(position))
     else:
@@ -87,7 +91,7 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
 
 def _rounds_stochastically(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any]) -> bool:
     """Whether a parameter's weight or its states round stochastically (and so need a seed)."""
-    return (config["weight_rounding"] == "stochastic" and p.dtype in master.HALF_PRECISION) or rounds_stochastically(state)
+    return (config["weight_rounding"] == "stochastic" and p.dtype in master.HALF_PRECISION) or rounds_stochastically(state, config)
 
 
 def _drop(state: dict[str, Any], position: tuple[int, int]) -> None:
