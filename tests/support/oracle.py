@@ -55,18 +55,23 @@ def assert_backend_matches_reference(
     steps: Iterable[tuple[torch.Tensor, Hyper]],
     skip_nonfinite: bool,
     weights: WeightCase | None = None,
+    redraw: Callable[[list[StateSlot], Hyper], list[StateSlot]] | None = None,
 ) -> list[int]:
     """``update`` on ``p`` and ``slots``, and ``reference.update`` on copies of them, for each
     (gradient, hyperparameters) of ``steps``: the same skipped-block count and the same bits
     after every step. The reference's skipped-block counts, step by step.
 
     With ``weights`` (``support.weights``), 16-bit ``p`` is first given that case's master (a
-    correction, compared too after every step) or stochastic rounding."""
+    correction, compared too after every step) or stochastic rounding. With ``redraw``, both
+    sides' states take ``redraw(slots, hp)`` before each step (the same tensors with the step's
+    draws, as the optimizers key a state's stochastic rounding anew every step)."""
     correction = weights.start(p) if weights is not None else None
     p_ref, slots_ref = copy_state(p, slots)
     correction_ref = None if correction is None else correction.clone()
     counts = []
     for number, (g, hp) in enumerate(steps, start=1):
+        if redraw is not None:
+            slots, slots_ref = redraw(slots, hp), redraw(slots_ref, hp)
         ours = () if weights is None else (weights.at(correction, hp),)
         theirs = () if weights is None else (weights.at(correction_ref, hp),)
         got = update(rule, p, g, slots, hp, skip_nonfinite, *ours).skipped_blocks

@@ -3,7 +3,7 @@ under Triton's interpreter (``TRITON_INTERPRET=1``, see ``support.interpreter``)
 ``FOUR_BIT_RULES`` (two states' codes sharing one byte per element, 16-code maps, a scale per
 128 elements), every parameter dtype, odd sizes, NaN / Inf gradients skipped per 256-block or
 propagated, the weight formats, the batched path, states rounded stochastically (a slot's draw),
-and the layouts and draws ``supports`` refuses.
+and the layouts and draws ``supports`` refuses (8-bit states' draws: ``test_stochastic_8bit``).
 
 As in ``test_rules.py``, the reference gets a correctly rounded square root, and LAMB's and
 LARS's steps are checked given the reference's trust ratio (``test_trust_ratio_matches_reference``
@@ -379,11 +379,12 @@ def test_refuses_mixed_layouts_and_other_packings():
     assert not tk.supports("adam", p.double(), slots)
 
 
-def test_refuses_draws_but_one_on_4bit_states():
-    """Stochastic rounding of 4-bit codes only, with one draw for a parameter's states (as the
-    optimizers give them): a draw on 8-bit or fp32 states, or two draws, are the reference's."""
+def test_refuses_draws_but_one_on_blockwise_states():
+    """Stochastic rounding of block-wise codes only (8-bit: ``test_stochastic_8bit``), with one
+    draw for a parameter's states (as the optimizers give them): a draw on whole-tensor or fp32
+    states, or two draws, are the reference's."""
     p = torch.randn(300)
-    for layout in ("blockwise", "whole_tensor", "fp32"):
+    for layout in ("whole_tensor", "fp32"):
         refused("adam", p, drawn("adam", *fresh("adam", 300, layout, torch.float32))[1])
     _, slots = started("adam", 300, torch.float32)
     assert tk.supports("adam", p, drawn("adam", p, slots, signed_too=True)[1])
@@ -391,7 +392,9 @@ def test_refuses_draws_but_one_on_4bit_states():
 
 
 def test_update_many_leaves_refused_states_to_the_reference(oracle):
+    two_draws = [dataclasses.replace(slot, draw=Draw(KEY, i)) for i, slot in enumerate(started("adam", 300, torch.float32)[1])]
     jobs = [job("adam", torch.randn(300), apart(started("adam", 300, torch.float32)[1]), 1),
-            job("adam", *drawn("adam", *fresh("adam", 300, "blockwise", torch.float32)), 1)]  # fmt: skip
+            job("adam", torch.randn(300), two_draws, 1)]  # fmt: skip
+    assert not any(tk.supports(j.rule, j.p, j.slots) for j in jobs)
     twins = [twin(j) for j in jobs]
     assert_same_as_reference(jobs, twins, tk.update_many(jobs))

@@ -20,7 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from qoptim.kernels.triton.block import block_kernel  # noqa: E402
 from qoptim.kernels.triton.launch import never_negative_mask  # noqa: E402
 from qoptim.kernels.triton.rules import MATH_SWITCH  # noqa: E402
-from qoptim.kernels.triton.states import BLOCKWISE_4BIT  # noqa: E402
+from qoptim.kernels.triton.states import BLOCKWISE_4BIT, BLOCKWISE_8BIT  # noqa: E402
 from qoptim.kernels.triton.trust import ratio_kernel  # noqa: E402
 from qoptim.kernels.triton.weights import MASTER_24, MASTER_32, NEAREST_WEIGHTS, STOCHASTIC_WEIGHTS  # noqa: E402
 
@@ -142,18 +142,26 @@ def test_weight_formats_compile_with_exact_ops(name, param_dtype, rule, layout, 
         assert ("st.global.b8" in ptx or "st.global.u8" in ptx) if weights == MASTER_24 else ("st.global.b16" in ptx)
 
 
-# (rule, param dtype, weight format, batched, STOCHASTIC_STATES): 4-bit states rounded stochastically,
-# the second moment (with the weight's stochastic rounding too: both halves of one hash), both
-# states, a one-state rule's, in a batch
-STOCHASTIC_STATES = [("adam", "bf16", STOCHASTIC_WEIGHTS.value, False, 2), ("adam", "fp16", MASTER_32.value, False, 3),
-                     ("lion", "fp32", NEAREST_WEIGHTS.value, False, 1), ("rmsprop", "bf16", STOCHASTIC_WEIGHTS.value, True, 1)]  # fmt: skip
+# (layout, rule, param dtype, weight format, batched, STOCHASTIC_STATES): block-wise states rounded
+# stochastically, 4-bit and 8-bit: the second moment (with the weight's stochastic rounding too:
+# both halves of one hash), every state, a one-state rule's, AdEMAMix's third state, in a batch
+STOCHASTIC_STATES = [(BLOCKWISE_4BIT.value, "adam", "bf16", STOCHASTIC_WEIGHTS.value, False, 2),
+                     (BLOCKWISE_4BIT.value, "adam", "fp16", MASTER_32.value, False, 3),
+                     (BLOCKWISE_4BIT.value, "lion", "fp32", NEAREST_WEIGHTS.value, False, 1),
+                     (BLOCKWISE_4BIT.value, "rmsprop", "bf16", STOCHASTIC_WEIGHTS.value, True, 1),
+                     (BLOCKWISE_8BIT.value, "adam", "bf16", STOCHASTIC_WEIGHTS.value, False, 2),
+                     (BLOCKWISE_8BIT.value, "ademamix", "fp16", MASTER_24.value, False, 4),
+                     (BLOCKWISE_8BIT.value, "ademamix", "fp32", NEAREST_WEIGHTS.value, True, 7),
+                     (BLOCKWISE_8BIT.value, "lamb", "bf16", MASTER_32.value, False, 2),
+                     (BLOCKWISE_8BIT.value, "adagrad", "fp16", STOCHASTIC_WEIGHTS.value, True, 1)]  # fmt: skip
 
 
-@pytest.mark.parametrize("rule, param_dtype, weights, batched, stochastic", STOCHASTIC_STATES)
-def test_stochastic_states_compile_with_exact_ops(rule, param_dtype, weights, batched, stochastic):
-    """The stochastic quantizer: ``(u - code[k]) * steps[k]`` a subtract then a multiply, never
-    contracted, no approximate op; the hash in 32-bit integer multiplies."""
-    kernel = compile_block_kernel(rule, BLOCKWISE_4BIT.value, param_dtype, 0, batched, weights, "u32", stochastic)
+@pytest.mark.parametrize("layout, rule, param_dtype, weights, batched, stochastic", STOCHASTIC_STATES)
+def test_stochastic_states_compile_with_exact_ops(layout, rule, param_dtype, weights, batched, stochastic):
+    """The stochastic quantizer: ``(u - code[k]) * steps[k]`` a subtract then a multiply, and
+    ``u = x * inverse`` then ``u - code[k]`` never contracted, no approximate op; the hash in
+    32-bit integer multiplies."""
+    kernel = compile_block_kernel(rule, layout, param_dtype, 0, batched, weights, "u32", stochastic)
     ptx = kernel.asm["ptx"]
     assert_exact_float_ops(ptx)
     assert len(kernel.asm["cubin"]) > 0

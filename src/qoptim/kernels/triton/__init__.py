@@ -1,15 +1,16 @@
 """The CUDA backend: fused Triton kernels for every rule of the reference (Adam / AdamW, AdEMAMix,
 Lion, SGD, LARS, RMSprop, Adagrad, LAMB), with 8-bit states in 256-blocks, 8-bit states with one
 scale per tensor, 4-bit states in 128-blocks (two states' codes in one byte per element: rules of
-at most two states, rounded to nearest or, with a draw, stochastically), or fp32 states, on fp32 /
-fp16 / bf16 parameters, in every weight format (``types.WeightFormat``: a 24- or 32-bit master
-decoded, updated and encoded again in the same pass, or stochastic rounding; ``weights``).
+at most two states), or fp32 states, the block-wise ones (8-bit or 4-bit) rounded to nearest or,
+with a draw (one for a parameter's states), stochastically; on fp32 / fp16 / bf16 parameters, in
+every weight format (``types.WeightFormat``: a 24- or 32-bit master decoded, updated and encoded
+again in the same pass, or stochastic rounding; ``weights``).
 
 The modules, one idea each (what a rule is, its states, decay and float constants, is
 ``kernels.rules``', shared with every backend):
   * ``rules``: each rule's per-element math on the device, and ``apply_rule``;
   * ``weights``: reading and writing a parameter in its weight format (``quant.master`` on tiles);
-  * ``draws``: the random bits of stochastic rounding, of weights and of 4-bit states;
+  * ``draws``: the random bits of stochastic rounding, of weights and of block-wise states;
   * ``states``: reading and writing the states in each layout, and the quantizers;
   * ``block``: the one block kernel that dequantizes, applies a rule, requantizes;
   * ``launch``: what a launch takes: layouts, pointers, a step's floats and switches, rounding tables;

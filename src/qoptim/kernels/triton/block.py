@@ -3,8 +3,8 @@
 Each program owns ``ROWS`` 256-blocks as a [ROWS, 256] tile and does, per block, what the
 reference does per chunk and in the same float-op order: dequantize each state with its old
 scale, apply the rule in fp32 (``rules.apply_rule``), take the new scales, requantize by the
-count of midpoints below ``x * (1 / scale)``, or stochastically where a 4-bit state has a draw
-(``states``: every state layout, 4-bit included), write the parameter back in its weight format
+count of midpoints below ``x * (1 / scale)``, or stochastically where a block-wise state has a
+draw (``states``: every state layout, 4-bit included), write the parameter back in its weight format
 (``weights``: rounded to nearest even, stochastically, or encoded as a master with its correction,
 which is read decoded). Blocks whose gradient holds a NaN or Inf keep their parameter, correction
 and states (``SKIP``).
@@ -196,8 +196,8 @@ def block_kernel(
             else:
                 store_weights(p_ptr, c_ptr, p, offs, mask & (keep == 0), key, first, WEIGHTS, PARAM_BF16)
                 store_states(s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr, s1_ptr, code1_ptr, rounding1_ptr, absmax1_ptr,
-                             s2_ptr, rounding2_ptr, absmax2_ptr, new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask,
-                             n, bad, states_key, states_first, LAYOUT, N_STATES, NEVER_NEGATIVE, STOCHASTIC_STATES,
+                             s2_ptr, code2_ptr, rounding2_ptr, absmax2_ptr, new_scales_ptr, s0, s1, s2, packed, offs, mask, rows,
+                             row_mask, n, bad, states_key, states_first, LAYOUT, N_STATES, NEVER_NEGATIVE, STOCHASTIC_STATES,
                              BLOCK_SIZE)  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """The random bits of stochastic rounding on tiles, bit for bit as ``quant.master``'s: one hash of
 an element's index per draw (``lowbias32((index mod 2**32) ^ key)``), whose high 16 bits round the
 element's weight (``random_bits``: ``weights``) and whose low 16 bits round its stochastically
-rounded 4-bit state (``state_random_bits``: ``states``). One definition of the hash serves both,
-so that a step's weight and states draw the two halves of one hash, as the reference's do.
+rounded block-wise states, 4-bit or 8-bit (``state_random_bits``: ``states``). One definition of
+the hash serves both, so that a step's weight and states draw the two halves of one hash, as the
+reference's do.
 
 The hash is uint32 arithmetic (wrapping multiplies, logical shifts); an index is an int64 offset
 into the parameter plus the draw's first index, of which only the low 32 bits count.

@@ -36,6 +36,10 @@ LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps":
 SCALAR_LAUNCH_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False, "num_warps": 1}  # one-program kernels
 
 
+# The layouts whose states the kernel rounds stochastically (a slot's draw): the block-wise ones.
+STOCHASTIC_LAYOUTS = (BLOCKWISE_8BIT.value, BLOCKWISE_4BIT.value)
+
+
 def layout_of(slot: StateSlot) -> int | None:
     """The state layout switch of a slot (``states``), or None where no kernel covers it."""
     if not slot.quantized:
@@ -57,15 +61,16 @@ def states_layout(slots: list[StateSlot]) -> int | None:
     """The one layout switch of a parameter's states, or None where they are in no layout a
     kernel covers, or in several. 4-bit states must share their bytes as the kernel reads them:
     one tensor, state i's code from bit ``4 * i`` up (``StateSlot.shift``), at most two states.
-    The kernel rounds stochastically only 4-bit states, all with one draw (the step's, as the
-    optimizers give it): a draw elsewhere, or two draws, are left to the reference."""
+    The kernel rounds stochastically only block-wise states (8-bit or 4-bit), all with one draw
+    (the step's, as the optimizers give it: one hash per element serves them all): a draw
+    elsewhere (which the reference refuses), or two draws, are left to the reference."""
     layouts = {layout_of(slot) for slot in slots}
     if len(layouts) != 1:
         return None
     layout = layouts.pop()
     if layout == BLOCKWISE_4BIT.value and not _shares_bytes(slots):
         return None
-    if state_draw(slots) is not None and (layout != BLOCKWISE_4BIT.value or not one_state_draw(slots)):
+    if state_draw(slots) is not None and (layout not in STOCHASTIC_LAYOUTS or not one_state_draw(slots)):
         return None
     return layout
 

@@ -19,14 +19,18 @@ unsigned map has no zero code). Blocks in ``bad`` (a NaN or Inf gradient) keep t
 scales, except in the whole-tensor layout, where every element is recoded with the new global
 scale (as the reference).
 
-A 4-bit state with a draw (``StateSlot.draw``: the optimizers' second moments) is rounded
-stochastically instead, as ``quant.blockwise.quantize_stochastic`` (``round_stochastically``):
-the same ``u``, the last code at or below it (the count of the codes after the first at or below
-``u``, NaN after them all), one up where the element's 16 random bits (``draws.state_random_bits``)
-lie below ``(u - code[k]) * steps[k]``, the steps read from the table the reference computes
-(``launch.steps_table``). Which states do is a compile-time bitmask (``STOCHASTIC_STATES``): a
-state rounded to nearest runs the same code as without it, and its table pointer is the midpoints,
-a stochastic one's the steps (the ``rounding`` table of each state).
+A block-wise state with a draw (``StateSlot.draw``: the optimizers' second moments), 4-bit or
+8-bit, is rounded stochastically instead, as ``quant.blockwise.quantize_stochastic``
+(``round_stochastically``): the same ``u``, the last code at or below it (the count of the codes
+after the first at or below ``u``, NaN after them all), one up where the element's 16 random bits
+(``draws.state_random_bits``) lie below ``(u - code[k]) * steps[k]``, the steps read from the table
+the reference computes (``launch.steps_table``); a never-negative 8-bit state's positive value is
+then raised from code 0 as when rounded to nearest. The states of a tile draw one hash per element
+(the optimizers give a step's states one draw). Which states round stochastically is a
+compile-time bitmask (``STOCHASTIC_STATES``): a state rounded to nearest runs the same code as
+without it, and its table pointer is the midpoints, a stochastic one's the steps (the ``rounding``
+table of each state). The whole-tensor layout never rounds stochastically (the reference refuses
+a draw there, and so does ``launch.states_layout``).
 """
 
 from __future__ import annotations
@@ -187,18 +191,19 @@ def load_states(s0_ptr, code0_ptr, absmax0_ptr, s1_ptr, code1_ptr, absmax1_ptr, 
 
 @triton.jit
 def store_states(s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr, s1_ptr, code1_ptr, rounding1_ptr, absmax1_ptr, s2_ptr,
-                 rounding2_ptr, absmax2_ptr, new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask, n, bad, state_key,
-                 state_first, LAYOUT: tl.constexpr, N_STATES: tl.constexpr, NEVER_NEGATIVE: tl.constexpr,
+                 code2_ptr, rounding2_ptr, absmax2_ptr, new_scales_ptr, s0, s1, s2, packed, offs, mask, rows, row_mask, n, bad,
+                 state_key, state_first, LAYOUT: tl.constexpr, N_STATES: tl.constexpr, NEVER_NEGATIVE: tl.constexpr,
                  STOCHASTIC_STATES: tl.constexpr, BLOCK_SIZE: tl.constexpr):  # fmt: skip
     """Write the states' updated tiles (see the module docstring); ``packed``: ``load_states``'
     bytes. ``NEVER_NEGATIVE``: bit i set where state i is never negative. ``STOCHASTIC_STATES``
-    (4-bit layout): bit i set where state i is rounded stochastically, each element drawing the
-    bits of its index in the parameter (``state_first`` + its offset, int64) under uint32 ``state_key``."""
+    (block-wise layouts): bit i set where state i is rounded stochastically, each element drawing
+    the bits of its index in the parameter (``state_first`` + its offset, int64) under uint32
+    ``state_key``: one hash per element for all the states."""
+    r = 0.0  # unread where no state is rounded stochastically
+    if STOCHASTIC_STATES != 0:
+        r = state_random_bits(state_key, state_first + offs).to(tl.float32)
     if LAYOUT == BLOCKWISE_4BIT:
         low_half = (tl.arange(0, BLOCK_SIZE) < HALF_BLOCK)[None, :]
-        r = 0.0  # unread where no state is rounded stochastically
-        if STOCHASTIC_STATES != 0:
-            r = state_random_bits(state_key, state_first + offs).to(tl.float32)  # (one hash for both states)
         codes = _requantize_nibbles(s0, code0_ptr, rounding0_ptr, absmax0_ptr, mask, rows, n, bad, low_half, r,
                                     (STOCHASTIC_STATES & 1) != 0)  # fmt: skip
         if N_STATES > 1:
@@ -208,14 +213,14 @@ def store_states(s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr, s1_ptr, code1_pt
             codes |= packed & 0xF0  # the other state's half of the byte, as it was
         tl.store(s0_ptr + offs, codes.to(tl.uint8), mask=mask & (bad[:, None] == 0))
     else:
-        _store_state(s0_ptr, rounding0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, LAYOUT,
-                     (NEVER_NEGATIVE & 1) == 0)  # fmt: skip
+        _store_state(s0_ptr, code0_ptr, rounding0_ptr, absmax0_ptr, new_scales_ptr, s0, offs, mask, rows, row_mask, bad, r,
+                     LAYOUT, (NEVER_NEGATIVE & 1) == 0, (STOCHASTIC_STATES & 1) != 0)  # fmt: skip
         if N_STATES > 1:
-            _store_state(s1_ptr, rounding1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask, bad, LAYOUT,
-                         (NEVER_NEGATIVE & 2) == 0)  # fmt: skip
+            _store_state(s1_ptr, code1_ptr, rounding1_ptr, absmax1_ptr, new_scales_ptr + 1, s1, offs, mask, rows, row_mask,
+                         bad, r, LAYOUT, (NEVER_NEGATIVE & 2) == 0, (STOCHASTIC_STATES & 2) != 0)  # fmt: skip
         if N_STATES > 2:
-            _store_state(s2_ptr, rounding2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask, bad, LAYOUT,
-                         (NEVER_NEGATIVE & 4) == 0)  # fmt: skip
+            _store_state(s2_ptr, code2_ptr, rounding2_ptr, absmax2_ptr, new_scales_ptr + 2, s2, offs, mask, rows, row_mask,
+                         bad, r, LAYOUT, (NEVER_NEGATIVE & 4) == 0, (STOCHASTIC_STATES & 4) != 0)  # fmt: skip
 
 
 @triton.jit
@@ -232,21 +237,28 @@ def _load_state(ptr, code_ptr, absmax_ptr, offs, mask, rows, row_mask, LAYOUT: t
 
 
 @triton.jit
-def _store_state(ptr, mids_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, row_mask, bad, LAYOUT: tl.constexpr,
-                 SIGNED: tl.constexpr):  # fmt: skip
-    """Write one state's updated tile in a layout of a state per tensor (not 4-bit)."""
+def _store_state(ptr, code_ptr, rounding_ptr, absmax_ptr, new_scale_ptr, x, offs, mask, rows, row_mask, bad, r,
+                 LAYOUT: tl.constexpr, SIGNED: tl.constexpr, STOCHASTIC: tl.constexpr):  # fmt: skip
+    """Write one state's updated tile in a layout of a state per tensor (not 4-bit). Rounded to
+    nearest (``rounding_ptr``: the midpoints), or ``STOCHASTIC``ally (block-wise only;
+    ``rounding_ptr``: the steps; ``r``: each element's random bits)."""
     if LAYOUT == FP32_STATES:
+        tl.static_assert(not STOCHASTIC)
         tl.store(ptr + offs, x, mask=mask & (bad[:, None] == 0))
     elif LAYOUT == BLOCKWISE_8BIT:
         scale = _row_absmax(x, mask)
         keep = row_mask & (bad == 0)
         tl.store(absmax_ptr + rows, scale, mask=keep)
-        codes = round_to_code(x, _inverse(scale)[:, None], mids_ptr, 8)
+        if STOCHASTIC:
+            codes = round_stochastically(x * _inverse(scale)[:, None], code_ptr, rounding_ptr, r, 8)
+        else:
+            codes = round_to_code(x, _inverse(scale)[:, None], rounding_ptr, 8)
         if not SIGNED:
             codes = _raise_positive_from_zero(codes, x)
         tl.store(ptr + offs, codes.to(tl.uint8), mask=mask & keep[:, None])
     else:
-        codes = round_to_code(x, _inverse(tl.load(new_scale_ptr)), mids_ptr, 8)
+        tl.static_assert(not STOCHASTIC)
+        codes = round_to_code(x, _inverse(tl.load(new_scale_ptr)), rounding_ptr, 8)
         if not SIGNED:
             codes = _raise_positive_from_zero(codes, x)
         tl.store(ptr + offs, codes.to(tl.uint8), mask=mask)

@@ -13,7 +13,7 @@ Exactness: every step is an integer op on bit patterns, a conversion that is exa
 rounded (fp32 <-> fp16, which the interpreter and the GPU round to nearest even as torch does),
 or a float op by a power of two built from bits (never exp2); rounding half away from zero is
 a floor and a compare (never ``floor(x + 0.5)``, which rounds the sum first). The random bits are
-``draws``' (the hash's high half; the stochastically rounded 4-bit states take its low half).
+``draws``' (the hash's high half; the stochastically rounded block-wise states take its low half).
 """
 
 from __future__ import annotations
