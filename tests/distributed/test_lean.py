@@ -19,7 +19,7 @@ from support import WORKERS, launch
 
 pytestmark = pytest.mark.integration
 
-FSDP2_RUNS = ["master24", "master24_4bit", "master32_fp32_states", "stochastic_fp32_states"]
+FSDP2_RUNS = ["master24", "master24_4bit", "master24_v_stochastic", "master32_fp32_states", "stochastic_fp32_states"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,9 @@ def test_fsdp2(run, name):
     assert r["exact"] == expected and r["weights_exact"] == expected
 
 
-def test_ddp_keeps_ranks_equal(run):
-    assert run[1]["ddp"] == {"loss_fell": True, "same_on_ranks": True}
+@pytest.mark.parametrize("name", ["ddp", "ddp_v_stochastic"])
+def test_ddp_keeps_ranks_equal(run, name):
+    assert run[1][name] == {"loss_fell": True, "same_on_ranks": True}
 
 
 @pytest.mark.parametrize("name", ["release_master24", "release_master24_4bit"])
@@ -64,6 +65,8 @@ def test_fsdp1_exports_and_loads_the_master(run, name, bits):
 
 @pytest.mark.parametrize(("name", "cls", "kw"), [("master24", qoptim.AdamW8bit, dict(min_8bit_size=256, master_weight_bits=24)),
                                                  ("master24_4bit", qoptim.AdamW4bit, dict(min_8bit_size=256, master_weight_bits=24)),
+                                                 ("master24_v_stochastic", qoptim.AdamW8bit,
+                                                  dict(min_8bit_size=256, master_weight_bits=24, state_rounding="stochastic")),
                                                  ("master32_fp32_states", qoptim.AdamW, dict(master_weight_bits=32))])  # fmt: skip
 def test_a_two_rank_checkpoint_loads_into_one_process(run, name, cls, kw):
     out, _ = run

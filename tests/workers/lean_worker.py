@@ -151,11 +151,11 @@ def check_release(rank, world, name, cls, kw):
     RESULTS[name] = dict(equal=all_ranks(equal), freed=all_ranks(freed), four_bit=four_bit)
 
 
-def check_ddp(rank, world):
+def check_ddp(rank, world, name="ddp", **settings):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model())
-    opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256, master_weight_bits=24)
+    opt = qoptim.AdamW8bit(model.parameters(), lr=LR, min_8bit_size=256, master_weight_bits=24, **settings)
     losses = train_alongside(model, opt, steps=6, rank=rank, world=world)
     same = []
     for p in model.parameters():
@@ -163,7 +163,7 @@ def check_ddp(rank, world):
             parts = [torch.empty_like(t) for _ in range(world)]
             dist.all_gather(parts, t.contiguous())
             same.append(all(torch.equal(parts[0], q) for q in parts[1:]))
-    RESULTS["ddp"] = dict(loss_fell=losses[-1] < losses[0], same_on_ranks=all(same))
+    RESULTS[name] = dict(loss_fell=losses[-1] < losses[0], same_on_ranks=all(same))
 
 
 def check_fsdp1(rank, world, name, cls):
@@ -207,11 +207,13 @@ def checks(rank: int, world: int) -> None:
     master24 = dict(lr=LR, min_8bit_size=256, master_weight_bits=24)
     check_fsdp2(rank, world, "master24", qoptim.AdamW8bit, master24)
     check_fsdp2(rank, world, "master24_4bit", qoptim.AdamW4bit, master24)
+    check_fsdp2(rank, world, "master24_v_stochastic", qoptim.AdamW8bit, dict(master24, state_rounding="stochastic"))
     check_fsdp2(rank, world, "master32_fp32_states", qoptim.AdamW, dict(lr=LR, master_weight_bits=32))
     check_fsdp2(rank, world, "stochastic_fp32_states", qoptim.AdamW, dict(lr=LR, weight_rounding="stochastic"))
     check_release(rank, world, "release_master24", qoptim.AdamW8bit, master24)
     check_release(rank, world, "release_master24_4bit", qoptim.AdamW4bit, master24)
     check_ddp(rank, world)
+    check_ddp(rank, world, "ddp_v_stochastic", state_rounding="stochastic")  # (the same seeds on every rank)
     check_fsdp1(rank, world, "fsdp1", qoptim.AdamW8bit)
     check_fsdp1(rank, world, "fsdp1_4bit", qoptim.AdamW4bit)
 
