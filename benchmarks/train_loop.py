@@ -26,7 +26,7 @@ from torch import nn
 
 import qoptim
 from qoptim.cli import demo, machine
-from qoptim.kernels.cpu import paths
+from qoptim.kernels.cpu import launch, paths
 
 # name -> (width, layers, context, batch): the demo's GPT, and GPT-2 small's width and depth on the
 # demo's 128-character vocabulary (85M parameters: its embeddings are small, its blocks GPT-2's)
@@ -36,8 +36,27 @@ OPTIMIZERS = {
     "torch AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
     "qoptim AdamW8bit": lambda params: qoptim.optim.AdamW8bit(params, lr=1e-3),
     "qoptim AdamW4bit": lambda params: qoptim.optim.AdamW4bit(params, lr=1e-3),
+    # the same step on worker threads of qoptim's own instead of torch's OpenMP team (kernels/cpu/team.py)
+    "AdamW8bit own threads": lambda params: OwnThreads(qoptim.optim.AdamW8bit(params, lr=1e-3)),
 }
 BASELINE = "torch AdamW fused"
+
+
+class OwnThreads:
+    """An optimizer whose step runs its parallel tasks on qoptim's worker threads (``launch.TEAM`` unset)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        team, launch.TEAM = launch.TEAM, None
+        try:
+            self.optimizer.step()
+        finally:
+            launch.TEAM = team
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
 @dataclass
@@ -46,7 +65,7 @@ class Contestant:
 
     name: str
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | OwnThreads
     step_ms: list[float] = field(default_factory=list)
     forward_backward_ms: list[float] = field(default_factory=list)
 
@@ -118,7 +137,8 @@ def main() -> None:
         raise SystemExit(f"unknown: {', '.join(unknown)}")
     machine.default_threads()
     print(f"{machine.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"qoptim CPU kernel path: {type(paths.current()).__name__}; {args.rounds} rounds of {args.steps} steps, alternating\n")  # fmt: skip
+          f"qoptim CPU kernel path: {type(paths.current()).__name__}; parallel tasks on "
+          f"{'the OpenMP team of torch' if launch.TEAM else 'worker threads of qoptim'}; {args.rounds} rounds of {args.steps} steps, alternating\n")  # fmt: skip
     for model_name in models:
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name.strip())

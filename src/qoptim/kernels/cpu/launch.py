@@ -1,10 +1,11 @@
-"""Where a step's work runs: tasks (contiguous runs of 256-blocks) on the calling thread and on
-worker threads of our own.
+"""Where a step's work runs: tasks (contiguous runs of 256-blocks) on torch's own OpenMP threads
+(``team``, where torch runs on libgomp), else on the calling thread and worker threads of our own.
 
-The kernels release the GIL, and the threads sleep between steps (Numba's OpenMP threads
+The kernels release the GIL. Our own threads sleep between steps (Numba's OpenMP threads
 spin-wait between parallel regions, which starved torch's own pool: training ran up to ~100x
-slower). A Numba parallel driver would also compile each kernel a second time, inlined into
-its gufunc: ~2 s more per kernel on a cold cache.
+slower), but right after a torch operation torch's threads spin and ours fight them for the
+cores; torch's threads, given the tasks, do not. A Numba parallel driver would also compile each
+kernel a second time, inlined into its gufunc: ~2 s more per kernel on a cold cache.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..types import BLOCK
+from .team import TEAM
 
 __all__ = ["PARALLEL_MIN", "TASKS_PER_THREAD", "run", "tasks_for", "threads"]
 
@@ -47,11 +49,18 @@ def tasks_for(n: int) -> int:
 
 
 def run(task, ntasks: int, results: np.ndarray, args: tuple) -> None:
-    """results[t] = task(t, ntasks, *args) for each task, on the calling thread and worker
-    threads (``threads``), each taking the next task when done with one. Returns when all
-    are done, re-raising the first error."""
+    """results[t] = task(t, ntasks, *args) for each task, on ``threads()`` threads (torch's
+    OpenMP team, else the calling thread and worker threads), each taking the next task when
+    done with one. Returns when all are done, re-raising the first error."""
     if ntasks == 1:
         results[0] = task(0, 1, *args)
+        return
+    if TEAM is not None:
+
+        def one(t: int) -> None:
+            results[t] = task(t, ntasks, *args)
+
+        TEAM.run(one, ntasks, min(threads(), ntasks))
         return
     pending = queue.SimpleQueue()
     for t in range(ntasks):
@@ -63,7 +72,11 @@ def run(task, ntasks: int, results: np.ndarray, args: tuple) -> None:
                 t = pending.get_nowait()
             except queue.Empty:
                 return
-            results[t] = task(t, ntasks, *args)
+            try:
+                results[t] = task(t, ntasks, *args)
+            except BaseException:  # (Ctrl-C too) no thread takes another task
+                _drain(pending)
+                raise
 
     helpers = min(threads(), ntasks) - 1
     futures = []
@@ -75,10 +88,8 @@ def run(task, ntasks: int, results: np.ndarray, args: tuple) -> None:
     error = None
     try:
         work()
-    except BaseException as e:  # (Ctrl-C too) stop handing out tasks, and wait for the others: they may still be writing
+    except BaseException as e:  # wait for the other threads: they may still be writing
         error = e
-        while not pending.empty():
-            pending.get_nowait()
     for future in futures:
         try:
             future.result()
@@ -86,6 +97,14 @@ def run(task, ntasks: int, results: np.ndarray, args: tuple) -> None:
             error = error or e
     if error is not None:
         raise error
+
+
+def _drain(pending: queue.SimpleQueue) -> None:
+    while True:
+        try:
+            pending.get_nowait()
+        except queue.Empty:
+            return
 
 
 class _Workers:
