@@ -11,8 +11,9 @@ import torch
 
 from qoptim.kernels import reference
 from qoptim.kernels.types import Hyper, StateSlot, UpdateResult
+from qoptim.quant.master import Draw
 
-from .cases import copy_state
+from .cases import copy_state, with_draws
 from .weights import WeightCase
 
 # A backend's ``update(rule, p, g, slots, hp, skip_nonfinite[, weights])``.
@@ -55,13 +56,16 @@ def assert_backend_matches_reference(
     steps: Iterable[tuple[torch.Tensor, Hyper]],
     skip_nonfinite: bool,
     weights: WeightCase | None = None,
+    draws: Callable[[Hyper], Draw] | None = None,
 ) -> list[int]:
     """``update`` on ``p`` and ``slots``, and ``reference.update`` on copies of them, for each
     (gradient, hyperparameters) of ``steps``: the same skipped-block count and the same bits
     after every step. The reference's skipped-block counts, step by step.
 
     With ``weights`` (``support.weights``), 16-bit ``p`` is first given that case's master (a
-    correction, compared too after every step) or stochastic rounding."""
+    correction, compared too after every step) or stochastic rounding. With ``draws``, the rule's
+    never-negative states round stochastically with the draw ``draws(hp)`` of each step (a new key
+    every step, as the optimizers draw them: ``optim.weights.step_draw``)."""
     correction = weights.start(p) if weights is not None else None
     p_ref, slots_ref = copy_state(p, slots)
     correction_ref = None if correction is None else correction.clone()
@@ -69,6 +73,8 @@ def assert_backend_matches_reference(
     for number, (g, hp) in enumerate(steps, start=1):
         ours = () if weights is None else (weights.at(correction, hp),)
         theirs = () if weights is None else (weights.at(correction_ref, hp),)
+        if draws is not None:
+            slots, slots_ref = with_draws(rule, slots, draws(hp)), with_draws(rule, slots_ref, draws(hp))
         got = update(rule, p, g, slots, hp, skip_nonfinite, *ours).skipped_blocks
         expected = reference.update(rule, p_ref, g, slots_ref, hp, skip_nonfinite, *theirs).skipped_blocks
         assert int(got) == expected, f"step {number}: {int(got)} blocks skipped, the reference {expected}"
