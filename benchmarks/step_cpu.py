@@ -13,6 +13,9 @@ backend, torch's AdamW (fused and foreach) and, when importable, bitsandbytes an
                                                     # the plain one (default 16.7M = 4096²)
     python benchmarks/step_cpu.py --four-bit        # issue #18: AdamW4bit's step against AdamW8bit's on the
                                                     # CPU kernel, alternating (default 16.7M, fp32 and bf16)
+    python benchmarks/step_cpu.py --stochastic-8bit # the 8-bit AdamW step with v rounded stochastically against
+                                                    # v to nearest, alternating (default 1M and 16.7M, fp32 and
+                                                    # bf16; benchmarks/stochastic_8bit.py)
 
 Per row: median ms of warm steps, parameters per second, the ratio to torch's fused AdamW,
 bytes of optimizer state per parameter, the peak extra resident memory during a warm step
@@ -35,6 +38,11 @@ median over the rounds, and its ratios to the plain 8-bit step and to torch fuse
 per element, a scale per 128) and AdamW8bit's on the CPU kernel, one after the other in each of
 ``--rounds`` rounds (default 3): each one's median over the rounds, and the ratio round by round;
 torchao's AdamW4bit in the same rounds where torchao is installed.
+
+``--stochastic-8bit`` times the CPU kernel's 8-bit AdamW step with v rounded stochastically (a new
+draw every step) and with v rounded to nearest, one after the other in each of ``--rounds`` rounds
+(``benchmarks/stochastic_8bit.py``): each one's median and the ratio round by round, under the
+CPU model ``lscpu`` names.
 """
 
 from __future__ import annotations
@@ -433,6 +441,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-paths", action="store_true", help="also the CPU kernel's slower paths (AVX2 gathers, portable loops)")
     parser.add_argument("--lean", action="store_true", help="a bf16 parameter's 8-bit step in each weight format of issue #17 (master 24 / 32, stochastic)")
     parser.add_argument("--four-bit", action="store_true", help="AdamW4bit's step against AdamW8bit's on the CPU kernel (issue #18)")
+    parser.add_argument("--stochastic-8bit", action="store_true", help="the 8-bit AdamW step with v rounded stochastically against v to nearest")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the fused kernel against torch fused, measured alternately, for the ratio's spread (default 3; 0: none)")
     args = parser.parse_args(argv)
     if args.families:
@@ -448,6 +457,14 @@ def main(argv=None) -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         for n in [parse_size(s) for s in (args.sizes or "16.7M").split(",")]:
             lean(n, DTYPES[args.dtypes] if "--dtypes" in (argv or sys.argv) else torch.bfloat16, steps, args.rounds)
+        return
+    if args.stochastic_8bit:
+        import stochastic_8bit  # (benchmarks/, on the path of a script run from there)
+
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {stochastic_8bit.cpu_model()}")
+        for text in (args.sizes or "1M,16.7M").split(","):
+            for dtype in dtypes:
+                stochastic_8bit.compare(parse_size(text), dtype, steps, args.rounds, fmt_size(parse_size(text)))
         return
     if args.four_bit:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -28,10 +28,11 @@ Modules, from the seam down:
 - ``weights``: a parameter as the tasks read and write it, in its weight format
 - ``codec``: a master weight decoded and encoded, stochastic rounding, element by element
 - ``rules``: each rule's per-element math and its marker (the rest of a rule is ``kernels.rules``)
-- ``quantize``: dequantizing and quantizing a block on each path
+- ``quantize``: dequantizing and quantizing a block on each path (to nearest, or stochastically with a draw)
+- ``draws``: the AVX-512 path's draw of 8-bit stochastic rounding, 16 lanes at a time
 - ``gather``: the AVX2 path's gather intrinsics
 - ``avx512``: the AVX-512 path's register-permute lookups and quantizers
-- ``tables``: a code map's quantizer tables (incl. the AVX-512 path's register tables)
+- ``tables``: a code map's quantizer tables (incl. the AVX-512 path's register tables, and stochastic rounding's floor tables)
 - ``guess``: the AVX-512 quantizer's first guess from a table of bins
 - ``bits``: float bit patterns, stack arrays, prefetches, bf16/fp16 conversions
 - ``jit``: the compile options of every kernel

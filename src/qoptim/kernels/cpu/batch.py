@@ -8,7 +8,8 @@ maps go to the kernels together: their addresses travel as one int64 array, the 
 each tensor's memory again (``numba.carray``) and runs the very task function of the
 one-at-a-time path on it, so results are identical bit for bit.
 
-Batched: fp32 states, block-wise 8-bit states and 4-bit states of tensors below ``BATCH_LIMIT`` elements.
+Batched: fp32 states, block-wise 8-bit states and 4-bit states of tensors below ``BATCH_LIMIT``
+elements, the quantized ones rounded to nearest or stochastically (each row its own draw).
 Everything else (larger tensors, whose own call costs little next to their work; one-scale
 8-bit states, which take two passes; LAMB and LARS, whose trust ratio needs a pass of its own)
 takes the one-at-a-time path. A batch is cut into parts of at most ``PART`` elements (a
@@ -34,7 +35,7 @@ from . import launch, paths
 from .bits import ZERO
 from .jit import JIT
 from .four_bit import four_bit_task
-from .layout import Layout, as_numpy, flat_cpu, kernel_tables, padded, plan, weights_fit
+from .layout import Layout, as_numpy, flat_cpu, kernel_stochastic, kernel_tables, padded, plan, weights_fit
 from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES, constants, marker_of
 from .tables import tables_of
@@ -50,7 +51,7 @@ PART = 1 << 17
 
 # Columns of a batch's address table: param, grad, then (values, absmax) per state; then the
 # parameter's weight format: its correction's address, its draw's key and first index; then the
-# draw of its stochastically rounded 4-bit states (one per job: the step's), key and first index.
+# draw of its stochastically rounded states (one per job: the step's), key and first index.
 _P, _G, _STATES = 0, 1, 2
 _C, _KEY, _FIRST, _STATE_KEY, _STATE_FIRST = range(_STATES + 2 * KERNEL_STATES, _STATES + 2 * KERNEL_STATES + 5)
 
@@ -83,8 +84,9 @@ def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResul
 def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | None:
     """What jobs must share to run in one call, or None for the one-at-a-time path: a layout
     the kernels cover (``layout.plan``, which leaves out empty tensors: a rank's shard of a
-    small parameter can be one), fp32, 8-bit in 256-blocks or 4-bit, the same maps (and 4-bit
-    states the same shifts and roundings) and the same weight format (``_weight_form``)."""
+    small parameter can be one), fp32, 8-bit in 256-blocks or 4-bit, the same maps and
+    roundings (and 4-bit states the same shifts) and the same weight format (``_weight_form``);
+    each row draws with its own key and first index."""
     rule, p, g, slots, hp, skip_nonfinite, weights = job
     if p.numel() >= BATCH_LIMIT or RULES[rule].trust:
         return None
@@ -93,10 +95,10 @@ def _batch_key(job: Job, layout: Layout | None, tables_seen: list) -> tuple | No
     if not one_state_draw(slots):  # (a batch row holds one states' draw: the step's)
         return None
     states = (layout,)
-    if layout == Layout.BLOCK:  # and the maps, by their tables
+    if layout == Layout.BLOCK:  # and the maps, by their tables, and which states round stochastically
         tables = [tables_of(s.code) for s in slots]
         tables_seen += tables  # the key names them by id(): alive until the batches ran
-        states += tuple(id(t) for t in tables)
+        states += tuple((id(t), s.draw is not None) for t, s in zip(tables, slots))
     if layout == Layout.FOUR_BIT:  # the maps by their tables, and where each state's code sits in a byte
         tables = [nibble_tables_of(s.code) for s in slots]
         tables_seen += tables
@@ -144,11 +146,19 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
         tables = padded(tuple((*nibble_tables_of(s.code), s.shift, s.draw is not None) for s in jobs[0].slots))
         paths.on_best_path(lambda path: launch.run(four_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
     else:
-        tables = padded(tuple(kernel_tables(tables_of(s.code)) for s in jobs[0].slots))
+        tables = padded(tuple(_eight_bit_tables(s) for s in jobs[0].slots))
         paths.on_best_path(lambda path: launch.run(eight_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
     skipped = np.zeros(len(jobs), dtype=np.int64)
     np.add.at(skipped, table[:, _PART_JOB], per_part)
     return skipped
+
+
+def _eight_bit_tables(slot) -> tuple:
+    """An 8-bit state's map tables as the batch tasks take them (``_8bit_state``): its nearest
+    and stochastic tables (``layout.kernel_tables``, ``layout.kernel_stochastic``), and whether
+    it rounds stochastically."""
+    tables = kernel_tables(tables_of(slot.code))
+    return tables, kernel_stochastic(slot.code, tables), slot.draw is not None
 
 
 # Columns of a batch's parts table: the job, which part of it, of how many, and its size.
@@ -213,10 +223,13 @@ def _view(address, n, like):
 
 @njit(**JIT)
 def _8bit_state(row, k, n, tables):
-    """State ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it."""
+    """State ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it (``tables``: its
+    map tables, nearest and stochastic, and whether it rounds stochastically: ``_eight_bit_tables``)."""
+    tables, stochastic, drawn = tables
     values = _view(row[_STATES + 2 * k], n, np.uint8)
     absmax = _view(row[_STATES + 2 * k + 1], (n + BLOCK - 1) // BLOCK, np.float32)
-    return values, absmax, tables
+    key = row[_STATE_KEY] if drawn else NO_DRAW
+    return values, absmax, tables, stochastic, key, row[_STATE_FIRST]
 
 
 @njit(**JIT)

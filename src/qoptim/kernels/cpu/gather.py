@@ -9,7 +9,7 @@ from numba.extending import intrinsic
 
 from .tables import NAN_INDEX
 
-__all__ = ["LANES", "lookup_lanes", "quantize_lanes", "quantize_packed_lanes"]
+__all__ = ["LANES", "fixup_lanes", "lookup_lanes", "quantize_lanes", "quantize_packed_lanes"]
 
 LANES = 8
 
@@ -59,6 +59,27 @@ def quantize_lanes(typingctx, values, start, inv, first, mids, out):
         idx = builder.add(idx, builder.zext(below, vi))
         idx = builder.select(builder.fcmp_unordered("uno", u, u), ir.Constant(vi, [NAN_INDEX] * LANES), idx)
         builder.store(builder.trunc(idx, ir.VectorType(i8, LANES)), _lanes_at(builder, out.data, start, i8), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fixup_lanes(typingctx, values, start, inv, mids, out):
+    """One more fix-up of ``quantize_lanes``' indices on LANES elements from ``start``, for maps
+    with two midpoints in some table bucket (stochastic rounding's floor tables of the unsigned
+    map have one such): idx += mids[idx] < u, NaN's NAN_INDEX kept (mids[255] is +inf)."""
+    sig = types.void(values, start, inv, mids, out)
+
+    def codegen(context, builder, signature, args):
+        values, start, inv, mids, out = _arrays(context, builder, signature, args)
+        f32, i32, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
+        vf, vi = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+        u = builder.fmul(builder.load(_lanes_at(builder, values.data, start, f32), align=4), _splat(builder, inv, vf))
+        at = _lanes_at(builder, out.data, start, i8)
+        idx = builder.zext(builder.load(at, align=1), vi)
+        idx = builder.add(idx, builder.zext(builder.fcmp_ordered("<", _gather(builder, mids.data, f32, idx, f32), u), vi))
+        builder.store(builder.trunc(idx, ir.VectorType(i8, LANES)), at, align=1)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -4,7 +4,10 @@ The kernels cover a rule's states all fp32, all 8-bit in 256-blocks, all 8-bit w
 scale per tensor (maps of 256 sorted float32 codes), or all 4-bit in 128-blocks sharing one
 byte per element (maps of 16, ``nibbles``), of a flat contiguous CPU parameter (fp32, bf16 or
 fp16); ``plan`` says which of these a parameter's states are, or None (then
-the reference backend takes the step). numpy has no bf16: the kernels see 16-bit parameters
+the reference backend takes the step). States in blocks (8-bit in 256-blocks, 4-bit) may carry
+a draw (rounded stochastically; an 8-bit map with floor tables: ``tables``); a draw on fp32
+states or on one-scale 8-bit ones is the reference's to refuse (``reference.check_draws``), so
+the kernels leave those to it. numpy has no bf16: the kernels see 16-bit parameters
 as 16-bit integers, told apart by signedness (bf16 int16, fp16 uint16).
 """
 
@@ -19,9 +22,9 @@ from ..rules import RULES
 from ..types import BLOCK, WHOLE_TENSOR, StateSlot, WeightFormat
 from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES
-from .tables import QuantTables, tables_of
+from .tables import PLANES, QuantTables, stochastic_tables_of, tables_of
 
-__all__ = ["Layout", "as_numpy", "flat_cpu", "kernel_state", "padded", "plan", "weight_view", "weights_fit"]
+__all__ = ["Layout", "as_numpy", "draw_of", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_tables", "padded", "plan", "weight_view", "weights_fit"]
 
 
 class Layout(enum.IntEnum):
@@ -56,8 +59,15 @@ def _layout(n: int, slots: list[StateSlot]) -> Layout | None:
     that has tables (``tables_of``: a sorted one)."""
     if any(s.quantized and s.bits == 4 for s in slots):
         return Layout.FOUR_BIT if _four_bit(n, slots) else None
-    if any(s.draw is not None for s in slots):  # (the kernels round 4-bit codes stochastically, no other state)
-        return None
+    layout = _eight_bit_or_fp32(n, slots)
+    drawn = [s for s in slots if s.draw is not None]
+    if drawn and (layout != Layout.BLOCK or any(stochastic_tables_of(s.code) is None for s in drawn)):
+        return None  # (block-wise codes only, of a map with floor tables: the others are the reference's)
+    return layout
+
+
+def _eight_bit_or_fp32(n: int, slots: list[StateSlot]) -> Layout | None:
+    """``_layout`` of states none of which is 4-bit, their draws aside."""
     if not any(s.quantized for s in slots):
         return Layout.FP32 if all(flat_cpu(s.values, torch.float32, n) for s in slots) else None
     blocksize = slots[0].blocksize
@@ -128,20 +138,21 @@ def weight_view(p: torch.Tensor, weights: WeightFormat):
 
 
 def kernel_state(slot: StateSlot, layout: Layout):
-    """A state as the kernels take it: an fp32 state's values; an 8-bit state's codes, scales
-    and its map's tables as plain tuples (``quantize.state_view``); a 4-bit state's bytes,
-    scales, map tables and shift (``nibbles.nibble_view``)."""
+    """A state as the kernels take it: an fp32 state's values; an 8-bit state's codes, scales,
+    its map's tables and its draw as plain tuples (``quantize.state_view``); a 4-bit state's
+    bytes, scales, map tables, shift and draw (``nibbles.nibble_view``)."""
     if layout == Layout.FP32:
         return slot.values.detach().numpy()
     if layout == Layout.FOUR_BIT:
         tables = nibble_tables_of(slot.code)
         return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift, *draw_of(slot)
-    return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), kernel_tables(tables_of(slot.code))
+    tables = kernel_tables(tables_of(slot.code))
+    return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), tables, kernel_stochastic(slot.code, tables), *draw_of(slot)
 
 
 def draw_of(slot: StateSlot) -> tuple:
-    """A 4-bit state's draw as the kernels take it: (its key, the index of its first element),
-    the key ``NO_DRAW`` where it rounds to nearest."""
+    """A quantized state's draw as the kernels take it: (its key, the index of its first
+    element), the key ``NO_DRAW`` where it rounds to nearest."""
     if slot.draw is None:
         return NO_DRAW, np.int64(0)
     return np.int64(slot.draw.key & 0xFFFFFFFF), np.int64(slot.draw.first_index)
@@ -150,6 +161,20 @@ def draw_of(slot: StateSlot) -> tuple:
 def kernel_tables(tables: QuantTables) -> tuple:
     """A map's tables as the kernels take them: a plain tuple (``quantize.state_view``)."""
     return tuple(tables)
+
+
+def kernel_stochastic(code: torch.Tensor, tables: tuple) -> tuple:
+    """A map's stochastic rounding tables as the kernels take them (plain tuples: ``quantize.state_view``).
+    A map without them (``plan`` takes no draw on it) gets stand-ins of the same types, its
+    nearest ``tables`` (``kernel_tables``) and zeros, which no step reads."""
+    stochastic = stochastic_tables_of(code)
+    if stochastic is None:
+        return tables, _NO_STEPS, _NO_PLANES
+    floors, steps, step_planes = stochastic
+    return kernel_tables(floors), steps, step_planes
+
+
+_NO_STEPS, _NO_PLANES = np.zeros(256, np.float32), np.zeros(PLANES, np.uint8)
 
 
 def padded(states: tuple) -> tuple:

@@ -24,6 +24,15 @@ ordered (inverted for negative floats), or ``0xFFFF`` when no midpoint lies insi
 
 is the same exact index from one read.
 
+Stochastic rounding (a state with a draw: ``quant.blockwise.quantize_stochastic``) needs the
+floor code instead, k = #{codes after the first at or below u}. For floats ``c <= u`` exactly
+when ``nextafter(c, -inf) < u`` (no float lies between the two; both zeros included), so k is
+this very quantizer's count on other boundaries, ``nextafter(code[1:], -inf)``: the floor tables
+(``StochasticTables``), exact by the same construction on every path, NaN to the last code as
+the reference has it. Only ``c = -inf`` has no float below: a map with -inf after its first code
+has no floor tables (the kernels leave its draws to the reference). With them go ``steps``, the
+very float32 table the reference reads (``blockwise.stochastic_steps``), and its byte planes.
+
 The AVX-512 path reads its tables from vector registers instead (``avx512``): the code map
 and the midpoints as byte planes, a search tree and the first guess's bins (``guess``), laid
 out in one byte array by ``register_tables`` (the offsets below).
@@ -42,10 +51,14 @@ from typing import Callable, NamedTuple, TypeVar
 import numpy as np
 import torch
 
+from ...quant.blockwise import stochastic_steps
 from ...quant.maps import midpoints
 from . import guess
 
-__all__ = ["NAN_INDEX", "QuantTables", "REGISTERS", "cached_by_tensor", "register_tables", "tables_for", "tables_of"]
+__all__ = [
+    "NAN_INDEX", "PLANES", "QuantTables", "REGISTERS", "StochasticTables", "byte_planes", "cached_by_tensor", "register_tables",
+    "stochastic_tables_for", "stochastic_tables_of", "tables_for", "tables_of",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -57,6 +70,7 @@ NAN_INDEX = 255
 # of +inf), the guess's rows (shifts and offsets, 64 words each) and bins.
 CODE_PLANES, MID_PLANES, SEARCH, SHIFTS, OFFSETS, BINS = 0, 1024, 2048, 3072, 3200, 3328
 REGISTERS = BINS + guess.MAX_BINS
+PLANES = 1024  # bytes of a table of 256 floats as byte planes (``byte_planes``)
 
 
 class QuantTables(NamedTuple):
@@ -76,10 +90,46 @@ def tables_for(code: torch.Tensor) -> QuantTables | None:
     return _tables(code.numpy().tobytes())
 
 
+class StochasticTables(NamedTuple):
+    """A map's tables for stochastic rounding (see above)."""
+
+    floors: QuantTables  # the quantizer's tables of the boundaries nextafter(code[1:], -inf) (its ``code``: the map)
+    steps: np.ndarray  # float32[256], ``blockwise.stochastic_steps``: the scale of the draw per code
+    step_planes: np.ndarray  # uint8[PLANES], ``byte_planes`` of ``steps``: the AVX-512 path's
+
+
 @functools.lru_cache(maxsize=16)
 def _tables(code_bytes: bytes) -> QuantTables | None:
     code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
-    mids = midpoints(code).numpy()  # the very midpoints the reference compares with
+    return _search_tables(code.numpy(), midpoints(code).numpy())  # the very midpoints the reference compares with
+
+
+def stochastic_tables_for(code: torch.Tensor) -> StochasticTables | None:
+    """The stochastic rounding tables of a float32 map of 256 codes; None where the map is not
+    sorted or has -inf after its first code (see above)."""
+    code = code.detach().to("cpu", torch.float32).contiguous()
+    return _stochastic_tables(code.numpy().tobytes())
+
+
+def stochastic_tables_of(code: torch.Tensor) -> StochasticTables | None:
+    """``stochastic_tables_for(code)``, cached by the map tensor itself (while unchanged in place)."""
+    return cached_by_tensor(code, stochastic_tables_for)
+
+
+@functools.lru_cache(maxsize=16)
+def _stochastic_tables(code_bytes: bytes) -> StochasticTables | None:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    values = code.numpy()
+    if np.isnan(values).any() or (values[1:] < values[:-1]).any() or (values[1:] == -np.inf).any():
+        return None
+    floors = _search_tables(values, np.nextafter(values[1:], np.float32(-np.inf)).astype(np.float32))
+    steps = stochastic_steps(code).numpy()
+    return StochasticTables(floors, steps, byte_planes(steps))
+
+
+def _search_tables(code: np.ndarray, mids: np.ndarray) -> QuantTables | None:
+    """The quantizer's tables of a map ``code`` counting the sorted float32 boundaries ``mids``
+    below u (its midpoints, or the floor's boundaries); None where they are not sorted."""
     if np.isnan(mids).any() or (mids[1:] < mids[:-1]).any():
         return None
     lo, hi = _bucket_bounds()
@@ -88,8 +138,8 @@ def _tables(code_bytes: bytes) -> QuantTables | None:
     padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
     packed = _packed(first, inside, mids)
     first = np.append(first.astype(np.uint8), np.zeros(4, np.uint8))
-    registers, guessed = register_tables(code.numpy(), mids)
-    return QuantTables(code.numpy().copy(), first, padded, int(inside.max()), packed, registers, guessed)
+    registers, guessed = register_tables(code, mids)
+    return QuantTables(code.copy(), first, padded, int(inside.max()), packed, registers, guessed)
 
 
 def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -97,10 +147,8 @@ def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, boo
     a guess table (else the kernel searches)."""
     tables = np.zeros(REGISTERS, dtype=np.uint8)
     padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
-    for offset, values in ((CODE_PLANES, code), (MID_PLANES, padded)):
-        bits = np.asarray(values, dtype=np.float32).view(np.uint32)
-        for k in range(4):
-            tables[offset + 256 * k : offset + 256 * (k + 1)] = (bits >> (8 * k)) & 0xFF
+    tables[CODE_PLANES : CODE_PLANES + PLANES] = byte_planes(code)
+    tables[MID_PLANES : MID_PLANES + PLANES] = byte_planes(padded)
     search = tables[SEARCH:SHIFTS].view(np.float32)
     search[0] = np.count_nonzero(mids < np.inf)  # the index of +inf (node 0 is not part of the tree)
     for n in range(1, 256):
@@ -114,6 +162,13 @@ def register_tables(code: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, boo
         tables[OFFSETS:BINS] = offsets.view(np.uint8)
         tables[BINS:REGISTERS] = table
     return tables, bins is not None
+
+
+def byte_planes(values: np.ndarray) -> np.ndarray:
+    """256 float32 ``values`` as four byte planes (``PLANES`` bytes, byte k of entry i at 256 * k
+    + i), as the AVX-512 path reads a table from registers (``avx512.lookup_planes``)."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+    return np.concatenate([(bits >> (8 * k)) & 0xFF for k in range(4)]).astype(np.uint8)
 
 
 # (id(code map), maker) -> (weak reference to it, its version and address then, its tables): the
