@@ -60,6 +60,8 @@ import warnings
 import numpy as np
 import torch
 
+from qoptim.cli.machine import cpu_name
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SIZES = {"1M": 1 << 20, "16.7M": 4096 * 4096, "64M": 1 << 26}
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -461,7 +463,7 @@ def main(argv=None) -> None:
     if args.stochastic_8bit:
         import stochastic_8bit  # (benchmarks/, on the path of a script run from there)
 
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {stochastic_8bit.cpu_model()}")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_name()}")
         for text in (args.sizes or "1M,16.7M").split(","):
             for dtype in dtypes:
                 stochastic_8bit.compare(parse_size(text), dtype, steps, args.rounds, fmt_size(parse_size(text)))

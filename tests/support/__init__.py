@@ -17,8 +17,8 @@
 - ``cpu_states``: parameters, states, gradients and checks of the CPU kernel's tests (imported as ``support.cpu_states``).
 """
 
-from .cases import (FOUR_BIT, FOUR_BIT_RULES, LAYOUTS, PARAM_DTYPES, RULES, TRUST_RULES, copy_state, dtype_id, fresh, gradient,
-                    hyper, with_draws)  # fmt: skip
+from .cases import (FOUR_BIT, FOUR_BIT_RULES, LAYOUTS, PARAM_DTYPES, RULES, TRUST_RULES, copy_state, dtype_id, edge_gradient, fresh,
+                    gradient, hyper, with_draws)  # fmt: skip
 from .interpreter import INTERPRETER_MARKS, INTERPRETING
 from .launch import WORKERS, free_port, launch
 from .numerics import exact_sqrt, ulp
@@ -30,6 +30,6 @@ from .states import block_scales, dequantized, round_trip
 __all__ = [
     "DTYPES", "FOUR_BIT", "FOUR_BIT_RULES", "INTERPRETER_MARKS", "INTERPRETING", "LAYOUTS", "PARAM_DTYPES", "RULES", "SHAPES", "TRUST_RULES",
     "assert_backend_matches_reference", "assert_same", "assert_same_state", "block_scales", "clone_params", "copy_state", "count_calls",
-    "dequantized", "dtype_id", "exact_sqrt", "free_port", "fresh", "gradient", "gradients", "hyper", "launch", "make_params",
+    "dequantized", "dtype_id", "edge_gradient", "exact_sqrt", "free_port", "fresh", "gradient", "gradients", "hyper", "launch", "make_params",
     "round_trip", "ulp", "with_draws", "WORKERS",
 ]  # fmt: skip

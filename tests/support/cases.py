@@ -94,6 +94,20 @@ def gradient(n: int, dtype: torch.dtype, step: int) -> torch.Tensor:
     return g.to(dtype)
 
 
+def edge_gradient(n: int, step: int) -> torch.Tensor:
+    """Zeros, subnormals, values near the float32 maximum (whose squares overflow), Inf and NaN."""
+    g = torch.randn(n) * 1e-3
+    tiny = torch.finfo(torch.float32).smallest_normal
+    g[0::7] = 0.0
+    g[1::7] = tiny * 2.0**-10
+    g[2::7] = -tiny * 2.0**-3
+    g[3::97] = 3.0e38 if step % 2 else -3.0e38
+    if step == 3:
+        g[130] = math.inf
+        g[600] = math.nan
+    return g
+
+
 # Each rule's hyperparameters for a step, with its options switched on and off from step to step;
 # ``common``: the step, eps, weight decay (none on step 4), AdamW's decoupled decay, and
 # percentile clipping's gradient scale (on step 3).

@@ -19,7 +19,7 @@ import pytest
 import torch
 from numba import njit
 from support import FOUR_BIT, FOUR_BIT_RULES, assert_backend_matches_reference, assert_same_state, copy_state, fresh
-from support import count_calls, gradient, hyper, with_draws
+from support import count_calls, edge_gradient, gradient, hyper, with_draws
 from support.cpu_states import kernel_oracle, torch_threads, two_threads
 from support.weights import WEIGHT_CASES
 
@@ -150,20 +150,6 @@ def test_the_other_paths_are_bit_identical_too(rule, dtype, case, path):
 
 
 # ---- numeric edges ---------------------------------------------------------------------------------
-
-
-def edge_gradient(n, step):
-    """Zeros, subnormals, values near the float32 maximum (whose squares overflow), Inf and NaN."""
-    g = torch.randn(n) * 1e-3
-    tiny = torch.finfo(torch.float32).smallest_normal
-    g[0::7] = 0.0
-    g[1::7] = tiny * 2.0**-10
-    g[2::7] = -tiny * 2.0**-3
-    g[3::97] = 3.0e38 if step % 2 else -3.0e38
-    if step == 3:
-        g[130] = math.inf
-        g[600] = math.nan
-    return g
 
 
 @pytest.mark.parametrize("skip", [True, False], ids=["skip", "propagate"])

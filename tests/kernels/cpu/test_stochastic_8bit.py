@@ -21,7 +21,7 @@ import pytest
 import torch
 from numba import njit
 from support import LAYOUTS, RULES, assert_backend_matches_reference, assert_same_state, copy_state, count_calls, fresh, gradient, hyper
-from support import with_draws
+from support import edge_gradient, with_draws
 from support.cpu_states import kernel_oracle, torch_threads, two_threads
 from support.weights import WEIGHT_CASES
 
@@ -178,20 +178,6 @@ def test_every_path_is_bit_identical_too(rule, dtype, case, path):
     for n in (255, 4097):
         check(rule, dtype, n, True, start=randomized, weights=case, first=WRAPS)
         check(rule, dtype, n, False, weights=case)
-
-
-def edge_gradient(n, step):
-    """Zeros, subnormals, values near the float32 maximum (whose squares overflow), Inf and NaN."""
-    g = torch.randn(n) * 1e-3
-    tiny = torch.finfo(torch.float32).smallest_normal
-    g[0::7] = 0.0
-    g[1::7] = tiny * 2.0**-10
-    g[2::7] = -tiny * 2.0**-3
-    g[3::97] = 3.0e38 if step % 2 else -3.0e38
-    if step == 3:
-        g[130] = math.inf
-        g[600] = math.nan
-    return g
 
 
 @pytest.mark.parametrize("skip", [True, False], ids=["skip", "propagate"])
