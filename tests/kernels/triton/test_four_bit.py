@@ -24,7 +24,6 @@ from support.weights import HALF_DTYPES, WEIGHT_CASES
 
 from qoptim.kernels import reference, rules
 from qoptim.kernels.types import BLOCK, Job, StateSlot
-from qoptim.quant.blockwise import quantize_stochastic
 from qoptim.quant.formats import FORMATS, state_map
 from qoptim.quant.maps import midpoints
 from qoptim.quant.master import Draw, lowbias32
@@ -38,8 +37,7 @@ import triton.language as tl  # noqa: E402
 from qoptim.kernels import triton as tk  # noqa: E402
 from support.triton_oracle import oracle  # noqa: E402,F401  (the fixture)
 from qoptim.kernels.triton import batch, launch  # noqa: E402
-from qoptim.kernels.triton.draws import state_random_bits  # noqa: E402
-from qoptim.kernels.triton.states import round_stochastically, round_to_code  # noqa: E402
+from qoptim.kernels.triton.states import round_to_code  # noqa: E402
 
 assert tk.INTERPRETED or not INTERPRETING, "triton was imported before TRITON_INTERPRET was set"
 
@@ -315,30 +313,6 @@ def test_a_batch_rounds_each_jobs_states_with_its_own_draw(oracle, monkeypatch):
         assert_same_as_reference(jobs, twins, tk.update_many(jobs))
         # a launch each: Adam's 4 jobs with draws, its 2 without, RMSprop's 2 with (its one without: alone)
         assert len(batches) == 3 * step and sorted(len(call[0]) for call in batches[-3:]) == [2, 2, 4]
-
-
-@triton.jit
-def _stochastic_codes_kernel(u_ptr, code_ptr, steps_ptr, out_ptr, n, key, first, SIZE: tl.constexpr):
-    offs = tl.arange(0, SIZE)
-    mask = offs < n
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
-    r = state_random_bits(key.to(tl.uint32), first.to(tl.int64) + offs).to(tl.float32)
-    tl.store(out_ptr + offs, round_stochastically(u, code_ptr, steps_ptr, r, 4), mask=mask)
-
-
-@pytest.mark.parametrize("name", FORMATS[4].map_names)
-def test_round_stochastically_is_quantize_stochastic(name):
-    """Every code and the floats next to it, the midpoints and theirs, zeros, NaN, infinities,
-    subnormals and random values, drawing indices that wrap around 2**32: the reference's codes."""
-    code = state_map(name)
-    u = torch.cat([edge_values(code), code.nextafter(torch.tensor(math.inf)), code.nextafter(torch.tensor(-math.inf)),
-                   torch.rand(300, generator=torch.Generator().manual_seed(1)) * 2 - 1])  # fmt: skip
-    for first in (0, NEAR_WRAP):
-        out = torch.empty(u.numel(), dtype=torch.int32)
-        _stochastic_codes_kernel[(1,)](u, code, launch.steps_table(code), out, u.numel(), KEY, first,
-                                       SIZE=triton.next_power_of_2(u.numel()))  # fmt: skip
-        expected = quantize_stochastic(u, torch.ones(u.numel()), code, 1, Draw(KEY, first))
-        assert_same(out, expected.to(torch.int32), f"{name}, first index {first}")
 
 
 # ---- what supports() refuses -------------------------------------------------------------------

@@ -191,23 +191,23 @@ def test_a_batch_rounds_each_jobs_states_with_its_own_draw(oracle, monkeypatch):
 
 
 @triton.jit
-def _stochastic_codes_kernel(u_ptr, code_ptr, steps_ptr, out_ptr, n, key, first, SIZE: tl.constexpr):
+def _stochastic_codes_kernel(u_ptr, code_ptr, steps_ptr, out_ptr, n, key, first, SIZE: tl.constexpr, BITS: tl.constexpr):
     offs = tl.arange(0, SIZE)
     mask = offs < n
     u = tl.load(u_ptr + offs, mask=mask, other=0.0)
     r = state_random_bits(key.to(tl.uint32), first.to(tl.int64) + offs).to(tl.float32)
-    tl.store(out_ptr + offs, round_stochastically(u, code_ptr, steps_ptr, r, 8), mask=mask)
+    tl.store(out_ptr + offs, round_stochastically(u, code_ptr, steps_ptr, r, BITS), mask=mask)
 
 
 def on_and_around(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values, values.nextafter(torch.tensor(math.inf)), values.nextafter(torch.tensor(-math.inf))])
 
 
-@pytest.mark.parametrize("name", FORMATS[8].map_names)
-def test_round_stochastically_is_quantize_stochastic(name):
-    """Every code of an 8-bit map and the floats next to it, the midpoints and theirs, zeros, NaN,
-    infinities, subnormals and random values, drawing indices that wrap around 2**32: the
-    reference's codes."""
+@pytest.mark.parametrize(("bits", "name"), [(bits, name) for bits in (4, 8) for name in FORMATS[bits].map_names])
+def test_round_stochastically_is_quantize_stochastic(bits, name):
+    """Every code of a map (4-bit and 8-bit formats) and the floats next to it, the midpoints and
+    theirs, zeros, NaN, infinities, subnormals and random values, drawing indices that wrap around
+    2**32: the reference's codes."""
     code = state_map(name)
     specials = torch.tensor([0.0, -0.0, math.nan, math.inf, -math.inf, 1e-45, -1e-45, 2.0, -2.0, 1e30])
     u = torch.cat([on_and_around(code), on_and_around(midpoints(code)), specials,
@@ -216,7 +216,7 @@ def test_round_stochastically_is_quantize_stochastic(name):
         key = step_key(SEED, first % 7)
         out = torch.empty(u.numel(), dtype=torch.int32)
         _stochastic_codes_kernel[(1,)](u, code, launch.steps_table(code), out, u.numel(), key, first,
-                                       SIZE=triton.next_power_of_2(u.numel()))  # fmt: skip
+                                       SIZE=triton.next_power_of_2(u.numel()), BITS=bits)  # fmt: skip
         expected = quantize_stochastic(u, torch.ones(u.numel()), code, 1, Draw(key, first))
         assert_same(out, expected.to(torch.int32), f"{name}, first index {first}")
         assert int(out[u.isnan()][0]) == code.numel() - 1
