@@ -95,3 +95,18 @@ def test_a_step_on_the_team_equals_one_on_our_threads(monkeypatch):
             opt.step()
         out.append((p.detach().clone(), opt.state[p]["state1"].clone(), opt.state[p]["state2"].clone()))
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@needs_team
+def test_a_forked_child_does_not_use_its_parents_team(monkeypatch):
+    """libgomp's threads do not survive a fork: a process other than the team's uses worker threads."""
+    monkeypatch.setattr(team.TEAM, "pid", -1)  # (as a forked child sees it)
+    assert not team.TEAM.usable
+    seen: list = []
+    results = torch.zeros(8, dtype=torch.int64).numpy()
+    with torch_threads(2):
+        if launch.threads() < 2:
+            pytest.skip("one thread only")
+        launch.run(sleepy_task(seen), 8, results, ())
+    workers = {t.native_id for t in threading.enumerate() if t.name.startswith("qoptim-cpu")}
+    assert {thread for _, thread in seen} & workers

@@ -55,7 +55,7 @@ def run(task, ntasks: int, results: np.ndarray, args: tuple) -> None:
     if ntasks == 1:
         results[0] = task(0, 1, *args)
         return
-    if TEAM is not None:
+    if TEAM is not None and TEAM.usable:
 
         def one(t: int) -> None:
             results[t] = task(t, ntasks, *args)

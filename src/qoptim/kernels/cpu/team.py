@@ -13,7 +13,9 @@ to call the task, and the tasks (Numba, ``nogil``) release it while they work. A
 raise through C: the first error is kept, the others stop taking tasks, and ``run`` raises it.
 
 ``TEAM`` is None where torch does not run on libgomp (another OpenMP runtime, another parallel
-backend, no libgomp loaded): ``launch`` then uses worker threads of its own.
+backend, no libgomp loaded): ``launch`` then uses worker threads of its own, as it does in a
+process forked from the one that found the team (libgomp's threads do not survive a fork, and its
+first parallel region in the child waits for them forever; ``usable``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,15 @@ class OpenMPTeam:
     """torch's OpenMP threads, through libgomp's ``GOMP_parallel``."""
 
     def __init__(self, libgomp: ctypes.CDLL):
+        self.pid = os.getpid()  # the process whose libgomp threads these are
         self.parallel = libgomp.GOMP_parallel
         self.parallel.argtypes = [_REGION, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         self.parallel.restype = None
+
+    @property
+    def usable(self) -> bool:
+        """Whether this is the process that found the team (not a child forked from it)."""
+        return os.getpid() == self.pid
 
     def run(self, task: Callable[[int], None], ntasks: int, threads: int) -> None:
         """task(t) for t in range(ntasks) on ``threads`` threads of the team (the calling thread
