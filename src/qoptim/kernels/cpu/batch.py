@@ -59,6 +59,8 @@ _C, _KEY, _FIRST, _STATE_KEY, _STATE_FIRST = range(_STATES + 2 * KERNEL_STATES, 
 def update_many(jobs: list[Job], one: Callable[[Job, Layout | None], UpdateResult]) -> list[UpdateResult]:
     """``one(job, its layout)`` for every job (the one-at-a-time path, the layout from
     ``layout.plan``), but small tensors of like jobs in one call."""
+    if len(jobs) == 1:  # nothing to batch with (gradient release's usual call): ``one`` checks it
+        return [one(jobs[0], plan(jobs[0].rule, jobs[0].p, jobs[0].slots))]
     results: list[UpdateResult | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
     layouts: dict[int, Layout | None] = {}
