@@ -30,18 +30,29 @@ def sleepy_task(seen: list):
     return task
 
 
-@pytest.mark.parametrize("runner", ["team", "workers"])
-def test_every_task_runs_once_and_both_threads_take_part(runner, monkeypatch):
-    if runner == "team" and team.TEAM is None:
-        pytest.skip("torch does not run on libgomp here")
-    if runner == "workers":
-        monkeypatch.setattr(launch, "TEAM", None)
-    seen: list = []
+def run_on_two_threads(seen: list):
+    """``launch.run`` of 8 ``sleepy_task``s on two threads; returns their results."""
     results = torch.zeros(8, dtype=torch.int64).numpy()
     with torch_threads(2):
         if launch.threads() < 2:
             pytest.skip("one thread only")
         launch.run(sleepy_task(seen), 8, results, ())
+    return results
+
+
+@pytest.fixture(params=["team", "workers"])
+def runner(request, monkeypatch):
+    """Tasks on torch's OpenMP team, or (``launch.TEAM`` unset) on worker threads of ours."""
+    if request.param == "team" and team.TEAM is None:
+        pytest.skip("torch does not run on libgomp here")
+    if request.param == "workers":
+        monkeypatch.setattr(launch, "TEAM", None)
+    return request.param
+
+
+def test_every_task_runs_once_and_both_threads_take_part(runner):
+    seen: list = []
+    results = run_on_two_threads(seen)
     assert sorted(t for t, _ in seen) == list(range(8))
     assert results.tolist() == [10 * t + 8 for t in range(8)]
     assert len({thread for _, thread in seen}) == 2
@@ -56,13 +67,8 @@ def test_the_team_starts_no_thread_of_ours():
     assert {t.ident for t in threading.enumerate()} == before
 
 
-@pytest.mark.parametrize("runner", ["team", "workers"])
 @pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
-def test_the_first_error_is_raised_and_the_other_threads_stop(runner, error, monkeypatch):
-    if runner == "team" and team.TEAM is None:
-        pytest.skip("torch does not run on libgomp here")
-    if runner == "workers":
-        monkeypatch.setattr(launch, "TEAM", None)
+def test_the_first_error_is_raised_and_the_other_threads_stop(runner, error):
     ran = []
 
     def task(t: int, ntasks: int) -> int:
@@ -103,10 +109,6 @@ def test_a_forked_child_does_not_use_its_parents_team(monkeypatch):
     monkeypatch.setattr(team.TEAM, "pid", -1)  # (as a forked child sees it)
     assert not team.TEAM.usable
     seen: list = []
-    results = torch.zeros(8, dtype=torch.int64).numpy()
-    with torch_threads(2):
-        if launch.threads() < 2:
-            pytest.skip("one thread only")
-        launch.run(sleepy_task(seen), 8, results, ())
+    run_on_two_threads(seen)
     workers = {t.native_id for t in threading.enumerate() if t.name.startswith("qoptim-cpu")}
     assert {thread for _, thread in seen} & workers
