@@ -42,6 +42,16 @@ CHUNK = 1 << 20
 Rule = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], Hyper], None]
 
 
+def sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s square roots, correctly rounded, as the fused kernels' (and CUDA's): torch's CPU float32
+    ``sqrt`` is one ulp off for some inputs on some CPUs (an Intel Xeon, torch 2.13: 1 element in ~400
+    of a fresh Adam step). float64's, rounded to float32, is exact (a float32's root is never within
+    2**-50 of a float32 rounding boundary, and float64's error is below 2**-53)."""
+    if t.is_cpu and t.dtype == torch.float32:
+        return t.double().sqrt_().float()
+    return t.sqrt()
+
+
 def adam(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
     """Adam / AdamW on fp32 tensors, in place (torch.optim.Adam's formula, bias-corrected)."""
     m, v = states
@@ -53,7 +63,7 @@ def adam(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper
         p.mul_(1.0 - hp.lr * hp.weight_decay)
     step_size = hp.lr / (1.0 - hp.beta1**hp.step)
     bias_correction2_sqrt = math.sqrt(1.0 - hp.beta2**hp.step)
-    denom = v.sqrt().div_(bias_correction2_sqrt).add_(hp.eps)
+    denom = sqrt(v).div_(bias_correction2_sqrt).add_(hp.eps)
     p.sub_((m / denom).mul_(step_size))
 
 
@@ -67,7 +77,7 @@ def ademamix(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: H
         p.mul_(1.0 - hp.lr * hp.weight_decay)
     bias_correction1 = 1.0 - hp.beta1**hp.step
     bias_correction2_sqrt = math.sqrt(1.0 - hp.beta2**hp.step)
-    denom = nu.sqrt().div_(bias_correction2_sqrt).add_(hp.eps)
+    denom = sqrt(nu).div_(bias_correction2_sqrt).add_(hp.eps)
     p.sub_((m1 / bias_correction1).add_(m2 * hp.alpha).div_(denom).mul_(hp.lr))
 
 
@@ -102,7 +112,7 @@ def rmsprop(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hy
     if hp.weight_decay:
         g = g + p * hp.weight_decay
     square_avg.mul_(hp.smoothing).add_((g * (1.0 - hp.smoothing)).mul_(g))
-    p.sub_((g / square_avg.sqrt().add_(hp.eps)).mul_(hp.lr))
+    p.sub_((g / sqrt(square_avg).add_(hp.eps)).mul_(hp.lr))
 
 
 def adagrad(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> None:
@@ -112,7 +122,7 @@ def adagrad(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hy
         g = g + p * hp.weight_decay
     lr = hp.lr / (1.0 + (hp.step - 1) * hp.lr_decay)
     sum_sq.add_(g * g)
-    p.sub_((g / sum_sq.sqrt().add_(hp.eps)).mul_(lr))
+    p.sub_((g / sqrt(sum_sq).add_(hp.eps)).mul_(lr))
 
 
 def lamb_direction(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], hp: Hyper) -> torch.Tensor:
@@ -125,7 +135,7 @@ def lamb_direction(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor],
     v.mul_(hp.beta2).add_((g * (1.0 - hp.beta2)).mul_(g))
     bias_correction1 = 1.0 - hp.beta1**hp.step if hp.bias_correction else 1.0
     bias_correction2 = 1.0 - hp.beta2**hp.step if hp.bias_correction else 1.0
-    direction = (m / bias_correction1).div_((v / bias_correction2).sqrt_().add_(hp.eps))
+    direction = (m / bias_correction1).div_(sqrt(v / bias_correction2).add_(hp.eps))
     if hp.weight_decay and hp.decoupled:
         direction.add_(p * hp.weight_decay)
     return direction

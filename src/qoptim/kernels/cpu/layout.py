@@ -9,11 +9,19 @@ a draw (rounded stochastically; an 8-bit map with floor tables: ``tables``); a d
 states or on one-scale 8-bit ones is the reference's to refuse (``reference.check_draws``), so
 the kernels leave those to it. numpy has no bf16: the kernels see 16-bit parameters
 as 16-bit integers, told apart by signedness (bf16 int16, fp16 uint16).
+
+What ``plan`` and ``kernel_states`` make of a parameter's states is kept from one step to the
+next (``_kept``): the optimizers hand the same state tensors every step, and remaking their
+layout, numpy views and map tables costs ~20 us per parameter, as much as the update of a
+small tensor (gradient release updates each parameter in a call of its own).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import weakref
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +32,7 @@ from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES
 from .tables import PLANES, QuantTables, stochastic_tables_of, tables_of
 
-__all__ = ["Layout", "as_numpy", "draw_of", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_tables", "padded", "plan", "weight_view", "weights_fit"]
+__all__ = ["Layout", "as_numpy", "draw_of", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_states", "kernel_tables", "kept_count", "padded", "plan", "weight_view", "weights_fit"]
 
 
 class Layout(enum.IntEnum):
@@ -50,7 +58,53 @@ def plan(rule: str, p: torch.Tensor, slots: list[StateSlot]) -> Layout | None:
         return None
     if p.dim() != 1 or not p.is_contiguous() or p.numel() == 0:
         return None
-    return _layout(p.numel(), slots)
+    return _kept(p.numel(), slots).layout
+
+
+class _Kept(NamedTuple):
+    """What was made of one parameter's states, while they are what ``stamp`` says."""
+
+    first: weakref.ref  # the first state's values tensor, whose id keys the entry (ids are reused once a tensor is gone)
+    stamp: tuple  # ``_stamp`` of the states it was made of
+    layout: Layout | None  # ``_layout``
+    views: list  # each state as the kernels take it, its draw aside (``_state_view``): made on first need
+
+
+# id(the first state's values) -> _Kept. An entry holds numpy views of the states' memory (which
+# keep that memory), never the tensors of the slots: it goes when the first values tensor is freed.
+_KEPT: dict[int, _Kept] = {}
+
+
+def _kept(n: int, slots: list[StateSlot]) -> _Kept:
+    """The kept entry of these states on a parameter of ``n`` elements, made anew where anything
+    it was made of has changed: a state's tensors (by identity, address and size), a map's
+    contents (its version), a block size, a shift, whether a state draws."""
+    if not slots:
+        return _Kept(None, (), _layout(n, slots), [])
+    first, stamp = slots[0].values, _stamp(n, slots)
+    kept = _KEPT.get(id(first))
+    if kept is not None and kept.stamp == stamp and kept.first() is first:
+        return kept
+    kept = _Kept(weakref.ref(first, functools.partial(_forget, id(first))), stamp, _layout(n, slots), [])
+    _KEPT[id(first)] = kept
+    return kept
+
+
+def _stamp(n: int, slots: list[StateSlot]) -> tuple:
+    return n, *[(id(s.values), s.values.data_ptr(), s.values.numel(), id(s.absmax), None if s.absmax is None else s.absmax.data_ptr(),
+                 id(s.code), None if s.code is None else s.code._version, s.blocksize, s.shift, s.draw is None) for s in slots]  # fmt: skip
+
+
+def kept_count() -> int:
+    """How many parameters' states are kept (for tests: an entry goes with its states)."""
+    return len(_KEPT)
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """A kept entry's first values tensor was freed: the entry goes (unless already replaced)."""
+    kept = _KEPT.get(key)
+    if kept is not None and kept.first is ref:
+        del _KEPT[key]
 
 
 def _layout(n: int, slots: list[StateSlot]) -> Layout | None:
@@ -137,17 +191,36 @@ def weight_view(p: torch.Tensor, weights: WeightFormat):
     return (memory,)
 
 
+def kernel_states(n: int, slots: list[StateSlot], layout: Layout) -> tuple:
+    """``kernel_state`` of each state on a parameter of ``n`` elements, ``padded``; all but the
+    draws kept from the last step where the states are the same (``_kept``)."""
+    kept = _kept(n, slots)
+    if kept.layout != layout:  # (asked for another layout than plan's: nothing to keep)
+        return padded(tuple(kernel_state(s, layout) for s in slots))
+    if not kept.views:
+        kept.views.extend(_state_view(s, layout) for s in slots)
+    if layout == Layout.FP32:
+        return padded(tuple(kept.views))
+    return padded(tuple((*view, *draw_of(s)) for view, s in zip(kept.views, slots)))
+
+
 def kernel_state(slot: StateSlot, layout: Layout):
     """A state as the kernels take it: an fp32 state's values; an 8-bit state's codes, scales,
     its map's tables and its draw as plain tuples (``quantize.state_view``); a 4-bit state's
     bytes, scales, map tables, shift and draw (``nibbles.nibble_view``)."""
+    view = _state_view(slot, layout)
+    return view if layout == Layout.FP32 else (*view, *draw_of(slot))
+
+
+def _state_view(slot: StateSlot, layout: Layout):
+    """``kernel_state`` but the draw."""
     if layout == Layout.FP32:
         return slot.values.detach().numpy()
     if layout == Layout.FOUR_BIT:
         tables = nibble_tables_of(slot.code)
-        return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift, *draw_of(slot)
+        return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift
     tables = kernel_tables(tables_of(slot.code))
-    return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), tables, kernel_stochastic(slot.code, tables), *draw_of(slot)
+    return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), tables, kernel_stochastic(slot.code, tables)
 
 
 def draw_of(slot: StateSlot) -> tuple:

@@ -19,7 +19,7 @@ from ..rules import RULES
 from ..types import BLOCK, NEAREST, Hyper, StateSlot, WeightFormat
 from . import four_bit, launch, paths, tasks
 from .bits import ZERO
-from .layout import Layout, as_numpy, kernel_state, padded, weight_view
+from .layout import Layout, as_numpy, kernel_states, weight_view
 from .rules import KERNEL_STATES, constants, marker_of
 from .tasks import Pass
 
@@ -36,7 +36,7 @@ def run(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list
     marker = marker_of(rule)
     skipped = np.zeros(ntasks, dtype=np.int64)
     head = (marker, weight_view(p, weights), as_numpy(g))
-    states = padded(tuple(kernel_state(s, layout) for s in slots))
+    states = kernel_states(p.numel(), slots, layout)
     step = (np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     if layout == Layout.FP32:
         launch.run(tasks.fp32_task, ntasks, skipped, (*head, *states, *step))
@@ -77,7 +77,7 @@ def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slo
     depend on the thread count. torch sums in another order in the reference: the norms
     differ by ~1e-16 relative."""
     sums = np.zeros((-(-p.numel() // BLOCK), 2))
-    states = padded(tuple(kernel_state(s, layout) for s in slots))
+    states = kernel_states(p.numel(), slots, layout)
     read = weight_view(p, WeightFormat(correction=weights.correction))  # (a draw writes, and this pass reads only)
     args = (marker_of(rule), read, as_numpy(g), *states, np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     task = four_bit.four_bit_trust_task if layout == Layout.FOUR_BIT else tasks.trust_task
