@@ -27,17 +27,22 @@ def check_hyper(lr, betas, eps, weight_decay) -> None:
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")  # torch's text (bitsandbytes fails on it with a RuntimeError)
     lr_value = float(lr) if isinstance(lr, torch.Tensor) else lr
-    if not isinstance(lr_value, numbers.Real) or not 0.0 <= lr_value:
+    if not _real(lr_value) or not 0.0 <= lr_value:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not isinstance(eps, numbers.Real) or not 0.0 <= eps:
+    if not _real(eps) or not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not isinstance(betas, (tuple, list)) or not 1 <= len(betas) <= 3:
         raise ValueError(f"Invalid betas: {betas!r}; expected a tuple of 2 (or 3) floats in [0, 1)")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+        if not _real(beta) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-    if not isinstance(weight_decay, numbers.Real) or not 0.0 <= weight_decay:
+    if not _real(weight_decay) or not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _real(x: Any) -> bool:
+    """``isinstance(x, numbers.Real)``, a float's answer without the ABC's (checked every step)."""
+    return type(x) is float or isinstance(x, numbers.Real)
 
 
 def check_settings(*, optim_bits, min_8bit_size, percentile_clipping, max_unorm, skip_zeros, block_wise, is_paged, nonfinite,
