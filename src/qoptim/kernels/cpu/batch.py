@@ -35,7 +35,7 @@ from . import launch, paths
 from .bits import ZERO
 from .jit import JIT
 from .four_bit import four_bit_task
-from .layout import Layout, as_numpy, flat_cpu, kernel_stochastic, kernel_tables, padded, plan, weights_fit
+from .layout import Layout, as_numpy, draw_args, flat_cpu, kernel_stochastic, kernel_tables, padded, plan, weights_fit
 from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES, constants, marker_of
 from .tables import tables_of
@@ -186,10 +186,7 @@ def _addresses(job: Job) -> list[int]:
         row += row[_STATES : _STATES + 2]
     correction, draw = job.weights
     row.append(0 if correction is None else correction.data_ptr())
-    row += [0, 0] if draw is None else [draw.key & 0xFFFFFFFF, draw.first_index]
-    draw = state_draw(job.slots)
-    row += [0, 0] if draw is None else [draw.key & 0xFFFFFFFF, draw.first_index]
-    return row
+    return row + [*draw_args(draw), *draw_args(state_draw(job.slots))]
 
 
 def task_bounds(sizes: np.ndarray, ntasks: int) -> np.ndarray:

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from ..rules import RULES
+from ...quant.master import Draw
 from ..types import BLOCK, WHOLE_TENSOR, StateSlot, WeightFormat
 from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES
 from .tables import PLANES, QuantTables, stochastic_tables_of, tables_of
 
-__all__ = ["Layout", "as_numpy", "draw_of", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_states", "kernel_tables", "kept_count", "padded", "plan", "weight_view", "weights_fit"]
+__all__ = ["Layout", "as_numpy", "draw_args", "draw_of", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_states", "kernel_tables", "kept_count", "padded", "plan", "weight_view", "weights_fit"]
 
 
 class Layout(enum.IntEnum):
@@ -187,7 +188,7 @@ def weight_view(p: torch.Tensor, weights: WeightFormat):
     if p.dtype != torch.float32 and weights.correction is not None:
         return memory, weights.correction.detach().numpy()
     if p.dtype != torch.float32 and weights.draw is not None:
-        return memory, np.int64(weights.draw.key & 0xFFFFFFFF), np.int64(weights.draw.first_index)
+        return memory, *draw_args(weights.draw)
     return (memory,)
 
 
@@ -224,11 +225,16 @@ def _state_view(slot: StateSlot, layout: Layout):
 
 
 def draw_of(slot: StateSlot) -> tuple:
-    """A quantized state's draw as the kernels take it: (its key, the index of its first
-    element), the key ``NO_DRAW`` where it rounds to nearest."""
-    if slot.draw is None:
+    """A quantized state's draw as the kernels take it (``draw_args``)."""
+    return draw_args(slot.draw)
+
+
+def draw_args(draw: Draw | None) -> tuple[np.int64, np.int64]:
+    """A draw as the kernels take it: (its key, a uint32, the index of its first element); the
+    key ``NO_DRAW`` where there is none (rounding to nearest)."""
+    if draw is None:
         return NO_DRAW, np.int64(0)
-    return np.int64(slot.draw.key & 0xFFFFFFFF), np.int64(slot.draw.first_index)
+    return np.int64(draw.key & 0xFFFFFFFF), np.int64(draw.first_index)
 
 
 def kernel_tables(tables: QuantTables) -> tuple:
