@@ -1,6 +1,6 @@
 """4-bit optimizer states (issue #18) in the compiled Triton kernels on a real GPU, against the
-reference run on the CPU with a correctly rounded square root: bit for bit, as under the
-interpreter (``tests/kernels/triton/test_four_bit.py``). The compiled kernels use the same IEEE
+reference run on the CPU (its square root correctly rounded, ``reference.sqrt``): bit for bit, as
+under the interpreter (``tests/kernels/triton/test_four_bit.py``). The compiled kernels use the same IEEE
 float32 ops (``div_rn``, ``sqrt_rn``, no contraction, no flush of subnormals: checked in
 ``tests/kernels/triton_compile``), so a difference here is one between the compiled code and the
 interpreted one. (Not the reference run on CUDA: torch divides by a Python scalar there as a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import (FOUR_BIT, FOUR_BIT_RULES, PARAM_DTYPES, assert_same, assert_same_state, dtype_id, exact_sqrt, fresh,
+from support import (FOUR_BIT, FOUR_BIT_RULES, PARAM_DTYPES, assert_same, assert_same_state, dtype_id, fresh,
                      gradient, hyper, with_draws)  # fmt: skip
 from support.weights import HALF_DTYPES, WEIGHT_CASES
 
@@ -62,18 +62,17 @@ def test_kernel_matches_cpu_reference(triton_backend, monkeypatch, rule, dtype, 
     """Five steps (NaN / Inf gradients on steps 2, 3 and 5) at odd sizes, bit for bit; the
     never-negative states rounded to nearest, or stochastically (each step its key, the elements'
     indices wrapping around 2**32)."""
-    with exact_sqrt():
-        for n in SIZES:
-            p, slots = fresh(rule, n, FOUR_BIT, dtype, CUDA)
-            p_ref, slots_ref = on_cpu(p, slots)
-            for step in range(1, 6):
-                if stochastic:
-                    draw = master.Draw(master.step_key(n, step), (1 << 32) - 1000)
-                    slots, slots_ref = with_draws(rule, slots, draw), with_draws(rule, slots_ref, draw)
-                g, hp = gradient(n, dtype, step), hyper(rule, step)
-                job = Job(rule, p, g.to(CUDA), slots, hp, skip_nonfinite)
-                cpu_job = Job(rule, p_ref, g, slots_ref, hp, skip_nonfinite)
-                assert_step_matches_cpu_reference(monkeypatch, triton_backend, job, cpu_job, f"n {n}, step {step}:")
+    for n in SIZES:
+        p, slots = fresh(rule, n, FOUR_BIT, dtype, CUDA)
+        p_ref, slots_ref = on_cpu(p, slots)
+        for step in range(1, 6):
+            if stochastic:
+                draw = master.Draw(master.step_key(n, step), (1 << 32) - 1000)
+                slots, slots_ref = with_draws(rule, slots, draw), with_draws(rule, slots_ref, draw)
+            g, hp = gradient(n, dtype, step), hyper(rule, step)
+            job = Job(rule, p, g.to(CUDA), slots, hp, skip_nonfinite)
+            cpu_job = Job(rule, p_ref, g, slots_ref, hp, skip_nonfinite)
+            assert_step_matches_cpu_reference(monkeypatch, triton_backend, job, cpu_job, f"n {n}, step {step}:")
 
 
 @pytest.mark.parametrize("case", WEIGHT_CASES, ids=lambda case: case.name)
@@ -81,17 +80,16 @@ def test_kernel_matches_cpu_reference(triton_backend, monkeypatch, rule, dtype, 
 @pytest.mark.parametrize("rule", FOUR_BIT_RULES)
 def test_weight_formats_match_cpu_reference(triton_backend, monkeypatch, rule, dtype, case):
     """Master corrections (compared too) and stochastic rounding, bit for bit."""
-    with exact_sqrt():
-        for n in (4097, 1_000_003):
-            p, slots = fresh(rule, n, FOUR_BIT, dtype, CUDA)
-            correction = case.start(p)
-            p_ref, slots_ref = on_cpu(p, slots)
-            correction_ref = None if correction is None else correction.cpu()
-            for step in range(1, 5):
-                g, hp = gradient(n, dtype, step), hyper(rule, step)
-                job = Job(rule, p, g.to(CUDA), slots, hp, True, case.at(correction, hp))
-                cpu_job = Job(rule, p_ref, g, slots_ref, hp, True, case.at(correction_ref, hp))
-                assert_step_matches_cpu_reference(monkeypatch, triton_backend, job, cpu_job, f"n {n}, step {step}:")
+    for n in (4097, 1_000_003):
+        p, slots = fresh(rule, n, FOUR_BIT, dtype, CUDA)
+        correction = case.start(p)
+        p_ref, slots_ref = on_cpu(p, slots)
+        correction_ref = None if correction is None else correction.cpu()
+        for step in range(1, 5):
+            g, hp = gradient(n, dtype, step), hyper(rule, step)
+            job = Job(rule, p, g.to(CUDA), slots, hp, True, case.at(correction, hp))
+            cpu_job = Job(rule, p_ref, g, slots_ref, hp, True, case.at(correction_ref, hp))
+            assert_step_matches_cpu_reference(monkeypatch, triton_backend, job, cpu_job, f"n {n}, step {step}:")
 
 
 @pytest.mark.parametrize("rule", BATCHED_RULES)
@@ -103,19 +101,18 @@ def test_a_batch_matches_cpu_reference(triton_backend, monkeypatch, rule):
     monkeypatch.setattr(batch, "run", lambda jobs, run=batch.run: launches.append(len(jobs)) or run(jobs))
     tensors = [fresh(rule, n, FOUR_BIT, dtype, CUDA) for dtype in PARAM_DTYPES for n in (1, 255, 257, 4097, 100_003)]
     twins = [on_cpu(p, slots) for p, slots in tensors]
-    with exact_sqrt():
-        for step in range(1, 4):
-            jobs, cpu_jobs = [], []
-            for i, ((p, slots), (p_ref, slots_ref)) in enumerate(zip(tensors, twins)):
-                g = gradient(p.numel(), p.dtype, step + i)
-                hp = hyper(rule, step)._replace(gnorm_scale=0.37 if (i + step) % 2 else 1.0)
-                jobs.append(Job(rule, p, g.to(CUDA), slots, hp))
-                cpu_jobs.append(Job(rule, p_ref, g, slots_ref, hp))
-            results = triton_backend.update_many(jobs)
-            assert sorted(launches[-len(PARAM_DTYPES):]) == [5] * len(PARAM_DTYPES)
-            for job, cpu_job, result in zip(jobs, cpu_jobs, results):
-                assert int(result.skipped_blocks) == reference.update(*cpu_job).skipped_blocks
-                assert_same_state(*on_cpu(job.p, job.slots), cpu_job.p, cpu_job.slots, f"{job.p.dtype} of {job.p.numel()}:")
+    for step in range(1, 4):
+        jobs, cpu_jobs = [], []
+        for i, ((p, slots), (p_ref, slots_ref)) in enumerate(zip(tensors, twins)):
+            g = gradient(p.numel(), p.dtype, step + i)
+            hp = hyper(rule, step)._replace(gnorm_scale=0.37 if (i + step) % 2 else 1.0)
+            jobs.append(Job(rule, p, g.to(CUDA), slots, hp))
+            cpu_jobs.append(Job(rule, p_ref, g, slots_ref, hp))
+        results = triton_backend.update_many(jobs)
+        assert sorted(launches[-len(PARAM_DTYPES):]) == [5] * len(PARAM_DTYPES)
+        for job, cpu_job, result in zip(jobs, cpu_jobs, results):
+            assert int(result.skipped_blocks) == reference.update(*cpu_job).skipped_blocks
+            assert_same_state(*on_cpu(job.p, job.slots), cpu_job.p, cpu_job.slots, f"{job.p.dtype} of {job.p.numel()}:")
 
 
 @pytest.mark.parametrize("name", ["AdamW4bit", "PagedAdamW4bit"])
@@ -128,15 +125,14 @@ def test_optimizer_on_gpu_matches_the_reference_on_cpu(triton_backend, monkeypat
     params_ref = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
     opt = getattr(qoptim.optim, name)(params, lr=1e-3, weight_decay=0.01)
     opt_ref = getattr(qoptim.optim, name)(params_ref, lr=1e-3, weight_decay=0.01)
-    with exact_sqrt():
-        for _ in range(10):
-            for p, p_ref in zip(params, params_ref):
-                p_ref.grad = torch.randn(p.shape) * 0.01
-                p.grad = p_ref.grad.to(CUDA)
-            monkeypatch.setenv("QOPTIM_BACKEND", "auto")
-            opt.step()
-            monkeypatch.setenv("QOPTIM_BACKEND", "reference")
-            opt_ref.step()
+    for _ in range(10):
+        for p, p_ref in zip(params, params_ref):
+            p_ref.grad = torch.randn(p.shape) * 0.01
+            p.grad = p_ref.grad.to(CUDA)
+        monkeypatch.setenv("QOPTIM_BACKEND", "auto")
+        opt.step()
+        monkeypatch.setenv("QOPTIM_BACKEND", "reference")
+        opt_ref.step()
     weight = opt.state[params[0]]
     assert weight["state1"].dtype == torch.uint8 and weight["qmap1"].numel() == 16 and "state2" not in weight
     for p, p_ref in zip(params, params_ref):

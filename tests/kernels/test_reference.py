@@ -1,5 +1,7 @@
-"""The reference backend's own invariants: chunking is invisible, the registry picks it when asked."""
+"""The reference backend's own invariants: chunking is invisible, the registry picks it when asked,
+its square root is correctly rounded."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +68,45 @@ def test_a_missing_fused_backend_falls_back_with_a_warning(monkeypatch, fake_fus
 def test_grad_norm_sq():
     g = torch.randn(3 * reference.CHUNK + 5)
     assert reference.grad_norm_sq(g) == pytest.approx(float((g.double() ** 2).sum()), rel=1e-5)
+
+
+# float32 bit patterns: zeros, the smallest and largest subnormals, the smallest normal, 1, 4, the
+# largest finite, inf, a quiet NaN; negative: -1, the smallest subnormal, -inf
+SQRT_EDGES = [0, 0x80000000, 1, 2, 0x7FFFFF, 0x800000, 0x3F800000, 0x40800000, 0x7F7FFFFF, 0x7F800000, 0x7FC00000,
+              0xBF800000, 0x80000001, 0xFF800000]  # fmt: skip
+
+
+def test_sqrt_of_float32_is_correctly_rounded():
+    """On CPU float32 (where torch's own sqrt can be one ulp off): float64's root rounded to float32,
+    bit for bit, and within the midpoints to its neighbours; random bit patterns (every exponent,
+    subnormals, negatives, inf and NaN) and [0, 1)."""
+    gen = torch.Generator().manual_seed(0)
+    random_bits = torch.randint(-(1 << 31), 1 << 31, (1 << 18,), generator=gen).to(torch.int32).view(torch.float32)
+    edges = torch.from_numpy(np.array(SQRT_EDGES, dtype=np.uint32).view(np.float32))
+    x = torch.cat([edges, random_bits, torch.rand(1 << 18, generator=gen)])
+    before = x.clone()
+    got = reference.sqrt(x)
+    assert got.dtype == torch.float32 and torch.equal(x.view(torch.int32), before.view(torch.int32))
+    expected = x.double().sqrt().float()
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan) and bool(nan[x < 0].all()) and not bool(nan[x >= 0].any())
+    assert torch.equal(got[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+    assert got[1].item() == 0.0 and torch.signbit(got[1]) and got[6].item() == 1.0 and got[7].item() == 2.0
+    # correctly rounded: x lies between the squares of the midpoints to the root's neighbours (exact in float64)
+    inside = (x > 0) & x.isfinite()
+    root = got[inside]
+    lower = (root.double() + torch.nextafter(root, torch.zeros_like(root)).double()) / 2
+    upper = (root.double() + torch.nextafter(root, torch.full_like(root, float("inf"))).double()) / 2
+    assert bool(((lower * lower <= x[inside].double()) & (x[inside].double() <= upper * upper)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_sqrt_of_other_dtypes_is_torchs(dtype):
+    """Other dtypes take torch's own sqrt, bit for bit, in their dtype."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.tensor([0.0, -0.0, 1.0, float("inf"), float("nan"), -1.0]), torch.randn(4096, generator=gen) * 10])
+    x = x.to(dtype)
+    got = reference.sqrt(x)
+    assert got.dtype == dtype
+    bits = torch.int16 if dtype.itemsize == 2 else torch.int64
+    assert torch.equal(got.view(bits), x.sqrt().view(bits))

@@ -2,7 +2,7 @@
 
 - ``params``: parameters, gradients, dtypes and shapes to test with;
 - ``states``: an optimizer state's values, dequantized; a checkpoint round trip;
-- ``numerics``: spacing of floats, a correctly rounded sqrt for the reference;
+- ``numerics``: spacing of floats;
 - ``cases``: the fused backends' cases from ``kernels.rules.RULES``: rules, layouts (4-bit too), dtypes,
   fresh states (and their draws: stochastic rounding), gradients, each rule's hyperparameters;
 - ``oracle``: a backend's update against the reference's, bit for bit, step by step;
@@ -21,7 +21,7 @@ from .cases import (FOUR_BIT, FOUR_BIT_RULES, LAYOUTS, PARAM_DTYPES, RULES, TRUS
                     gradient, hyper, with_draws)  # fmt: skip
 from .interpreter import INTERPRETER_MARKS, INTERPRETING
 from .launch import WORKERS, free_port, launch
-from .numerics import exact_sqrt, ulp
+from .numerics import ulp
 from .oracle import assert_backend_matches_reference, assert_same, assert_same_state
 from .params import DTYPES, SHAPES, clone_params, gradients, make_params
 from .spy import count_calls
@@ -30,6 +30,6 @@ from .states import block_scales, dequantized, round_trip
 __all__ = [
     "DTYPES", "FOUR_BIT", "FOUR_BIT_RULES", "INTERPRETER_MARKS", "INTERPRETING", "LAYOUTS", "PARAM_DTYPES", "RULES", "SHAPES", "TRUST_RULES",
     "assert_backend_matches_reference", "assert_same", "assert_same_state", "block_scales", "clone_params", "copy_state", "count_calls",
-    "dequantized", "dtype_id", "edge_gradient", "exact_sqrt", "free_port", "fresh", "gradient", "gradients", "hyper", "launch", "make_params",
+    "dequantized", "dtype_id", "edge_gradient", "free_port", "fresh", "gradient", "gradients", "hyper", "launch", "make_params",
     "round_trip", "ulp", "with_draws", "WORKERS",
 ]  # fmt: skip

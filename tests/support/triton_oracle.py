@@ -1,7 +1,6 @@
-"""The Triton backend's tests against the reference: the ``oracle`` fixture (the reference with an
-exact sqrt, and the reference's trust ratio in the kernels' steps, so that their steps are checked
-bit for bit given the ratio). Imports the Triton backend: import it as ``support.triton_oracle``
-after skipping without triton."""
+"""The Triton backend's tests against the reference: the ``oracle`` fixture (the reference's trust
+ratio in the kernels' steps, so that their steps are checked bit for bit given the ratio). Imports
+the Triton backend: import it as ``support.triton_oracle`` after skipping without triton."""
 
 from __future__ import annotations
 
@@ -10,8 +9,6 @@ import torch
 
 from qoptim.kernels import reference
 from qoptim.kernels import triton as tk
-
-from .numerics import exact_sqrt
 
 
 def reference_trust_ratio(step: tk.Step) -> tk.TrustRatio:
@@ -23,7 +20,5 @@ def reference_trust_ratio(step: tk.Step) -> tk.TrustRatio:
 
 @pytest.fixture
 def oracle(monkeypatch):
-    """The reference with an exact sqrt, and its trust ratio in the kernels' steps."""
+    """The reference's trust ratio in the kernels' steps."""
     monkeypatch.setattr(tk.Step, "trust_ratio", reference_trust_ratio)
-    with exact_sqrt():
-        yield

@@ -4,7 +4,6 @@ that does not compile, and ``force``."""
 import numba
 import pytest
 import torch
-from support import exact_sqrt
 from support.cpu_states import assert_same, copy_state, make_state, torch_threads
 from support.cpu_states import adam_hyper as hyper
 
@@ -34,7 +33,7 @@ def test_a_vector_kernel_that_does_not_compile_leaves_the_next_one(working, monk
             cpu.update("adam", p, g, slots, hyper(1, True), True)
         assert [str(w.message).split("; ")[-1] for w in warned] == ["using the AVX2 one", "using the portable one"][: len(failing)]
         assert paths.current() is (paths.AVX2 if working == "avx2" else paths.PORTABLE)
-    with torch_threads(1), exact_sqrt():
+    with torch_threads(1):
         reference.update("adam", p_ref, g, slots_ref, hyper(1, True), True)
     assert_same(p, p_ref)
     for ours, theirs in zip(slots, slots_ref):

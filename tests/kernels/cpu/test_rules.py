@@ -2,11 +2,10 @@
 RMSprop, Adagrad, AdEMAMix, LAMB; Adam: test_adam.py) against the reference backend, bit for bit
 over 20 steps.
 
-As in test_adam.py the reference gets a correctly rounded sqrt; LAMB's direction takes
-it in place (``sqrt_``), so both are patched here. Numba compiles each rule once per parameter
-dtype, state kind (8-bit or fp32), driver (one task or parallel) and path, so the full dtype
-cross runs on a few rules only, and the paths other than the best on fewer still, to keep a
-cold cache within budget.
+As in test_adam.py the reference runs as it is: its sqrt is correctly rounded, as the kernel's
+(``reference.sqrt``). Numba compiles each rule once per parameter dtype, state kind (8-bit or
+fp32), driver (one task or parallel) and path, so the full dtype cross runs on a few rules only,
+and the paths other than the best on fewer still, to keep a cold cache within budget.
 
 LAMB and LARS scale their step by a layer-wise ratio of two norms, float64 sums over the
 whole tensor. The kernel's sums run in another order than torch's in the reference, so the

@@ -4,7 +4,6 @@ reference, on every path, for odd sizes, with tiny positive values, exact zeros 
 
 import pytest
 import torch
-from support import exact_sqrt
 from support.cpu_states import assert_same, copy_state, torch_threads
 from support.cpu_states import make_rule_state as make_state
 from support.zero_point import UNSIGNED_RULES, gradient, hyper
@@ -21,18 +20,17 @@ def test_positive_values_never_round_to_zero_bit_for_bit(rule, n, layout, path):
     p, slots = copy_state(p_ref, slots_ref)
     unsigned = [i for i, signed in enumerate(RULES[rule].signed) if not signed]
     raised = 0
-    with exact_sqrt():
-        for step in range(1, 5):
-            g = gradient(n, step)
-            hp = hyper(rule, step)
-            expected = reference.update(rule, p_ref, g, slots_ref, hp, True)
-            with torch_threads(2):
-                got = cpu.update(rule, p, g, slots, hp, True)
-            assert got == expected
-            assert_same(p, p_ref)
-            for ours, theirs in zip(slots, slots_ref):
-                assert_same(ours.values, theirs.values)
-                assert_same(ours.absmax, theirs.absmax)
-            raised += sum(int((slots[i].values == 1).sum()) for i in unsigned)
+    for step in range(1, 5):
+        g = gradient(n, step)
+        hp = hyper(rule, step)
+        expected = reference.update(rule, p_ref, g, slots_ref, hp, True)
+        with torch_threads(2):
+            got = cpu.update(rule, p, g, slots, hp, True)
+        assert got == expected
+        assert_same(p, p_ref)
+        for ours, theirs in zip(slots, slots_ref):
+            assert_same(ours.values, theirs.values)
+            assert_same(ours.absmax, theirs.absmax)
+        raised += sum(int((slots[i].values == 1).sum()) for i in unsigned)
     if n > 1:  # (one element is its own block's largest)
         assert raised, "the gradients never brought a positive state to the smallest code"

@@ -2,11 +2,9 @@
 by Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, see ``support.interpreter``).
 
 What must agree, step by step: every bit of the parameters, of the 8-bit codes and block scales,
-and of the fp32 states (``support.oracle``). The reference gets a correctly rounded square root
-here (``support.exact_sqrt``): torch's fp32 ``sqrt`` on the CPU (vectorized, Sleef) is not
-correctly rounded for ~15% of inputs, while the kernels' ``sqrt_rn`` is (as numpy under the
-interpreter, and CUDA, are). Without the patch parameters differ by an ulp of the update here
-and there.
+and of the fp32 states (``support.oracle``). The reference's square root is correctly rounded
+(``reference.sqrt``: through float64 on the CPU, where torch's fp32 ``sqrt`` is not always), as
+the kernels' ``sqrt_rn`` is (as numpy under the interpreter, and CUDA, are).
 
 The one thing not bit for bit is the trust ratio of LAMB and LARS, whose float64 sums the kernel
 adds in another order than the reference: it is checked on its own (``test_trust.py``), and the
@@ -22,7 +20,7 @@ import torch
 from support import (INTERPRETER_MARKS, INTERPRETING, LAYOUTS, PARAM_DTYPES, RULES, assert_backend_matches_reference, copy_state,
                      dtype_id, fresh, gradient, hyper)  # fmt: skip
 
-from qoptim.kernels import reference, rules
+from qoptim.kernels import rules
 from qoptim.kernels.types import BLOCK, StateSlot
 from qoptim.quant.maps import signed_map
 

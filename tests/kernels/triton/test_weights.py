@@ -5,9 +5,9 @@ see ``support.interpreter``): every rule, layout, 16-bit dtype and format, odd s
 gradients (skipped blocks keep weight and correction), the trust ratio's norms (of the master),
 many small tensors of mixed formats in batches, and the encoding's edge values.
 
-As in ``test_rules.py``, the reference gets a correctly rounded square root, and LAMB's and
-LARS's steps are checked given the reference's trust ratio (the kernel's own float64 sums add in
-another order; ``test_trust_ratio_reads_the_master`` checks that ratio on its own).
+As in ``test_rules.py``, LAMB's and LARS's steps are checked given the reference's trust ratio
+(the kernel's own float64 sums add in another order; ``test_trust_ratio_reads_the_master`` checks
+that ratio on its own).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from support import (INTERPRETER_MARKS, INTERPRETING, LAYOUTS, RULES, TRUST_RULES, assert_backend_matches_reference,
-                     assert_same, assert_same_state, copy_state, count_calls, dtype_id, exact_sqrt, fresh, gradient,
+                     assert_same, assert_same_state, copy_state, count_calls, dtype_id, fresh, gradient,
                      hyper)  # fmt: skip
 from support.weights import HALF_DTYPES, WEIGHT_CASES, WeightCase
 
@@ -106,18 +106,17 @@ def test_trust_ratio_reads_the_master(rule, layout, case):
     relative 1e-12 (its float64 sums add in another order), where on the first step the weight
     alone is off by ~1e-4 (the cases' masters start up to a spacing above their weights)."""
     dtype = HALF_DTYPES[(TRUST_RULES.index(rule) + WEIGHT_CASES.index(case) + (layout == "fp32")) % 2]  # both, over the cases
-    with exact_sqrt():
-        p, slots = fresh(rule, 4099, layout, dtype)
-        correction = case.start(p)
-        for step in range(1, 4):
-            g, hp = gradient(p.numel(), dtype, step), hyper(rule, step)
-            weights = case.at(correction, hp)
-            expected = reference.trust_ratio(rule, p, g, slots, hp, True, weights)
-            got = tk.trust_ratio(rule, p, g, slots, hp, True, weights)
-            assert float(got.ratio) == pytest.approx(expected, rel=1e-12, abs=0), f"{dtype}, step {step}"
-            if step == 1:  # (later the weight is the master rounded to nearest: off only in second order)
-                assert float(got.ratio) != pytest.approx(reference.trust_ratio(rule, p, g, slots, hp, True), rel=1e-6)
-            tk.update(rule, p, g, slots, hp, True, weights)
+    p, slots = fresh(rule, 4099, layout, dtype)
+    correction = case.start(p)
+    for step in range(1, 4):
+        g, hp = gradient(p.numel(), dtype, step), hyper(rule, step)
+        weights = case.at(correction, hp)
+        expected = reference.trust_ratio(rule, p, g, slots, hp, True, weights)
+        got = tk.trust_ratio(rule, p, g, slots, hp, True, weights)
+        assert float(got.ratio) == pytest.approx(expected, rel=1e-12, abs=0), f"{dtype}, step {step}"
+        if step == 1:  # (later the weight is the master rounded to nearest: off only in second order)
+            assert float(got.ratio) != pytest.approx(reference.trust_ratio(rule, p, g, slots, hp, True), rel=1e-6)
+        tk.update(rule, p, g, slots, hp, True, weights)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
@@ -183,17 +182,16 @@ def test_mixed_formats_batch_by_format_and_match_reference(monkeypatch, rule, la
     fp32 with a draw, three steps; one batch per dtype and format, each equal to the reference."""
     batches = count_calls(monkeypatch, batch, "run")
     tensors = mixed_tensors(rule, layout)
-    with exact_sqrt():
-        for step in range(1, 4):
-            jobs = mixed_jobs(rule, tensors, step)
-            theirs = [twin(j) for j in jobs]
-            results = tk.update_many(jobs)
-            for number, (ours, ref, result) in enumerate(zip(jobs, theirs, results, strict=True)):
-                where = f"step {step}, job {number} ({ours.p.dtype}, {ours.p.numel()})"
-                assert int(result.skipped_blocks) == reference.update(*ref).skipped_blocks, where
-                assert_same_state(ours.p, ours.slots, ref.p, ref.slots, where)
-                if ours.weights.correction is not None:
-                    assert_same(ours.weights.correction, ref.weights.correction, f"{where}: correction")
+    for step in range(1, 4):
+        jobs = mixed_jobs(rule, tensors, step)
+        theirs = [twin(j) for j in jobs]
+        results = tk.update_many(jobs)
+        for number, (ours, ref, result) in enumerate(zip(jobs, theirs, results, strict=True)):
+            where = f"step {step}, job {number} ({ours.p.dtype}, {ours.p.numel()})"
+            assert int(result.skipped_blocks) == reference.update(*ref).skipped_blocks, where
+            assert_same_state(ours.p, ours.slots, ref.p, ref.slots, where)
+            if ours.weights.correction is not None:
+                assert_same(ours.weights.correction, ref.weights.correction, f"{where}: correction")
     kinds = {(j.p.dtype, weight_switch(j.p, j.weights)) for j in jobs}
     assert len(kinds) == 2 * len(FORMATS) + 1  # fp32 with a draw batches with nothing rounded
     assert len(batches) == 3 * len(kinds)
