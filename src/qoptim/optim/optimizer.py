@@ -132,9 +132,8 @@ class Optimizer8bit(torch.optim.Optimizer):
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
-        if not self.in_step:  # (a step spanning calls, gradient release's backward, checks its groups once)
-            for gindex, group in enumerate(self.param_groups):
-                self.check_group(gindex, group)
+        for gindex, group in enumerate(() if self.in_step else self.param_groups):  # (a step spanning calls: once)
+            self.check_group(gindex, group)
         for gindex, pindex, group, p in work:
             checkpoint.unnest(self.state[p])
             validation.check_param(self, gindex, pindex, group, p)

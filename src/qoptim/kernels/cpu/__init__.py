@@ -22,6 +22,7 @@ Modules, from the seam down:
 - ``layout``: which parameters and states the kernels take (``plan``), and their memory as the kernels see it
 - ``launch``: worker threads, and a step's split into tasks
 - ``paths``: the AVX-512 / AVX2 / portable paths, the CPU's features, the fall-back, ``force``
+- ``calibrate``: which of the AVX-512 and AVX2 paths is faster on this CPU, measured once and remembered
 - ``tasks``: the task kernels (8-bit, fp32, trust pass) and their per-block work
 - ``four_bit``: the task kernels of 4-bit states (step, trust pass)
 - ``nibbles``: 4-bit states' maps, and a block's codes decoded from and encoded into shared bytes
@@ -49,8 +50,10 @@ from . import cache
 
 cache.install()  # before any kernel module is imported: Numba chooses a function's cache locator when it is decorated
 
-from . import batch, launch, step  # noqa: E402
-from .layout import Layout, flat_cpu, plan, weights_fit
+from . import batch, calibrate, launch, paths, step  # noqa: E402
+from .layout import Layout, flat_cpu, plan, weights_fit  # noqa: E402
+
+paths.measure_with(calibrate.choose)  # (at the first step, where the CPU has more than one fast path)
 
 __all__ = ["WEIGHT_FORMATS", "grad_norm_sq", "plan", "supports", "update", "update_many"]
 

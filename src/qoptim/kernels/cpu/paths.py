@@ -10,6 +10,8 @@ A path is a marker argument of the kernels, told apart by its type, so each path
 compiled (and cached) specialization and the portable one never contains an intrinsic: if a
 vectorized one fails to compile (another numba/llvmlite), ``on_best_path`` hands over to the
 next path down, for good, with a warning. Tests and benchmarks pick a path with ``force``.
+Features say which paths a CPU can run, not which is fastest: where it can run both vector
+paths, the first step takes the one ``calibrate`` measures faster (``measure_with``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from numba.core import types
 
 from .gather import LANES
 
-__all__ = ["AVX2", "AVX512", "HAS_AVX2", "HAS_AVX512", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "on_best_path"]
+__all__ = ["AVX2", "AVX512", "HAS_AVX2", "HAS_AVX512", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "measure_with", "on_best_path"]
 
 
 class PermutePath(NamedTuple):
@@ -57,13 +59,26 @@ PORTABLE_ONLY = os.environ.get("QOPTIM_CPU_PORTABLE", "") not in ("", "0")
 
 
 class _Selection:
-    """The path steps take now: the best this CPU has, until a fall-back or ``force`` moves it."""
+    """The path steps take now: the best this CPU has (measured by ``measure_with``'s function
+    on the first step where there is a choice), until a fall-back or ``force`` moves it."""
 
     path: NamedTuple = PORTABLE if PORTABLE_ONLY or not HAS_AVX2 else AVX512 if HAS_AVX512 else AVX2
+    measure: Callable[[NamedTuple], NamedTuple] | None = None  # (``measure_with``) None: nothing to measure, or measured
+    forced = 0  # ``force`` blocks open: their steps measure nothing
+
+
+def measure_with(choose: Callable[[NamedTuple], NamedTuple]) -> None:
+    """The first step that runs outside ``force`` takes the path ``choose(the path the features
+    pick)`` returns (``calibrate``: features tell which paths a CPU can run, not which is fastest)."""
+    _Selection.measure = choose if not PORTABLE_ONLY else None
 
 
 def current() -> NamedTuple:
     """The path the next step takes (read on every step)."""
+    measure = _Selection.measure
+    if measure is not None and not _Selection.forced:
+        _Selection.measure = None  # (once: the measuring steps run forced)
+        _Selection.path = measure(_Selection.path)
     return _Selection.path
 
 
@@ -74,10 +89,12 @@ def force(path: NamedTuple) -> Iterator[NamedTuple]:
     the hardware has none: slower, still correct); AVX512 only where ``HAS_AVX512``."""
     before = _Selection.path
     _Selection.path = path
+    _Selection.forced += 1
     try:
         yield path
     finally:
         _Selection.path = before
+        _Selection.forced -= 1
 
 
 R = TypeVar("R")
@@ -87,7 +104,7 @@ def on_best_path(run: Callable[[NamedTuple], R]) -> R:
     """``run(path)`` on the best path that compiles (a kernel that fails to compile has
     written nothing)."""
     while True:
-        path = _Selection.path
+        path = current()
         try:
             return run(path)
         except (numba.core.errors.NumbaError, RuntimeError) as e:
