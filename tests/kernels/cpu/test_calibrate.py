@@ -1,5 +1,6 @@
-"""The CPU backend's choice of lookup path (``calibrate``): a named path, the measured one (kept
-in the cache file and read back), the margin, and measuring once and never inside ``force``."""
+"""The CPU backend's choice of lookup path for each kind of kernel (``calibrate``): a named path,
+the measured ones (kept in the cache file and read back), the margin, and ``paths.current``:
+measuring once and never inside ``force``, each kind on its path, a fall-back moving them all."""
 
 import json
 
@@ -16,14 +17,17 @@ def own_cache(tmp_path, monkeypatch):
     return tmp_path
 
 
+MEASURED = {paths.EIGHT_BIT: paths.AVX2, paths.FOUR_BIT: paths.AVX512}
+
+
 @pytest.fixture
 def measured(monkeypatch):
-    """``faster_path`` replaced by one that counts its calls and answers AVX2."""
+    """``faster_path`` replaced by one that counts its calls and answers ``MEASURED``."""
     calls = []
 
-    def fake():
-        calls.append(1)
-        return paths.AVX2
+    def fake(kind):
+        calls.append(kind)
+        return MEASURED[kind]
 
     monkeypatch.setattr(calibrate, "faster_path", fake)
     return calls
@@ -32,7 +36,7 @@ def measured(monkeypatch):
 @pytest.mark.parametrize("name", ["avx2", "portable", " AVX2 "])
 def test_a_named_path_is_taken_without_measuring(name, monkeypatch, measured):
     monkeypatch.setenv("QOPTIM_CPU_PATH", name)
-    assert calibrate.choose(paths.AVX512) is calibrate.NAMES[name.strip().lower()]
+    assert calibrate.choose(paths.AVX512) == dict.fromkeys(paths.KINDS, calibrate.NAMES[name.strip().lower()])
     assert not measured
 
 
@@ -51,37 +55,38 @@ def test_avx512_named_on_a_cpu_without_it_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("default", [paths.AVX2, paths.PORTABLE])
 def test_nothing_is_measured_without_a_choice(default, measured):
-    assert calibrate.choose(default) is default
+    assert calibrate.choose(default) == {}
     assert not measured
 
 
-def test_the_measured_path_is_remembered(measured):
-    assert calibrate.choose(paths.AVX512) is paths.AVX2
-    assert json.loads(calibrate.cache_file().read_text()) == {calibrate.key(): "avx2"}
-    assert calibrate.choose(paths.AVX512) is paths.AVX2
-    assert len(measured) == 1  # (the second answer came from the file)
+def test_the_measured_paths_are_remembered(measured):
+    assert calibrate.choose(paths.AVX512) == MEASURED
+    assert json.loads(calibrate.cache_file().read_text()) == {calibrate.key(): {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "avx512"}}
+    assert calibrate.choose(paths.AVX512) == MEASURED
+    assert sorted(measured) == sorted(paths.KINDS)  # (once each: the second answers came from the file)
 
 
 def test_other_cpus_answers_are_kept(measured):
     calibrate.cache_file().parent.mkdir(parents=True)
     calibrate.cache_file().write_text(json.dumps({"znver5/x/y": "avx512"}))
     calibrate.choose(paths.AVX512)
-    assert json.loads(calibrate.cache_file().read_text()) == {"znver5/x/y": "avx512", calibrate.key(): "avx2"}
+    assert json.loads(calibrate.cache_file().read_text()) == {"znver5/x/y": "avx512", calibrate.key(): {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "avx512"}}
 
 
-@pytest.mark.parametrize("content", ["not json", "[1, 2]", json.dumps({"": "avx2"})])
-def test_an_unreadable_or_foreign_file_means_measuring(content, measured):
+@pytest.mark.parametrize("mine", [None, "avx2", {paths.EIGHT_BIT: "avx2"}, {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "sse"}])
+def test_an_unreadable_or_foreign_answer_means_measuring(mine, measured):
+    """A file that is not JSON, a list, or this CPU's entry incomplete or of an older layout."""
     calibrate.cache_file().parent.mkdir(parents=True)
-    calibrate.cache_file().write_text(content)
-    assert calibrate.choose(paths.AVX512) is paths.AVX2
-    assert len(measured) == 1
+    calibrate.cache_file().write_text("not json" if mine is None else json.dumps([1, 2]) if mine == "avx2" else json.dumps({calibrate.key(): mine}))
+    assert calibrate.choose(paths.AVX512) == MEASURED
+    assert len(measured) == 2
 
 
 def test_a_cache_folder_that_cannot_be_written_only_costs_a_measurement(own_cache, measured):
     (own_cache / "qoptim").write_text("a file where the folder should be")
-    assert calibrate.choose(paths.AVX512) is paths.AVX2
-    assert calibrate.choose(paths.AVX512) is paths.AVX2
-    assert len(measured) == 2
+    assert calibrate.choose(paths.AVX512) == MEASURED
+    assert calibrate.choose(paths.AVX512) == MEASURED
+    assert len(measured) == 4
 
 
 @pytest.mark.parametrize("avx512, avx2, expected", [(1.0, 0.96, paths.AVX2), (1.0, 0.98, paths.AVX512), (1.0, 1.5, paths.AVX512),
@@ -91,26 +96,38 @@ def test_avx2_is_taken_only_beyond_the_margin(avx512, avx2, expected):
 
 
 @pytest.mark.skipif(not paths.HAS_AVX512, reason="this CPU lacks AVX-512 VBMI: nothing to time against")
-def test_faster_path_times_both_paths():
-    assert calibrate.faster_path() in (paths.AVX512, paths.AVX2)
+@pytest.mark.parametrize("kind", paths.KINDS)
+def test_faster_path_times_both_paths(kind):
+    assert calibrate.faster_path(kind) in (paths.AVX512, paths.AVX2)
 
 
 def test_the_first_unforced_step_measures_once():
-    """``paths.current`` asks the measuring function once, outside ``force`` blocks only."""
-    before = paths.current()
+    """``paths.current`` asks the measuring function once, outside ``force`` blocks only; each kind
+    then takes its path, a kind not measured the base one."""
+    before = {kind: paths.current(kind) for kind in paths.KINDS}
     asked = []
 
     def measure(default):
         asked.append(default)
-        return paths.PORTABLE
+        return {paths.FOUR_BIT: paths.PORTABLE}
 
     paths.measure_with(measure)
     try:
         with paths.force(paths.AVX2):
-            assert paths.current() is paths.AVX2
+            assert paths.current(paths.FOUR_BIT) is paths.AVX2
         assert not asked
-        assert paths.current() is paths.PORTABLE and paths.current() is paths.PORTABLE
-        assert asked == [before]
+        assert paths.current(paths.FOUR_BIT) is paths.PORTABLE and paths.current(paths.FOUR_BIT) is paths.PORTABLE
+        assert len(asked) == 1
+        with paths.force(paths.AVX2):  # (forced: the measured path does not count)
+            assert paths.current(paths.FOUR_BIT) is paths.AVX2
+        assert paths.current(paths.EIGHT_BIT) is asked[0]  # (not measured: the base path)
     finally:
         paths.measure_with(lambda default: before)
-        assert paths.current() is before
+        assert {kind: paths.current(kind) for kind in paths.KINDS} == before
+
+
+@pytest.mark.parametrize("measured_path, base, taken", [(paths.AVX512, paths.AVX2, paths.AVX2), (paths.AVX2, paths.AVX512, paths.AVX2),
+                                                      (paths.AVX512, paths.PORTABLE, paths.PORTABLE), (paths.AVX512, paths.AVX512, paths.AVX512)])  # fmt: skip
+def test_a_fall_back_moves_a_measured_path_down(measured_path, base, taken):
+    """A kind measured fastest on AVX-512 goes down with every kernel once AVX-512 did not compile."""
+    assert paths.lower(measured_path, base) is taken

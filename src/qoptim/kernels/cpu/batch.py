@@ -146,7 +146,7 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
         launch.run(fp32_batch_task, ntasks, per_task, (*args, per_part))
     elif layout == Layout.FOUR_BIT:
         tables = padded(tuple((*nibble_tables_of(s.code), s.shift, s.draw is not None) for s in jobs[0].slots))
-        paths.on_best_path(lambda path: launch.run(four_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
+        paths.on_best_path(lambda path: launch.run(four_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)), paths.FOUR_BIT)
     else:
         tables = padded(tuple(_eight_bit_tables(s) for s in jobs[0].slots))
         paths.on_best_path(lambda path: launch.run(eight_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))

@@ -1,18 +1,21 @@
-"""Which lookup path steps take on a CPU that can run more than one: measured once, remembered.
+"""Which lookup path each kind of CPU kernel takes where the CPU can run more than one: measured
+once, remembered.
 
-A CPU's features say which paths it can run (``paths``), not which is fastest. On Zen 5 the
-AVX-512 permutes step ~2.5x faster than the AVX2 gathers; on an Intel Xeon with AVX-512 VBMI
-(LLVM's ``rocketlake``) the AVX2 gathers were 7-13% faster (8-bit Adam step, one thread, 4M
-elements, fp32 and bf16 parameters). So the first step on a CPU with both times one 8-bit AdamW
-step of ``ELEMENTS`` fp32 elements on each, one thread, alternating, best of ``ROUNDS``, and
-takes the AVX2 path only if it is at least ``MARGIN`` faster (timings near a tie keep the
+A CPU's features say which paths it can run (``paths``), not which is fastest, and the answer
+differs between kernels. On Zen 5 the AVX-512 permutes step ~2.5x faster than the AVX2 gathers;
+on an Intel Xeon with AVX-512 VBMI (LLVM's ``rocketlake``) the AVX2 gathers' 8-bit Adam step was
+7-13% faster (one thread, 4M elements, fp32 and bf16 parameters), while its 4-bit one took 2.3x
+as long as on the AVX-512 path (GPT-2-small's step in a training loop). So the first step on a
+CPU with both times one AdamW step of ``ELEMENTS`` fp32 elements of each kind (``paths.KINDS``:
+8-bit, 4-bit states) on each path, one thread, alternating, best of ``ROUNDS``, and gives a kind
+the AVX2 path only if it is at least ``MARGIN`` faster there (timings near a tie keep the
 default). Both paths give the same results bit for bit: the choice changes speed only.
 
-The answer is kept in ``cpu-paths.json`` of qoptim's cache folder (``$XDG_CACHE_HOME/qoptim``,
+The answers are kept in ``cpu-paths.json`` of qoptim's cache folder (``$XDG_CACHE_HOME/qoptim``,
 else ``~/.cache/qoptim``), keyed by LLVM's name of the CPU, its features and the kernels'
-sources, so that later processes read it (a folder that cannot be written: measured in each
-process). ``QOPTIM_CPU_PATH`` = ``avx512``, ``avx2`` or ``portable`` takes that path without
-measuring (read at the first step).
+sources, so that later processes read them (a folder that cannot be written: measured in each
+process). ``QOPTIM_CPU_PATH`` = ``avx512``, ``avx2`` or ``portable`` gives every kernel that path
+without measuring (read at the first step).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numba
 import torch
 from llvmlite import binding as llvm_binding
 
+from ...quant.formats import FORMATS, state_map
 from ...quant.maps import signed_map, unsigned_map
 from ..types import Hyper, StateSlot
 from . import paths, step
@@ -38,42 +42,43 @@ from .layout import Layout
 __all__ = ["ELEMENTS", "MARGIN", "NAMES", "ROUNDS", "cache_file", "choose", "faster_path", "key", "pick"]
 
 ELEMENTS = 1 << 20  # elements of the timed step (~2 ms on one thread): large enough to stream from memory
-ROUNDS = 5
+ROUNDS = 7
 MARGIN = 0.03  # how much faster the AVX2 path must be to be taken instead of the AVX-512 one
 NAMES = {"avx512": paths.AVX512, "avx2": paths.AVX2, "portable": paths.PORTABLE}
 
 
-def choose(default: NamedTuple) -> NamedTuple:
-    """The path for this process (``paths.measure_with``): ``QOPTIM_CPU_PATH``'s, else where the
-    features pick the AVX-512 one the faster of it and AVX2's (remembered), else ``default``."""
+def choose(default: NamedTuple) -> dict[str, NamedTuple]:
+    """Each kind's path for this process (``paths.measure_with``): ``QOPTIM_CPU_PATH``'s, else
+    where the features pick the AVX-512 one the faster of it and AVX2's (remembered), else none
+    (every kernel on ``default``)."""
     named = os.environ.get("QOPTIM_CPU_PATH", "").strip().lower()
     if named:
         if named not in NAMES:
             raise ValueError(f"QOPTIM_CPU_PATH must be one of {sorted(NAMES)}, got {named!r}")
         if NAMES[named] is paths.AVX512 and not paths.HAS_AVX512:
             raise ValueError(f"QOPTIM_CPU_PATH=avx512, but this CPU lacks {', '.join(paths.AVX512_FEATURES)}")
-        return NAMES[named]
+        return dict.fromkeys(paths.KINDS, NAMES[named])
     if default is not paths.AVX512:  # (no choice to measure)
-        return default
+        return {}
     remembered = _read().get(key())
-    if remembered in NAMES:
-        return NAMES[remembered]
-    chosen = faster_path()
-    _remember(next(name for name, path in NAMES.items() if path is chosen))
+    if isinstance(remembered, dict) and set(remembered) == set(paths.KINDS) and set(remembered.values()) <= set(NAMES):
+        return {kind: NAMES[name] for kind, name in remembered.items()}
+    chosen = {kind: faster_path(kind) for kind in paths.KINDS}
+    _remember({kind: next(name for name, path in NAMES.items() if path is chosen[kind]) for kind in paths.KINDS})
     return chosen
 
 
-def faster_path() -> NamedTuple:
-    """AVX2 where its step is at least ``MARGIN`` faster than the AVX-512 one's, else AVX-512 (also
-    where the AVX2 one does not compile)."""
+def faster_path(kind: str) -> NamedTuple:
+    """For the kernels of ``kind``: AVX2 where its step is at least ``MARGIN`` faster than the
+    AVX-512 one's, else AVX-512 (also where the AVX2 one does not compile)."""
     seconds = {paths.AVX512: [], paths.AVX2: []}
-    p, g, slots, hp = _workload()
+    layout, p, g, slots, hp = _workload(kind)
     try:
         for _ in range(ROUNDS + 1):  # (the first round compiles, or loads from the disk cache: not counted)
             for path, times in seconds.items():
                 with paths.force(path):
                     start = time.perf_counter()
-                    step.run("adam", Layout.BLOCK, p, g, slots, hp, True, 1)
+                    step.run("adam", layout, p, g, slots, hp, True, 1)
                     times.append(time.perf_counter() - start)
     except (numba.core.errors.NumbaError, RuntimeError) as e:
         warnings.warn(f"qoptim: timing the CPU kernel's paths failed ({type(e).__name__}: {str(e)[:200]}); using the AVX-512 one",
@@ -87,14 +92,22 @@ def pick(avx512_seconds: float, avx2_seconds: float) -> NamedTuple:
     return paths.AVX2 if avx2_seconds < avx512_seconds * (1 - MARGIN) else paths.AVX512
 
 
-def _workload() -> tuple:
-    """An fp32 parameter with 8-bit AdamW states in 256-blocks, a gradient and a step's hyperparameters."""
+def _workload(kind: str) -> tuple:
+    """The layout of ``kind``'s states, an fp32 parameter with AdamW's states so kept (8-bit in
+    256-blocks, or 4-bit sharing a byte, in 128-blocks), a gradient and a step's hyperparameters."""
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(ELEMENTS, generator=gen) * 0.1
     g = torch.randn(ELEMENTS, generator=gen) * 0.01
+    hp = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10, decoupled=True)
+    if kind == paths.FOUR_BIT:
+        fmt = FORMATS[4]
+        codes = torch.full((ELEMENTS,), 0x77, dtype=torch.uint8)  # (both states mid-map: any codes time alike)
+        slots = [StateSlot(codes, state_map(fmt.map_name(signed)), torch.full((-(-ELEMENTS // fmt.blocksize),), 1e-3), fmt.blocksize, shift)
+                 for signed, shift in ((True, 0), (False, 4))]  # fmt: skip
+        return Layout.FOUR_BIT, p, g, slots, hp
     blocks = -(-ELEMENTS // 256)
     slots = [StateSlot(torch.full((ELEMENTS,), 127, dtype=torch.uint8), code, torch.full((blocks,), 1e-3)) for code in (signed_map(), unsigned_map())]
-    return p, g, slots, Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10, decoupled=True)
+    return Layout.BLOCK, p, g, slots, hp
 
 
 def key() -> str:
@@ -116,13 +129,13 @@ def _read() -> dict:
     return remembered if isinstance(remembered, dict) else {}
 
 
-def _remember(name: str) -> None:
-    """Add this CPU's answer to the file (written whole, then renamed: readers never see half of it)."""
+def _remember(chosen: dict[str, str]) -> None:
+    """Add this CPU's answers to the file (written whole, then renamed: readers never see half of it)."""
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps({**_read(), key(): name}, indent=1, sort_keys=True))
+        temporary.write_text(json.dumps({**_read(), key(): chosen}, indent=1, sort_keys=True))
         os.replace(temporary, path)
     except OSError:  # a read-only home: measured again by the next process
         pass

@@ -27,7 +27,7 @@ from numba.core import types
 
 from .gather import LANES
 
-__all__ = ["AVX2", "AVX512", "HAS_AVX2", "HAS_AVX512", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "measure_with", "on_best_path"]
+__all__ = ["AVX2", "AVX512", "EIGHT_BIT", "FOUR_BIT", "HAS_AVX2", "HAS_AVX512", "KINDS", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "lower", "measure_with", "on_best_path"]
 
 
 class PermutePath(NamedTuple):
@@ -58,28 +58,44 @@ HAS_AVX2 = bool(_FEATURES.get("avx2"))
 PORTABLE_ONLY = os.environ.get("QOPTIM_CPU_PORTABLE", "") not in ("", "0")
 
 
+# The kernels whose path is chosen apart: their lookups differ (256-entry maps, 16-entry ones),
+# and so does which path is fastest (an Intel Xeon: AVX2 for the 8-bit ones, AVX-512 for the 4-bit)
+EIGHT_BIT, FOUR_BIT = "8-bit", "4-bit"
+KINDS = (EIGHT_BIT, FOUR_BIT)
+
+
 class _Selection:
-    """The path steps take now: the best this CPU has (measured by ``measure_with``'s function
-    on the first step where there is a choice), until a fall-back or ``force`` moves it."""
+    """The path steps take now: the best this CPU has, until a fall-back or ``force`` moves it;
+    and for each kind of kernel the one measured fastest on it (``measure_with``), where lower."""
 
     path: NamedTuple = PORTABLE if PORTABLE_ONLY or not HAS_AVX2 else AVX512 if HAS_AVX512 else AVX2
-    measure: Callable[[NamedTuple], NamedTuple] | None = None  # (``measure_with``) None: nothing to measure, or measured
-    forced = 0  # ``force`` blocks open: their steps measure nothing
+    chosen: dict[str, NamedTuple] = {}  # kind -> its measured path
+    measure: Callable[[NamedTuple], dict[str, NamedTuple]] | None = None  # (``measure_with``) None: measured, or nothing to
+    forced = 0  # ``force`` blocks open: their steps take the forced path, and measure nothing
 
 
-def measure_with(choose: Callable[[NamedTuple], NamedTuple]) -> None:
-    """The first step that runs outside ``force`` takes the path ``choose(the path the features
-    pick)`` returns (``calibrate``: features tell which paths a CPU can run, not which is fastest)."""
+def measure_with(choose: Callable[[NamedTuple], dict[str, NamedTuple]]) -> None:
+    """The first step that runs outside ``force`` asks ``choose(the path the features pick)`` for
+    each kind's path (``calibrate``: features tell which paths a CPU can run, not which is fastest)."""
     _Selection.measure = choose if not PORTABLE_ONLY else None
 
 
-def current() -> NamedTuple:
-    """The path the next step takes (read on every step)."""
+def current(kind: str = EIGHT_BIT) -> NamedTuple:
+    """The path the next step of a ``kind`` kernel takes (read on every step): the forced one in
+    ``force``, else its measured one, unless a fall-back has since moved every kernel below it."""
     measure = _Selection.measure
     if measure is not None and not _Selection.forced:
         _Selection.measure = None  # (once: the measuring steps run forced)
-        _Selection.path = measure(_Selection.path)
-    return _Selection.path
+        _Selection.chosen = dict(measure(_Selection.path))
+    base = _Selection.path
+    return base if _Selection.forced else lower(_Selection.chosen.get(kind, base), base)
+
+
+def lower(a: NamedTuple, b: NamedTuple) -> NamedTuple:
+    """The lower of two paths (AVX512 above AVX2 above PORTABLE): a measured path, unless a
+    fall-back has moved every kernel below it."""
+    rank = {id(AVX512): 2, id(AVX2): 1, id(PORTABLE): 0}
+    return a if rank[id(a)] <= rank[id(b)] else b
 
 
 @contextlib.contextmanager
@@ -100,11 +116,11 @@ def force(path: NamedTuple) -> Iterator[NamedTuple]:
 R = TypeVar("R")
 
 
-def on_best_path(run: Callable[[NamedTuple], R]) -> R:
-    """``run(path)`` on the best path that compiles (a kernel that fails to compile has
-    written nothing)."""
+def on_best_path(run: Callable[[NamedTuple], R], kind: str = EIGHT_BIT) -> R:
+    """``run(path)`` on the best path for a ``kind`` kernel that compiles (a kernel that fails
+    to compile has written nothing)."""
     while True:
-        path = current()
+        path = current(kind)
         try:
             return run(path)
         except (numba.core.errors.NumbaError, RuntimeError) as e:

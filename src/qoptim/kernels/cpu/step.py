@@ -42,7 +42,7 @@ def run(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list
         launch.run(tasks.fp32_task, ntasks, skipped, (*head, *states, *step))
         return int(skipped.sum())
     if layout == Layout.FOUR_BIT:
-        paths.on_best_path(lambda path: launch.run(four_bit.four_bit_task, ntasks, skipped, (*head, *states, *step, path)))
+        paths.on_best_path(lambda path: launch.run(four_bit.four_bit_task, ntasks, skipped, (*head, *states, *step, path)), paths.FOUR_BIT)
         return int(skipped.sum())
     peaks = paths.on_best_path(lambda path: _run_8bit(marker.states, (*head, *states, *step), layout, ntasks, skipped, path))
     if layout == Layout.WHOLE:
@@ -81,7 +81,8 @@ def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slo
     read = weight_view(p, WeightFormat(correction=weights.correction))  # (a draw writes, and this pass reads only)
     args = (marker_of(rule), read, as_numpy(g), *states, np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     task = four_bit.four_bit_trust_task if layout == Layout.FOUR_BIT else tasks.trust_task
-    paths.on_best_path(lambda path: launch.run(task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)))
+    kind = paths.FOUR_BIT if layout == Layout.FOUR_BIT else paths.EIGHT_BIT
+    paths.on_best_path(lambda path: launch.run(task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)), kind)
     param_norm, term_norm = np.sqrt(sums.sum(axis=0))
     _, ratio = reference.TRUST_RATIOS[rule]
     return ratio(float(param_norm), float(term_norm), hp)
