@@ -8,7 +8,7 @@ import torch
 from support import DTYPES, SHAPES, block_scales, clone_params, dequantized, gradients, make_params, ulp
 
 import qoptim as bnb
-from qoptim.quant.formats import FORMATS, STOCHASTIC, state_map
+from qoptim.quant.formats import FORMATS, STOCHASTIC_ROUNDING, state_map
 
 LR = 1e-3
 # torch counterpart of each class, and the weight decay to test it with
@@ -40,7 +40,7 @@ def _rounding_bound(bits: int, i: int) -> float:
     fmt, signed = FORMATS[bits], i == 1
     code = state_map(fmt.map_name(signed))
     widest = (code[1:] - code[:-1]).max().item()
-    stochastic = not signed and fmt.unsigned_rounding == STOCHASTIC
+    stochastic = not signed and fmt.unsigned_rounding == STOCHASTIC_ROUNDING
     return max(widest if stochastic else widest / 2, 0.0 if signed else code[0].item())
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qoptim.quant.blockwise import quantize_stochastic, quantize_with_absmax, stochastic_steps
-from qoptim.quant.formats import FORMATS, STOCHASTIC, state_map
+from qoptim.quant.formats import FORMATS, STOCHASTIC_ROUNDING, state_map
 from qoptim.quant.master import Draw, lowbias32, random_bits, state_random_bits
 
 MAPS = FORMATS[4].map_names
@@ -24,7 +24,7 @@ def codes_of(x, name, key=0x1234567, first=0, scale=1.0):
 
 
 def test_the_four_bit_format_rounds_its_second_moment_stochastically():
-    assert FORMATS[4].unsigned_rounding == STOCHASTIC and FORMATS[8].unsigned_rounding != STOCHASTIC
+    assert FORMATS[4].unsigned_rounding == STOCHASTIC_ROUNDING and FORMATS[8].unsigned_rounding != STOCHASTIC_ROUNDING
 
 
 @pytest.mark.parametrize("name", MAPS)

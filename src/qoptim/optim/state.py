@@ -37,7 +37,7 @@ import torch
 
 from ..kernels import BLOCK, WHOLE_TENSOR, StateSlot
 from ..kernels.rules import RuleSpec
-from ..quant.formats import FORMATS, STOCHASTIC, StateFormat, format_of
+from ..quant.formats import FORMATS, STOCHASTIC_ROUNDING, StateFormat, format_of
 from . import dtensor
 
 __all__ = [
@@ -221,7 +221,7 @@ def rounds_stochastically(state: dict[str, Any], config: dict[str, Any]) -> bool
     """Whether a parameter's never-negative states round stochastically: they are quantized, and
     ``config["state_rounding"]`` says so, or leaves it to their format (``quant.formats``)."""
     fmt = format_of_state(state)
-    return fmt is not None and (config.get("state_rounding") or fmt.unsigned_rounding) == STOCHASTIC
+    return fmt is not None and (config.get("state_rounding") or fmt.unsigned_rounding) == STOCHASTIC_ROUNDING
 
 
 def with_draw(slots: list[StateSlot], layout, state: dict[str, Any], config: dict[str, Any], draw) -> list[StateSlot]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..quant.formats import NEAREST, STOCHASTIC
+from ..quant.formats import NEAREST_ROUNDING, STOCHASTIC_ROUNDING
 from . import dtensor
 
 __all__ = [
@@ -20,7 +20,7 @@ NONFINITE_MODES = ("skip", "raise", "propagate")  # what a NaN/Inf gradient does
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # How never-negative quantized states round to their codes (``state_rounding``): None, their
 # format's own way (8-bit: to nearest, as bitsandbytes; 4-bit: stochastically), or either way.
-STATE_ROUNDINGS = (None, NEAREST, STOCHASTIC)
+STATE_ROUNDINGS = (None, NEAREST_ROUNDING, STOCHASTIC_ROUNDING)
 
 
 def check_hyper(lr, betas, eps, weight_decay) -> None:
@@ -51,10 +51,10 @@ def check_settings(*, optim_bits, min_8bit_size, percentile_clipping, max_unorm,
     LAMB and LARS, layer-wise, take ``max_unorm``; rounding takes a never-negative state); ``four_bit``: the rule
     takes 4-bit states."""
     check_state_rounding(state_rounding)
-    if state_rounding == STOCHASTIC and all(spec.signed):
+    if state_rounding == STOCHASTIC_ROUNDING and all(spec.signed):
         raise ValueError("state_rounding='stochastic' rounds never-negative states (second moments, sums of squares); "
                          "this optimizer's states may all be negative, and round to nearest")  # fmt: skip
-    if state_rounding == STOCHASTIC and block_wise is not True:
+    if state_rounding == STOCHASTIC_ROUNDING and block_wise is not True:
         raise ValueError("state_rounding='stochastic' rounds block-wise states: block_wise=False (one scale per tensor) "
                          "is not supported with it")  # fmt: skip
     check_bits(optim_bits, block_wise, four_bit, ValueError)

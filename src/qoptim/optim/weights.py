@@ -26,6 +26,7 @@ import torch
 
 from ..kernels import NEAREST, WeightFormat
 from ..quant import master
+from ..quant.formats import NEAREST_ROUNDING, STOCHASTIC_ROUNDING
 from . import dtensor, validation
 from .state import MASTER_CORRECTION, ROUNDING_SEED, Buffers, rounds_stochastically
 
@@ -34,7 +35,7 @@ __all__ = [
     "master_weight", "step_draw", "sync_state", "weight_format",
 ]  # fmt: skip
 
-WEIGHT_ROUNDINGS = ("nearest", "stochastic")
+WEIGHT_ROUNDINGS = (NEAREST_ROUNDING, STOCHASTIC_ROUNDING)
 
 # appended to every optimizer class's docstring (``optimizer._StateOptimizer.__init_subclass__``)
 SETTINGS_DOC = """
@@ -57,7 +58,7 @@ def check_settings(master_weight_bits: Any, weight_rounding: Any) -> None:
         raise ValueError(f"master_weight_bits must be None, 24 or 32, got {master_weight_bits!r}")
     if weight_rounding not in WEIGHT_ROUNDINGS:
         raise ValueError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}, got {weight_rounding!r}")
-    if master_weight_bits is not None and weight_rounding == "stochastic":
+    if master_weight_bits is not None and weight_rounding == STOCHASTIC_ROUNDING:
         raise ValueError(
             f"weight_rounding='stochastic' rounds weights that have no master; with master_weight_bits={master_weight_bits} "
             "the master already keeps what rounding loses: choose one"
@@ -91,7 +92,7 @@ def sync_state(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any], b
 
 def _rounds_stochastically(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any]) -> bool:
     """Whether a parameter's weight or its states round stochastically (and so need a seed)."""
-    return (config["weight_rounding"] == "stochastic" and p.dtype in master.HALF_PRECISION) or rounds_stochastically(state, config)
+    return (config["weight_rounding"] == STOCHASTIC_ROUNDING and p.dtype in master.HALF_PRECISION) or rounds_stochastically(state, config)
 
 
 def _drop(state: dict[str, Any], position: tuple[int, int]) -> None:
@@ -164,7 +165,7 @@ def weight_format(p: torch.Tensor, state: dict[str, Any], config: dict[str, Any]
     correction = state.get(MASTER_CORRECTION)
     if correction is not None:
         return WeightFormat(correction=_as_integers(correction))
-    if draw is not None and config["weight_rounding"] == "stochastic":
+    if draw is not None and config["weight_rounding"] == STOCHASTIC_ROUNDING:
         return WeightFormat(draw=draw)
     return NEAREST
 

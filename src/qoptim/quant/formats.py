@@ -31,9 +31,9 @@ import torch
 
 from .maps import create_dynamic_map, signed_map, unsigned_map
 
-__all__ = ["FORMATS", "MAP_NAMES", "NEAREST", "STOCHASTIC", "StateFormat", "format_of", "state_map"]
+__all__ = ["FORMATS", "MAP_NAMES", "NEAREST_ROUNDING", "STOCHASTIC_ROUNDING", "StateFormat", "format_of", "state_map"]
 
-NEAREST, STOCHASTIC = "nearest", "stochastic"  # how a never-negative state's values round to its codes
+NEAREST_ROUNDING, STOCHASTIC_ROUNDING = "nearest", "stochastic"  # how a never-negative state's values round to its codes
 
 
 def _linear_zero_free(bits: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ class StateFormat(NamedTuple):
     signed_map: str
     unsigned_map: str
     zero_free_unsigned: bool  # the unsigned map has no zero code (else a positive value is raised past it)
-    unsigned_rounding: str = NEAREST  # how a never-negative state rounds to its codes (NEAREST or STOCHASTIC)
+    unsigned_rounding: str = NEAREST_ROUNDING  # how a never-negative state rounds to its codes (NEAREST_ROUNDING or STOCHASTIC_ROUNDING)
 
     @property
     def codes(self) -> int:
@@ -89,7 +89,7 @@ class StateFormat(NamedTuple):
 FORMATS: dict[int, StateFormat] = {
     8: StateFormat(bits=8, blocksize=256, signed_map="dynamic", unsigned_map="udynamic", zero_free_unsigned=False),
     4: StateFormat(bits=4, blocksize=128, signed_map="dynamic4", unsigned_map="linear4", zero_free_unsigned=True,
-                   unsigned_rounding=STOCHASTIC),
+                   unsigned_rounding=STOCHASTIC_ROUNDING),
 }
 
 
