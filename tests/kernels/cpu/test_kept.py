@@ -75,6 +75,16 @@ def test_states_moved_in_place_are_seen():
     step_both(q, slots, twin_q, twin_slots, adam_hyper(3, True))
 
 
+def test_scales_shrunk_in_place_are_seen():
+    """Scales resized in place (the same tensor and address, fewer elements): no longer what the
+    kernels take, so both backends refuse or take them alike."""
+    p, slots = make_state(700, torch.float32, "block")
+    twin_p, twin_slots = copy_state(p, slots)
+    step_both(p, slots, twin_p, twin_slots, adam_hyper(1, True))
+    slots[1].absmax.resize_(1)
+    assert layout.plan("adam", p, slots) is None
+
+
 def test_reused_ids_are_not_mistaken():
     """States made and freed one after the other (Python reuses their ids): each step is its own."""
     for i in range(30):

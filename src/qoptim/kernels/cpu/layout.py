@@ -92,8 +92,9 @@ def _kept(n: int, slots: list[StateSlot]) -> _Kept:
 
 
 def _stamp(n: int, slots: list[StateSlot]) -> tuple:
-    return n, *[(id(s.values), s.values.data_ptr(), s.values.numel(), id(s.absmax), None if s.absmax is None else s.absmax.data_ptr(),
-                 id(s.code), None if s.code is None else s.code._version, s.blocksize, s.shift, s.draw is None) for s in slots]  # fmt: skip
+    return n, *[(id(s.values), s.values.data_ptr(), s.values.numel(), s.values.is_contiguous(), id(s.absmax),
+                 None if s.absmax is None else (s.absmax.data_ptr(), s.absmax.numel()), id(s.code),
+                 None if s.code is None else (s.code.data_ptr(), s.code._version), s.blocksize, s.shift, s.draw is None) for s in slots]  # fmt: skip
 
 
 def kept_count() -> int:
