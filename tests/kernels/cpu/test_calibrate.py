@@ -5,7 +5,9 @@ measuring once and never inside ``force``, each kind on its path, a fall-back mo
 import json
 
 import pytest
+import torch
 
+import qoptim
 from qoptim.kernels.cpu import calibrate, paths
 
 
@@ -131,3 +133,40 @@ def test_the_first_unforced_step_measures_once():
 def test_a_fall_back_moves_a_measured_path_down(measured_path, base, taken):
     """A kind measured fastest on AVX-512 goes down with every kernel once AVX-512 did not compile."""
     assert paths.lower(measured_path, base) is taken
+
+
+def test_a_failed_measurement_is_asked_again():
+    """A bad ``QOPTIM_CPU_PATH`` fails every step, not only the first."""
+    before = {kind: paths.current(kind) for kind in paths.KINDS}
+
+    def refuse(default):
+        raise ValueError("QOPTIM_CPU_PATH must be one of ...")
+
+    paths.measure_with(refuse)
+    try:
+        for _ in range(2):
+            with pytest.raises(ValueError, match="QOPTIM_CPU_PATH"):
+                paths.current()
+    finally:
+        paths.measure_with(lambda default: before)
+        assert {kind: paths.current(kind) for kind in paths.KINDS} == before
+
+
+def test_a_bad_path_name_changes_nothing(monkeypatch):
+    """The first step measures (or fails to) before any parameter changes: fp32 states, which
+    take no path, included."""
+    before = {kind: paths.current(kind) for kind in paths.KINDS}
+    monkeypatch.setenv("QOPTIM_CPU_PATH", "sse4")
+    paths.measure_with(calibrate.choose)
+    try:
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (100, 5000)]  # fp32 states (min_8bit_size), 8-bit states
+        opt = qoptim.AdamW8bit(params)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        kept = [p.detach().clone() for p in params]
+        with pytest.raises(ValueError, match="QOPTIM_CPU_PATH must be one of"):
+            opt.step()
+        assert all(torch.equal(p, k) for p, k in zip(params, kept))
+    finally:
+        paths.measure_with(lambda default: before)
+        paths.current()

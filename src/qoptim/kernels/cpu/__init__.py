@@ -73,12 +73,14 @@ def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], 
            weights: WeightFormat = NEAREST) -> UpdateResult:  # fmt: skip
     """One step of ``rule`` on ``p`` in place, and on its correction with a master (same result
     as ``reference.update``)."""
+    paths.current()  # (the first step's measurement, or its error, before anything changes)
     job = Job(rule, p, g, slots, hp, skip_nonfinite, weights)
     return _planned(job, plan(rule, p, slots))
 
 
 def update_many(jobs: list[Job]) -> list[UpdateResult]:
     """Many parameters' updates at once, small tensors batched into one call (``batch``)."""
+    paths.current()  # (the first step's measurement, or its error, before anything changes)
     return batch.update_many(jobs, _planned)
 
 

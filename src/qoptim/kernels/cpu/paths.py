@@ -86,7 +86,11 @@ def current(kind: str = EIGHT_BIT) -> NamedTuple:
     measure = _Selection.measure
     if measure is not None and not _Selection.forced:
         _Selection.measure = None  # (once: the measuring steps run forced)
-        _Selection.chosen = dict(measure(_Selection.path))
+        try:
+            _Selection.chosen = dict(measure(_Selection.path))
+        except BaseException:  # (a bad QOPTIM_CPU_PATH, say: every step says so, none goes on unmeasured)
+            _Selection.measure = measure
+            raise
     base = _Selection.path
     return base if _Selection.forced else lower(_Selection.chosen.get(kind, base), base)
 
