@@ -359,6 +359,37 @@ def test_a_failing_flush_raises_from_backward_and_leaves_the_rest():
     assert_no_grads(model)
 
 
+class FailsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("a failure of the model's own in backward")
+
+
+@pytest.mark.parametrize("next_call", ["step", "backward"])
+def test_param_groups_are_checked_after_a_backward_that_failed(next_call):
+    """A backward that failed after a flush (not in ours: the model's) leaves the step it had
+    opened; the next step() or backward still checks the param groups before updating anything."""
+    a, b = nn.Parameter(torch.randn(4096)), nn.Parameter(torch.randn(4096))
+    opt = qoptim.AdamW8bit([a, b], lr=1e-3)
+    handle = qoptim.release_gradients(opt, bucket_bytes=0)
+    with pytest.raises(RuntimeError, match="model's own"):
+        ((FailsInBackward.apply(b) * 2).sum() + (a * 2).sum()).backward()  # a is flushed first
+    opt.param_groups[0]["lr"] = -1.0
+    before = [p.detach().clone() for p in (a, b)]
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        if next_call == "step":
+            handle.remove()
+            a.grad, b.grad = torch.ones(4096), torch.ones(4096)
+            opt.step()
+        else:
+            ((a * 3).sum() + (b * 3).sum()).backward()
+    assert all(torch.equal(x, p) for x, p in zip(before, (a, b)))
+
+
 def test_nothing_keeps_a_released_optimizer_alive():
     model = make_model()
     opt = qoptim.AdamW8bit(model.parameters(), lr=1e-2)

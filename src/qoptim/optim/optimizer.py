@@ -123,16 +123,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def update_params(self, work: list[tuple[int, int, dict[str, Any], torch.Tensor]], *, ends_step: bool = True) -> None:
-        """step() for the (gindex, pindex, group, param) items of ``work`` only, each with a gradient.
-        A step can span calls (gradient release updates parameters as backward completes their
-        gradients): the calls before its last pass ``ends_step=False``, and the last notes the
-        NaN/Inf blocks skipped by them all once, as step() does; ``in_step`` holds in between."""
+    def update_params(self, work: list[tuple[int, int, dict[str, Any], torch.Tensor]], *, ends_step=True, continues_step=False) -> None:
+        """step() for the (gindex, pindex, group, param) items of ``work`` only, each with a gradient. A step can span calls
+        (gradient release updates parameters as backward completes their gradients): the calls before its last pass
+        ``ends_step=False``, those after its first ``continues_step=True`` (the first checked the param groups), and the
+        last notes the NaN/Inf blocks skipped by them all once, as step() does; ``in_step`` holds in between."""
         if not self.initialized:
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
-        for gindex, group in enumerate(() if self.in_step else self.param_groups):  # (a step spanning calls: once)
+        for gindex, group in enumerate(() if continues_step else self.param_groups):
             self.check_group(gindex, group)
         for gindex, pindex, group, p in work:
             checkpoint.unnest(self.state[p])

@@ -93,6 +93,14 @@ def release_gradients(optimizer: Optimizer8bit, *, bucket_bytes: int = DEFAULT_B
     return handle
 
 
+def _backward_id() -> int | None:
+    """torch's id of the backward under way (the autograd engine's graph task; None where this torch
+    has no such function): a backward that failed runs no final callback, and the next one must be
+    told apart from it (FSDP2 asks the same function whether backward is under way)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else current()
+
+
 def weak_hook(handle: weakref.ref):
     """A post-accumulate-grad hook calling ``handle().grad_ready`` while the handle lives."""
 
@@ -114,6 +122,8 @@ class ReleaseHandle:
         self.queue: list[tuple[int, int, dict[str, Any], torch.Tensor]] = []
         self.queued_bytes = 0
         self.open = False  # a backward is under way: its final callback is queued
+        self.flushed = False  # this backward has updated parameters (its param groups are checked)
+        self.backward: int | None = None  # torch's id of the backward under way (``_backward_id``)
         self.released: set[int] = set()  # parameters updated since the last step()
         self.repeated = False  # one of them was updated twice
         self.step_seen = False  # the loop calls step(): a second gradient before it is an error at once
@@ -173,10 +183,13 @@ class ReleaseHandle:
 
     def grad_ready(self, p: torch.Tensor) -> None:
         """A parameter's gradient is complete: queue it, flush the queue once it is large enough."""
+        backward = _backward_id()
+        if self.open and backward != self.backward:  # the last backward failed: its callback never came
+            self.abort()
         if not self.open:
             self.check_reduction()
             torch.autograd.Variable._execution_engine.queue_callback(self.end_of_backward)
-            self.open = True
+            self.open, self.flushed, self.backward = True, False, backward
         where = self.locate(p)
         if where is None:  # no longer one of the optimizer's parameters: leave its gradient alone
             return
@@ -207,10 +220,11 @@ class ReleaseHandle:
     def flush(self, *, ends_step: bool) -> None:
         work, self.queue, self.queued_bytes = self.queue, [], 0
         try:
-            self.optimizer.update_params(work, ends_step=ends_step)
+            self.optimizer.update_params(work, ends_step=ends_step, continues_step=self.flushed)
         except BaseException:
             self.abort()
             raise
+        self.flushed = True  # (this backward's first flush checked the param groups)
         for *_, p in work:
             p.grad = None
 

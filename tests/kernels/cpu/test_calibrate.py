@@ -4,6 +4,7 @@ measuring once and never inside ``force``, each kind on its path, a fall-back mo
 
 import json
 
+import numba
 import pytest
 import torch
 
@@ -170,3 +171,56 @@ def test_a_bad_path_name_changes_nothing(monkeypatch):
     finally:
         paths.measure_with(lambda default: before)
         paths.current()
+
+
+@pytest.mark.skipif(not paths.HAS_AVX512, reason="this CPU lacks AVX-512 VBMI: its path is never measured")
+def test_a_kind_whose_measured_path_fails_to_compile_goes_down_alone():
+    """8-bit measured on AVX2, 4-bit on AVX-512: AVX2 failing moves the 8-bit kernels to the
+    portable path and leaves the 4-bit ones where they were."""
+    before = {kind: paths.current(kind) for kind in paths.KINDS}
+    paths.measure_with(lambda default: {paths.EIGHT_BIT: paths.AVX2, paths.FOUR_BIT: paths.AVX512})
+    try:
+        def run(path):
+            if path is paths.AVX2:
+                raise numba.core.errors.LoweringError("no such intrinsic here")
+            return path
+
+        with pytest.warns(RuntimeWarning, match="the AVX2 CPU kernel failed to compile"):
+            assert paths.on_best_path(run, paths.EIGHT_BIT) is paths.PORTABLE
+        assert paths.current(paths.EIGHT_BIT) is paths.PORTABLE and paths.current(paths.FOUR_BIT) is paths.AVX512
+    finally:
+        paths.measure_with(lambda default: before)
+        assert {kind: paths.current(kind) for kind in paths.KINDS} == before
+
+
+@pytest.mark.skipif(not paths.HAS_AVX512, reason="this CPU lacks AVX-512 VBMI: nothing to time")
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_the_measurement_does_not_take_the_default_dtype(default, recwarn):
+    """A process with another default dtype (some model loaders leave bf16 set) times the same fp32 step."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        assert calibrate.faster_path(paths.EIGHT_BIT) in (paths.AVX512, paths.AVX2)
+    finally:
+        torch.set_default_dtype(before)
+    assert not [w for w in recwarn if "timing the CPU kernel's paths failed" in str(w.message)]
+
+
+def test_a_measurement_that_fails_leaves_the_default_path(monkeypatch):
+    def broken(kind):
+        raise MemoryError("no room for the timing tensors")
+
+    monkeypatch.setattr(calibrate, "workload", broken)
+    with pytest.warns(RuntimeWarning, match="timing the CPU kernel's paths failed"):
+        assert calibrate.faster_path(paths.FOUR_BIT) is paths.AVX512
+
+
+def test_no_home_only_costs_a_measurement(monkeypatch, measured):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def homeless():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(calibrate.Path, "home", homeless)
+    assert calibrate.choose(paths.AVX512) == MEASURED
+    assert len(measured) == 2

@@ -75,6 +75,15 @@ def test_states_moved_in_place_are_seen():
     step_both(q, slots, twin_q, twin_slots, adam_hyper(3, True))
 
 
+def test_maps_freed_and_made_again_are_seen():
+    """A new map each step, the last one freed (its id and address may come back): each step reads its own."""
+    p, slots = make_state(1000, torch.float32, "block")
+    twin_p, twin_slots = copy_state(p, slots)
+    for step in range(1, 13):
+        slots[1].code = twin_slots[1].code = unsigned_map() * (0.5 + step / 24)
+        step_both(p, slots, twin_p, twin_slots, adam_hyper(step, True))
+
+
 def test_scales_shrunk_in_place_are_seen():
     """Scales resized in place (the same tensor and address, fewer elements): no longer what the
     kernels take, so both backends refuse or take them alike."""

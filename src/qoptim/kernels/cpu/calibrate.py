@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import numba
 import torch
 from llvmlite import binding as llvm_binding
 
@@ -39,7 +38,7 @@ from . import paths, step
 from .cache import SOURCES_DIGEST
 from .layout import Layout
 
-__all__ = ["ELEMENTS", "MARGIN", "NAMES", "ROUNDS", "cache_file", "choose", "faster_path", "key", "pick"]
+__all__ = ["ELEMENTS", "MARGIN", "NAMES", "ROUNDS", "cache_file", "choose", "faster_path", "key", "pick", "workload"]
 
 ELEMENTS = 1 << 20  # elements of the timed step (~2 ms on one thread): large enough to stream from memory
 ROUNDS = 7
@@ -72,15 +71,15 @@ def faster_path(kind: str) -> NamedTuple:
     """For the kernels of ``kind``: AVX2 where its step is at least ``MARGIN`` faster than the
     AVX-512 one's, else AVX-512 (also where the AVX2 one does not compile)."""
     seconds = {paths.AVX512: [], paths.AVX2: []}
-    layout, p, g, slots, hp = _workload(kind)
     try:
+        layout, p, g, slots, hp = workload(kind)
         for _ in range(ROUNDS + 1):  # (the first round compiles, or loads from the disk cache: not counted)
             for path, times in seconds.items():
                 with paths.force(path):
                     start = time.perf_counter()
                     step.run("adam", layout, p, g, slots, hp, True, 1)
                     times.append(time.perf_counter() - start)
-    except (numba.core.errors.NumbaError, RuntimeError) as e:
+    except Exception as e:  # (whatever it is, the step it runs in must not fail for it: the default path)
         warnings.warn(f"qoptim: timing the CPU kernel's paths failed ({type(e).__name__}: {str(e)[:200]}); using the AVX-512 one",
                       RuntimeWarning, stacklevel=2)  # fmt: skip
         return paths.AVX512
@@ -92,21 +91,24 @@ def pick(avx512_seconds: float, avx2_seconds: float) -> NamedTuple:
     return paths.AVX2 if avx2_seconds < avx512_seconds * (1 - MARGIN) else paths.AVX512
 
 
-def _workload(kind: str) -> tuple:
+def workload(kind: str) -> tuple:
     """The layout of ``kind``'s states, an fp32 parameter with AdamW's states so kept (8-bit in
     256-blocks, or 4-bit sharing a byte, in 128-blocks), a gradient and a step's hyperparameters."""
     gen = torch.Generator().manual_seed(0)
-    p = torch.randn(ELEMENTS, generator=gen) * 0.1
-    g = torch.randn(ELEMENTS, generator=gen) * 0.01
+    cpu32 = dict(dtype=torch.float32, device="cpu")  # (whatever the process's default dtype and device)
+    p = torch.randn(ELEMENTS, generator=gen, **cpu32) * 0.1
+    g = torch.randn(ELEMENTS, generator=gen, **cpu32) * 0.01
     hp = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10, decoupled=True)
     if kind == paths.FOUR_BIT:
         fmt = FORMATS[4]
-        codes = torch.full((ELEMENTS,), 0x77, dtype=torch.uint8)  # (both states mid-map: any codes time alike)
-        slots = [StateSlot(codes, state_map(fmt.map_name(signed)), torch.full((-(-ELEMENTS // fmt.blocksize),), 1e-3), fmt.blocksize, shift)
+        codes = torch.full((ELEMENTS,), 0x77, dtype=torch.uint8, device="cpu")  # (both states mid-map: any codes time alike)
+        scales = -(-ELEMENTS // fmt.blocksize)
+        slots = [StateSlot(codes, state_map(fmt.map_name(signed)), torch.full((scales,), 1e-3, **cpu32), fmt.blocksize, shift)
                  for signed, shift in ((True, 0), (False, 4))]  # fmt: skip
         return Layout.FOUR_BIT, p, g, slots, hp
     blocks = -(-ELEMENTS // 256)
-    slots = [StateSlot(torch.full((ELEMENTS,), 127, dtype=torch.uint8), code, torch.full((blocks,), 1e-3)) for code in (signed_map(), unsigned_map())]
+    slots = [StateSlot(torch.full((ELEMENTS,), 127, dtype=torch.uint8, device="cpu"), code, torch.full((blocks,), 1e-3, **cpu32))
+             for code in (signed_map(), unsigned_map())]  # fmt: skip
     return Layout.BLOCK, p, g, slots, hp
 
 
@@ -117,6 +119,7 @@ def key() -> str:
 
 
 def cache_file() -> Path:
+    """Where the answers are kept (``Path.home`` raises RuntimeError where there is no home)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "qoptim" / "cpu-paths.json"
 
@@ -124,18 +127,18 @@ def cache_file() -> Path:
 def _read() -> dict:
     try:
         remembered = json.loads(cache_file().read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: measure
+    except (OSError, RuntimeError, ValueError):  # none yet, unreadable, or no home: measure
         return {}
     return remembered if isinstance(remembered, dict) else {}
 
 
 def _remember(chosen: dict[str, str]) -> None:
     """Add this CPU's answers to the file (written whole, then renamed: readers never see half of it)."""
-    path = cache_file()
     try:
+        path = cache_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}")
         temporary.write_text(json.dumps({**_read(), key(): chosen}, indent=1, sort_keys=True))
         os.replace(temporary, path)
-    except OSError:  # a read-only home: measured again by the next process
+    except (OSError, RuntimeError):  # a read-only home, or none: measured again by the next process
         pass

@@ -67,6 +67,7 @@ class _Kept(NamedTuple):
 
     first: weakref.ref  # the first state's values tensor, whose id keys the entry (ids are reused once a tensor is gone)
     stamp: tuple  # ``_stamp`` of the states it was made of
+    maps: tuple  # a weak reference to each state's map (the entry keeps tables made of them, not their memory)
     layout: Layout | None  # ``_layout``
     views: list  # each state as the kernels take it, its draw aside (``_state_view``): made on first need
 
@@ -81,14 +82,19 @@ def _kept(n: int, slots: list[StateSlot]) -> _Kept:
     it was made of has changed: a state's tensors (by identity, address and size), a map's
     contents (its version), a block size, a shift, whether a state draws."""
     if not slots:
-        return _Kept(None, (), _layout(n, slots), [])
+        return _Kept(None, (), (), _layout(n, slots), [])
     first, stamp = slots[0].values, _stamp(n, slots)
     kept = _KEPT.get(id(first))
-    if kept is not None and kept.stamp == stamp and kept.first() is first:
+    if kept is not None and kept.stamp == stamp and kept.first() is first and all(m() is s.code for m, s in zip(kept.maps, slots)):
         return kept
-    kept = _Kept(weakref.ref(first, functools.partial(_forget, id(first))), stamp, _layout(n, slots), [])
+    maps = tuple(_NO_MAP if s.code is None else weakref.ref(s.code) for s in slots)
+    kept = _Kept(weakref.ref(first, functools.partial(_forget, id(first))), stamp, maps, _layout(n, slots), [])
     _KEPT[id(first)] = kept
     return kept
+
+
+def _NO_MAP() -> None:
+    """A state without a map, as its weak reference would answer."""
 
 
 def _stamp(n: int, slots: list[StateSlot]) -> tuple:

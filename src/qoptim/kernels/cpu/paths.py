@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from typing import Callable, Iterator, NamedTuple, TypeVar
 
@@ -74,6 +75,9 @@ class _Selection:
     forced = 0  # ``force`` blocks open: their steps take the forced path, and measure nothing
 
 
+_MEASURING = threading.Lock()
+
+
 def measure_with(choose: Callable[[NamedTuple], dict[str, NamedTuple]]) -> None:
     """The first step that runs outside ``force`` asks ``choose(the path the features pick)`` for
     each kind's path (``calibrate``: features tell which paths a CPU can run, not which is fastest)."""
@@ -83,14 +87,14 @@ def measure_with(choose: Callable[[NamedTuple], dict[str, NamedTuple]]) -> None:
 def current(kind: str = EIGHT_BIT) -> NamedTuple:
     """The path the next step of a ``kind`` kernel takes (read on every step): the forced one in
     ``force``, else its measured one, unless a fall-back has since moved every kernel below it."""
-    measure = _Selection.measure
-    if measure is not None and not _Selection.forced:
-        _Selection.measure = None  # (once: the measuring steps run forced)
-        try:
-            _Selection.chosen = dict(measure(_Selection.path))
-        except BaseException:  # (a bad QOPTIM_CPU_PATH, say: every step says so, none goes on unmeasured)
-            _Selection.measure = measure
-            raise
+    if _Selection.measure is not None and not _Selection.forced:
+        with _MEASURING:  # (steps of other threads wait for the measurement, and take its answer)
+            measure, _Selection.measure = _Selection.measure, None  # (once: the measuring steps run forced)
+            try:
+                _Selection.chosen = dict(measure(_Selection.path)) if measure is not None else _Selection.chosen
+            except BaseException:  # (a bad QOPTIM_CPU_PATH, say: every step says so, none goes on unmeasured)
+                _Selection.measure = measure
+                raise
     base = _Selection.path
     return base if _Selection.forced else lower(_Selection.chosen.get(kind, base), base)
 
@@ -130,16 +134,18 @@ def on_best_path(run: Callable[[NamedTuple], R], kind: str = EIGHT_BIT) -> R:
         except (numba.core.errors.NumbaError, RuntimeError) as e:
             if path is PORTABLE:
                 raise
-            _give_up(path, e)
+            _give_up(path, e, kind)
 
 
-def _give_up(path: NamedTuple, error: Exception) -> None:
+def _give_up(path: NamedTuple, error: Exception, kind: str) -> None:
     """After a vectorized kernel failed to compile: the AVX-512 path hands over to the AVX2
-    one, the AVX2 one to the portable one."""
-    if path is AVX512:
-        _Selection.path, failed, instead = AVX2, "AVX-512", "the AVX2 one"
+    one, the AVX2 one to the portable one; for every kernel where it was the path the features
+    picked, else for the kernels of ``kind`` (their measured path)."""
+    below, failed, instead = (AVX2, "AVX-512", "the AVX2 one") if path is AVX512 else (PORTABLE, "AVX2", "the portable one")
+    if path is _Selection.path:
+        _Selection.path = below
     else:
-        _Selection.path, failed, instead = PORTABLE, "AVX2", "the portable one"
+        _Selection.chosen[kind] = below
     warnings.warn(
         f"qoptim: the {failed} CPU kernel failed to compile ({type(error).__name__}: {str(error)[:200]}); using {instead}",
         RuntimeWarning,
