@@ -33,7 +33,7 @@ from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES
 from .tables import PLANES, QuantTables, stochastic_tables_of, tables_of
 
-__all__ = ["Layout", "as_numpy", "draw_args", "draw_of", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_states", "kernel_tables", "kept_count", "padded", "plan", "weight_view", "weights_fit"]
+__all__ = ["Layout", "as_numpy", "draw_args", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_states", "kernel_tables", "kept_count", "padded", "plan", "weight_view", "weights_fit"]
 
 
 class Layout(enum.IntEnum):
@@ -209,7 +209,7 @@ def kernel_states(n: int, slots: list[StateSlot], layout: Layout) -> tuple:
         kept.views.extend(_state_view(s, layout) for s in slots)
     if layout == Layout.FP32:
         return padded(tuple(kept.views))
-    return padded(tuple((*view, *draw_of(s)) for view, s in zip(kept.views, slots)))
+    return padded(tuple((*view, *draw_args(s.draw)) for view, s in zip(kept.views, slots)))
 
 
 def kernel_state(slot: StateSlot, layout: Layout):
@@ -217,7 +217,7 @@ def kernel_state(slot: StateSlot, layout: Layout):
     its map's tables and its draw as plain tuples (``quantize.state_view``); a 4-bit state's
     bytes, scales, map tables, shift and draw (``nibbles.nibble_view``)."""
     view = _state_view(slot, layout)
-    return view if layout == Layout.FP32 else (*view, *draw_of(slot))
+    return view if layout == Layout.FP32 else (*view, *draw_args(slot.draw))
 
 
 def _state_view(slot: StateSlot, layout: Layout):
@@ -229,11 +229,6 @@ def _state_view(slot: StateSlot, layout: Layout):
         return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), *tables, slot.shift
     tables = kernel_tables(tables_of(slot.code))
     return slot.values.detach().numpy(), slot.absmax.detach().view(-1).numpy(), tables, kernel_stochastic(slot.code, tables)
-
-
-def draw_of(slot: StateSlot) -> tuple:
-    """A quantized state's draw as the kernels take it (``draw_args``)."""
-    return draw_args(slot.draw)
 
 
 def draw_args(draw: Draw | None) -> tuple[np.int64, np.int64]:
