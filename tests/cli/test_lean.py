@@ -51,6 +51,9 @@ def test_the_tables_rules_in_figures():
     assert rows["bf16-master24"] == lean.TrainingBytes(2 * n, 2 * n, n, eight_bit)
     assert rows["bf16-master32"] == lean.TrainingBytes(2 * n, 2 * n, 2 * n, eight_bit)
     assert rows["bf16-master24-release"] == lean.TrainingBytes(2 * n, 2 * 8192, n, eight_bit)  # one tensor's gradient at a time
+    all_eight_bit = 2 * n + 8 * (32 + 20 + 2 + 1) + 2 * QMAP_BYTES  # min_8bit_size=0: the small tensors' states in 8 bits too
+    assert rows["bf16-master24-release-v-stochastic-all8"] == lean.TrainingBytes(2 * n, 2 * 8192, n, all_eight_bit)
+    assert lean.SETUPS["bf16-master24-release-v-stochastic-all8"].options()["min_8bit_size"] == 0
 
 
 def test_a_bare_count_under_release_says_what_it_cannot_count():

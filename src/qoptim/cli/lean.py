@@ -37,6 +37,7 @@ class Setup:
     master_weight_bits: int | None = None
     weight_rounding: str = "nearest"
     state_rounding: str | None = None  # how v rounds to its codes (None: the states' format's way)
+    min_8bit_size: int | None = None  # None: the optimizer's default (4096: smaller tensors keep 32-bit states)
     # None: no gradient release. Otherwise qoptim.release_gradients' bucket_bytes; 0 updates and frees
     # each gradient as soon as it is complete (the least gradient memory: one tensor's at a time).
     release_bucket_bytes: int | None = None
@@ -60,6 +61,8 @@ class Setup:
             options["weight_rounding"] = self.weight_rounding
         if self.state_rounding is not None:
             options["state_rounding"] = self.state_rounding
+        if self.min_8bit_size is not None:
+            options["min_8bit_size"] = self.min_8bit_size
         return options
 
 
@@ -87,6 +90,9 @@ SETUPS: dict[str, Setup] = {
               master_weight_bits=32, state_rounding="stochastic"),  # fmt: skip
         Setup("bf16-master24-release-v-stochastic", "bf16 weights, AdamW8bit with v rounded stochastically, 24-bit master, "
               "gradient release", master_weight_bits=24, release_bucket_bytes=0, state_rounding="stochastic"),  # fmt: skip
+        Setup("bf16-master24-release-v-stochastic-all8", "bf16 weights, AdamW8bit with v rounded stochastically and every "
+              "tensor's states in 8 bits (min_8bit_size=0), 24-bit master, gradient release", master_weight_bits=24,
+              release_bucket_bytes=0, state_rounding="stochastic", min_8bit_size=0),  # fmt: skip
         Setup("bf16-4bit-master24-release", "bf16 weights, AdamW4bit, 24-bit master, gradient release", optimizer="adamw4bit",
               master_weight_bits=24, release_bucket_bytes=0),  # fmt: skip
         Setup("bf16-4bit-master24-release-v-nearest", "bf16 weights, AdamW4bit with v rounded to nearest, 24-bit master, "

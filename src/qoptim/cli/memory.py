@@ -145,7 +145,8 @@ def training(
         if setup.master_weight_bits is not None and dtype in HALF_PRECISION:  # fp32 weights are their own master
             master = n * CORRECTION_DTYPES[setup.master_weight_bits].itemsize
         bits = setup.state_bits
-        states = 8 * n if bits == 32 else quantized_state_bytes(sizes, bits, min_8bit_size)
+        smallest = min_8bit_size if setup.min_8bit_size is None else setup.min_8bit_size  # (a set-up's own, where it has one)
+        states = 8 * n if bits == 32 else quantized_state_bytes(sizes, bits, smallest)
         rows.append((setup, lean.TrainingBytes(width * n, grads, master, states)))
     return rows
 
