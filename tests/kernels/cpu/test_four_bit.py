@@ -342,6 +342,25 @@ def test_the_stochastic_quantizer_is_the_reference_on_every_path(name, path):
         assert torch.equal(torch.from_numpy(q), expected), f"scale reciprocal {inv}"
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2"], indirect=True)
+def test_the_linear_map_rounds_stochastically_without_a_search(path):
+    """The second moments' map {1, .., 16} / 16 counts its codes by a floor (``nibble_lanes``), the
+    others by the search: both ``quantize_stochastic``'s codes over 60 orders of magnitude of both
+    signs, at every sixteenth up to 64 and its float neighbours."""
+    linear, dynamic = nibble_tables_of(state_map("linear4")), nibble_tables_of(state_map("dynamic4"))
+    assert linear.linear and not dynamic.linear
+    gen = torch.Generator().manual_seed(0)
+    magnitudes = torch.exp(torch.rand(2000, generator=gen) * 138 - 69)  # 1e-30 .. 1e30
+    sixteenths = torch.arange(0, 1025, dtype=torch.float32) / 16
+    u = torch.cat([magnitudes, -magnitudes, sixteenths, torch.nextafter(sixteenths, torch.tensor(-math.inf)),
+                   torch.nextafter(sixteenths, torch.tensor(math.inf))])  # fmt: skip
+    state = (np.zeros(1, np.uint8), np.zeros(1, np.float32), *linear, 4, np.int64(0xDEADBEEF), np.int64(3))
+    q = np.zeros(u.numel(), np.uint8)
+    quantize_on(u.numpy(), np.float32(1.0), state, q, paths.current())
+    expected = quantize_stochastic(u, torch.ones(u.numel()), state_map("linear4"), 1, Draw(0xDEADBEEF, 3))
+    assert torch.equal(torch.from_numpy(q), expected)
+
+
 def test_states_with_draws_of_their_own_are_not_batched_and_fp32_states_take_none(monkeypatch):
     """The optimizers give a step's states one draw; a job whose states carry two takes the
     one-at-a-time path (a batch row holds one), bit for bit as the reference; a draw on fp32

@@ -235,11 +235,11 @@ def _8bit_state(row, k, n, tables):
 def _4bit_state(row, k, n, tables):
     """4-bit state ``k`` of the tensor at ``row`` as the one-at-a-time kernels take it
     (``tables``: its map tables, shift and whether it rounds stochastically)."""
-    code, mids, table, uppers, bounds, steps, shift, stochastic = tables
+    code, mids, table, uppers, bounds, steps, linear, shift, stochastic = tables
     values = _view(row[_STATES + 2 * k], n, np.uint8)
     absmax = _view(row[_STATES + 2 * k + 1], (n + HALF_BLOCK - 1) // HALF_BLOCK, np.float32)
     key = row[_STATE_KEY] if stochastic else NO_DRAW
-    return values, absmax, code, mids, table, uppers, bounds, steps, shift, key, row[_STATE_FIRST]
+    return values, absmax, code, mids, table, uppers, bounds, steps, linear, shift, key, row[_STATE_FIRST]
 
 
 # The layout and pass of a batch's 8-bit tasks (ints: see ``layout.Layout``)

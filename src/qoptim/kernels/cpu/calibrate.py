@@ -4,8 +4,8 @@ once, remembered.
 A CPU's features say which paths it can run (``paths``), not which is fastest, and the answer
 differs between kernels. On Zen 5 the AVX-512 permutes step ~2.5x faster than the AVX2 gathers;
 on an Intel Xeon with AVX-512 VBMI (LLVM's ``rocketlake``) the AVX2 gathers' 8-bit Adam step was
-7-13% faster (one thread, 4M elements, fp32 and bf16 parameters), while its 4-bit one took 2.3x
-as long as on the AVX-512 path (GPT-2-small's step in a training loop). So the first step on a
+7-13% faster (one thread, 4M elements, fp32 and bf16 parameters), while its 4-bit one, on AVX2's
+8-lane register lookups, took 1.3x as long as on the AVX-512 path (one thread, 1M elements). So the first step on a
 CPU with both times one AdamW step of ``ELEMENTS`` fp32 elements of each kind (``paths.KINDS``:
 8-bit, 4-bit states) on each path, one thread, alternating, best of ``ROUNDS``, and gives a kind
 the AVX2 path only if it is at least ``MARGIN`` faster there (timings near a tie keep the

@@ -9,15 +9,14 @@ each byte in one store; a rule with one state keeps the other 4 bits as they wer
 Quantizing is the reference's (``reference._store``, ``torch.bucketize`` on the midpoints):
 the code index of ``u = x * inv`` is the number of the map's 15 float32 midpoints strictly
 below ``u``, NaN after them all (index 15): ``code_index``, the one definition of an element's
-rounding. Its fifteen comparisons, added up without a branch, vectorize on every path; the
-AVX-512 path does the same count as a binary search of 4 register permutes (``search_lanes``,
-~4x fewer instructions), tested equal to it on every code. A state with a draw (its key >= 0)
+rounding. Its fifteen comparisons, added up without a branch, vectorize (the portable path); the
+vector paths do the same count as a binary search of 4 register lookups (``nibble_lanes``, ~4x
+fewer instructions), tested equal to it on every code. A state with a draw (its key >= 0)
 rounds stochastically instead, as ``quant.blockwise.quantize_stochastic``: the code at or below
 ``u`` by the same branch-free count over the codes after the first (NaN after them all), then up
 when the element's 16 random bits (``codec.state_random_bits``) lie below ``(u - code[k]) *
 steps[k]``, both looked up in the tables the reference computed (``stochastic_steps``). Decoding looks
-the 16 codes up: on the AVX-512 path with one register permute per 16 elements (the map is one
-register), on the AVX2 path with the gathers of ``gather``, elsewhere in a scalar loop.
+the 16 codes up in registers on the vector paths (``nibble_lanes``), elsewhere in a scalar loop.
 """
 
 from __future__ import annotations
@@ -26,31 +25,28 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba import njit
+from numba.extending import overload
 
 from ...quant.blockwise import stochastic_steps
 from ...quant.formats import FORMATS
 from ...quant.maps import midpoints
 from .bits import ONE, ZERO
-from .codec import lowbias32_ir, state_random_bits
-from .gather import LANES, lookup_lanes
+from .codec import state_random_bits
 from .jit import INLINE
-from .paths import PermutePath, VectorPath, is_path
+from .nibble_lanes import DECODE, LINEAR_CODES, NAN_CODE, SEARCH, STOCHASTIC, STOCHASTIC_LINEAR
+from .paths import HAS_AVX2, PermutePath, VectorPath, is_path
 from .tables import cached_by_tensor
 
 __all__ = [
     "CODES", "HALF_BLOCK", "NO_DRAW", "NibbleTables", "Nibbles", "code_index", "decode", "encode", "nibble_tables_of",
-    "nibble_view", "quantize", "search_lanes",
+    "nibble_view", "quantize",
 ]  # fmt: skip
 
 CODES = FORMATS[4].codes  # codes per map (16)
 HALF_BLOCK = FORMATS[4].blocksize  # elements per scale (128): two to a 256-block
-_NAN_CODE = np.int32(CODES - 1)  # torch.bucketize's answer for NaN: after every midpoint
+assert NAN_CODE == CODES - 1, "torch.bucketize's answer for NaN: after every midpoint"
 _LOW, _HIGH = 0, 4  # a state's shift: its code in the low or the high 4 bits of each byte
-_PERMUTE_LANES = 16  # a map's 16 float32 codes fill one AVX-512 register
 NO_DRAW = np.int64(-1)  # a state's key when it rounds to nearest (a draw's key is a uint32)
 
 
@@ -59,10 +55,11 @@ class NibbleTables(NamedTuple):
 
     code: np.ndarray  # float32[16], the map (for decoding)
     mids: tuple  # its 15 float32 midpoints, as numpy float32 scalars: a tuple the kernels keep in registers
-    table: np.ndarray  # float32[16], the midpoints then +inf: the permute path's search (``search_lanes``)
+    table: np.ndarray  # float32[16], the midpoints then +inf: the vector paths' search (``nibble_lanes.SEARCH``)
     uppers: tuple  # the codes after the first, as numpy float32 scalars: stochastic rounding's count
-    bounds: np.ndarray  # float32[16], the codes after the first then +inf: the permute path's count (``stochastic_lanes``)
+    bounds: np.ndarray  # float32[16], the codes after the first then +inf: the vector paths' count (``nibble_lanes.STOCHASTIC``)
     steps: np.ndarray  # float32[16], ``blockwise.stochastic_steps``: stochastic rounding's scale per code
+    linear: bool  # the map is ``nibble_lanes.LINEAR_CODES``: stochastic rounding counts without a search
 
 
 def nibble_tables_for(code: torch.Tensor) -> NibbleTables | None:
@@ -76,7 +73,8 @@ def nibble_tables_for(code: torch.Tensor) -> NibbleTables | None:
     uppers = code.numpy()[1:]
     bounds = np.append(uppers, np.float32(np.inf)).astype(np.float32)
     steps = stochastic_steps(code).numpy()
-    return NibbleTables(code.numpy().copy(), tuple(np.float32(m) for m in mids), table, tuple(np.float32(c) for c in uppers), bounds, steps)
+    linear = bool(np.array_equal(code.numpy(), LINEAR_CODES))
+    return NibbleTables(code.numpy().copy(), tuple(np.float32(m) for m in mids), table, tuple(np.float32(c) for c in uppers), bounds, steps, linear)
 
 
 def nibble_tables_of(code: torch.Tensor) -> NibbleTables | None:
@@ -95,6 +93,7 @@ class Nibbles(NamedTuple):
     uppers: tuple  # the codes after the first
     bounds: np.ndarray  # the codes after the first then +inf
     steps: np.ndarray  # stochastic rounding's scale per code
+    linear: bool  # the map is the linear one (``NibbleTables.linear``)
     shift: int  # 0 or 4: where its code sits in each byte
     key: int  # its draws' key (``NO_DRAW``: rounded to nearest)
     first: int  # the index in the whole parameter of its first element (its draws')
@@ -108,8 +107,8 @@ def nibble_view(state):
 @overload(nibble_view, jit_options=INLINE)
 def _nibble_view_impl(state):
     def view(state):
-        codes, scales, code, mids, table, uppers, bounds, steps, shift, key, first = state
-        return Nibbles(codes, scales, code, mids, table, uppers, bounds, steps, shift, key, first)
+        codes, scales, code, mids, table, uppers, bounds, steps, linear, shift, key, first = state
+        return Nibbles(codes, scales, code, mids, table, uppers, bounds, steps, linear, shift, key, first)
 
     return view
 
@@ -123,7 +122,7 @@ def code_index(x, inv, mids):
     below = (_below(m0, u) + _below(m1, u) + _below(m2, u) + _below(m3, u) + _below(m4, u) + _below(m5, u) + _below(m6, u)
              + _below(m7, u) + _below(m8, u) + _below(m9, u) + _below(m10, u) + _below(m11, u) + _below(m12, u) + _below(m13, u)
              + _below(m14, u))  # fmt: skip
-    return _NAN_CODE if u != u else np.int32(below)
+    return NAN_CODE if u != u else np.int32(below)
 
 
 @njit(**INLINE)
@@ -195,7 +194,7 @@ def floor_index(u, uppers):
     above = (_below(u, c1) + _below(u, c2) + _below(u, c3) + _below(u, c4) + _below(u, c5) + _below(u, c6) + _below(u, c7)
              + _below(u, c8) + _below(u, c9) + _below(u, c10) + _below(u, c11) + _below(u, c12) + _below(u, c13)
              + _below(u, c14) + _below(u, c15))  # fmt: skip
-    return _NAN_CODE - np.int32(above)
+    return NAN_CODE - np.int32(above)
 
 
 @njit(**INLINE)
@@ -212,181 +211,74 @@ def _merge(codes, q, shift):
         codes[j] = (codes[j] & keep) | (q[j] << shift)
 
 
+def _width(path) -> int:
+    """Lanes per register lookup on ``path`` (``nibble_lanes``): 16 (AVX-512), 8 (AVX2), 0 (none:
+    the scalar loops; also on the AVX2 path forced where the CPU lacks AVX2's ``vpermps``)."""
+    return 16 if is_path(path, PermutePath) else 8 if is_path(path, VectorPath) and HAS_AVX2 else 0
+
+
 def _quantize_lanes_prefix(values, inv, table, q, path):
-    """Do ``quantize``'s work 16 lanes at a time on the permute path (``search_lanes``); return
-    how many elements were done (none on the other paths)."""
+    """Do ``quantize``'s work many lanes at a time on a vector path (``nibble_lanes.SEARCH``);
+    return how many elements were done (none on the portable path)."""
 
 
 @overload(_quantize_lanes_prefix, jit_options=dict(forceinline=True))
 def _quantize_lanes_prefix_impl(values, inv, table, q, path):
-    if not is_path(path, PermutePath):
+    width = _width(path)
+    if not width:
         return lambda values, inv, table, q, path: 0
+    search = SEARCH[width]
 
-    def permute(values, inv, table, q, path):
-        done = values.size // _PERMUTE_LANES * _PERMUTE_LANES
-        for j in range(0, done, _PERMUTE_LANES):
-            search_lanes(values, j, inv, table, q)
+    def lanes(values, inv, table, q, path):
+        done = values.size // width * width
+        for j in range(0, done, width):
+            search(values, j, inv, table, q)
         return done
 
-    return permute
+    return lanes
 
 
 def _stochastic_lanes_prefix(values, inv, state, first, q, path):
-    """Do ``_quantize_stochastic``'s work 16 lanes at a time on the permute path
-    (``stochastic_lanes``); return how many elements were done (none on the other paths)."""
+    """Do ``_quantize_stochastic``'s work many lanes at a time on a vector path
+    (``nibble_lanes.STOCHASTIC``); return how many elements were done (none on the portable path)."""
 
 
 @overload(_stochastic_lanes_prefix, jit_options=dict(forceinline=True))
 def _stochastic_lanes_prefix_impl(values, inv, state, first, q, path):
-    if not is_path(path, PermutePath):
+    width = _width(path)
+    if not width:
         return lambda values, inv, state, first, q, path: 0
+    stochastic, linear = STOCHASTIC[width], STOCHASTIC_LINEAR[width]
 
-    def permute(values, inv, state, first, q, path):
-        done = values.size // _PERMUTE_LANES * _PERMUTE_LANES
-        for j in range(0, done, _PERMUTE_LANES):
-            stochastic_lanes(values, j, inv, state.bounds, state.code, state.steps, state.key, first, q)
+    def lanes(values, inv, state, first, q, path):
+        done = values.size // width * width
+        if state.linear:
+            for j in range(0, done, width):
+                linear(values, j, inv, state.bounds, state.code, state.steps, state.key, first, q)
+        else:
+            for j in range(0, done, width):
+                stochastic(values, j, inv, state.bounds, state.code, state.steps, state.key, first, q)
         return done
 
-    return permute
+    return lanes
 
 
 def _decode_lanes_prefix(codes, shift, code, q, out, path):
-    """Do ``decode``'s work many lanes at a time on a vector path; return how many elements
-    were done (none on the portable path)."""
+    """Do ``decode``'s work many lanes at a time on a vector path (``nibble_lanes.DECODE``);
+    return how many elements were done (none on the portable path)."""
 
 
 @overload(_decode_lanes_prefix, jit_options=dict(forceinline=True))
 def _decode_lanes_prefix_impl(codes, shift, code, q, out, path):
-    if is_path(path, PermutePath):
-
-        def permute(codes, shift, code, q, out, path):
-            done = codes.size // _PERMUTE_LANES * _PERMUTE_LANES
-            for j in range(0, done, _PERMUTE_LANES):
-                permute_lanes(codes, j, shift, code, out)
-            return done
-
-        return permute
-    if not is_path(path, VectorPath):
+    width = _width(path)
+    if not width:
         return lambda codes, shift, code, q, out, path: 0
+    decode = DECODE[width]
 
-    def gather(codes, shift, code, q, out, path):
-        for j in range(codes.size):  # (vectorized by LLVM)
-            q[j] = (codes[j] >> shift) & 0xF
-        done = codes.size // LANES * LANES
-        for j in range(0, done, LANES):
-            lookup_lanes(q, j, code, out)
+    def lanes(codes, shift, code, q, out, path):
+        done = codes.size // width * width
+        for j in range(0, done, width):
+            decode(codes, j, shift, code, out)
         return done
 
-    return gather
-
-
-class _Lanes:
-    """What the intrinsics build their 16-lane code with: the arguments as arrays, the vector
-    types, pointers to 16 elements, a scalar in every lane, ``vpermps`` (AVX-512F), the scaled
-    values and the register binary search both quantizers share."""
-
-    def __init__(self, context, builder, signature, args):
-        self.builder = builder
-        self.args = [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a for t, a in zip(signature.args, args)]
-        self.i32 = ir.IntType(32)
-        self.ints, self.floats = ir.VectorType(self.i32, _PERMUTE_LANES), ir.VectorType(ir.FloatType(), _PERMUTE_LANES)
-        self.bytes = ir.VectorType(ir.IntType(8), _PERMUTE_LANES)
-        permute_type = ir.FunctionType(self.floats, [self.floats, self.ints])
-        self.vpermps = cgutils.get_or_insert_function(builder.module, permute_type, "llvm.x86.avx512.permvar.sf.512")
-
-    def at(self, data, index, vector):
-        """A pointer to the ``vector`` of elements of ``data`` from ``index``."""
-        return self.builder.bitcast(self.builder.gep(data, [index]), vector.as_pointer())
-
-    def const(self, x):
-        return ir.Constant(self.ints, [x] * _PERMUTE_LANES)
-
-    def splat(self, value, vector):
-        """``value`` in every lane of ``vector``."""
-        one = self.builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(self.i32, 0))
-        return self.builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), self.const(0))
-
-    def table(self, array):
-        """The 16 float32 entries of ``array``, in one register."""
-        return self.builder.load(self.at(array.data, ir.Constant(self.i32, 0), self.floats), align=4)
-
-    def permute(self, table, index):
-        """table[index], lane by lane."""
-        return self.builder.call(self.vpermps, [table, index])
-
-    def scaled(self, values, start, inv):
-        """u = values[start:start+16] * inv."""
-        loaded = self.builder.load(self.at(values.data, start, self.floats), align=4)
-        return self.builder.fmul(loaded, self.splat(inv, self.floats))
-
-    def count(self, table, u, compare: str):
-        """The count of the 15 sorted bounds in register ``table`` (then an unread +inf) that
-        ``compare`` u ("<": below it, "<=": at or below), by a branch-free binary search of 4
-        ``vpermps``; NaN counts them all (the last code)."""
-        builder, index = self.builder, self.const(0)
-        for step in (8, 4, 2, 1):  # index + step - 1 bounds at least pass, where that one does
-            passes = builder.fcmp_ordered(compare, self.permute(table, builder.or_(index, self.const(step - 1))), u)
-            index = builder.select(passes, builder.or_(index, self.const(step)), index)
-        return builder.select(builder.fcmp_unordered("uno", u, u), self.const(int(_NAN_CODE)), index)
-
-
-@intrinsic
-def permute_lanes(typingctx, codes, start, shift, code, out):
-    """out[start:start+16] = code[(codes[start:start+16] >> shift) & 15]: one ``vpermps`` with
-    the 16 codes in a register (AVX-512F)."""
-    sig = types.void(codes, start, shift, code, out)
-
-    def codegen(context, builder, signature, args):
-        lanes = _Lanes(context, builder, signature, args)
-        codes, start, shift, code, out = lanes.args
-        raw = builder.zext(builder.load(lanes.at(codes.data, start, lanes.bytes), align=1), lanes.ints)
-        amount = builder.trunc(shift, lanes.i32) if shift.type.width > 32 else builder.zext(shift, lanes.i32)
-        index = builder.and_(builder.lshr(raw, lanes.splat(amount, lanes.ints)), lanes.const(0xF))
-        builder.store(lanes.permute(lanes.table(code), index), lanes.at(out.data, start, lanes.floats), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def search_lanes(typingctx, values, start, inv, table, q):
-    """``code_index`` on 16 lanes from ``start``: q = the number of midpoints below u = values *
-    inv, by a branch-free binary search of 4 steps, each a ``vpermps`` of the 16-entry ``table``
-    (the 15 sorted midpoints, then +inf) and a comparison; NaN to the last code."""
-    sig = types.void(values, start, inv, table, q)
-
-    def codegen(context, builder, signature, args):
-        lanes = _Lanes(context, builder, signature, args)
-        values, start, inv, table, q = lanes.args
-        u = lanes.scaled(values, start, inv)
-        index = lanes.count(lanes.table(table), u, "<")
-        builder.store(builder.trunc(index, lanes.bytes), lanes.at(q.data, start, lanes.bytes), align=1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def stochastic_lanes(typingctx, values, start, inv, bounds, code, steps, key, first, q):
-    """``_quantize_stochastic`` on 16 lanes from ``start``: k = the count of ``bounds`` (the codes
-    after the first, then +inf) at or below u = values * inv, by a binary search of 4 ``vpermps``
-    as ``search_lanes``'s (NaN to the last code); code[k] and steps[k] by a ``vpermps`` each; each
-    lane's hash of index ``first + start + lane`` (``codec.lowbias32_ir`` on 16 lanes), its low
-    16 bits below (u - code[k]) * steps[k] rounding up."""
-    sig = types.void(values, start, inv, bounds, code, steps, key, first, q)
-
-    def codegen(context, builder, signature, args):
-        lanes = _Lanes(context, builder, signature, args)
-        values, start, inv, bounds, code, steps, key, first, q = lanes.args
-        u = lanes.scaled(values, start, inv)
-        index = lanes.count(lanes.table(bounds), u, "<=")
-        gap = builder.fmul(builder.fsub(u, lanes.permute(lanes.table(code), index)), lanes.permute(lanes.table(steps), index))
-        base = builder.add(builder.trunc(first, lanes.i32), builder.trunc(start, lanes.i32))
-        element = builder.add(lanes.splat(base, lanes.ints), ir.Constant(lanes.ints, list(range(_PERMUTE_LANES))))
-        hashed = lowbias32_ir(builder, builder.xor(element, lanes.splat(builder.trunc(key, lanes.i32), lanes.ints)), lanes.const)
-        r = builder.sitofp(builder.and_(hashed, lanes.const(0xFFFF)), lanes.floats)
-        index = builder.add(index, builder.zext(builder.fcmp_ordered("<", r, gap), lanes.ints))
-        builder.store(builder.trunc(index, lanes.bytes), lanes.at(q.data, start, lanes.bytes), align=1)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return lanes

@@ -2,9 +2,10 @@
 
 Dequantizing and quantizing look entries up in small tables, which LLVM's own vectorizer leaves
 scalar. On CPUs with AVX-512 VBMI the kernels look them up in tables held in registers, 64 and
-16 lanes at a time (``avx512``); on CPUs with AVX2, with ``llvm.masked.gather`` intrinsics, 8
-lanes at a time (``gather``); elsewhere, or with ``QOPTIM_CPU_PORTABLE=1`` (read at import),
-with plain scalar loops. The rules' math is auto-vectorized on all of them.
+16 lanes at a time (``avx512``); on CPUs with AVX2, with ``llvm.masked.gather`` intrinsics (256-
+entry maps, ``gather``) and two-register ``vpermps`` lookups (16-entry ones, ``nibble_lanes``), 8
+lanes at a time; elsewhere, or with ``QOPTIM_CPU_PORTABLE=1`` (read at import), with plain
+scalar loops. The rules' math is auto-vectorized on all of them.
 
 A path is a marker argument of the kernels, told apart by its type, so each path is its own
 compiled (and cached) specialization and the portable one never contains an intrinsic: if a
