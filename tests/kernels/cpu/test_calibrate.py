@@ -20,7 +20,7 @@ def own_cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-MEASURED = {paths.EIGHT_BIT: paths.AVX2, paths.FOUR_BIT: paths.AVX512}
+MEASURED = {paths.EIGHT_BIT: paths.AVX2, paths.EIGHT_BIT_DRAWN: paths.AVX512, paths.FOUR_BIT: paths.AVX512}
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_nothing_is_measured_without_a_choice(default, measured):
 
 def test_the_measured_paths_are_remembered(measured):
     assert calibrate.choose(paths.AVX512) == MEASURED
-    assert json.loads(calibrate.cache_file().read_text()) == {calibrate.key(): {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "avx512"}}
+    assert json.loads(calibrate.cache_file().read_text()) == {calibrate.key(): {paths.EIGHT_BIT: "avx2", paths.EIGHT_BIT_DRAWN: "avx512", paths.FOUR_BIT: "avx512"}}
     assert calibrate.choose(paths.AVX512) == MEASURED
     assert sorted(measured) == sorted(paths.KINDS)  # (once each: the second answers came from the file)
 
@@ -73,7 +73,7 @@ def test_other_cpus_answers_are_kept(measured):
     calibrate.cache_file().parent.mkdir(parents=True)
     calibrate.cache_file().write_text(json.dumps({"znver5/x/y": "avx512"}))
     calibrate.choose(paths.AVX512)
-    assert json.loads(calibrate.cache_file().read_text()) == {"znver5/x/y": "avx512", calibrate.key(): {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "avx512"}}
+    assert json.loads(calibrate.cache_file().read_text()) == {"znver5/x/y": "avx512", calibrate.key(): {paths.EIGHT_BIT: "avx2", paths.EIGHT_BIT_DRAWN: "avx512", paths.FOUR_BIT: "avx512"}}
 
 
 @pytest.mark.parametrize("mine", [None, "avx2", {paths.EIGHT_BIT: "avx2"}, {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "sse"}])
@@ -82,14 +82,14 @@ def test_an_unreadable_or_foreign_answer_means_measuring(mine, measured):
     calibrate.cache_file().parent.mkdir(parents=True)
     calibrate.cache_file().write_text("not json" if mine is None else json.dumps([1, 2]) if mine == "avx2" else json.dumps({calibrate.key(): mine}))
     assert calibrate.choose(paths.AVX512) == MEASURED
-    assert len(measured) == 2
+    assert len(measured) == len(paths.KINDS)
 
 
 def test_a_cache_folder_that_cannot_be_written_only_costs_a_measurement(own_cache, measured):
     (own_cache / "qoptim").write_text("a file where the folder should be")
     assert calibrate.choose(paths.AVX512) == MEASURED
     assert calibrate.choose(paths.AVX512) == MEASURED
-    assert len(measured) == 4
+    assert len(measured) == 2 * len(paths.KINDS)
 
 
 @pytest.mark.parametrize("avx512, avx2, expected", [(1.0, 0.96, paths.AVX2), (1.0, 0.98, paths.AVX512), (1.0, 1.5, paths.AVX512),
@@ -223,4 +223,23 @@ def test_no_home_only_costs_a_measurement(monkeypatch, measured):
 
     monkeypatch.setattr(calibrate.Path, "home", homeless)
     assert calibrate.choose(paths.AVX512) == MEASURED
-    assert len(measured) == 2
+    assert len(measured) == len(paths.KINDS)
+
+
+@pytest.mark.parametrize("kind", paths.KINDS)
+def test_each_kinds_workload_is_a_step_of_that_kind(kind, monkeypatch):
+    """The timed step is the kernel the kind names: a step of its workload asks for that kind's path
+    (``layout.kernel_kind``: 4-bit states, 8-bit ones with a draw, else 8-bit)."""
+    monkeypatch.setattr(calibrate, "ELEMENTS", 4096)
+    layout, p, g, slots, hp = calibrate.workload(kind)
+    asked = []
+    real = paths.on_best_path
+
+    def spy(run, which=paths.EIGHT_BIT):
+        asked.append(which)
+        return real(run, which)
+
+    monkeypatch.setattr(paths, "on_best_path", spy)
+    with paths.force(paths.AVX2 if paths.HAS_AVX2 else paths.PORTABLE):  # (nothing measured)
+        calibrate.step.run("adam", layout, p, g, slots, hp, True, 1)
+    assert asked == [kind]

@@ -35,7 +35,7 @@ from . import launch, paths
 from .bits import ZERO
 from .jit import JIT
 from .four_bit import four_bit_task
-from .layout import Layout, as_numpy, draw_args, flat_cpu, kernel_stochastic, kernel_tables, padded, plan, weights_fit
+from .layout import Layout, as_numpy, draw_args, flat_cpu, kernel_kind, kernel_stochastic, kernel_tables, padded, plan, weights_fit
 from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES, constants, marker_of
 from .tables import tables_of
@@ -142,14 +142,15 @@ def _run(key: tuple, jobs: list[Job]) -> np.ndarray:
     args = (task_bounds(table[:, _PART_SIZE], ntasks), table, marker_of(rule), like, addresses, sizes, gscales, constants(rule, hp), skip)
     per_task = np.zeros(ntasks, dtype=np.int64)
     per_part = np.zeros(len(table), dtype=np.int64)
+    kind = kernel_kind(layout, jobs[0].slots)  # (the jobs of a key draw alike: ``_batch_key``)
     if layout == Layout.FP32:
         launch.run(fp32_batch_task, ntasks, per_task, (*args, per_part))
     elif layout == Layout.FOUR_BIT:
         tables = padded(tuple((*nibble_tables_of(s.code), s.shift, s.draw is not None) for s in jobs[0].slots))
-        paths.on_best_path(lambda path: launch.run(four_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)), paths.FOUR_BIT)
+        paths.on_best_path(lambda path: launch.run(four_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)), kind)
     else:
         tables = padded(tuple(_eight_bit_tables(s) for s in jobs[0].slots))
-        paths.on_best_path(lambda path: launch.run(eight_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)))
+        paths.on_best_path(lambda path: launch.run(eight_bit_batch_task, ntasks, per_task, (*args, *tables, path, per_part)), kind)
     skipped = np.zeros(len(jobs), dtype=np.int64)
     np.add.at(skipped, table[:, _PART_JOB], per_part)
     return skipped

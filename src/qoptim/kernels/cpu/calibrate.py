@@ -3,13 +3,15 @@ once, remembered.
 
 A CPU's features say which paths it can run (``paths``), not which is fastest, and the answer
 differs between kernels. On Zen 5 the AVX-512 permutes step ~2.5x faster than the AVX2 gathers;
-on an Intel Xeon with AVX-512 VBMI (LLVM's ``rocketlake``) the AVX2 gathers' 8-bit Adam step was
-7-13% faster (one thread, 4M elements, fp32 and bf16 parameters), while its 4-bit one, on AVX2's
-8-lane register lookups, took 1.3x as long as on the AVX-512 path (one thread, 1M elements). So the first step on a
-CPU with both times one AdamW step of ``ELEMENTS`` fp32 elements of each kind (``paths.KINDS``:
-8-bit, 4-bit states) on each path, one thread, alternating, best of ``ROUNDS``, and gives a kind
-the AVX2 path only if it is at least ``MARGIN`` faster there (timings near a tie keep the
-default). Both paths give the same results bit for bit: the choice changes speed only.
+on an Intel Xeon with AVX-512 VBMI (LLVM's ``rocketlake``), one thread, 1M bf16 elements, the
+AVX2 path's 8-bit Adam step took 1.64-1.72 ns per element against 1.84-1.86 on the AVX-512 path,
+but with the second moment rounded stochastically 2.65-2.74 against 2.27-2.31 (its two more
+table lookups per block are gathers on AVX2), and the 4-bit one 2.08-2.15 against 1.66-1.67. So
+the first step on a CPU with both times one AdamW step of ``ELEMENTS`` fp32 elements of each
+kind (``paths.KINDS``: 8-bit states, 8-bit with the second moment rounded stochastically, 4-bit)
+on each path, one thread, alternating, best of ``ROUNDS``, and gives a kind the AVX2 path only
+if it is at least ``MARGIN`` faster there (timings near a tie keep the default). Both paths give
+the same results bit for bit: the choice changes speed only.
 
 The answers are kept in ``cpu-paths.json`` of qoptim's cache folder (``$XDG_CACHE_HOME/qoptim``,
 else ``~/.cache/qoptim``), keyed by LLVM's name of the CPU, its features and the kernels'
@@ -31,8 +33,9 @@ from typing import NamedTuple
 import torch
 from llvmlite import binding as llvm_binding
 
-from ...quant.formats import FORMATS, state_map
+from ...quant.formats import FORMATS, STOCHASTIC_ROUNDING, state_map
 from ...quant.maps import signed_map, unsigned_map
+from ...quant.master import Draw
 from ..types import Hyper, StateSlot
 from . import paths, step
 from .cache import SOURCES_DIGEST
@@ -93,7 +96,9 @@ def pick(avx512_seconds: float, avx2_seconds: float) -> NamedTuple:
 
 def workload(kind: str) -> tuple:
     """The layout of ``kind``'s states, an fp32 parameter with AdamW's states so kept (8-bit in
-    256-blocks, or 4-bit sharing a byte, in 128-blocks), a gradient and a step's hyperparameters."""
+    256-blocks, or 4-bit sharing a byte, in 128-blocks; the second moment rounded stochastically
+    where the kind draws, and in 4 bits, where that is the format's rounding), a gradient and a
+    step's hyperparameters."""
     gen = torch.Generator().manual_seed(0)
     cpu32 = dict(dtype=torch.float32, device="cpu")  # (whatever the process's default dtype and device)
     p = torch.randn(ELEMENTS, generator=gen, **cpu32) * 0.1
@@ -103,12 +108,14 @@ def workload(kind: str) -> tuple:
         fmt = FORMATS[4]
         codes = torch.full((ELEMENTS,), 0x77, dtype=torch.uint8, device="cpu")  # (both states mid-map: any codes time alike)
         scales = -(-ELEMENTS // fmt.blocksize)
-        slots = [StateSlot(codes, state_map(fmt.map_name(signed)), torch.full((scales,), 1e-3, **cpu32), fmt.blocksize, shift)
-                 for signed, shift in ((True, 0), (False, 4))]  # fmt: skip
+        drawn = Draw(0x9E3779B9) if fmt.unsigned_rounding == STOCHASTIC_ROUNDING else None
+        slots = [StateSlot(codes, state_map(fmt.map_name(signed)), torch.full((scales,), 1e-3, **cpu32), fmt.blocksize, shift, draw)
+                 for signed, shift, draw in ((True, 0, None), (False, 4, drawn))]  # fmt: skip
         return Layout.FOUR_BIT, p, g, slots, hp
     blocks = -(-ELEMENTS // 256)
-    slots = [StateSlot(torch.full((ELEMENTS,), 127, dtype=torch.uint8, device="cpu"), code, torch.full((blocks,), 1e-3, **cpu32))
-             for code in (signed_map(), unsigned_map())]  # fmt: skip
+    drawn = Draw(0x9E3779B9) if kind == paths.EIGHT_BIT_DRAWN else None
+    slots = [StateSlot(torch.full((ELEMENTS,), 127, dtype=torch.uint8, device="cpu"), code, torch.full((blocks,), 1e-3, **cpu32), draw=draw)
+             for code, draw in ((signed_map(), None), (unsigned_map(), drawn))]  # fmt: skip
     return Layout.BLOCK, p, g, slots, hp
 
 

@@ -29,11 +29,12 @@ import torch
 from ..rules import RULES
 from ...quant.master import Draw
 from ..types import BLOCK, WHOLE_TENSOR, StateSlot, WeightFormat
+from . import paths
 from .nibbles import HALF_BLOCK, NO_DRAW, nibble_tables_of
 from .rules import KERNEL_STATES
 from .tables import PLANES, QuantTables, stochastic_tables_of, tables_of
 
-__all__ = ["Layout", "as_numpy", "draw_args", "flat_cpu", "kernel_stochastic", "kernel_state", "kernel_states", "kernel_tables", "kept_count", "padded", "plan", "weight_view", "weights_fit"]
+__all__ = ["Layout", "as_numpy", "draw_args", "flat_cpu", "kernel_kind", "kernel_stochastic", "kernel_state", "kernel_states", "kernel_tables", "kept_count", "padded", "plan", "weight_view", "weights_fit"]
 
 
 class Layout(enum.IntEnum):
@@ -44,6 +45,14 @@ class Layout(enum.IntEnum):
     BLOCK = 1  # 8-bit codes, a scale per 256-block
     WHOLE = 2  # 8-bit codes, one scale per tensor
     FOUR_BIT = 3  # 4-bit codes, two states to a byte (shifts 0 and 4), a scale per 128 elements
+
+
+def kernel_kind(layout: Layout, slots: list[StateSlot]) -> str:
+    """Which kind of kernel (``paths.KINDS``, each with its own measured path) steps states laid out
+    as ``layout``: 4-bit, 8-bit with a draw (stochastic rounding), or else 8-bit."""
+    if layout == Layout.FOUR_BIT:
+        return paths.FOUR_BIT
+    return paths.EIGHT_BIT_DRAWN if any(slot.draw is not None for slot in slots) else paths.EIGHT_BIT
 
 
 # How the kernels see a parameter's memory: bf16 and fp16 both as 16-bit integers, told apart by signedness.

@@ -29,7 +29,7 @@ from numba.core import types
 
 from .gather import LANES
 
-__all__ = ["AVX2", "AVX512", "EIGHT_BIT", "FOUR_BIT", "HAS_AVX2", "HAS_AVX512", "KINDS", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "lower", "measure_with", "on_best_path"]
+__all__ = ["AVX2", "AVX512", "EIGHT_BIT", "EIGHT_BIT_DRAWN", "FOUR_BIT", "HAS_AVX2", "HAS_AVX512", "KINDS", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "lower", "measure_with", "on_best_path"]
 
 
 class PermutePath(NamedTuple):
@@ -60,10 +60,12 @@ HAS_AVX2 = bool(_FEATURES.get("avx2"))
 PORTABLE_ONLY = os.environ.get("QOPTIM_CPU_PORTABLE", "") not in ("", "0")
 
 
-# The kernels whose path is chosen apart: their lookups differ (256-entry maps, 16-entry ones),
-# and so does which path is fastest (an Intel Xeon: AVX2 for the 8-bit ones, AVX-512 for the 4-bit)
-EIGHT_BIT, FOUR_BIT = "8-bit", "4-bit"
-KINDS = (EIGHT_BIT, FOUR_BIT)
+# The kernels whose path is chosen apart: their lookups differ (256-entry maps, 16-entry ones; an
+# 8-bit state rounded stochastically looks up two more tables per block, its floor code's value and
+# step), and so does which path is fastest (an Intel Xeon: AVX2 for the 8-bit ones rounded to
+# nearest, AVX-512 for those with a draw and for the 4-bit ones)
+EIGHT_BIT, EIGHT_BIT_DRAWN, FOUR_BIT = "8-bit", "8-bit drawn", "4-bit"
+KINDS = (EIGHT_BIT, EIGHT_BIT_DRAWN, FOUR_BIT)
 
 
 class _Selection:

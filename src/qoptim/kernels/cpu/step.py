@@ -19,7 +19,7 @@ from ..rules import RULES
 from ..types import BLOCK, NEAREST, Hyper, StateSlot, WeightFormat
 from . import four_bit, launch, paths, tasks
 from .bits import ZERO
-from .layout import Layout, as_numpy, kernel_states, weight_view
+from .layout import Layout, as_numpy, kernel_kind, kernel_states, weight_view
 from .rules import KERNEL_STATES, constants, marker_of
 from .tasks import Pass
 
@@ -41,10 +41,11 @@ def run(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slots: list
     if layout == Layout.FP32:
         launch.run(tasks.fp32_task, ntasks, skipped, (*head, *states, *step))
         return int(skipped.sum())
+    kind = kernel_kind(layout, slots)
     if layout == Layout.FOUR_BIT:
-        paths.on_best_path(lambda path: launch.run(four_bit.four_bit_task, ntasks, skipped, (*head, *states, *step, path)), paths.FOUR_BIT)
+        paths.on_best_path(lambda path: launch.run(four_bit.four_bit_task, ntasks, skipped, (*head, *states, *step, path)), kind)
         return int(skipped.sum())
-    peaks = paths.on_best_path(lambda path: _run_8bit(marker.states, (*head, *states, *step), layout, ntasks, skipped, path))
+    peaks = paths.on_best_path(lambda path: _run_8bit(marker.states, (*head, *states, *step), layout, ntasks, skipped, path), kind)
     if layout == Layout.WHOLE:
         for slot, peak in zip(slots, peaks):  # the rule's states only
             slot.absmax.fill_(float(peak))
@@ -81,8 +82,7 @@ def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slo
     read = weight_view(p, WeightFormat(correction=weights.correction))  # (a draw writes, and this pass reads only)
     args = (marker_of(rule), read, as_numpy(g), *states, np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     task = four_bit.four_bit_trust_task if layout == Layout.FOUR_BIT else tasks.trust_task
-    kind = paths.FOUR_BIT if layout == Layout.FOUR_BIT else paths.EIGHT_BIT
-    paths.on_best_path(lambda path: launch.run(task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)), kind)
+    paths.on_best_path(lambda path: launch.run(task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)), kernel_kind(layout, slots))
     param_norm, term_norm = np.sqrt(sums.sum(axis=0))
     _, ratio = reference.TRUST_RATIOS[rule]
     return ratio(float(param_norm), float(term_norm), hp)
