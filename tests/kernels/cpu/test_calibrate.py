@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qoptim
-from qoptim.kernels.cpu import calibrate, paths
+from qoptim.kernels.cpu import calibrate, layout, paths
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +76,8 @@ def test_other_cpus_answers_are_kept(measured):
     assert json.loads(calibrate.cache_file().read_text()) == {"znver5/x/y": "avx512", calibrate.key(): {paths.EIGHT_BIT: "avx2", paths.EIGHT_BIT_DRAWN: "avx512", paths.FOUR_BIT: "avx512"}}
 
 
-@pytest.mark.parametrize("mine", [None, "avx2", {paths.EIGHT_BIT: "avx2"}, {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "sse"}])
+@pytest.mark.parametrize("mine", [None, "avx2", {paths.EIGHT_BIT: "avx2"}, {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "sse"},
+                                  {paths.EIGHT_BIT: "avx2", paths.FOUR_BIT: "avx512"}])  # (the last: a complete entry of two kinds)
 def test_an_unreadable_or_foreign_answer_means_measuring(mine, measured):
     """A file that is not JSON, a list, or this CPU's entry incomplete or of an older layout."""
     calibrate.cache_file().parent.mkdir(parents=True)
@@ -243,3 +244,13 @@ def test_each_kinds_workload_is_a_step_of_that_kind(kind, monkeypatch):
     with paths.force(paths.AVX2 if paths.HAS_AVX2 else paths.PORTABLE):  # (nothing measured)
         calibrate.step.run("adam", layout, p, g, slots, hp, True, 1)
     assert asked == [kind]
+
+
+def test_the_trust_pass_takes_the_plain_kind_whatever_the_draws(monkeypatch):
+    """The trust pass (LAMB, LARS) writes no codes: a draw changes nothing there."""
+    monkeypatch.setattr(calibrate, "ELEMENTS", 4096)
+    eight = calibrate.workload(paths.EIGHT_BIT_DRAWN)
+    assert layout.kernel_kind(eight[0], eight[3]) == paths.EIGHT_BIT_DRAWN
+    assert layout.kernel_kind(eight[0], eight[3], reads_only=True) == paths.EIGHT_BIT
+    four = calibrate.workload(paths.FOUR_BIT)
+    assert layout.kernel_kind(four[0], four[3], reads_only=True) == paths.FOUR_BIT

@@ -1,6 +1,10 @@
 """The paths of the table lookups (qoptim.kernels.cpu.paths): the fall-back from a vector path
 that does not compile, and ``force``."""
 
+import os
+import subprocess
+import sys
+
 import numba
 import pytest
 import torch
@@ -49,3 +53,22 @@ def test_force_picks_a_path_and_puts_the_one_before_back():
             assert paths.current() is paths.AVX2
         assert paths.current() is paths.PORTABLE
     assert paths.current() is before
+
+
+@pytest.mark.parametrize("named, avx2, avx512", [("", False, False), ("+avx2,+fma,-avx512f", True, False),
+                                                ("+avx2,+avx512f,+avx512bw,+avx512vbmi", True, True)])
+def test_the_features_are_those_numba_compiles_for(named, avx2, avx512, monkeypatch):
+    """NUMBA_CPU_FEATURES (NUMBA_CPU_NAME=generic sets it empty) decides which intrinsics may be
+    compiled: one of a feature the target lacks makes LLVM abort the process, not fail."""
+    monkeypatch.setattr(numba.core.config, "CPU_FEATURES", named)
+    features = paths.target_features()
+    assert bool(features.get("avx2")) is avx2
+    assert all(features.get(f) for f in paths.AVX512_FEATURES) is avx512
+
+
+def test_a_generic_target_takes_neither_vector_path():
+    code = "from qoptim.kernels.cpu import paths; print(paths.HAS_AVX2, paths.HAS_AVX512, paths.current() is paths.PORTABLE)"
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic"}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[-3:] == ["False", "False", "True"]

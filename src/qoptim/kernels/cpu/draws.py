@@ -4,7 +4,7 @@ lanes at a time.
 LLVM vectorizes the draw's loop by itself, but for CPUs with AVX-512 it prefers 256-bit vectors
 (8 lanes), and the hash (``codec.lowbias32_ir``: two 32-bit multiplies, three shifts) is most of
 its work: spelled out on 16 lanes here, the loop takes ~half the instructions, the same ones
-``nibbles.stochastic_lanes`` uses for 4-bit codes.
+``nibble_lanes.STOCHASTIC`` uses for 4-bit codes.
 """
 
 from __future__ import annotations

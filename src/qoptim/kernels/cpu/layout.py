@@ -47,12 +47,14 @@ class Layout(enum.IntEnum):
     FOUR_BIT = 3  # 4-bit codes, two states to a byte (shifts 0 and 4), a scale per 128 elements
 
 
-def kernel_kind(layout: Layout, slots: list[StateSlot]) -> str:
+def kernel_kind(layout: Layout, slots: list[StateSlot], *, reads_only: bool = False) -> str:
     """Which kind of kernel (``paths.KINDS``, each with its own measured path) steps states laid out
-    as ``layout``: 4-bit, 8-bit with a draw (stochastic rounding), or else 8-bit."""
+    as ``layout``: 4-bit, 8-bit with a draw (stochastic rounding), or else 8-bit. ``reads_only``: a
+    pass that writes no codes (the trust pass), where a draw changes nothing: plain 8-bit."""
     if layout == Layout.FOUR_BIT:
         return paths.FOUR_BIT
-    return paths.EIGHT_BIT_DRAWN if any(slot.draw is not None for slot in slots) else paths.EIGHT_BIT
+    drawing = not reads_only and any(slot.draw is not None for slot in slots)
+    return paths.EIGHT_BIT_DRAWN if drawing else paths.EIGHT_BIT
 
 
 # How the kernels see a parameter's memory: bf16 and fp16 both as 16-bit integers, told apart by signedness.

@@ -164,7 +164,7 @@ def encode(states, ns, lo, hi, x0, x1, inv0, inv1, q0, q1, path):
 
 @njit(**INLINE)
 def quantize(values, inv, state, lo, q, path):
-    """q[j] = ``code_index(values[j], inv, state.mids)``, many lanes at a time on the permute path;
+    """q[j] = ``code_index(values[j], inv, state.mids)``, many lanes at a time on the vector paths;
     with a draw, the code of values[j] rounded stochastically (element ``lo + j``'s draw)."""
     if state.key != NO_DRAW:
         _quantize_stochastic(values, inv, state, lo, q, path)
@@ -177,7 +177,7 @@ def quantize(values, inv, state, lo, q, path):
 @njit(**INLINE)
 def _quantize_stochastic(values, inv, state, lo, q, path):
     """q[j] = the code of ``values[j] * inv`` rounded stochastically (the module doc), element j
-    drawing the bits of index ``state.first + lo + j``; 16 lanes at a time on the permute path."""
+    drawing the bits of index ``state.first + lo + j``; many lanes at a time on the vector paths."""
     code, steps, uppers, key, first = state.code, state.steps, state.uppers, state.key, state.first + lo
     for j in range(_stochastic_lanes_prefix(values, inv, state, first, q, path), values.size):
         u = values[j] * inv

@@ -29,7 +29,7 @@ from numba.core import types
 
 from .gather import LANES
 
-__all__ = ["AVX2", "AVX512", "EIGHT_BIT", "EIGHT_BIT_DRAWN", "FOUR_BIT", "HAS_AVX2", "HAS_AVX512", "KINDS", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "lower", "measure_with", "on_best_path"]
+__all__ = ["AVX2", "AVX512", "EIGHT_BIT", "EIGHT_BIT_DRAWN", "FOUR_BIT", "HAS_AVX2", "HAS_AVX512", "KINDS", "PORTABLE", "PermutePath", "PortablePath", "VectorPath", "current", "force", "is_path", "lower", "measure_with", "on_best_path", "target_features"]
 
 
 class PermutePath(NamedTuple):
@@ -39,7 +39,8 @@ class PermutePath(NamedTuple):
 
 
 class VectorPath(NamedTuple):
-    """Marker argument: compile the kernels with the gather intrinsics (AVX2, ``gather``)."""
+    """Marker argument: compile the kernels with AVX2's lookups: gathers (``gather``) and, for
+    16-code maps, two-register ``vpermps`` (``nibble_lanes``)."""
 
     lanes: int
 
@@ -52,10 +53,21 @@ class PortablePath(NamedTuple):
 
 AVX512, AVX2, PORTABLE = PermutePath(16), VectorPath(LANES), PortablePath(1)
 
+def target_features() -> dict[str, bool]:
+    """The CPU features Numba compiles for: ``NUMBA_CPU_FEATURES``'s where set (an LLVM feature
+    string, "+avx2,-avx512f,..."; ``NUMBA_CPU_NAME=generic`` sets none), else the host's. An
+    intrinsic of a feature the target lacks does not fall back: LLVM aborts the process."""
+    named = numba.core.config.CPU_FEATURES
+    if named is None:
+        return dict(llvm_binding.get_host_cpu_features())
+    return {f[1:]: f[0] == "+" for f in named.split(",") if len(f) > 1 and f[0] in "+-"}
+
+
 AVX512_FEATURES = ("avx512f", "avx512bw", "avx512vbmi")  # what the permute path needs of the CPU
-_FEATURES = llvm_binding.get_host_cpu_features()
+_FEATURES = target_features()
 HAS_AVX512 = all(_FEATURES.get(f) for f in AVX512_FEATURES)
-# the hardware gathers of AVX2 (elsewhere LLVM would emulate them, and the portable scalar loops run instead)
+# AVX2's hardware gathers and ``vpermps`` (without AVX2 LLVM emulates the gathers, the 4-bit lookups
+# take the scalar loops, and the portable path runs unless forced)
 HAS_AVX2 = bool(_FEATURES.get("avx2"))
 PORTABLE_ONLY = os.environ.get("QOPTIM_CPU_PORTABLE", "") not in ("", "0")
 

@@ -82,7 +82,7 @@ def trust_ratio(rule: str, layout: Layout, p: torch.Tensor, g: torch.Tensor, slo
     read = weight_view(p, WeightFormat(correction=weights.correction))  # (a draw writes, and this pass reads only)
     args = (marker_of(rule), read, as_numpy(g), *states, np.float32(hp.gnorm_scale), constants(rule, hp), skip_nonfinite)
     task = four_bit.four_bit_trust_task if layout == Layout.FOUR_BIT else tasks.trust_task
-    paths.on_best_path(lambda path: launch.run(task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)), kernel_kind(layout, slots))
+    paths.on_best_path(lambda path: launch.run(task, ntasks, np.zeros(ntasks, np.int64), (*args, path, sums)), kernel_kind(layout, slots, reads_only=True))
     param_norm, term_norm = np.sqrt(sums.sum(axis=0))
     _, ratio = reference.TRUST_RATIOS[rule]
     return ratio(float(param_norm), float(term_norm), hp)
