@@ -70,5 +70,5 @@ def test_a_generic_target_takes_neither_vector_path():
     code = "from qoptim.kernels.cpu import paths; print(paths.HAS_AVX2, paths.HAS_AVX512, paths.current() is paths.PORTABLE)"
     env = {**os.environ, "NUMBA_CPU_NAME": "generic"}
     env.pop("NUMBA_CPU_FEATURES", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300).stdout.split()
     assert out[-3:] == ["False", "False", "True"]
