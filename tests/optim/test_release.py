@@ -5,6 +5,7 @@ states bit for bit, for every family; what cannot work is refused with a clear e
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import warnings
 import weakref
@@ -291,6 +292,37 @@ def test_grad_scaler_is_refused():
         scaler.step(opt)
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
     handle.remove()
+
+
+CLIPPING = {"clip_grad_norm_": (1.0,), "clip_grad_value_": (0.1,), "clip_grads_with_norm_": (1.0, torch.tensor(2.0))}
+
+
+@pytest.mark.parametrize("name", list(CLIPPING))
+def test_gradient_clipping_is_refused_for_released_parameters(name):
+    """It would find no gradient and clip nothing: refused while the handle is on, for its parameters
+    only (one of them among others is enough); torch's own clipping for the rest and after remove()."""
+    model, other = make_model(), nn.Linear(8, 8)
+    opt = qoptim.AdamW8bit(model.parameters(), lr=1e-2)
+    handle = qoptim.release_gradients(opt)
+    clip, args = getattr(torch.nn.utils, name), CLIPPING[name]  # (looked up now: the guard wraps the module's names)
+    torch_clip = inspect.unwrap(clip)
+    model(batch(0)).square().mean().backward()
+    other(torch.randn(2, 8)).square().sum().backward()
+    with pytest.raises(RuntimeError, match="under gradient release"):
+        clip(model.parameters(), *args)  # (a generator)
+    with pytest.raises(RuntimeError, match="under gradient release"):
+        clip([*other.parameters(), model[0].weight], *args)
+    twin = [q.grad.clone() for q in other.parameters()]
+    twin_params = [torch.zeros_like(g, requires_grad=True) for g in twin]
+    for q, g in zip(twin_params, twin):
+        q.grad = g
+    torch_clip(twin_params, *args)
+    clip(other.parameters(), *args)  # a model outside release: clipped as torch clips
+    assert all(torch.equal(q.grad, t.grad) for q, t in zip(other.parameters(), twin_params))
+    handle.remove()
+    model(batch(1)).square().mean().backward()
+    clip(model.parameters(), *args)  # the normal path again
+    assert all(q.grad is not None for q in model.parameters())
 
 
 def test_plain_parameters_in_a_process_group_are_refused(tmp_path):

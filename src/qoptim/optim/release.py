@@ -35,16 +35,21 @@ What cannot work is refused, never silently wrong:
   an all-reduce of one's own) is refused, at ``release_gradients()`` and again at each backward;
 - GradScaler: backward would apply scaled gradients before it can unscale them or skip the step.
   ``scaler.step(optimizer)`` raises (``unscale_`` finds no gradient and cannot be intercepted);
-- ``clip_grad_norm_`` and anything else reading ``p.grad`` after backward sees no gradient (and
-  clips nothing): use ``percentile_clipping``, which works per parameter and exactly;
+- gradient clipping after backward: ``torch.nn.utils.clip_grad_norm_`` (and ``clip_grad_value_``,
+  ``clip_grads_with_norm_``) would find no gradient and clip nothing, so while a handle is on they
+  refuse its parameters (called through ``torch.nn.utils``, as the Hugging Face Trainer, Accelerate
+  and Lightning do; a reference taken before the first ``release_gradients()``, ``from
+  torch.nn.utils import clip_grad_norm_`` at import, escapes it). Use ``percentile_clipping``,
+  which works per parameter and exactly. Anything else reading ``p.grad`` after backward sees none;
 - ``nonfinite="raise"``: it promises that nothing changes when any gradient is bad, which needs
   every gradient before the first update.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -88,9 +93,47 @@ def release_gradients(optimizer: Optimizer8bit, *, bucket_bytes: int = DEFAULT_B
                 raise ValueError(f"{name} is not a leaf tensor: its gradient is never accumulated")
     handle = ReleaseHandle(optimizer, bucket_bytes)
     handle.check_reduction()
+    _guard_gradient_clipping()
     handle.attach()
     _ACTIVE[id(optimizer)] = handle
     return handle
+
+
+# ---- gradient clipping after backward -----------------------------------------------------
+
+# torch.nn.utils' functions that clip parameters' gradients after backward: under release they would
+# find none and clip nothing, silently. Each name is wrapped in torch.nn.utils and in its module
+# clip_grad (torch calls between them through the module's globals: both are wrapped, so either way).
+_CLIPPING = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "clip_grads_with_norm_")
+
+
+def _guard_gradient_clipping() -> None:
+    """Wrap torch's clipping functions (once) so that they refuse the parameters of an active handle."""
+    for module in (torch.nn.utils, torch.nn.utils.clip_grad):
+        for name in _CLIPPING:
+            original = getattr(module, name, None)
+            if original is not None and not getattr(original, "qoptim_release_guard", False):
+                setattr(module, name, _refusing_released(name, original))
+
+
+def _refusing_released(name: str, clip: Callable) -> Callable:
+    @functools.wraps(clip)
+    def guarded(parameters, *args, **kwargs):
+        if _ACTIVE:  # (nothing to refuse while no handle is on: torch's function as it is)
+            parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            released = {id(q) for handle in list(_ACTIVE.values()) if handle.active
+                        for group in handle.optimizer.param_groups for q in group["params"]}  # fmt: skip
+            if any(id(p) in released for p in parameters):
+                raise RuntimeError(
+                    f"torch.nn.utils.{name} was given parameters under gradient release (qoptim.release_gradients): "
+                    "backward has already applied their gradients and freed them, so it would clip nothing. Use the "
+                    "optimizer's percentile_clipping (per parameter, exact under release), or handle.remove() to clip "
+                    "on the normal path"
+                )
+        return clip(parameters, *args, **kwargs)
+
+    guarded.qoptim_release_guard = True
+    return guarded
 
 
 def _backward_id() -> int | None:
