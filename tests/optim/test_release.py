@@ -287,11 +287,17 @@ def test_grad_scaler_is_refused():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     handle = qoptim.release_gradients(opt)
     scaler.scale(model(batch(0)).square().mean()).backward()
-    scaler.unscale_(opt)  # finds no gradient: it cannot be intercepted
+    with pytest.raises(RuntimeError, match="GradScaler cannot be used with gradient release"):
+        scaler.unscale_(opt)  # (it would find no gradient)
     with pytest.raises(RuntimeError, match="GradScaler cannot be used with gradient release"):
         scaler.step(opt)
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
     handle.remove()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # the normal path again
+    scaler.scale(model(batch(1)).square().mean()).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
 
 
 CLIPPING = {"clip_grad_norm_": (1.0,), "clip_grad_value_": (0.1,), "clip_grads_with_norm_": (1.0, torch.tensor(2.0))}

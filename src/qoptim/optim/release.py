@@ -34,7 +34,8 @@ What cannot work is refused, never silently wrong:
   DTensor (FSDP2 calls the hooks after its reduce-scatter); a plain parameter there (DDP, FSDP1,
   an all-reduce of one's own) is refused, at ``release_gradients()`` and again at each backward;
 - GradScaler: backward would apply scaled gradients before it can unscale them or skip the step.
-  ``scaler.step(optimizer)`` raises (``unscale_`` finds no gradient and cannot be intercepted);
+  ``scaler.unscale_(optimizer)`` and ``scaler.step(optimizer)`` raise (after the first backward:
+  what it applied cannot be told apart from an unscaled gradient);
 - gradient clipping after backward: ``torch.nn.utils.clip_grad_norm_`` (and ``clip_grad_value_``,
   ``clip_grads_with_norm_``) would find no gradient and clip nothing, so while a handle is on they
   refuse its parameters (called through ``torch.nn.utils``, as the Hugging Face Trainer, Accelerate
@@ -99,7 +100,12 @@ def release_gradients(optimizer: Optimizer8bit, *, bucket_bytes: int = DEFAULT_B
     return handle
 
 
-# ---- gradient clipping after backward -----------------------------------------------------
+# ---- what reads the gradients after backward: clipping, GradScaler ------------------------------
+
+_NO_GRAD_SCALER = (
+    "GradScaler cannot be used with gradient release: backward already applied the scaled gradients, before the "
+    "scaler could unscale them or skip a step with NaN/Inf (use bf16 autocast without a scaler, or handle.remove())"
+)
 
 # torch.nn.utils' functions that clip parameters' gradients after backward: under release they would
 # find none and clip nothing, silently. Each name is wrapped in torch.nn.utils and in its module
@@ -108,12 +114,30 @@ _CLIPPING = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "clip_grad
 
 
 def _guard_gradient_clipping() -> None:
-    """Wrap torch's clipping functions (once) so that they refuse the parameters of an active handle."""
+    """Wrap torch's clipping functions and ``GradScaler.unscale_`` (once) so that they refuse the
+    parameters, and the optimizer, of an active handle."""
     for module in (torch.nn.utils, torch.nn.utils.clip_grad):
         for name in _CLIPPING:
             original = getattr(module, name, None)
             if original is not None and not getattr(original, "qoptim_release_guard", False):
                 setattr(module, name, _refusing_released(name, original))
+    scaler = torch.amp.GradScaler
+    if not getattr(scaler.unscale_, "qoptim_release_guard", False):
+        scaler.unscale_ = _refusing_unscale(scaler.unscale_)
+
+
+def _refusing_unscale(unscale: Callable) -> Callable:
+    """``GradScaler.unscale_``, refusing an optimizer whose gradients are released (it would find none)."""
+
+    @functools.wraps(unscale)
+    def guarded(self, optimizer):
+        handle = _ACTIVE.get(id(optimizer))
+        if handle is not None and handle.active:
+            raise RuntimeError(_NO_GRAD_SCALER)
+        return unscale(self, optimizer)
+
+    guarded.qoptim_release_guard = True
+    return guarded
 
 
 def _refusing_released(name: str, clip: Callable) -> Callable:
@@ -299,11 +323,7 @@ class ReleaseHandle:
         if "found_inf" in vars(optimizer) or "grad_scaler" in kwargs:
             vars(optimizer).pop("found_inf", None)
             vars(optimizer).pop("grad_scale", None)
-            raise RuntimeError(
-                "GradScaler cannot be used with gradient release: backward already applied the scaled gradients, "
-                "before the scaler could unscale them or skip a step with NaN/Inf (use bf16 autocast without a "
-                "scaler, or handle.remove())"
-            )
+            raise RuntimeError(_NO_GRAD_SCALER)
         self.step_seen = True
         repeated, self.repeated = self.repeated, False
         self.released.clear()
