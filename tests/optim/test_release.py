@@ -311,6 +311,7 @@ def test_gradient_clipping_is_refused_for_released_parameters(name):
     opt = qoptim.AdamW8bit(model.parameters(), lr=1e-2)
     handle = qoptim.release_gradients(opt)
     clip, args = getattr(torch.nn.utils, name), CLIPPING[name]  # (looked up now: the guard wraps the module's names)
+    assert clip is getattr(torch.nn.utils.clip_grad, name, clip)  # (one function under both names, as in torch)
     torch_clip = inspect.unwrap(clip)
     model(batch(0)).square().mean().backward()
     other(torch.randn(2, 8)).square().sum().backward()

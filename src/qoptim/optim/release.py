@@ -116,11 +116,12 @@ _CLIPPING = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_", "clip_grad
 def _guard_gradient_clipping() -> None:
     """Wrap torch's clipping functions and ``GradScaler.unscale_`` (once) so that they refuse the
     parameters, and the optimizer, of an active handle."""
+    wrapped: dict[int, Callable] = {}  # id(torch's function) -> its guard: one object under both names, as before
     for module in (torch.nn.utils, torch.nn.utils.clip_grad):
         for name in _CLIPPING:
             original = getattr(module, name, None)
             if original is not None and not getattr(original, "qoptim_release_guard", False):
-                setattr(module, name, _refusing_released(name, original))
+                setattr(module, name, wrapped.setdefault(id(original), _refusing_released(name, original)))
     scaler = torch.amp.GradScaler
     if not getattr(scaler.unscale_, "qoptim_release_guard", False):
         scaler.unscale_ = _refusing_unscale(scaler.unscale_)
