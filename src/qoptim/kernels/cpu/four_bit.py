@@ -62,11 +62,11 @@ def _prefetch_block_impl(p, g, codes, lo, path):
 
 
 @njit(**INLINE)
-def _decode_block(states, ns, lo, hi, b0, b1, q, path):
+def _decode_block(states, ns, lo, hi, b0, b1, path):
     """b0, b1 = the codes (unscaled) of the rule's states in block [lo, hi)."""
-    decode(states[0], lo, hi, q, b0, path)
+    decode(states[0], lo, hi, b0, path)
     if ns > 1:
-        decode(states[1], lo, hi, q, b1, path)
+        decode(states[1], lo, hi, b1, path)
 
 
 @njit(**KERNEL)
@@ -87,7 +87,7 @@ def four_bit_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, path):
         if skip and has_nonfinite(g[lo:hi]):
             count += 1
             continue
-        _decode_block(states, ns, lo, hi, b0[: hi - lo], b1[: hi - lo], q[: hi - lo], path)
+        _decode_block(states, ns, lo, hi, b0[: hi - lo], b1[: hi - lo], path)
         for start in range(lo, hi, HALF_BLOCK):
             end = min(hi, start + HALF_BLOCK)
             s, j, size = start // HALF_BLOCK, start - lo, end - start
@@ -112,7 +112,7 @@ def four_bit_trust_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, path
     ns = state_count(rule)
     k = unpack(k)
     p, g = unowned((p, g))
-    a, x0, x1, q, states = _scratch(s0, s1, s2)
+    a, x0, x1, _, states = _scratch(s0, s1, s2)
     bterm = stack_array(np.float32, BLOCK)
     n = weight_count(p)
     first, last = task_blocks(t, ntasks, (n + BLOCK - 1) // BLOCK)
@@ -120,7 +120,7 @@ def four_bit_trust_task(t, ntasks, rule, p, g, s0, s1, s2, gscale, k, skip, path
         lo, hi = block * BLOCK, min(n, (block + 1) * BLOCK)
         size = hi - lo
         if ns > 1:  # LAMB: both moments (LARS needs no state)
-            _decode_block(states, ns, lo, hi, x0[:size], x1[:size], q[:size], path)
+            _decode_block(states, ns, lo, hi, x0[:size], x1[:size], path)
             for j in range(size):
                 scale = (lo + j) // HALF_BLOCK
                 x0[j] = x0[j] * states[0].scales[scale]

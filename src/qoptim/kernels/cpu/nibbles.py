@@ -133,11 +133,10 @@ def _below(m, u):
 
 
 @njit(**INLINE)
-def decode(state, lo, hi, q, out, path):
-    """out = the map's codes of elements [lo, hi) of a ``Nibbles`` (unscaled); ``q``: scratch
-    of as many bytes."""
+def decode(state, lo, hi, out, path):
+    """out = the map's codes of elements [lo, hi) of a ``Nibbles`` (unscaled)."""
     codes, code, shift = state.codes[lo:hi], state.code, state.shift
-    for j in range(_decode_lanes_prefix(codes, shift, code, q, out, path), codes.size):
+    for j in range(_decode_lanes_prefix(codes, shift, code, out, path), codes.size):
         out[j] = code[(codes[j] >> shift) & 0xF]
 
 
@@ -263,19 +262,19 @@ def _stochastic_lanes_prefix_impl(values, inv, state, first, q, path):
     return lanes
 
 
-def _decode_lanes_prefix(codes, shift, code, q, out, path):
+def _decode_lanes_prefix(codes, shift, code, out, path):
     """Do ``decode``'s work many lanes at a time on a vector path (``nibble_lanes.DECODE``);
     return how many elements were done (none on the portable path)."""
 
 
 @overload(_decode_lanes_prefix, jit_options=dict(forceinline=True))
-def _decode_lanes_prefix_impl(codes, shift, code, q, out, path):
+def _decode_lanes_prefix_impl(codes, shift, code, out, path):
     width = _width(path)
     if not width:
-        return lambda codes, shift, code, q, out, path: 0
+        return lambda codes, shift, code, out, path: 0
     decode = DECODE[width]
 
-    def lanes(codes, shift, code, q, out, path):
+    def lanes(codes, shift, code, out, path):
         done = codes.size // width * width
         for j in range(0, done, width):
             decode(codes, j, shift, code, out)
