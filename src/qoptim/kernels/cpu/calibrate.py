@@ -46,6 +46,7 @@ __all__ = ["ELEMENTS", "MARGIN", "NAMES", "ROUNDS", "cache_file", "choose", "fas
 ELEMENTS = 1 << 20  # elements of the timed step (~2 ms on one thread): large enough to stream from memory
 ROUNDS = 7
 MARGIN = 0.03  # how much faster the AVX2 path must be to be taken instead of the AVX-512 one
+_DRAW = Draw(0x9E3779B9)  # the timed steps' draw, where a kind rounds stochastically (any key times alike)
 NAMES = {"avx512": paths.AVX512, "avx2": paths.AVX2, "portable": paths.PORTABLE}
 
 
@@ -108,12 +109,12 @@ def workload(kind: str) -> tuple:
         fmt = FORMATS[4]
         codes = torch.full((ELEMENTS,), 0x77, dtype=torch.uint8, device="cpu")  # (both states mid-map: any codes time alike)
         scales = -(-ELEMENTS // fmt.blocksize)
-        drawn = Draw(0x9E3779B9) if fmt.unsigned_rounding == STOCHASTIC_ROUNDING else None
+        drawn = _DRAW if fmt.unsigned_rounding == STOCHASTIC_ROUNDING else None
         slots = [StateSlot(codes, state_map(fmt.map_name(signed)), torch.full((scales,), 1e-3, **cpu32), fmt.blocksize, shift, draw)
                  for signed, shift, draw in ((True, 0, None), (False, 4, drawn))]  # fmt: skip
         return Layout.FOUR_BIT, p, g, slots, hp
     blocks = -(-ELEMENTS // 256)
-    drawn = Draw(0x9E3779B9) if kind == paths.EIGHT_BIT_DRAWN else None
+    drawn = _DRAW if kind == paths.EIGHT_BIT_DRAWN else None
     slots = [StateSlot(torch.full((ELEMENTS,), 127, dtype=torch.uint8, device="cpu"), code, torch.full((blocks,), 1e-3, **cpu32), draw=draw)
              for code, draw in ((signed_map(), None), (unsigned_map(), drawn))]  # fmt: skip
     return Layout.BLOCK, p, g, slots, hp

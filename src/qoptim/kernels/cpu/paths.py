@@ -53,6 +53,7 @@ class PortablePath(NamedTuple):
 
 AVX512, AVX2, PORTABLE = PermutePath(16), VectorPath(LANES), PortablePath(1)
 
+
 def target_features() -> dict[str, bool]:
     """The CPU features Numba compiles for: ``NUMBA_CPU_FEATURES``'s where set (an LLVM feature
     string, "+avx2,-avx512f,..."; ``NUMBA_CPU_NAME=generic`` sets none), else the host's. An
