@@ -132,8 +132,7 @@ def _refusing_unscale(unscale: Callable) -> Callable:
 
     @functools.wraps(unscale)
     def guarded(self, optimizer):
-        handle = _ACTIVE.get(id(optimizer))
-        if handle is not None and handle.active:
+        if id(optimizer) in _ACTIVE:  # (a handle is there from release_gradients() until its remove())
             raise RuntimeError(_NO_GRAD_SCALER)
         return unscale(self, optimizer)
 
@@ -146,8 +145,7 @@ def _refusing_released(name: str, clip: Callable) -> Callable:
     def guarded(parameters, *args, **kwargs):
         if _ACTIVE:  # (nothing to refuse while no handle is on: torch's function as it is)
             parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-            released = {id(q) for handle in list(_ACTIVE.values()) if handle.active
-                        for group in handle.optimizer.param_groups for q in group["params"]}  # fmt: skip
+            released = {id(q) for handle in list(_ACTIVE.values()) for group in handle.optimizer.param_groups for q in group["params"]}
             if any(id(p) in released for p in parameters):
                 raise RuntimeError(
                     f"torch.nn.utils.{name} was given parameters under gradient release (qoptim.release_gradients): "
