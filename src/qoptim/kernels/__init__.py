@@ -88,6 +88,8 @@ def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], 
 def update_many(jobs: list[Job]) -> list[UpdateResult]:
     """``update(*job)`` for every job, in any order (jobs are independent parameters): each
     backend gets its jobs together where it batches them (``update_many``)."""
+    if len(jobs) == 1:  # gradient release's usual call: nothing to group (~40 us less inside backward)
+        return _update_together(_backend_of(jobs[0], backend_for(jobs[0].p.device)), jobs)
     results: list[UpdateResult | None] = [None] * len(jobs)
     by_backend: dict[int, tuple[Any, list[int]]] = {}
     of_device: dict[torch.device, Any] = {}  # (backend_for reads the environment: once per device)
@@ -96,18 +98,25 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
         backend = of_device.get(device)
         if backend is None:
             backend = of_device[device] = backend_for(device)
-        if not job.weights.nearest and not getattr(backend, "WEIGHT_FORMATS", False):
-            backend = reference
+        backend = _backend_of(job, backend)
         by_backend.setdefault(id(backend), (backend, []))[1].append(i)
     for backend, indices in by_backend.values():
-        many = getattr(backend, "update_many", None)
-        if many is None:
-            for i in indices:
-                results[i] = update(*jobs[i])
-            continue
-        for i, result in zip(indices, many([jobs[i] for i in indices])):
+        for i, result in zip(indices, _update_together(backend, [jobs[i] for i in indices])):
             results[i] = result
     return results
+
+
+def _backend_of(job: Job, device_backend: Any) -> Any:
+    """The backend that takes ``job``, its device's unless that one has no weight formats."""
+    if not job.weights.nearest and not getattr(device_backend, "WEIGHT_FORMATS", False):
+        return reference
+    return device_backend
+
+
+def _update_together(backend: Any, jobs: list[Job]) -> list[UpdateResult]:
+    """``jobs`` on ``backend``: in one ``update_many`` where it has one, else one by one."""
+    many = getattr(backend, "update_many", None)
+    return many(jobs) if many is not None else [update(*job) for job in jobs]
 
 
 def grad_norm_sq(g: torch.Tensor) -> float:
