@@ -80,16 +80,14 @@ def update(rule: str, p: torch.Tensor, g: torch.Tensor, slots: list[StateSlot], 
     supports = getattr(backend, "supports", None)
     if supports is not None and not supports(rule, p, slots):
         backend = reference
-    if not weights.nearest and not getattr(backend, "WEIGHT_FORMATS", False):
-        backend = reference
-    return backend.update(rule, p, g, slots, hp, skip_nonfinite, weights)
+    return _backend_of(weights, backend).update(rule, p, g, slots, hp, skip_nonfinite, weights)
 
 
 def update_many(jobs: list[Job]) -> list[UpdateResult]:
     """``update(*job)`` for every job, in any order (jobs are independent parameters): each
     backend gets its jobs together where it batches them (``update_many``)."""
-    if len(jobs) == 1:  # gradient release's usual call: nothing to group (~40 us less inside backward)
-        return _update_together(_backend_of(jobs[0], backend_for(jobs[0].p.device)), jobs)
+    if len(jobs) == 1:  # gradient release's usual call: nothing to group (its dicts cost inside backward)
+        return _update_together(_backend_of(jobs[0].weights, backend_for(jobs[0].p.device)), jobs)
     results: list[UpdateResult | None] = [None] * len(jobs)
     by_backend: dict[int, tuple[Any, list[int]]] = {}
     of_device: dict[torch.device, Any] = {}  # (backend_for reads the environment: once per device)
@@ -98,7 +96,7 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
         backend = of_device.get(device)
         if backend is None:
             backend = of_device[device] = backend_for(device)
-        backend = _backend_of(job, backend)
+        backend = _backend_of(job.weights, backend)
         by_backend.setdefault(id(backend), (backend, []))[1].append(i)
     for backend, indices in by_backend.values():
         for i, result in zip(indices, _update_together(backend, [jobs[i] for i in indices])):
@@ -106,9 +104,9 @@ def update_many(jobs: list[Job]) -> list[UpdateResult]:
     return results
 
 
-def _backend_of(job: Job, device_backend: Any) -> Any:
-    """The backend that takes ``job``, its device's unless that one has no weight formats."""
-    if not job.weights.nearest and not getattr(device_backend, "WEIGHT_FORMATS", False):
+def _backend_of(weights: WeightFormat, device_backend: Any) -> Any:
+    """The backend that takes an update in ``weights``: its device's, unless that one has no weight formats."""
+    if not weights.nearest and not getattr(device_backend, "WEIGHT_FORMATS", False):
         return reference
     return device_backend
 

@@ -229,10 +229,6 @@ class ReleaseHandle:
         if _ACTIVE.get(id(opt)) is self:
             del _ACTIVE[id(opt)]
 
-    @property
-    def active(self) -> bool:
-        return bool(self.hooks)
-
     def check_reduction(self) -> None:
         """Refuse plain parameters in a process group: their gradients are reduced after backward
         (DDP's buckets, FSDP1's flat parameters, an all-reduce of one's own), but the hooks see
